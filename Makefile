@@ -1,0 +1,33 @@
+# `make demo` and `make test` each set up what they need on a fresh machine, then run.
+PY ?= python3
+PIP := $(PY) -m pip
+
+.PHONY: install data demo test lint clean
+
+install:
+	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet -e '.[test]'
+
+# Fashion-MNIST comes from the Debian package dataset-fashion-mnist (never downloaded by code).
+data:
+	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+		echo "Fashion-MNIST: installed"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install -y dataset-fashion-mnist'" \
+		     "or set data.root to a folder holding its IDX files."; exit 1; \
+	fi
+
+demo: install data
+	$(PY) jobs/train.py
+
+test: install data
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

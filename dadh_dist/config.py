@@ -1,0 +1,375 @@
+"""Typed run configuration: defaults < TOML file < dotted CLI overrides.
+
+Every section is a dataclass with one documented field per option. `load()` resolves a
+file plus overrides into a `Config`; `validate()` rejects impossible values. All user
+mistakes raise `ConfigError` with a one-line message naming the key, which entry points
+turn into exit code 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration (unknown key, wrong type, impossible value)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion_mnist"
+    """One of: fashion_mnist, fashion_mnist_grid, cifar10, list, parquet, digits."""
+    root: str = ""
+    """Folder (or file) holding the data; empty = the source's default location."""
+    query_per_class: int = 100
+    """Query images drawn per class (test split for sources that have one)."""
+    val_per_class: int = 100
+    """Validation images per class, held out from queries and database."""
+    database_limit: int = 0
+    """Keep at most this many database images (0 = all); for quick runs."""
+    image_size: int = 0
+    """Side length images are decoded to for file-based sources (0 = source default)."""
+    grid_count: int = 20000
+    """Number of multi-label grid canvases to build (fashion_mnist_grid)."""
+    seed: int = 0
+    """Seed of the split (independent of the training seed)."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "small_cnn"
+    """One of: small_cnn, alexnet, resnet18, resnet50, vgg16."""
+    pretrained_path: str = ""
+    """Local file with backbone weights (state_dict); never downloaded."""
+    input_size: int = 0
+    """Side length the device resizes images to (0 = backbone default: native for small_cnn, 224 otherwise)."""
+    width: int = 32
+    """Channel width of the small CNN's first layer."""
+
+
+@dataclass
+class ObjectiveConfig:
+    bits: int = 32
+    """Code length k."""
+    alpha: float = 1.0
+    """Weight of L_pair (the two streams' pairwise likelihood)."""
+    gamma: float = 200.0
+    """Weight of L_quant (streams pulled to the discrete codes B)."""
+    eta: float = 1.0
+    """Weight of L_code (asymmetric inner products against all database codes)."""
+    use_pair: bool = True
+    """Switch L_pair on or off."""
+    use_quant: bool = True
+    """Switch L_quant on or off."""
+    use_code: bool = True
+    """Switch L_code on or off."""
+    two_streams: bool = True
+    """Train both streams f and g; False = one stream (ADSH when use_pair is off)."""
+    similarity: str = "soft"
+    """Similarity in the squared terms: soft (similar 1, dissimilar -r) or pm1 (+1/-1)."""
+    pair_norm: str = "pairs"
+    """Normalisation of L_pair: pairs (by its own pair count |M|·m) or shared (by |M|·n like the others)."""
+
+
+@dataclass
+class CodesConfig:
+    init: str = "zeros"
+    """Initial B before the first code step: zeros (ADSH) or random (seeded ±1)."""
+    sweeps: int = 1
+    """Cyclic passes over the k bit columns per code step."""
+    chunk_rows: int = 8192
+    """Rows of the similarity block built at once for multi-label data."""
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"
+    """One of: adam, sgd."""
+    lr_f: float = 1e-3
+    """Learning rate of stream f."""
+    lr_g: float = 1e-3
+    """Learning rate of stream g."""
+    weight_decay: float = 1e-5
+    """L2 weight decay."""
+    momentum: float = 0.9
+    """Momentum (sgd only)."""
+    schedule: str = "constant"
+    """Learning-rate schedule over outer iterations: constant or cosine."""
+
+
+@dataclass
+class TrainConfig:
+    outer_iters: int = 10
+    """Outer iterations T (sample Ω, train streams, update B)."""
+    inner_epochs: int = 3
+    """Epochs over Ω per outer iteration (T_in)."""
+    num_samples: int = 2000
+    """Size m of the sample Ω drawn per outer iteration."""
+    batch_size: int = 64
+    """Global mini-batch size (split evenly across workers)."""
+    seed: int = 0
+    """Training seed (Ω, shuffling, weights, initial B)."""
+    eval_every: int = 1
+    """Evaluate validation mAP every this many outer iterations (0 = only at the end)."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every this many outer iterations."""
+    amp: str = "off"
+    """Mixed precision on GPU: off or bf16."""
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    """Ray Train workers (each runs both streams under DDP)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    use_ray: bool = True
+    """Run under Ray Train; False runs the same loop in this process without Ray (1 worker)."""
+    max_failures: int = 0
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    collective_timeout_s: int = 1800
+    """Timeout of every collective; a dead peer fails the run after this long."""
+
+
+@dataclass
+class EvalConfig:
+    encoders: list[str] = field(default_factory=lambda: ["f", "g", "fg"])
+    """Query encoders to report: f, g, fg (sign of f+g)."""
+    topk: int = 0
+    """Cut-off of the reported mAP@k (0 = mAP@all only)."""
+    precision_at: int = 1000
+    """N of the reported precision@N."""
+    batch_size: int = 512
+    """Images per forward pass when encoding."""
+
+
+@dataclass
+class LogConfig:
+    run_dir: str = "runs"
+    """Folder (or Ray storage URI) holding all runs."""
+    name: str = ""
+    """Run name; empty = derived from the config. The same name resumes."""
+    tensorboard: bool = True
+    """Write TensorBoard events (rank 0)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    codes: CodesConfig = field(default_factory=CodesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the result (log and scaling.max_failures excluded)."""
+        import hashlib
+
+        d = self.to_dict()
+        d.pop("log")
+        d["scaling"].pop("max_failures")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+CHOICES = {
+    "data.source": ("fashion_mnist", "fashion_mnist_grid", "cifar10", "list", "parquet", "digits"),
+    "model.backbone": ("small_cnn", "alexnet", "resnet18", "resnet50", "vgg16"),
+    "objective.similarity": ("soft", "pm1"),
+    "objective.pair_norm": ("pairs", "shared"),
+    "codes.init": ("zeros", "random"),
+    "optim.optimizer": ("adam", "sgd"),
+    "optim.schedule": ("constant", "cosine"),
+    "train.amp": ("off", "bf16"),
+}
+
+
+def _section_types(section_cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _coerce(key: str, value, typ):
+    """Check `value` against the annotated type; ints are accepted where floats are expected."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(typ) is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, list):
+            return [_coerce(key, v, item) for v in value]
+    else:  # pragma: no cover - every field has one of the types above
+        raise TypeError(typ)
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+
+
+def _parse_cli_value(raw: str):
+    """Parse an override's text as a TOML value; bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply(cfg_dict: dict, key: str, value) -> None:
+    """Set dotted `key` in a nested config dict, checking that the key exists and the type fits."""
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{key}: keys have the form section.field (e.g. objective.gamma)")
+    section, name = parts
+    section_fields = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in section_fields:
+        raise ConfigError(f"{key}: unknown section {section!r}; known: {', '.join(section_fields)}")
+    cls = section_fields[section].default_factory().__class__
+    types = _section_types(cls)
+    if name not in types:
+        raise ConfigError(f"{key}: unknown key; {section} has: {', '.join(types)}")
+    cfg_dict[section][name] = _coerce(key, value, types[name])
+
+
+def from_dict(d: dict) -> Config:
+    """Build a Config from a (possibly partial) nested dict, checking every key and type."""
+    base = Config().to_dict()
+    for section, values in d.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a table of keys, got {values!r}")
+        for name, value in values.items():
+            apply(base, f"{section}.{name}", value)
+    cfg = Config(
+        **{
+            f.name: f.default_factory().__class__(**base[f.name])
+            for f in dataclasses.fields(Config)
+        }
+    )
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Resolve defaults < TOML file < overrides (`["objective.gamma=200", ...]` or a dict)."""
+    d: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            d = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p}: invalid TOML ({e})") from None
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for o in overrides or []:
+            o = o.removeprefix("--")
+            if "=" not in o:
+                raise ConfigError(f"{o}: overrides have the form section.key=value")
+            k, v = o.split("=", 1)
+            items.append((k.strip(), _parse_cli_value(v.strip())))
+    for k, v in items:
+        parts = k.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"{k}: keys have the form section.field (e.g. objective.gamma)")
+        d.setdefault(parts[0], {})
+        if not isinstance(d[parts[0]], dict):
+            raise ConfigError(f"{parts[0]}: expected a table of keys")
+        d[parts[0]][parts[1]] = v
+    return from_dict(d)
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with a message naming the key and what is allowed."""
+    flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+    for enc in cfg.eval.encoders:
+        if enc not in ("f", "g", "fg"):
+            raise ConfigError(f"eval.encoders: {enc!r} is not one of f, g, fg")
+    if not cfg.eval.encoders:
+        raise ConfigError("eval.encoders: name at least one of f, g, fg")
+    if not cfg.objective.two_streams and any(e != "f" for e in cfg.eval.encoders):
+        raise ConfigError("eval.encoders: with objective.two_streams = false only 'f' exists")
+    if not cfg.objective.two_streams and cfg.objective.use_pair:
+        raise ConfigError("objective.use_pair: L_pair ties two streams; set it false with two_streams = false")
+    positive = [
+        "objective.bits", "train.outer_iters", "train.inner_epochs", "train.num_samples",
+        "train.batch_size", "train.checkpoint_every", "scaling.num_workers", "codes.sweeps",
+        "codes.chunk_rows", "eval.batch_size", "eval.precision_at", "scaling.collective_timeout_s",
+        "model.width",
+    ]
+    for key in positive:
+        if flat[key] < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {flat[key]}")
+    nonneg = [
+        "objective.alpha", "objective.gamma", "objective.eta", "optim.weight_decay",
+        "optim.momentum", "data.query_per_class", "data.database_limit", "data.image_size",
+        "train.eval_every", "eval.topk", "scaling.max_failures", "model.input_size",
+        "data.grid_count",
+    ]
+    for key in nonneg:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
+    if cfg.data.val_per_class < 1:
+        raise ConfigError(f"data.val_per_class: must be >= 1, got {cfg.data.val_per_class}")
+    for key in ("optim.lr_f", "optim.lr_g", "scaling.cpus_per_worker"):
+        if not flat[key] > 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
+    w = cfg.scaling.num_workers
+    if cfg.train.batch_size % w:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is not divisible by scaling.num_workers={w}"
+        )
+    if cfg.train.batch_size > cfg.train.num_samples:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} exceeds train.num_samples={cfg.train.num_samples}"
+        )
+    if not cfg.scaling.use_ray and w != 1:
+        raise ConfigError("scaling.num_workers: must be 1 with scaling.use_ray = false")
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def dumps_toml(d: dict) -> str:
+    """Write a two-level dict (sections of scalars and lists) as TOML."""
+    out = []
+    for section, values in d.items():
+        out.append(f"[{section}]")
+        out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        out.append("")
+    return "\n".join(out)

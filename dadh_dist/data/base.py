@@ -1,0 +1,63 @@
+"""The one internal form of every data source: three disjoint splits of uint8 images + 0/1 labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the one-line message names the file (and line/row) at fault."""
+
+
+@dataclass
+class Split:
+    """One split. images: (N, C, H, W) uint8; labels: (N, c) uint8 0/1; ids: (N,) int64."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    """Index of each image in its source (file order, row of a list file, canvas number)."""
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise DataError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                            f"{self.images.shape}")
+        if self.labels.dtype != np.uint8 or self.labels.ndim != 2 or len(self.labels) != n:
+            raise DataError(f"labels must be uint8 ({n}, c), got {self.labels.dtype} "
+                            f"{self.labels.shape}")
+        if self.ids.dtype != np.int64 or self.ids.shape != (n,):
+            raise DataError(f"ids must be int64 ({n},), got {self.ids.dtype} {self.ids.shape}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, rows: np.ndarray) -> Split:
+        return Split(self.images[rows], self.labels[rows], self.ids[rows])
+
+
+@dataclass
+class Dataset:
+    name: str
+    query: Split
+    validation: Split
+    database: Split
+    """The training set; retrieval ranks it for every query."""
+    multi_label: bool
+
+    @property
+    def num_classes(self) -> int:
+        return self.database.labels.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.database.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.database.images.shape[2]
+
+    def splits(self) -> dict[str, Split]:
+        return {"query": self.query, "validation": self.validation, "database": self.database}
