@@ -1,0 +1,126 @@
+"""Collectives behind named helpers; the only module that imports torch.distributed.
+
+The training loop talks to `Collectives`: `LocalCollectives` for one process, and
+`TorchCollectives` for a process group (gloo on CPU, NCCL on GPU) that Ray Train, or a test,
+has initialised. Every helper is called on every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def even_split(length: int, world: int, rank: int) -> slice:
+    """Contiguous share of `length` items for `rank`: sizes differ by at most one, no padding."""
+    base, extra = divmod(length, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def tensor_checksum(t: torch.Tensor) -> int:
+    """A 63-bit hash of a tensor's bytes (for comparing B across workers)."""
+    digest = hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+class ReplicaMismatch(RuntimeError):
+    """Workers that must hold identical state do not."""
+
+
+class LocalCollectives:
+    """One process: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+    def check_identical(self, what: str, t: torch.Tensor) -> int:
+        return tensor_checksum(t)
+
+
+class TorchCollectives:
+    """Collectives over the default torch.distributed process group."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        # NCCL needs tensors on the GPU; gloo works on the CPU.
+        self.device = device or torch.device("cpu")
+
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's rows in rank order; shares may differ in length."""
+        sizes = torch.tensor([t.shape[0]], device=self.device)
+        all_sizes = [torch.zeros_like(sizes) for _ in range(self.world_size)]
+        dist.all_gather(all_sizes, sizes)
+        counts = [int(s) for s in all_sizes]
+        width = max(counts)
+        padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=self.device)
+        padded[: t.shape[0]] = t.to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(t.device)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.to(self.device).clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(t.device)
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.to(self.device).clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out.to(t.device)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def check_identical(self, what: str, t: torch.Tensor) -> int:
+        """Compare a checksum of `t` across ranks; raise ReplicaMismatch on any difference."""
+        mine = tensor_checksum(t)
+        both = torch.tensor([mine, -mine], dtype=torch.int64)
+        hi = self.all_reduce_max(both)
+        if int(hi[0]) != mine or int(-hi[1]) != mine:
+            raise ReplicaMismatch(
+                f"{what} differs across workers after the code step "
+                f"(rank {self.rank} checksum {mine:#x}); stopping instead of diverging"
+            )
+        return mine
+
+
+def init_process_group_for_test(rank: int, world_size: int, port: int, timeout_s: int = 60):
+    """A gloo group on 127.0.0.1 (tests and benchmarks run workers as plain processes)."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+    )
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP around a stream when a process group is up; the module itself otherwise."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        return DistributedDataParallel(module, device_ids=[device.index])
+    return DistributedDataParallel(module)

@@ -1,0 +1,203 @@
+"""One training run from a Config: the run folder, resume, and the Ray Train `TorchTrainer`.
+
+Shared by `jobs/train.py` and the Tune trial function. The run folder is
+`<log.run_dir>/<run name>`; it holds `config.toml` (the resolved config), the checkpoints,
+TensorBoard events (`tb/`) and `final_metrics.json`. Re-running the same name resumes from its
+newest valid checkpoint; a different config under the same name is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from dadh_dist import checkpoint as ckpt
+from dadh_dist import config as config_mod
+from dadh_dist.config import Config, ConfigError
+
+KEEP_CHECKPOINTS = 2
+
+
+def run_name(cfg: Config) -> str:
+    if cfg.log.name:
+        return cfg.log.name
+    return f"{cfg.data.source}_{cfg.objective.bits}bit_{cfg.fingerprint()[:8]}"
+
+
+def run_folder(cfg: Config) -> Path:
+    if "://" in cfg.log.run_dir:
+        raise ConfigError(
+            f"log.run_dir: {cfg.log.run_dir!r}: cloud URIs are not supported yet; use a local "
+            "or shared-filesystem path"
+        )
+    return Path(cfg.log.run_dir).expanduser().resolve() / run_name(cfg)
+
+
+def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
+    """Create or reopen the run folder; returns (folder, checkpoint to resume from or None)."""
+    folder = run_folder(cfg)
+    saved = folder / "config.toml"
+    if saved.is_file():
+        try:
+            old = config_mod.load(saved)
+        except ConfigError as e:
+            raise ConfigError(f"log.name: the saved config of run {folder} is unreadable ({e})")
+        if old.fingerprint() != cfg.fingerprint():
+            changed = _diff(old, cfg)
+            raise ConfigError(
+                f"log.name: run {run_name(cfg)!r} already exists in {folder.parent} with a "
+                f"different config ({', '.join(changed)}); use another log.name or the same config"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_name("config.toml.tmp")
+    tmp.write_text(cfg.to_toml())
+    tmp.replace(saved)
+    return folder, ckpt.latest_valid(folder)
+
+
+def _diff(a: Config, b: Config) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    out = [
+        f"{s}.{k}: {da[s][k]!r} -> {db[s][k]!r}"
+        for s in da if s != "log" for k in da[s] if da[s][k] != db[s][k]
+    ]
+    return out[:4] or ["scaling"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Without Ray: the same loop in this process.
+
+
+def run_local(cfg: Config, dataset=None) -> dict:
+    from dadh_dist import loop
+
+    folder, resume = prepare_run(cfg)
+
+    def report(metrics: dict, staged: Path | None) -> None:
+        if staged is not None:
+            keep_checkpoint(folder, staged)
+
+    env = loop.WorkerEnv(report=report, resume_from=resume, run_dir=folder, dataset=dataset)
+    final = loop.train(cfg, env)
+    final["run_dir"] = str(folder)
+    return final
+
+
+def keep_checkpoint(folder: Path, staged: Path) -> Path:
+    """Copy a staged checkpoint into the run folder; older ones go only once it verifies."""
+    manifest = ckpt.verify(staged)
+    dest = folder / f"checkpoint_{manifest['t']:06d}"
+    tmp = folder / f".incoming_{dest.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(staged, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    ckpt.verify(dest)
+    older = sorted(p for p in folder.glob("checkpoint_*") if p.is_dir() and p != dest)
+    for p in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train
+
+
+def ray_worker(config: dict) -> None:
+    """train_loop_per_worker for TorchTrainer: rebuild the Config and run the loop."""
+    import ray.train
+    import torch
+
+    from dadh_dist import loop
+    from dadh_dist.distributed import TorchCollectives
+
+    cfg = config_mod.from_dict(config["config"])
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    resume = Path(config["resume_from"]) if config.get("resume_from") else None
+    restored = ray.train.get_checkpoint()  # set after a worker-group restart
+    if restored is not None:
+        with restored.as_directory() as d:
+            try:
+                ckpt.verify(d)
+                # as_directory may hand out a temporary copy; keep our own
+                resume = _copy_for_resume(Path(d))
+            except ckpt.CheckpointError as e:
+                print(f"warning: {e}; resuming from {resume}", flush=True)
+
+    def report(metrics: dict, staged: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(staged)) if staged else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    env = loop.WorkerEnv(
+        collectives=TorchCollectives(device if cfg.scaling.use_gpu else None),
+        device=device,
+        report=report,
+        resume_from=resume,
+        run_dir=Path(config["run_dir"]),
+    )
+    loop.train(cfg, env)
+
+
+def _copy_for_resume(src: Path) -> Path:
+    import tempfile
+
+    dest = Path(tempfile.mkdtemp(prefix="dadh_resume_"))
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    return dest
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster (RAY_ADDRESS, as set by `ray job submit`) or start Ray here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=True)
+
+
+def run_ray(cfg: Config) -> dict:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    folder, resume = prepare_run(cfg)
+    ensure_ray()
+    s = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker=ray_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "run_dir": str(folder),
+            "resume_from": str(resume) if resume else None,
+        },
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo",
+                                 timeout_s=s.collective_timeout_s),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name(cfg),
+            storage_path=str(folder.parent),
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+        ),
+    )
+    trainer.fit()
+    final = json.loads((folder / "final_metrics.json").read_text())
+    final["run_dir"] = str(folder)
+    return final
+
+
+def run(cfg: Config) -> dict:
+    return run_ray(cfg) if cfg.scaling.use_ray else run_local(cfg)

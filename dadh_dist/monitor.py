@@ -1,0 +1,76 @@
+"""Rank-0 side effects of a run: console progress, TensorBoard events, final metrics (DESIGN §8).
+
+Every other rank gets a `Monitor(enabled=False)` whose methods do nothing, so the loop calls
+them unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class Monitor:
+    def __init__(self, run_dir: Path | None, enabled: bool, tensorboard: bool, config_toml: str):
+        self.enabled = enabled and run_dir is not None
+        self.run_dir = run_dir
+        self.writer = None
+        self.start = time.time()
+        if not self.enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            self.writer.add_text("config", "```\n" + config_toml + "\n```", 0)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def pr_curve(self, step: int, tag: str, precision, recall) -> None:
+        """A precision–recall figure over Hamming radii."""
+        if self.writer is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(recall, precision, marker=".")
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{tag} (Hamming radius 0..k)")
+        ax.grid(alpha=0.3)
+        self.writer.add_figure(f"pr/{tag}", fig, step)
+        plt.close(fig)
+        self.writer.flush()
+
+    def progress(self, line: str) -> None:
+        if self.enabled:
+            elapsed = time.time() - self.start
+            print(f"[{elapsed:7.1f}s] {line}", flush=True)
+            sys.stdout.flush()
+
+    def write_json(self, name: str, payload: dict) -> Path | None:
+        if not self.enabled:
+            return None
+        path = self.run_dir / name
+        tmp = path.with_name(name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        tmp.replace(path)
+        return path
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
