@@ -9,6 +9,7 @@ turn into exit code 2 without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import tomllib
 import typing
@@ -248,7 +249,9 @@ def apply(cfg_dict: dict, key: str, value) -> None:
     cls = section_fields[section].default_factory().__class__
     types = _section_types(cls)
     if name not in types:
-        raise ConfigError(f"{key}: unknown key; {section} has: {', '.join(types)}")
+        close = difflib.get_close_matches(name, list(types), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{key}: unknown key{hint}; {section} has: {', '.join(types)}")
     cfg_dict[section][name] = _coerce(key, value, types[name])
 
 
@@ -315,6 +318,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("eval.encoders: name at least one of f, g, fg")
     if not cfg.objective.two_streams and any(e != "f" for e in cfg.eval.encoders):
         raise ConfigError("eval.encoders: with objective.two_streams = false only 'f' exists")
+    if not (cfg.objective.use_quant or cfg.objective.use_code):
+        raise ConfigError("objective.use_code: B is learned from L_quant and L_code; keep one on")
     if not cfg.objective.two_streams and cfg.objective.use_pair:
         raise ConfigError("objective.use_pair: L_pair ties two streams; set it false with two_streams = false")
     positive = [

@@ -1,4 +1,4 @@
-"""The one internal form of every data source: three disjoint splits of uint8 images + 0/1 labels."""
+"""The one internal form of every source: disjoint splits of uint8 images and 0/1 labels."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fashion-MNIST from the Debian package `dataset-fashion-mnist` (or any folder of its IDX files)."""
+"""Fashion-MNIST from the Debian package `dataset-fashion-mnist` or a folder of its IDX files."""
 
 from __future__ import annotations
 

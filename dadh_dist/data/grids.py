@@ -39,19 +39,19 @@ def make_grids(
     cell_rank = np.argsort(np.argsort(gen.random((count, 4)), axis=1), axis=1)
     filled = cell_rank < n_tiles[:, None]
     total = int(n_tiles.sum())
-    passes = max(1, math.ceil(total / max(len(pool), 1)))
     if len(pool) == 0 and total:
         raise DataError("grid: empty pool of source images")
+    passes = max(1, math.ceil(total / max(len(pool), 1)))
     dealt = np.concatenate([gen.permutation(pool) for _ in range(passes)])[:total]
     tiles = np.full((count, 4), -1, np.int64)
     tiles[filled] = dealt
 
-    _, C, h, w = images.shape
-    cells = np.zeros((count, 4, C, h, w), np.uint8)
+    _, ch, h, w = images.shape
+    cells = np.zeros((count, 4, ch, h, w), np.uint8)
     cells[filled] = images[dealt]
     # (n, row, col, C, h, w) -> (n, C, row, h, col, w): pixel (r*h + i, c*w + j) of the canvas.
-    canvases = cells.reshape(count, 2, 2, C, h, w).transpose(0, 3, 1, 4, 2, 5)
-    canvases = np.ascontiguousarray(canvases).reshape(count, C, 2 * h, 2 * w)
+    canvases = cells.reshape(count, 2, 2, ch, h, w).transpose(0, 3, 1, 4, 2, 5)
+    canvases = np.ascontiguousarray(canvases).reshape(count, ch, 2 * h, 2 * w)
 
     labels = np.zeros((count, num_classes), np.uint8)
     for cell in range(4):
@@ -72,7 +72,7 @@ def grid_splits(
     """
     per_q = math.ceil(MAX_TILES * query / num_classes)
     per_v = math.ceil(MAX_TILES * validation / num_classes)
-    gens = [rng(seed, STREAM_GRID + 1 + i) for i in range(4)]
+    gens = [rng(seed, STREAM_GRID, i) for i in range(4)]
     pools = split_per_class(y, num_classes, per_q, per_v, gens[0], what)
     counts = (query, validation, database)
     names = ("query", "validation", "database")
@@ -90,6 +90,7 @@ def load_fashion_mnist_grid(cfg: DataConfig) -> Dataset:
                         seed=cfg.seed, num_classes=NUM_CLASSES, what="fashion_mnist_grid")
     splits, start = {}, 0
     for name, g in grids.items():
-        splits[name] = Split(g.images, g.labels, np.arange(start, start + len(g.images)))
+        ids = np.arange(start, start + len(g.images), dtype=np.int64)
+        splits[name] = Split(g.images, g.labels, ids)
         start += len(g.images)
     return Dataset("fashion_mnist_grid", **splits, multi_label=True)

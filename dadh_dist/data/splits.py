@@ -11,10 +11,11 @@ from dadh_dist.data.base import DataError, Split
 STREAM_SPLIT, STREAM_LIMIT, STREAM_HOLDOUT, STREAM_GRID = range(4)
 
 
-def rng(seed: int, stream: int) -> np.random.Generator:
+def rng(seed: int, *stream: int) -> np.random.Generator:
+    """The generator of one named stream (a STREAM_* constant, optionally sub-indexed)."""
     if seed < 0:
         raise DataError(f"data.seed: must be >= 0, got {seed}")
-    return np.random.default_rng((seed, stream))
+    return np.random.default_rng((seed, *stream))
 
 
 def one_hot(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -52,8 +53,14 @@ def split_per_class(
     return query.astype(np.int64), val.astype(np.int64), database.astype(np.int64)
 
 
-def limit(split: Split, size: int, gen: np.random.Generator) -> Split:
-    """A seeded random subset of `size` rows (kept in their original order); all if size <= 0."""
-    if size <= 0 or size >= len(split):
-        return split
-    return split.take(np.sort(gen.choice(len(split), size, replace=False)))
+def limit_rows(n: int, size: int, seed: int) -> np.ndarray | None:
+    """Sorted rows of a seeded random subset of `size` out of n, or None when all are kept."""
+    if size <= 0 or size >= n:
+        return None
+    return np.sort(rng(seed, STREAM_LIMIT).choice(n, size, replace=False))
+
+
+def limit(split: Split, size: int, seed: int) -> Split:
+    """data.database_limit: keep a seeded random subset of `size` rows, in their original order."""
+    rows = limit_rows(len(split), size, seed)
+    return split if rows is None else split.take(rows)

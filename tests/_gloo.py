@@ -1,0 +1,33 @@
+"""Run a function on W plain processes joined by a gloo group on 127.0.0.1 (no Ray)."""
+
+from __future__ import annotations
+
+import socket
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, timeout_s, fn, args):
+    import torch
+    import torch.distributed as dist
+
+    from dadh_dist.distributed import init_process_group_for_test
+
+    torch.set_num_threads(1)
+    init_process_group_for_test(rank, world, port, timeout_s)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_workers(fn, world: int, *args, timeout_s: int = 60) -> None:
+    """fn(rank, world, *args) on every rank; raises if any rank fails."""
+    mp.start_processes(_entry, args=(world, free_port(), timeout_s, fn, args), nprocs=world,
+                       join=True, start_method="spawn")

@@ -1,0 +1,83 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dadh_dist import config
+from dadh_dist.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_precedence_defaults_file_cli(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[objective]\ngamma = 50\neta = 2.0\n[train]\nbatch_size = 32\n")
+    cfg = config.load(f, ["objective.gamma=7", "--optim.lr_f=0.5"])
+    assert cfg.objective.gamma == 7.0  # CLI beats file
+    assert cfg.objective.eta == 2.0  # file beats default
+    assert cfg.train.batch_size == 32
+    assert cfg.optim.lr_f == 0.5
+    assert cfg.objective.bits == 32  # default
+    assert isinstance(cfg.objective.gamma, float)
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = config.load(None, ["objective.bits=48", "eval.encoders=['fg']", "data.root=a b"])
+    path = tmp_path / "r.toml"
+    path.write_text(cfg.to_toml())
+    again = config.load(path)
+    assert again == cfg
+    assert again.fingerprint() == cfg.fingerprint()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.gamm=1", "objective.gamm: unknown key (did you mean gamma?)"),
+    ("objectiv.gamma=1", "objectiv.gamma: unknown section"),
+    ("objective.bits=abc", "objective.bits: expected int"),
+    ("objective.bits=1.5", "objective.bits: expected int"),
+    ("objective.use_pair=1", "objective.use_pair: expected bool"),
+    ("objective.bits=0", "objective.bits: must be >= 1"),
+    ("objective.gamma=-1", "objective.gamma: must be >= 0"),
+    ("model.backbone=vit", "model.backbone: 'vit' is not one of"),
+    ("train.batch_size=3", "train.batch_size: 3 is not divisible"),
+    ("optim.lr_f=0", "optim.lr_f: must be > 0"),
+])
+def test_bad_values_name_the_key(override, message):
+    extra = ["scaling.num_workers=2"] if "batch_size" in override else []
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override, *extra])
+    assert message in str(e.value)
+
+
+def test_batch_divisible_by_workers():
+    with pytest.raises(ConfigError, match="train.batch_size: 66 is not divisible"):
+        config.load(None, ["scaling.num_workers=4", "train.batch_size=66"])
+    config.load(None, ["scaling.num_workers=4", "train.batch_size=64"])
+
+
+def test_cli_user_error_exit_code_2_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--objective.gamma=-3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: objective.gamma: must be >= 0, got -3.0"]
+
+
+def test_cli_missing_config_file():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", "nope.toml"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "nope.toml does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        if path.name.startswith("sweep_"):
+            continue
+        config.load(path)
