@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from dadh_dist import config as config_mod
-from dadh_dist.config import Config, ConfigError
+from dadh_dist.config import ConfigError
 
 EXIT_USER_ERROR = 2
 

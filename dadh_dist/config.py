@@ -48,7 +48,7 @@ class ModelConfig:
     pretrained_path: str = ""
     """Local file with backbone weights (state_dict); never downloaded."""
     input_size: int = 0
-    """Side length the device resizes images to (0 = backbone default: native for small_cnn, 224 otherwise)."""
+    """Side the device resizes images to (0 = native for small_cnn, 224 otherwise)."""
     width: int = 32
     """Channel width of the small CNN's first layer."""
 
@@ -74,7 +74,7 @@ class ObjectiveConfig:
     similarity: str = "soft"
     """Similarity in the squared terms: soft (similar 1, dissimilar -r) or pm1 (+1/-1)."""
     pair_norm: str = "pairs"
-    """Normalisation of L_pair: pairs (by its own pair count |M|·m) or shared (by |M|·n like the others)."""
+    """L_pair divided by its own pair count |M|·m (pairs) or by |M|·n like the others (shared)."""
 
 
 @dataclass
@@ -321,7 +321,9 @@ def validate(cfg: Config) -> None:
     if not (cfg.objective.use_quant or cfg.objective.use_code):
         raise ConfigError("objective.use_code: B is learned from L_quant and L_code; keep one on")
     if not cfg.objective.two_streams and cfg.objective.use_pair:
-        raise ConfigError("objective.use_pair: L_pair ties two streams; set it false with two_streams = false")
+        raise ConfigError(
+            "objective.use_pair: L_pair ties two streams; set it false with two_streams = false"
+        )
     positive = [
         "objective.bits", "train.outer_iters", "train.inner_epochs", "train.num_samples",
         "train.batch_size", "train.checkpoint_every", "scaling.num_workers", "codes.sweeps",
@@ -352,7 +354,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.train.batch_size > cfg.train.num_samples:
         raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} exceeds train.num_samples={cfg.train.num_samples}"
+            f"train.batch_size: {cfg.train.batch_size} exceeds "
+            f"train.num_samples={cfg.train.num_samples}"
         )
     if not cfg.scaling.use_ray and w != 1:
         raise ConfigError("scaling.num_workers: must be 1 with scaling.use_ray = false")

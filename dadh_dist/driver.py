@@ -43,7 +43,8 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
         try:
             old = config_mod.load(saved)
         except ConfigError as e:
-            raise ConfigError(f"log.name: the saved config of run {folder} is unreadable ({e})")
+            msg = f"log.name: the saved config of run {folder} is unreadable ({e})"
+            raise ConfigError(msg) from None
         if old.fingerprint() != cfg.fingerprint():
             changed = _diff(old, cfg)
             raise ConfigError(
@@ -114,6 +115,7 @@ def ray_worker(config: dict) -> None:
     from dadh_dist.distributed import TorchCollectives
 
     cfg = config_mod.from_dict(config["config"])
+    os.environ.update(config.get("env", {}))
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -179,6 +181,8 @@ def run_ray(cfg: Config) -> dict:
             "config": cfg.to_dict(),
             "run_dir": str(folder),
             "resume_from": str(resume) if resume else None,
+            # fault-injection switches for tests reach the workers wherever they run
+            "env": {k: v for k, v in os.environ.items() if k.startswith("DADH_FAULT")},
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo",
                                  timeout_s=s.collective_timeout_s),

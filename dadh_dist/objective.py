@@ -110,11 +110,15 @@ def similarity_times(
 
 
 def similarity_sq_row_sums(
-    sim: SoftSimilarity, labels_rows: torch.Tensor, labels_cols: torch.Tensor, chunk_rows: int = 8192
+    sim: SoftSimilarity,
+    labels_rows: torch.Tensor,
+    labels_cols: torch.Tensor,
+    chunk_rows: int = 8192,
 ) -> torch.Tensor:
     """Σ_j S_ij² per row: #similar·1 + #dissimilar·r².  → (a,) float64."""
     ones = torch.ones(labels_cols.shape[0], 1, dtype=torch.float64)
-    n_similar = similarity_times(SoftSimilarity(0.0), labels_rows, labels_cols, ones, chunk_rows)[:, 0]
+    count = SoftSimilarity(0.0)  # r = 0 turns S into S01
+    n_similar = similarity_times(count, labels_rows, labels_cols, ones, chunk_rows)[:, 0]
     n_dissimilar = labels_cols.shape[0] - n_similar
     return n_similar + n_dissimilar * sim.r**2
 
@@ -131,7 +135,7 @@ class CodeStats:
     S_sq: torch.Tensor
     n: int
 
-    def to(self, device) -> "CodeStats":
+    def to(self, device) -> CodeStats:
         return CodeStats(self.BtB.to(device), self.SB.to(device), self.S_sq.to(device), self.n)
 
 

@@ -3,7 +3,8 @@ import itertools
 import pytest
 import torch
 
-from dadh_dist import codes, objective as obj
+from dadh_dist import codes
+from dadh_dist import objective as obj
 
 
 def _problem(n=120, m=30, k=12, c=5, multi=False, seed=0):
@@ -92,7 +93,8 @@ def test_column_update_is_exact_minimiser():
         v = codes.code_objective(Bc, H, Q, eta)
         best = v if best is None or v < best else best
     after_col0 = []
-    codes.dcc(B0, H, Q, eta, on_column=lambda c, B: after_col0.append(B.clone()) if c == 0 else None)
+    codes.dcc(B0, H, Q, eta,
+              on_column=lambda c, B: after_col0.append(B.clone()) if c == 0 else None)
     assert codes.code_objective(after_col0[0], H, Q, eta) == pytest.approx(best)
     assert set(B1.unique().tolist()) <= {-1, 1}
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _gloo import run_workers
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, driver, loop
 from dadh_dist.distributed import LocalCollectives, even_split
-
-from _gloo import run_workers
 
 OVERRIDES = [
     "data.source=digits", "data.query_per_class=10", "data.val_per_class=10",

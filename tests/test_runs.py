@@ -1,0 +1,107 @@
+"""Run-level behaviour without Ray: resume by name, refusal of a changed config, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dadh_dist import checkpoint as ckpt
+from dadh_dist import config, driver
+from dadh_dist.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "debug_cpu.toml"
+
+
+def _overrides(run_dir, name, *extra):
+    return ["scaling.use_ray=false", f"log.run_dir={json.dumps(str(run_dir))}",
+            f"log.name={name}", "train.outer_iters=3", *extra]
+
+
+def _train_cli(run_dir, name, env_extra=None, *extra):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(DEBUG),
+         *_overrides(run_dir, name, *extra)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+
+
+def _final_B(folder: Path) -> torch.Tensor:
+    state, manifest = ckpt.load(ckpt.latest_valid(folder))
+    return state["B"], manifest["t"]
+
+
+def test_stopped_run_resumes_by_name_and_matches_uninterrupted(tmp_path):
+    straight = _train_cli(tmp_path, "straight")
+    assert straight.returncode == 0, straight.stderr
+    # the worker dies at the start of outer iteration 2 (0-based), after checkpoint 2 was kept
+    killed = _train_cli(tmp_path, "resumed", {"DADH_FAULT": "kill:streams:2:0"})
+    assert killed.returncode == 17
+    assert _final_B(tmp_path / "resumed")[1] == 2
+    assert not (tmp_path / "resumed" / "final_metrics.json").exists()
+    again = _train_cli(tmp_path, "resumed", {"DADH_FAULT": "kill:streams:2:0"})
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout
+    B1, t1 = _final_B(tmp_path / "straight")
+    B2, t2 = _final_B(tmp_path / "resumed")
+    assert t1 == t2 == 3
+    assert torch.equal(B1, B2)
+    m1 = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
+    m2 = json.loads((tmp_path / "resumed" / "final_metrics.json").read_text())
+    for key in ("map_all_f", "map_all_g", "map_all_fg"):
+        assert m1[key] == m2[key]
+
+
+def test_changed_config_under_same_name_is_refused(tmp_path):
+    cfg = config.load(DEBUG, _overrides(tmp_path, "r", "train.outer_iters=1"))
+    driver.run_local(cfg)
+    changed = config.load(DEBUG, _overrides(tmp_path, "r", "train.outer_iters=1",
+                                            "objective.gamma=5"))
+    with pytest.raises(ConfigError, match=r"log.name: run 'r' already exists.*objective.gamma"):
+        driver.prepare_run(changed)
+    proc = _train_cli(tmp_path, "r", None, "train.outer_iters=1", "objective.gamma=5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "already exists" in proc.stderr
+
+
+def test_tensorboard_scalars_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config.load(DEBUG, _overrides(tmp_path, "tb"))
+    final = driver.run_local(cfg)
+    acc = EventAccumulator(str(Path(final["run_dir"]) / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("loss/total", "loss/pair_f", "loss/quant_g", "loss/code_f", "codes/flipped",
+                "codes/bit_balance", "codes/seconds", "codes/quant_error", "lr/f",
+                "perf/images_per_s", "val/map_all_fg", "test/map_all_fg"):
+        assert tag in tags, tag
+    steps = [e.step for e in acc.Scalars("codes/flipped")]
+    assert steps == [1, 2, 3]
+    last = acc.Scalars("test/map_all_fg")[-1].value
+    assert last == pytest.approx(final["map_all_fg"], rel=1e-6)
+    assert "config/text_summary" in acc.Tags()["tensors"]
+    assert acc.Tags()["images"], "precision-recall figure missing"
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    cfg = config.load(DEBUG, _overrides(tmp_path, "c"))
+    driver.run_local(cfg)
+    folder = tmp_path / "c"
+    newest = folder / "checkpoint_000003"
+    data = bytearray((newest / "state.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (newest / "state.pt").write_bytes(bytes(data))
+    warnings = []
+    assert ckpt.latest_valid(folder, warn=warnings.append) == folder / "checkpoint_000002"
+    assert "checkpoint_000003/state.pt: contents do not match" in warnings[0]
+    (folder / "checkpoint_000002" / "manifest.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="missing manifest"):
+        ckpt.verify(folder / "checkpoint_000002")
