@@ -129,7 +129,7 @@ class ScalingConfig:
     """Ray Train workers (each runs both streams under DDP)."""
     use_gpu: bool = False
     """One GPU per worker."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 2.0
     """CPUs reserved per worker."""
     use_ray: bool = True
     """Run under Ray Train; False runs the same loop in this process without Ray (1 worker)."""

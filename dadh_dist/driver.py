@@ -116,6 +116,7 @@ def ray_worker(config: dict) -> None:
 
     cfg = config_mod.from_dict(config["config"])
     os.environ.update(config.get("env", {}))
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -168,14 +169,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
                  log_to_driver=True)
 
 
-def run_ray(cfg: Config) -> dict:
+def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None):
+    """The TorchTrainer for one run (used by `run_ray` and by each Tune trial)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    folder, resume = prepare_run(cfg)
-    ensure_ray()
     s = cfg.scaling
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker=ray_worker,
         train_loop_config={
             "config": cfg.to_dict(),
@@ -195,9 +195,15 @@ def run_ray(cfg: Config) -> dict:
             storage_path=str(folder.parent),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=callbacks,
         ),
     )
-    trainer.fit()
+
+
+def run_ray(cfg: Config) -> dict:
+    folder, resume = prepare_run(cfg)
+    ensure_ray()
+    build_trainer(cfg, folder, resume).fit()
     final = json.loads((folder / "final_metrics.json").read_text())
     final["run_dir"] = str(folder)
     return final
