@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import codes, retrieval
+from dadh_dist import codes, faults, retrieval
 from dadh_dist import objective as obj
 from dadh_dist.config import Config
 from dadh_dist.data import Dataset, load_dataset
@@ -69,25 +68,6 @@ def sample_omega(seed: int, t: int, n: int, m: int) -> torch.Tensor:
     """Ω_t: m distinct database indices, the same on every worker."""
     gen = torch.Generator().manual_seed(seed_for(seed, 1, t))
     return torch.randperm(n, generator=gen)[:m]
-
-
-def _maybe_fault(phase: str, t: int, rank: int, run_dir: Path | None) -> None:
-    """Fault injection for tests: DADH_FAULT='kill:<phase>:<t>:<rank>' kills that worker once.
-
-    The first kill leaves a marker in the run folder so the restarted worker runs through.
-    """
-    spec = os.environ.get("DADH_FAULT", "")
-    if not spec or run_dir is None:
-        return
-    kind, f_phase, f_t, f_rank = spec.split(":")
-    if (kind, f_phase, int(f_t), int(f_rank)) != ("kill", phase, t, rank):
-        return
-    marker = run_dir / f".fault_{phase}_{t}_{rank}"
-    if marker.exists():
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text("fired")
-    os._exit(17)
 
 
 class Streams:
@@ -216,10 +196,16 @@ def evaluate(
 
 
 def _check_finite(terms: dict[str, torch.Tensor], t: int, step: int, c) -> None:
-    bad = torch.tensor([0.0 if all(torch.isfinite(v).all() for v in terms.values()) else 1.0])
-    if float(c.all_reduce_max(bad)) > 0:
+    """All workers agree (one reduced flag per worker) and stop together, before any update."""
+    flags = torch.zeros(c.world_size)
+    flags[c.rank] = 0.0 if all(bool(torch.isfinite(v).all()) for v in terms.values()) else 1.0
+    flags = c.all_reduce_sum(flags)
+    if float(flags.sum()) > 0:
+        bad = [r for r in range(c.world_size) if flags[r] > 0]
         detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        raise NonFiniteLoss(f"non-finite loss at outer iteration {t}, step {step}: {detail}")
+        raise NonFiniteLoss(
+            f"non-finite loss on worker(s) {bad} at outer iteration {t}, step {step} "
+            f"(worker {c.rank}'s terms: {detail})")
 
 
 def train_streams(
@@ -258,6 +244,8 @@ def train_streams(
             with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
                 F_M = streams.f_train(x).float()
                 G_M = streams.g_train(x).float() if streams.g is not None else None
+            if steps == 0 and faults.armed("nan", t, c.rank):
+                F_M = F_M * float("nan")
             loss_f, terms_f = obj.stream_loss(F_M, G, S01[rows_dev] if G is not None else None,
                                               B_omega[rows_dev], stats, rows_dev, weights,
                                               batch.shape[0])
@@ -315,9 +303,9 @@ def update_codes(
     H = codes.code_hessian(F, G)
     Q = codes.code_linear(rows, Y, omega, F, G, sim, gamma, eta, o.bits, cfg.codes.chunk_rows)
     block = codes.dcc(B[rows], H, Q, eta, cfg.codes.sweeps)
-    _maybe_fault("codes", t, c.rank, env.run_dir)
+    faults.maybe_kill("codes", t, c.rank, env.run_dir)
     B_new = c.all_gather_rows(block)
-    if os.environ.get("DADH_FAULT_FLIP_BIT") == f"{t}:{c.rank}":
+    if faults.armed("flip", t, c.rank):
         B_new[0, 0] = -B_new[0, 0]
     checksum = c.check_identical("B", B_new)
     Bf = B_new.float()
@@ -381,7 +369,7 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         metrics = {"t": t + 1}
         if not finished:
             omega = sample_omega(cfg.train.seed, t, n, m)
-            _maybe_fault("streams", t, c.rank, env.run_dir)
+            faults.maybe_kill("streams", t, c.rank, env.run_dir)
             F, G, net = train_streams(streams, data, omega, B, cfg, env, t)
             sim = net.pop("_sim")
             B, code_metrics = update_codes(B, F, G, omega, sim, data, cfg, env, t)
@@ -413,7 +401,7 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
             tmp = tempfile.TemporaryDirectory(prefix="dadh_ckpt_")
             state = {"t": t + 1, "B": B, "rng": _rng_state(), **streams.state()}
             folder = ckpt.save(tmp.name, state, cfg.to_toml(), cfg.fingerprint())
-            _maybe_fault("checkpoint", t, c.rank, env.run_dir)
+            faults.maybe_kill("checkpoint", t, c.rank, env.run_dir)
         env.report(_flat(metrics), folder)
         if tmp is not None:
             tmp.cleanup()

@@ -43,7 +43,7 @@ def test_stopped_run_resumes_by_name_and_matches_uninterrupted(tmp_path):
     assert straight.returncode == 0, straight.stderr
     # the worker dies at the start of outer iteration 2 (0-based), after checkpoint 2 was kept
     killed = _train_cli(tmp_path, "resumed", {"DADH_FAULT": "kill:streams:2:0"})
-    assert killed.returncode == 17
+    assert killed.returncode == 17  # faults.KILL_EXIT_CODE
     assert _final_B(tmp_path / "resumed")[1] == 2
     assert not (tmp_path / "resumed" / "final_metrics.json").exists()
     again = _train_cli(tmp_path, "resumed", {"DADH_FAULT": "kill:streams:2:0"})
