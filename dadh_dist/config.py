@@ -39,6 +39,8 @@ class DataConfig:
     """Number of multi-label grid canvases to build (fashion_mnist_grid)."""
     seed: int = 0
     """Seed of the split (independent of the training seed)."""
+    skip_bad: bool = False
+    """Skip corrupt or missing images (counted and reported) instead of failing."""
 
 
 @dataclass
@@ -337,7 +339,7 @@ def validate(cfg: Config) -> None:
         "objective.alpha", "objective.gamma", "objective.eta", "optim.weight_decay",
         "optim.momentum", "data.query_per_class", "data.database_limit", "data.image_size",
         "train.eval_every", "eval.topk", "scaling.max_failures", "model.input_size",
-        "data.grid_count",
+        "data.grid_count", "data.seed", "train.seed",
     ]
     for key in nonneg:
         if flat[key] < 0:
