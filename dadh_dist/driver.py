@@ -9,6 +9,7 @@ newest valid checkpoint; a different config under the same name is refused.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -116,6 +117,8 @@ def ray_worker(config: dict) -> None:
 
     cfg = config_mod.from_dict(config["config"])
     os.environ.update(config.get("env", {}))
+    # Ray Train logs every report with all its metrics at INFO; the loop prints its own line.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
