@@ -368,7 +368,7 @@ def test_list_file_errors_name_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"database\.txt: class 2 has no database image"):
         load_dataset(cfg)
     db.write_text(good + (root / "test.txt").read_text())
-    shared = r"database\.txt: image img/test\d\.png is also listed in .*test\.txt"
+    shared = r"database\.txt:\d+: image img/test\d\.png is also listed in .*test\.txt:\d"
     with pytest.raises(DataError, match=shared):
         load_dataset(cfg)
 

@@ -3,38 +3,46 @@ uint8 images (N, C, H, W) with a 0/1 label matrix (N, c). Nothing here downloads
 
     ds = load_dataset(cfg.data)
     ds.database.images, ds.database.labels, ds.query.ids, ds.num_classes, ds.multi_label
+
+    report = check_dataset(cfg.data)   # every problem at once (python -m dadh_dist check-data)
 """
 
 from __future__ import annotations
 
+import sys
+
 from dadh_dist.config import DataConfig
 from dadh_dist.data.base import DataError, Dataset, Split
-from dadh_dist.data.cifar import load_cifar10
-from dadh_dist.data.digits import load_digits
-from dadh_dist.data.fashion import find_fashion_mnist, load_fashion_mnist
-from dadh_dist.data.grids import load_fashion_mnist_grid
-from dadh_dist.data.lists import load_list
-from dadh_dist.data.parquet import dataset_to_parquet, load_parquet
-from dadh_dist.data.splits import limit
+from dadh_dist.data.check import CheckReport, check_dataset
+from dadh_dist.data.fashion import find_fashion_mnist
+from dadh_dist.data.parquet import dataset_to_parquet
+from dadh_dist.data.problems import Problem, Problems
+from dadh_dist.data.sources import SOURCES, load_source
 
-SOURCES = {
-    "fashion_mnist": load_fashion_mnist,
-    "fashion_mnist_grid": load_fashion_mnist_grid,
-    "cifar10": load_cifar10,
-    "list": load_list,
-    "parquet": load_parquet,
-    "digits": load_digits,
-}
+__all__ = ["SOURCES", "CheckReport", "DataError", "Dataset", "Problem", "Split",
+           "check_dataset", "dataset_to_parquet", "find_fashion_mnist", "load_dataset"]
 
-__all__ = ["DataError", "Dataset", "Split", "dataset_to_parquet", "find_fashion_mnist",
-           "load_dataset"]
+SKIP_EXAMPLES = 3
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load `cfg.source` and split it (seeded by cfg.seed); database_limit > 0 subsets the
-    database with a seeded draw independent of the split."""
-    if cfg.source not in SOURCES:
-        raise DataError(f"data.source: {cfg.source!r} is not one of {', '.join(SOURCES)}")
-    ds = SOURCES[cfg.source](cfg)
-    ds.database = limit(ds.database, cfg.database_limit, cfg.seed)
+    database with a seeded draw independent of the split.
+
+    The first problem found fails the load with a DataError naming the file and line or row.
+    With `cfg.skip_bad`, an unreadable or missing image of a list or Parquet source is instead
+    dropped, counted in `Dataset.skipped` and reported in one line on stderr. Which images are
+    dropped depends only on the files, so every worker loading the data drops the same ones.
+    Structural problems are never skipped: a label row of the wrong width or with values other
+    than 0/1, a truncated IDX or Parquet file, a missing split, a class without database images,
+    splits that overlap.
+    """
+    problems = Problems(skip_bad=cfg.skip_bad)
+    ds = load_source(cfg, problems)
+    skipped = problems.skipped()
+    if skipped:
+        ds.skipped = len(skipped)
+        more = ", ..." if len(skipped) > SKIP_EXAMPLES else ""
+        print(f"warning: data.skip_bad: skipped {len(skipped)} unreadable or missing image(s): "
+              + "; ".join(map(str, skipped[:SKIP_EXAMPLES])) + more, file=sys.stderr)
     return ds

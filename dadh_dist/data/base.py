@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """Bad or missing input data; the one-line message names the file (and line/row) at fault."""
+from dadh_dist.data.problems import DataError
 
 
 @dataclass
@@ -35,7 +33,13 @@ class Split:
         return len(self.images)
 
     def take(self, rows: np.ndarray) -> Split:
-        return Split(self.images[rows], self.labels[rows], self.ids[rows])
+        ids = self.ids[rows]
+        if self.images.strides[0] == 0 and len(self.images) and len(ids):
+            # check-data keeps no pixels (a zero-stride placeholder); indexing would allocate them
+            images = np.broadcast_to(self.images[:1], (len(ids), *self.images.shape[1:]))
+        else:
+            images = self.images[rows]
+        return Split(images, self.labels[rows], ids)
 
 
 @dataclass
@@ -46,6 +50,8 @@ class Dataset:
     database: Split
     """The training set; retrieval ranks it for every query."""
     multi_label: bool
+    skipped: int = 0
+    """Unreadable or missing images dropped under data.skip_bad (0 without it)."""
 
     @property
     def num_classes(self) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 from dadh_dist.config import DataConfig
 from dadh_dist.data.base import DataError, Dataset
 from dadh_dist.data.fashion import split_single_label
+from dadh_dist.data.problems import Problems
 
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 NUM_CLASSES = 10
@@ -56,14 +57,23 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
-def load_cifar10(cfg: DataConfig) -> Dataset:
-    """All 60,000 images pooled (ids: training batches in order, then the test batch)."""
+def load_cifar10(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
+    """All 60,000 images pooled (ids: training batches in order, then the test batch). Every
+    batch file is checked before failing; a bad one is never skippable."""
+    problems = problems or Problems()
     if not cfg.root:
         raise DataError("cifar10: set data.root to the cifar-10-batches-py folder")
     folder = Path(cfg.root)
     if not folder.is_dir():
         raise DataError(f"{folder}: CIFAR-10 folder not found")
-    parts = [read_batch(folder / name) for name in BATCHES]
+    parts = []
+    for name in BATCHES:
+        try:
+            parts.append(read_batch(folder / name))
+        except DataError as e:
+            problems.absorb(e)
+    if problems.blocking():
+        problems.fail()
     images = np.concatenate([x for x, _ in parts])
     y = np.concatenate([y for _, y in parts])
-    return split_single_label("cifar10", images, y, NUM_CLASSES, cfg)
+    return split_single_label("cifar10", images, y, NUM_CLASSES, cfg, problems, str(folder))

@@ -10,6 +10,7 @@ import numpy as np
 from dadh_dist.config import DataConfig
 from dadh_dist.data.base import DataError, Dataset, Split
 from dadh_dist.data.idx import read_idx
+from dadh_dist.data.problems import Problems
 from dadh_dist.data.splits import STREAM_SPLIT, one_hot, rng, split_per_class
 
 PACKAGE = "dataset-fashion-mnist"
@@ -31,49 +32,74 @@ def find_fashion_mnist() -> Path:
     raise DataError(NOT_FOUND)
 
 
-def _idx_file(folder: Path, stem: str) -> Path:
-    for name in (f"{stem}.gz", stem):
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(f"{folder / stem}.gz: Fashion-MNIST file not found")
-
-
-def read_fashion_mnist(root: str | Path = "") -> tuple[np.ndarray, np.ndarray]:
-    """All 70,000 images pooled: images (N, 1, 28, 28) uint8, y (N,) int64 class indices.
-
-    Index i < 60,000 is training image i; 60,000 + j is test image j.
-    """
+def fashion_folder(root: str | Path = "") -> Path:
+    """data.root, or the Debian package's folder when it is empty."""
     folder = Path(root) if root else find_fashion_mnist()
     if not folder.is_dir():
         raise DataError(f"{folder}: Fashion-MNIST folder not found")
-    images, ys = [], []
-    for part in ("train", "t10k"):
-        img_path = _idx_file(folder, f"{part}-images-idx3-ubyte")
-        lab_path = _idx_file(folder, f"{part}-labels-idx1-ubyte")
-        x, y = read_idx(img_path), read_idx(lab_path)
-        if x.dtype != np.uint8 or x.ndim != 3:
-            raise DataError(f"{img_path}: expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
-        if y.ndim != 1 or len(y) != len(x):
-            raise DataError(f"{lab_path}: expected {len(x)} labels, got shape {y.shape}")
-        if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
-            raise DataError(f"{lab_path}: labels outside 0..{NUM_CLASSES - 1}")
-        images.append(x[:, None])
-        ys.append(y.astype(np.int64))
-    if images[0].shape[2:] != images[1].shape[2:]:
-        raise DataError(f"{folder}: train and test images differ in size")
-    return np.concatenate(images), np.concatenate(ys)
+    return folder
+
+
+def _read_part(folder: Path, part: str, problems: Problems) -> tuple[np.ndarray, np.ndarray]:
+    """One of train / t10k: images (n, 1, h, w) uint8 and y (n,) int64 (empty on a problem)."""
+    arrays = []
+    for stem in (f"{part}-images-idx3-ubyte", f"{part}-labels-idx1-ubyte"):
+        path = next((folder / n for n in (f"{stem}.gz", stem) if (folder / n).is_file()), None)
+        if path is None:
+            problems.add(f"{folder / stem}.gz", "Fashion-MNIST file not found")
+            continue
+        try:
+            arrays.append((path, read_idx(path)))
+        except DataError as e:
+            problems.absorb(e)
+    if len(arrays) < 2:
+        return np.zeros((0, 1, 0, 0), np.uint8), np.zeros(0, np.int64)
+    (img_path, x), (lab_path, y) = arrays
+    if x.dtype != np.uint8 or x.ndim != 3:
+        problems.add(img_path, f"expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
+    elif y.ndim != 1 or len(y) != len(x):
+        problems.add(lab_path, f"expected {len(x)} labels, got shape {y.shape}")
+    elif y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
+        problems.add(lab_path, f"labels outside 0..{NUM_CLASSES - 1}")
+    else:
+        return x[:, None], y.astype(np.int64)
+    return np.zeros((0, 1, 0, 0), np.uint8), np.zeros(0, np.int64)
+
+
+def read_fashion_mnist(
+    root: str | Path = "", problems: Problems | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """All 70,000 images pooled: images (N, 1, 28, 28) uint8, y (N,) int64 class indices.
+
+    Index i < 60,000 is training image i; 60,000 + j is test image j. All four IDX files are
+    checked before failing; a truncated or missing one is never skippable.
+    """
+    problems = problems or Problems()
+    folder = fashion_folder(root)
+    parts = [_read_part(folder, part, problems) for part in ("train", "t10k")]
+    if problems.blocking():
+        problems.fail()
+    (x_train, y_train), (x_test, y_test) = parts
+    if x_train.shape[2:] != x_test.shape[2:]:
+        problems.add(folder, "train and test images differ in size")
+        problems.fail()
+    return np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])
 
 
 def split_single_label(
-    name: str, images: np.ndarray, y: np.ndarray, num_classes: int, cfg: DataConfig
+    name: str, images: np.ndarray, y: np.ndarray, num_classes: int, cfg: DataConfig,
+    problems: Problems | None = None, where: str = "",
 ) -> Dataset:
-    """Per-class split of a pooled single-label source (ids = index in the pool)."""
+    """Per-class split of a pooled single-label source (ids = index in the pool); a class too
+    small is reported under `where` (default: the name)."""
     parts = split_per_class(y, num_classes, cfg.query_per_class, cfg.val_per_class,
-                            rng(cfg.seed, STREAM_SPLIT), name)
+                            rng(cfg.seed, STREAM_SPLIT), where or name, problems)
     q, v, d = (Split(images[i], one_hot(y[i], num_classes), i) for i in parts)
     return Dataset(name, query=q, validation=v, database=d, multi_label=False)
 
 
-def load_fashion_mnist(cfg: DataConfig) -> Dataset:
-    images, y = read_fashion_mnist(cfg.root)
-    return split_single_label("fashion_mnist", images, y, NUM_CLASSES, cfg)
+def load_fashion_mnist(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
+    folder = fashion_folder(cfg.root)
+    images, y = read_fashion_mnist(folder, problems)
+    return split_single_label("fashion_mnist", images, y, NUM_CLASSES, cfg, problems,
+                              f"{folder} (fashion_mnist)")

@@ -9,7 +9,8 @@ import numpy as np
 
 from dadh_dist.config import DataConfig
 from dadh_dist.data.base import DataError, Dataset, Split
-from dadh_dist.data.fashion import NUM_CLASSES, read_fashion_mnist
+from dadh_dist.data.fashion import NUM_CLASSES, fashion_folder, read_fashion_mnist
+from dadh_dist.data.problems import Problems
 from dadh_dist.data.splits import STREAM_GRID, rng, split_per_class
 
 MAX_TILES = 3
@@ -62,7 +63,7 @@ def make_grids(
 
 def grid_splits(
     images: np.ndarray, y: np.ndarray, *, query: int, validation: int, database: int, seed: int,
-    num_classes: int, what: str = "grid",
+    num_classes: int, what: str = "grid", problems: Problems | None = None,
 ) -> dict[str, Grids]:
     """Query, validation and database grids whose tiles come from disjoint source images.
 
@@ -73,21 +74,23 @@ def grid_splits(
     per_q = math.ceil(MAX_TILES * query / num_classes)
     per_v = math.ceil(MAX_TILES * validation / num_classes)
     gens = [rng(seed, STREAM_GRID, i) for i in range(4)]
-    pools = split_per_class(y, num_classes, per_q, per_v, gens[0], what)
+    pools = split_per_class(y, num_classes, per_q, per_v, gens[0], what, problems)
     counts = (query, validation, database)
     names = ("query", "validation", "database")
     return {name: make_grids(images, y, pool, n, num_classes, g)
             for name, pool, n, g in zip(names, pools, counts, gens[1:], strict=True)}
 
 
-def load_fashion_mnist_grid(cfg: DataConfig) -> Dataset:
-    images, y = read_fashion_mnist(cfg.root)
+def load_fashion_mnist_grid(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
+    folder = fashion_folder(cfg.root)
+    images, y = read_fashion_mnist(folder, problems)
     if cfg.grid_count < 1:
         raise DataError(f"data.grid_count: must be >= 1 for fashion_mnist_grid, got "
                         f"{cfg.grid_count}")
     grids = grid_splits(images, y, query=cfg.query_per_class * NUM_CLASSES,
                         validation=cfg.val_per_class * NUM_CLASSES, database=cfg.grid_count,
-                        seed=cfg.seed, num_classes=NUM_CLASSES, what="fashion_mnist_grid")
+                        seed=cfg.seed, num_classes=NUM_CLASSES,
+                        what=f"{folder} (fashion_mnist_grid)", problems=problems)
     splits, start = {}, 0
     for name, g in grids.items():
         ids = np.arange(start, start + len(g.images), dtype=np.int64)

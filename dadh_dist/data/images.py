@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from dadh_dist.data.problems import Problems
 
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -51,3 +53,71 @@ def run_chunked(n: int, fn: Callable[[int], None]) -> None:
             fut.result()
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def check_image(src: Path | bytes | None, size: int = 0, rgb: bool = False
+                ) -> tuple[np.ndarray | None, str]:
+    """Decode one image: (C, H, W) uint8 and '', or None and why it failed ("not found", ...)."""
+    if src is None:
+        return None, "is missing (null)"
+    try:
+        return decode(src, size, rgb), ""
+    except FileNotFoundError:
+        return None, "not found"
+    except Image.UnidentifiedImageError:  # its message repeats the path (or a BytesIO's address)
+        return None, "is unreadable (no known image format, or cut short in its header)"
+    except DECODE_ERRORS as e:
+        return None, f"is unreadable ({e})"
+
+
+def decode_all(
+    items: Sequence[Path | bytes | None], describe: Callable[[int], tuple[str, str]], size: int,
+    rgb: bool, problems: Problems,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every item (an image file, encoded bytes, or None when missing): images
+    (n, C, H, W) uint8 and ok (n,) bool.
+
+    The per-image check of the loaders and of check-data. A missing or unreadable image is
+    recorded as a skippable problem; an image whose shape differs from the first good one's as a
+    blocking one; neither is ok. describe(i) = (where, subject), e.g. ("test.txt:7", "image a.jpg").
+    Problems are recorded in item order whatever order the threads finish in, so the same rows
+    are skipped on every worker. When scanning, pixels are checked but not kept: images is then a
+    zero-stride placeholder of the right shape.
+    """
+    n = len(items)
+    why: list[tuple[str, bool] | None] = [None] * n
+    start, probe = 0, None
+    while start < n and probe is None:  # the first good image fixes the shape
+        probe, reason = check_image(items[start], size, rgb)
+        if probe is None:
+            why[start] = (reason, True)
+        start += 1
+    ref = start - 1
+    shape = probe.shape if probe is not None else (3 if rgb else 1, size, size)
+    keep = not problems.scan
+    if keep:
+        out = np.empty((n, *shape), np.uint8)
+        if probe is not None:
+            out[ref] = probe
+    else:
+        out = np.broadcast_to(np.zeros((1, *shape), np.uint8), (n, *shape))
+
+    def fill(j: int) -> None:
+        i = start + j
+        a, reason = check_image(items[i], size, rgb)
+        if a is None:
+            why[i] = (reason, True)
+        elif a.shape != shape:
+            why[i] = (f"has shape {a.shape}, but {describe(ref)[0]} has {shape} (set "
+                      "data.image_size to resize)", False)
+        elif keep:
+            out[i] = a
+
+    run_chunked(n - start, fill)
+    ok = np.ones(n, bool)
+    for i, w in enumerate(why):
+        if w is not None:
+            where, subject = describe(i)
+            problems.add(where, f"{subject} {w[0]}", skippable=w[1])
+            ok[i] = False
+    return out, ok

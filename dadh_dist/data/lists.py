@@ -3,6 +3,10 @@
 The folder holds test.txt (queries), database.txt or else train.txt (database), and optionally
 val.txt (validation; otherwise val_per_class * classes random database rows are held out).
 Paths are relative to the folder and may not contain spaces.
+
+A missing or unreadable image is skippable (data.skip_bad). A malformed line (no labels, the wrong
+number of labels, a label other than 0/1), a missing list, lists that share an image and a class
+without database images are structural: never skipped.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import numpy as np
 
 from dadh_dist.config import DataConfig
 from dadh_dist.data.base import DataError, Dataset, Split
-from dadh_dist.data.images import DECODE_ERRORS, decode, run_chunked
+from dadh_dist.data.images import decode_all
+from dadh_dist.data.problems import LabelWidth, Problems, check_classes
 from dadh_dist.data.splits import STREAM_HOLDOUT, limit_rows, rng
 
 DEFAULT_SIZE = 224
@@ -35,73 +40,67 @@ class Entries:
                        self.ids[rows], self.lines[rows])
 
 
-@dataclass
-class _Width:
-    """The label width every line must have, and where it was first seen."""
-
-    n: int = -1
-    where: str = ""
-
-
-def parse_list(file: Path, width: _Width) -> Entries:
+def parse_list(file: Path, width: LabelWidth, problems: Problems) -> Entries:
+    """Every well-formed line of `file`; each malformed one is recorded as a problem."""
     try:
         text = file.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{file}: cannot read list file ({e})") from None
+        problems.add(file, f"cannot read list file ({e})")
+        text = None
     paths, rows, lines = [], [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate((text or "").splitlines(), start=1):
         tokens = line.split()
         if not tokens:
             continue
-        labels = tokens[1:]
+        where, labels = f"{file}:{lineno}", tokens[1:]
         if width.n < 0:
             if not labels:
-                raise DataError(f"{file}:{lineno}: no labels after the image path")
-            width.n, width.where = len(labels), f"{file}:{lineno}"
+                problems.add(where, "no labels after the image path")
+                continue
+            width.n, width.where = len(labels), where
         if len(labels) != width.n:
-            raise DataError(f"{file}:{lineno}: {len(labels)} labels, but {width.where} has "
-                            f"{width.n}")
-        if not set(labels) <= {"0", "1"}:
-            bad = next(t for t in labels if t not in ("0", "1"))
-            raise DataError(f"{file}:{lineno}: label {bad!r} is not 0 or 1")
+            problems.add(where, f"{len(labels)} labels, but {width.where} has {width.n}")
+            continue
+        bad = [t for t in labels if t not in ("0", "1")]
+        if bad:
+            problems.add(where, f"label {bad[0]!r} is not 0 or 1")
+            continue
         paths.append(tokens[0])
         rows.append([t == "1" for t in labels])
         lines.append(lineno)
-    if not paths:
-        raise DataError(f"{file}: list file has no entries")
     n = len(paths)
-    return Entries(file, paths, np.array(rows, np.uint8), np.arange(n, dtype=np.int64),
-                   np.array(lines, np.int64))
+    if n == 0 and text is not None:
+        problems.add(file, "list file has no usable entries")
+    return Entries(file, paths, np.array(rows, np.uint8).reshape(n, max(width.n, 0)),
+                   np.arange(n, dtype=np.int64), np.array(lines, np.int64))
 
 
-def load_images(entries: Entries, root: Path, size: int) -> np.ndarray:
-    """Decode every listed image to RGB size x size: (n, 3, size, size) uint8."""
-    out = np.empty((len(entries.paths), 3, size, size), np.uint8)
-
-    def fill(i: int) -> None:
-        path = entries.paths[i]
-        try:
-            out[i] = decode(root / path, size, rgb=True)
-        except FileNotFoundError:
-            raise DataError(f"{entries.file}:{entries.lines[i]}: image {path} not found") from None
-        except DECODE_ERRORS as e:
-            raise DataError(f"{entries.file}:{entries.lines[i]}: image {path} is unreadable "
-                            f"({e})") from None
-
-    run_chunked(len(out), fill)
-    return out
+def decode_entries(entries: Entries, root: Path, size: int, problems: Problems) -> Split:
+    """The split of the listed images that decode, as RGB size x size."""
+    images, ok = decode_all([root / p for p in entries.paths],
+                            lambda i: (f"{entries.file}:{entries.lines[i]}",
+                                       f"image {entries.paths[i]}"),
+                            size, True, problems)
+    split = Split(images, entries.labels, entries.ids)
+    return split if ok.all() else split.take(np.flatnonzero(ok))
 
 
-def _check_disjoint(parts: list[Entries]) -> None:
+def check_disjoint(parts: list[Entries], problems: Problems) -> None:
+    """One problem per pair of lists sharing images, naming the first shared line of each."""
     for i, a in enumerate(parts):
+        line_of = {p: line for p, line in zip(a.paths, a.lines)}
         for b in parts[i + 1:]:
-            shared = set(a.paths).intersection(b.paths)
+            shared = [(p, line) for p, line in zip(b.paths, b.lines) if p in line_of]
             if shared:
-                raise DataError(f"{b.file}: image {min(shared)} is also listed in {a.file}; "
-                                f"query, validation and database must be disjoint")
+                p, line = shared[0]
+                count = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
+                problems.add(f"{b.file}:{line}", f"image {p} is also listed in "
+                             f"{a.file}:{line_of[p]}{count}; query, validation and database "
+                             "must be disjoint")
 
 
-def load_list(cfg: DataConfig) -> Dataset:
+def load_list(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
+    problems = problems or Problems(skip_bad=cfg.skip_bad)
     if not cfg.root:
         raise DataError("list: set data.root to the folder holding test.txt and database.txt")
     root = Path(cfg.root)
@@ -109,36 +108,48 @@ def load_list(cfg: DataConfig) -> Dataset:
         raise DataError(f"{root}: list folder not found")
     test = root / "test.txt"
     if not test.is_file():
-        raise DataError(f"{test}: query list not found")
+        problems.add(test, "query list not found")
     db = root / "database.txt"
     if not db.is_file():
         db = root / "train.txt"
         if not db.is_file():
-            raise DataError(f"{root}: neither database.txt nor train.txt found")
-    width = _Width()
-    query, database = parse_list(test, width), parse_list(db, width)
-    if (root / "val.txt").is_file():
-        validation = parse_list(root / "val.txt", width)
-    else:
+            problems.add(root, "neither database.txt nor train.txt found")
+    if problems.items:
+        problems.fail()
+
+    width = LabelWidth()
+    query, database = parse_list(test, width, problems), parse_list(db, width, problems)
+    val_file = root / "val.txt"
+    validation = parse_list(val_file, width, problems) if val_file.is_file() else None
+    if any(e is not None and not e.paths for e in (query, database, validation)):
+        problems.fail()
+    problems.barrier()
+
+    if validation is None:
         n_val = cfg.val_per_class * width.n
         if n_val >= len(database.paths):
-            raise DataError(f"{db}: {len(database.paths)} rows, too few to hold out "
-                            f"val_per_class * classes = {n_val} validation rows")
+            problems.add(db, f"{len(database.paths)} rows, too few to hold out val_per_class * "
+                         f"classes = {n_val} validation rows")
+            problems.fail()
         held = np.zeros(len(database.paths), bool)
         held[rng(cfg.seed, STREAM_HOLDOUT).choice(len(held), n_val, replace=False)] = True
         validation = database.take(np.flatnonzero(held))
         database = database.take(np.flatnonzero(~held))
-    _check_disjoint([query, validation, database])
-    empty = np.flatnonzero(database.labels.sum(0) == 0)
-    if empty.size:
-        raise DataError(f"{db}: class {empty[0]} has no database image")
+    check_disjoint([query, validation, database], problems)
+    check_classes(database.labels, str(db), problems)
+    problems.barrier()
     kept = limit_rows(len(database.paths), cfg.database_limit, cfg.seed)
     if kept is not None:
         database = database.take(kept)
 
     size = cfg.image_size or DEFAULT_SIZE
-    splits = {name: Split(load_images(e, root, size), e.labels, e.ids)
+    splits = {name: decode_entries(e, root, size, problems)
               for name, e in (("query", query), ("validation", validation),
                               ("database", database))}
+    problems.barrier()
+    if len(splits["database"]) < len(database.paths) and database.labels.sum(0).all():
+        check_classes(splits["database"].labels, str(db), problems,
+                      " left without its unreadable images")
+        problems.barrier()
     multi = any(bool((s.labels.sum(1) != 1).any()) for s in splits.values())
     return Dataset(root.resolve().name or "list", **splits, multi_label=multi)

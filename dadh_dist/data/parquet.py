@@ -1,5 +1,9 @@
 """Parquet shards: one row per image with columns image (PNG bytes), labels (list<uint8>),
-split (query / validation / database) and id (int64); read and written with pyarrow."""
+split (query / validation / database) and id (int64); read and written with pyarrow.
+
+A row with a null or undecodable image is skippable (data.skip_bad); an unreadable (e.g.
+truncated) shard, a missing column and a null, wrong-width or non-0/1 label row never are.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from dadh_dist.config import DataConfig
 from dadh_dist.data.base import DataError, Dataset, Split
-from dadh_dist.data.images import DECODE_ERRORS, decode, run_chunked
+from dadh_dist.data.images import decode_all, run_chunked
+from dadh_dist.data.problems import LabelWidth, Problems, check_classes
 
 SPLITS = ("query", "validation", "database")
 SCHEMA = pa.schema([
@@ -80,66 +86,82 @@ def dataset_to_parquet(ds: Dataset, out_dir: str | Path, rows_per_shard: int = 1
 
 @dataclass
 class _Shard:
+    """The well-formed rows of one shard. rows: their row numbers in the file."""
+
     path: Path
-    images: list[bytes]
+    images: list[bytes | None]
     labels: np.ndarray
     split: np.ndarray
     ids: np.ndarray
+    rows: np.ndarray
     metadata: dict
 
 
-def _read_shard(path: Path, width: list) -> _Shard | None:
-    """Read and check one shard (None if it has no rows).
-
-    `width` = [label width, where it was first seen], shared by all shards.
-    """
+def _read_shard(path: Path, width: LabelWidth, problems: Problems) -> _Shard | None:
+    """Read and check one shard: None if it is unreadable, malformed as a whole, or has no rows;
+    otherwise its well-formed rows, each malformed row being recorded as a problem."""
     try:
         table = pq.ParquetFile(path).read()
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable parquet shard ({e})") from None
-    if table.num_rows == 0:
+        problems.add(path, f"unreadable parquet shard ({e})")
         return None
     missing = [c for c in SCHEMA.names if c not in table.column_names]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-    for col in SCHEMA.names:
-        nulls = table.column(col).is_null().to_numpy(zero_copy_only=False)
-        if nulls.any():
-            raise DataError(f"{path}: row {np.flatnonzero(nulls)[0]}: {col} is null")
-
-    labels_col = table.column("labels").combine_chunks()
-    t = labels_col.type
+        problems.add(path, f"missing column(s) {', '.join(missing)}")
+        return None
+    types = {c: table.schema.field(c).type for c in SCHEMA.names}
+    t = types["labels"]
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
             or not pa.types.is_integer(t.value_type):
-        raise DataError(f"{path}: column labels must be list<uint8>, got {t}")
-    lengths = labels_col.value_lengths().to_numpy(zero_copy_only=False)
-    if width[0] < 0 and len(lengths):
-        width[0], width[1] = int(lengths[0]), f"{path} row 0"
-    bad = np.flatnonzero(lengths != width[0])
-    if bad.size:
-        r = bad[0]
-        raise DataError(f"{path}: row {r}: {lengths[r]} labels, but {width[1]} has {width[0]}")
-    values = labels_col.flatten().to_numpy(zero_copy_only=False).reshape(len(lengths), width[0])
-    bad = np.flatnonzero(((values != 0) & (values != 1)).any(1))
-    if bad.size:
-        raise DataError(f"{path}: row {bad[0]}: labels must be 0 or 1")
+        problems.add(path, f"column labels must be list<uint8>, got {t}")
+        return None
+    if not pa.types.is_integer(types["id"]):
+        problems.add(path, f"column id must be int64, got {types['id']}")
+        return None
+    if not (pa.types.is_binary(types["image"]) or pa.types.is_large_binary(types["image"])):
+        problems.add(path, f"column image must be binary, got {types['image']}")
+        return None
+    if table.num_rows == 0:
+        return None
+
+    ok = np.ones(table.num_rows, bool)
+
+    def reject(mask: np.ndarray, what) -> None:
+        for r in np.flatnonzero(mask & ok):
+            problems.add(f"{path}: row {r}", what(r) if callable(what) else what)
+        ok[mask] = False
+
+    for col in ("labels", "split", "id"):  # a null image is left to decode_all: skippable
+        reject(table.column(col).is_null().to_numpy(zero_copy_only=False), f"{col} is null")
+    labels_col = table.column("labels").combine_chunks()
+    lengths = pc.list_value_length(labels_col).fill_null(0).to_numpy(zero_copy_only=False)
+    reject(lengths == 0, "labels list is empty")
+    if not ok.any():
+        return None
+    if width.n < 0:
+        r = int(np.flatnonzero(ok)[0])
+        width.n, width.where = int(lengths[r]), f"{path} row {r}"
+    reject(lengths != width.n, lambda r: f"{lengths[r]} labels, but {width.where} has {width.n}")
+    # Row r's labels start at the sum of the earlier rows' lengths in the flattened values.
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    flat = labels_col.flatten().to_numpy(zero_copy_only=False)
+    good = np.flatnonzero(ok)
+    values = np.zeros((table.num_rows, width.n), flat.dtype if flat.size else np.uint8)
+    values[good] = flat[starts[good, None] + np.arange(width.n)]
+    reject(((values != 0) & (values != 1)).any(1), "labels must be 0 or 1")
 
     split = table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    bad = np.flatnonzero(~np.isin(split, SPLITS))
-    if bad.size:
-        raise DataError(f"{path}: row {bad[0]}: split {split[bad[0]]!r} is not one of "
-                        f"{', '.join(SPLITS)}")
-    ids = table.column("id")
-    if not pa.types.is_integer(ids.type):
-        raise DataError(f"{path}: column id must be int64, got {ids.type}")
-    if not (pa.types.is_binary(table.column("image").type)
-            or pa.types.is_large_binary(table.column("image").type)):
-        raise DataError(f"{path}: column image must be binary, got {table.column('image').type}")
-    return _Shard(path, table.column("image").to_pylist(), values.astype(np.uint8), split,
-                  ids.to_numpy().astype(np.int64), table.schema.metadata or {})
+    reject(~np.isin(split, SPLITS), lambda r: f"split {split[r]!r} is not one of "
+           f"{', '.join(SPLITS)}")
+    good = np.flatnonzero(ok)
+    images = table.column("image").to_pylist()
+    return _Shard(path, [images[r] for r in good], values[good].astype(np.uint8), split[good],
+                  table.column("id").fill_null(0).to_numpy().astype(np.int64)[good], good,
+                  table.schema.metadata or {})
 
 
-def load_parquet(cfg: DataConfig) -> Dataset:
+def load_parquet(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
+    problems = problems or Problems(skip_bad=cfg.skip_bad)
     if not cfg.root:
         raise DataError("parquet: set data.root to the folder of *.parquet shards")
     root = Path(cfg.root)
@@ -148,43 +170,44 @@ def load_parquet(cfg: DataConfig) -> Dataset:
     paths = sorted(root.glob("*.parquet"))
     if not paths:
         raise DataError(f"{root}: no *.parquet shards")
-    width = [-1, ""]
-    shards = [s for s in (_read_shard(p, width) for p in paths) if s is not None]
+    width = LabelWidth()
+    shards = [s for s in (_read_shard(p, width, problems) for p in paths) if s is not None]
     if not shards:
-        raise DataError(f"{root}: every parquet shard is empty")
-    # Global row order: shard by shard; each row goes to slot `pos` of its split.
+        if not problems.items:
+            problems.add(root, "every parquet shard is empty")
+        problems.fail()
+    problems.barrier()
+
     split = np.concatenate([s.split for s in shards])
+    labels = np.concatenate([s.labels for s in shards])
     which = np.zeros(len(split), np.int64)
-    pos = np.zeros(len(split), np.int64)
     for k, name in enumerate(SPLITS):
         which[split == name] = k
-        pos[split == name] = np.arange((split == name).sum())
-    if not (which == SPLITS.index("database")).any():
-        raise DataError(f"{root}: no database rows in any shard")
+        if not (split == name).any():
+            problems.add(root, f"no {name} rows in any shard")
+    full_classes = labels[which == 2].sum(0).all()
+    check_classes(labels[which == 2], str(root), problems)
+    problems.barrier()
+
+    # Rows grouped by split (stable, so in shard order within each): every split's images are
+    # then a contiguous slice of one decoded array, without a copy.
+    order = np.argsort(which, kind="stable")
     blobs = [b for s in shards for b in s.images]
-    where = [(s.path, r) for s in shards for r in range(len(s.images))]
-
-    def decode_row(i: int) -> np.ndarray:
-        try:
-            return decode(blobs[i], cfg.image_size)
-        except DECODE_ERRORS as e:
-            raise DataError(f"{where[i][0]}: row {where[i][1]}: unreadable image ({e})") from None
-
-    first = decode_row(0)
-    outs = [np.empty(((which == k).sum(), *first.shape), np.uint8) for k in range(len(SPLITS))]
-
-    def fill(i: int) -> None:
-        a = first if i == 0 else decode_row(i)
-        if a.shape != first.shape:
-            raise DataError(f"{where[i][0]}: row {where[i][1]}: image shape {a.shape} differs "
-                            f"from {first.shape} (set data.image_size to resize)")
-        outs[which[i]][pos[i]] = a
-
-    run_chunked(len(blobs), fill)
-    labels = np.concatenate([s.labels for s in shards])
-    ids = np.concatenate([s.ids for s in shards])
-    splits = {name: Split(outs[k], labels[which == k], ids[which == k])
-              for k, name in enumerate(SPLITS)}
+    where = [(s.path, r) for s in shards for r in s.rows]
+    images, ok = decode_all([blobs[i] for i in order],
+                            lambda j: (f"{where[order[j]][0]}: row {where[order[j]][1]}", "image"),
+                            cfg.image_size, False, problems)
+    problems.barrier()
+    labels, ids = labels[order], np.concatenate([s.ids for s in shards])[order]
+    bounds = np.searchsorted(which[order], np.arange(len(SPLITS) + 1))
+    splits = {}
+    for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
+        s = Split(images[lo:hi], labels[lo:hi], ids[lo:hi])
+        splits[name] = s if ok[lo:hi].all() else s.take(np.flatnonzero(ok[lo:hi]))
+    if not ok.all() and full_classes:
+        check_classes(splits["database"].labels, str(root), problems,
+                      " left without its unreadable images")
+        problems.barrier()
     meta = shards[0].metadata
     name = meta.get(META_NAME, root.resolve().name.encode()).decode()
     if META_MULTI in meta:

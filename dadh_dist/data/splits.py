@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from dadh_dist.data.base import DataError, Split
+from dadh_dist.data.problems import Problems
 
 # Independent random streams derived from data.seed, so that e.g. changing database_limit
 # never changes which images are queries.
@@ -27,20 +28,24 @@ def one_hot(y: np.ndarray, num_classes: int) -> np.ndarray:
 
 def split_per_class(
     y: np.ndarray, num_classes: int, n_query: int, n_val: int, gen: np.random.Generator,
-    what: str,
+    what: str, problems: Problems | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw `n_query` query and `n_val` validation indices per class; the rest is the database.
 
     y: (N,) class indices. Returns three sorted, disjoint int64 index arrays covering range(N).
-    `what` names the source in the error raised when a class is too small.
+    Every class too small to split is recorded under `what` (the source's folder or name), then
+    the split fails.
     """
     counts = np.bincount(y, minlength=num_classes)
     need = n_query + n_val + 1
     small = np.flatnonzero(counts < need)
     if small.size:
-        c = int(small[0])
-        raise DataError(f"{what}: class {c} has {counts[c]} images, fewer than "
-                        f"query_per_class + val_per_class + 1 = {need}")
+        problems = problems or Problems()
+        for c in small:
+            problems.add(what, f"class {c} has no images" if counts[c] == 0 else
+                         f"class {c} has {counts[c]} images, fewer than query_per_class + "
+                         f"val_per_class + 1 = {need}")
+        problems.fail()
     # Shuffle, then group by class keeping the shuffled order: the rank of an image inside its
     # class block is uniformly random, so "rank < n_query" is a uniform draw per class.
     order = gen.permutation(len(y))

@@ -1,0 +1,33 @@
+"""The registry of sources, and loading one into a Dataset while recording its problems."""
+
+from __future__ import annotations
+
+from dadh_dist.config import DataConfig
+from dadh_dist.data.base import DataError, Dataset
+from dadh_dist.data.cifar import load_cifar10
+from dadh_dist.data.digits import load_digits
+from dadh_dist.data.fashion import load_fashion_mnist
+from dadh_dist.data.grids import load_fashion_mnist_grid
+from dadh_dist.data.lists import load_list
+from dadh_dist.data.parquet import load_parquet
+from dadh_dist.data.problems import Problems
+from dadh_dist.data.splits import limit
+
+SOURCES = {
+    "fashion_mnist": load_fashion_mnist,
+    "fashion_mnist_grid": load_fashion_mnist_grid,
+    "cifar10": load_cifar10,
+    "list": load_list,
+    "parquet": load_parquet,
+    "digits": load_digits,
+}
+
+
+def load_source(cfg: DataConfig, problems: Problems) -> Dataset:
+    """Load and split `cfg.source` (seeded by cfg.seed); database_limit > 0 subsets the database
+    with a seeded draw independent of the split."""
+    if cfg.source not in SOURCES:
+        raise DataError(f"data.source: {cfg.source!r} is not one of {', '.join(SOURCES)}")
+    ds = SOURCES[cfg.source](cfg, problems)
+    ds.database = limit(ds.database, cfg.database_limit, cfg.seed)
+    return ds
