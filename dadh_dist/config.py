@@ -40,7 +40,8 @@ class DataConfig:
     seed: int = 0
     """Seed of the split (independent of the training seed)."""
     skip_bad: bool = False
-    """Skip corrupt or missing images (counted and reported) instead of failing."""
+    """Skip corrupt or missing images of list/Parquet sources (counted, reported); never
+    structural problems (label width, truncated index files, empty classes)."""
 
 
 @dataclass

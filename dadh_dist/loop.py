@@ -355,7 +355,8 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         monitor.progress(f"resumed from {env.resume_from} at outer iteration {t_start}")
     monitor.progress(
         f"{data.name}: {data.query.labels.shape[0]} queries, {data.validation.labels.shape[0]} "
-        f"validation, {n} database; {cfg.objective.bits} bits; {c.world_size} worker(s)")
+        f"validation, {n} database; {cfg.objective.bits} bits; {c.world_size} worker(s)"
+        + (f"; {data.skipped} bad images skipped" if getattr(data, "skipped", 0) else ""))
     wall0 = time.time()
     metrics: dict = {}
     T = cfg.train.outer_iters
