@@ -49,11 +49,12 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> tup
 def run_main(body: Callable[[], int | None]) -> int:
     """Run an entry point; user mistakes print one line and exit 2, never a traceback."""
     from dadh_dist.checkpoint import CheckpointError
+    from dadh_dist.codesfile import CodesError
     from dadh_dist.data import DataError
 
     try:
         return body() or 0
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, CodesError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -75,5 +76,204 @@ def train_main(argv: list[str] | None = None) -> int:
             f"{k}={v:.4f}" for k, v in sorted(final.items())
             if k.startswith(("map_", "p_at_")) and isinstance(v, float)))
         return 0
+
+    return run_main(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Using a trained hash function: evaluate, encode, search, export.
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(
+        "Evaluate a trained run (asymmetric protocol: queries encoded by the network, database = "
+        "learned B): metrics.json, PR and P@N plots, example retrievals, report.md, TensorBoard."))
+    parser.add_argument("--checkpoint", required=True,
+                        help="run folder (its newest valid checkpoint) or a checkpoint_* folder")
+    parser.add_argument("--device", default="cpu", help="torch device of the streams (cpu)")
+    parser.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint>_<split>)")
+    parser.add_argument("--encoders", help="query encoders, comma-separated among f,g,fg "
+                        "(default: the run's eval.encoders)")
+    parser.add_argument("--split", default="query", choices=("query", "validation"),
+                        help="query images to rank the database with (default: query)")
+    parser.add_argument("--topk", type=int, help="cut-off of mAP@k (default: the run's "
+                        "eval.topk; 0 = mAP@all only)")
+    parser.add_argument("--examples", type=int, default=6,
+                        help="example queries drawn in examples.png (0 = no picture)")
+    parser.add_argument("--no-tensorboard", action="store_true", help="skip the tb/ events")
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        from pathlib import Path
+
+        from dadh_dist import inference, report
+
+        for option, value in (("--topk", args.topk), ("--examples", args.examples)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{option}: must be >= 0, got {value}")
+        hf, dataset = inference.load_with_data(args.checkpoint, args.device)
+        encoders = [e.strip() for e in args.encoders.split(",")] if args.encoders else None
+        ev = report.evaluate(hf, dataset, encoders, args.split, args.topk)
+        out = (Path(args.out) if args.out
+               else hf.run_folder / "eval" / f"{hf.checkpoint.name}_{args.split}")
+        paths = report.write(out, ev, hf, dataset, args.examples, not args.no_tensorboard)
+        for e in ev.encoders:
+            print(f"{report.NAMES[e]:>10}: " + ", ".join(
+                f"{title} {ev.metrics[f'{key}_{e}']:.4f}" for title, key in ev.table()))
+        print(f"report: {paths['report.md']}")
+        return 0
+
+    return run_main(body)
+
+
+def encode_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(
+        "Encode images with a trained hash function into a Parquet codes file (id, packed code; "
+        "bits, encoder, model hash and config as metadata)."))
+    parser.add_argument("--checkpoint", required=True,
+                        help="run folder (its newest valid checkpoint) or a checkpoint_* folder")
+    parser.add_argument("--device", default="cpu", help="torch device of the streams (cpu)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="image folder, list file (path per line), folder of "
+                        "Parquet shards, or one image")
+    source.add_argument("--split", choices=("query", "validation", "database"),
+                        help="a split of the run's own dataset")
+    parser.add_argument("--parquet-split", choices=("query", "validation", "database"),
+                        help="with a Parquet --images folder: keep only this split's rows")
+    parser.add_argument("--learned", action="store_true",
+                        help="with --split database: write the learned codes B, not the network's")
+    parser.add_argument("--encoder", choices=("f", "g", "fg"),
+                        help="query encoder (default: fg with two streams, else f)")
+    parser.add_argument("--out", required=True, help="codes file to write (.parquet)")
+    parser.add_argument("--batch", type=int, help="images per forward pass (default: the run's "
+                        "eval.batch_size)")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        import time
+
+        from dadh_dist import codesfile, inference
+
+        if args.batch is not None and args.batch < 1:
+            raise ConfigError(f"--batch: must be >= 1, got {args.batch}")
+        hf = inference.load(args.checkpoint, args.device)
+        t0 = time.perf_counter()
+        split = args.parquet_split if args.images else args.split
+        codes = inference.encode_to_codes(hf, args.images, split, args.encoder, args.learned,
+                                          args.batch, not args.quiet)
+        seconds = time.perf_counter() - t0
+        path = codesfile.write(args.out, codes)
+        print(f"wrote {len(codes)} codes ({codes.bits} bits, encoder {codes.encoder}, model "
+              f"{codes.model_sha256[:12]}) to {path}; {seconds:.2f} s with reading the images")
+        return 0
+
+    return run_main(body)
+
+
+def search_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(
+        "Top-k Hamming search: query codes, or images encoded with --checkpoint, against a "
+        "database codes file."))
+    parser.add_argument("--checkpoint",
+                        help="run or checkpoint folder that encodes query images")
+    parser.add_argument("--device", default="cpu", help="torch device of the streams (cpu)")
+    parser.add_argument("--database", required=True, help="database codes file (.parquet)")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("--query", help="codes file, or images (folder, list file, Parquet "
+                       "shards, one image) encoded with --checkpoint")
+    query.add_argument("--split", choices=("query", "validation", "database"),
+                       help="a split of the run's own dataset as queries (needs --checkpoint)")
+    parser.add_argument("--encoder", choices=("f", "g", "fg"),
+                        help="query encoder for images (default: fg with two streams, else f)")
+    parser.add_argument("-k", "--k", type=int, default=10, help="results per query (10)")
+    parser.add_argument("--backend", choices=("packed", "faiss"), default="packed",
+                        help="packed XOR + popcount (default) or faiss IndexBinaryFlat")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress or timing lines")
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        import os
+
+        from dadh_dist import codesfile
+
+        database = codesfile.read(args.database)
+        if len(database) == 0:
+            raise codesfile.CodesError(f"{database.name}: the database holds no codes")
+        if args.query is not None and codesfile.is_codes_file(args.query):
+            queries = codesfile.read(args.query)
+        else:  # images: the network is needed only here
+            from dadh_dist import inference
+
+            queries = inference.query_codes_from(args.query, args.checkpoint, args.encoder,
+                                                 args.split, args.device, not args.quiet)
+        result = codesfile.search(queries, database, args.k, args.backend)
+        if not args.quiet:
+            print(f"searched {len(queries)} queries against {len(database)} codes in "
+                  f"{result.seconds * 1e3:.1f} ms ({args.backend})", file=sys.stderr)
+
+        text = result.to_json(database) if args.json else result.table()
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # the reader (e.g. `head`) stopped early: not a search error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+    return run_main(body)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(
+        "Export a trained hash function: a torch.export program (uint8 images -> int8 ±1 codes, "
+        "dynamic batch) plus the streams' state_dicts."))
+    parser.add_argument("--checkpoint", required=True,
+                        help="run folder (its newest valid checkpoint) or a checkpoint_* folder")
+    parser.add_argument("--device", default="cpu", help="torch device of the streams (cpu)")
+    parser.add_argument("--encoder", choices=("f", "g", "fg"),
+                        help="what the program computes (default: fg with two streams, else f)")
+    parser.add_argument("--out", help="output folder (default: <run>/export/<checkpoint>_<enc>)")
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        from pathlib import Path
+
+        from dadh_dist import export, inference
+
+        hf = inference.load(args.checkpoint, args.device)
+        encoder = hf.check_encoder(args.encoder or hf.default_encoder)
+        out = (Path(args.out) if args.out
+               else hf.run_folder / "export" / f"{hf.checkpoint.name}_{encoder}")
+        paths = export.export(hf, encoder, out)
+        print(f"program: {paths['program']} (uint8 (N, {hf.channels}, {hf.image_size}, "
+              f"{hf.image_size}) -> int8 ±1 (N, {hf.bits}); round trip checked)")
+        print(f"weights: {paths['weights']}")
+        print(f"metadata: {paths['metadata']}")
+        return 0
+
+    return run_main(body)
+
+
+def tune_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Sweep DADH hyper-parameters with Ray Tune: every trial is a full training "
+                    "run, ranked on validation mAP; rerunning an interrupted sweep resumes it.",
+        epilog="Extra section.key=value arguments override the base training config "
+               "(after the sweep file's [overrides]), e.g. train.outer_iters=5.",
+    )
+    parser.add_argument("--config", required=True, help="sweep TOML file (configs/sweep_*.toml)")
+    parser.add_argument("--name", help="sweep name (default: the file's name key or stem)")
+    parser.add_argument("--num-samples", type=int, help="trials to sample (overrides the file)")
+
+    def body() -> int:
+        args, extra = parser.parse_known_args(argv)
+        from dadh_dist import tune
+
+        sweep = tune.load_sweep(args.config, split_overrides(extra), args.num_samples, args.name)
+        try:
+            result = tune.run_sweep(sweep)
+        except tune.SweepFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 130 if result["interrupted"] else 0
 
     return run_main(body)

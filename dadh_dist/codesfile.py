@@ -1,0 +1,293 @@
+"""Codes files (Parquet) and top-k Hamming search over them (DESIGN §6).
+
+A codes file is one Parquet table, one row per image:
+
+    id     int64 or string      the image's id in its source (split id, relative path, ...)
+    code   fixed_size_binary    its ±1 code packed by `retrieval.pack_codes` (ceil(k/8) bytes)
+
+and file metadata that says what made the codes: `dadh_dist.bits` (k), `dadh_dist.encoder`
+(f, g, fg for network codes; B for the learned database codes of a run), `dadh_dist.model_sha256`
+(`inference.model_sha256` of the trained streams), `dadh_dist.config` (the resolved config as
+TOML), `dadh_dist.source` and `dadh_dist.checkpoint` (for people). Query and database codes are
+only comparable when k and the model hash agree; `check_pair` refuses anything else.
+
+Search ranks a database by Hamming distance with ties in database order, the rule every metric of
+`retrieval` uses, so the top-k here are the first k of `retrieval.ranking`. The optional faiss
+backend (`IndexBinaryFlat`, exhaustive) returns the same distances; within a tie it may order ids
+differently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dadh_dist import retrieval
+
+FORMAT = "1"
+KEY = "dadh_dist."
+REQUIRED = ("format", "bits", "encoder", "model_sha256")
+BACKENDS = ("packed", "faiss")
+ENCODERS = ("f", "g", "fg", "B")
+_BLOCK_BYTES = 1 << 24  # distance rows held at once during a search: bounds its memory
+
+
+class CodesError(ValueError):
+    """A codes file that cannot be used as asked (the one-line message names the file)."""
+
+
+@dataclass
+class Codes:
+    """Packed codes with their ids and provenance. packed: (n, ceil(bits/8)) uint8."""
+
+    ids: np.ndarray
+    """(n,) int64, or object array of str."""
+    packed: np.ndarray
+    bits: int
+    encoder: str
+    model_sha256: str
+    config_toml: str = ""
+    source: str = ""
+    checkpoint: str = ""
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.packed.dtype != np.uint8 or self.packed.ndim != 2:
+            raise ValueError(f"packed must be uint8 (n, bytes), got {self.packed.dtype} "
+                             f"{self.packed.shape}")
+        if self.packed.shape[1] != -(-self.bits // 8):
+            raise ValueError(f"{self.bits} bits need {-(-self.bits // 8)} bytes a row, got "
+                             f"{self.packed.shape[1]}")
+        if len(self.ids) != len(self.packed):
+            raise ValueError(f"{len(self.ids)} ids for {len(self.packed)} codes")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+
+    @classmethod
+    def from_pm1(cls, ids, codes: np.ndarray, **meta) -> Codes:
+        """Codes from ±1 rows (n, k) of any numeric dtype."""
+        return cls(ids=np.asarray(ids), packed=retrieval.pack_codes(codes), bits=codes.shape[1],
+                   **meta)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "<codes in memory>"
+
+    def pm1(self) -> np.ndarray:
+        """int8 ±1 codes (n, bits)."""
+        return retrieval.unpack_codes(self.packed, self.bits)
+
+
+# ----------------------------------------------------------------------------------- read/write
+
+
+def write(path: str | Path, codes: Codes) -> Path:
+    """Write `codes` as a Parquet codes file (through a temporary name, so a reader never sees
+    half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width = codes.packed.shape[1]
+    code_col = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(codes), [None, pa.py_buffer(np.ascontiguousarray(codes.packed))])
+    ids = codes.ids
+    id_col = (pa.array(ids.astype(np.int64), pa.int64()) if ids.dtype.kind in "iu"
+              else pa.array([str(i) for i in ids], pa.string()))
+    meta = {"format": FORMAT, "bits": str(codes.bits), "encoder": codes.encoder,
+            "model_sha256": codes.model_sha256, "config": codes.config_toml,
+            "source": codes.source, "checkpoint": codes.checkpoint}
+    table = pa.Table.from_arrays([id_col, code_col], names=["id", "code"]).replace_schema_metadata(
+        {(KEY + k).encode(): v.encode() for k, v in meta.items()})
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def is_codes_file(path: str | Path) -> bool:
+    """True for a readable Parquet file carrying codes-file metadata (no rows are read)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError):
+        return False
+    return (KEY + "bits").encode() in meta
+
+
+def read(path: str | Path) -> Codes:
+    """Read and check a codes file; CodesError naming the file for anything unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CodesError(f"{path}: codes file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CodesError(f"{path}: not a readable Parquet file ({e})") from None
+    raw = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()
+           if k.startswith(KEY.encode())}
+    meta = {k.removeprefix(KEY): v for k, v in raw.items()}
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise CodesError(f"{path}: not a dadh_dist codes file (no {KEY}{missing[0]} metadata)")
+    if meta["format"] != FORMAT:
+        raise CodesError(f"{path}: codes file format {meta['format']!r}, this version reads "
+                         f"{FORMAT!r}")
+    try:
+        bits = int(meta["bits"])
+    except ValueError:
+        bits = 0
+    if bits < 1:
+        raise CodesError(f"{path}: invalid bit count {meta['bits']!r}")
+    if meta["encoder"] not in ENCODERS:
+        raise CodesError(f"{path}: unknown encoder {meta['encoder']!r}")
+    for col in ("id", "code"):
+        if col not in table.column_names:
+            raise CodesError(f"{path}: missing column {col!r}")
+        if table.column(col).null_count:
+            raise CodesError(f"{path}: column {col!r} has null values")
+    width = -(-bits // 8)
+    code = table.column("code").combine_chunks()
+    if not pa.types.is_fixed_size_binary(code.type) or code.type.byte_width != width:
+        raise CodesError(f"{path}: column 'code' is {code.type}, but {bits} bits need "
+                         f"fixed_size_binary[{width}]")
+    n = len(code)
+    data = code.buffers()[1]
+    packed = (np.frombuffer(data, np.uint8)[code.offset * width:(code.offset + n) * width]
+              .reshape(n, width).copy() if n else np.zeros((0, width), np.uint8))
+    id_col = table.column("id")
+    if pa.types.is_integer(id_col.type):
+        ids = id_col.to_numpy().astype(np.int64)
+    elif pa.types.is_string(id_col.type) or pa.types.is_large_string(id_col.type):
+        ids = np.array(id_col.to_pylist(), dtype=object)
+    else:
+        raise CodesError(f"{path}: column 'id' must be integers or strings, got {id_col.type}")
+    return Codes(ids=ids, packed=packed, bits=bits, encoder=meta["encoder"],
+                 model_sha256=meta["model_sha256"], config_toml=meta.get("config", ""),
+                 source=meta.get("source", ""), checkpoint=meta.get("checkpoint", ""), path=path)
+
+
+def check_pair(query: Codes, database: Codes) -> None:
+    """Refuse query and database codes that cannot be compared (each message names a file)."""
+    for codes, role in ((database, "database"), (query, "query")):
+        if len(codes) == 0:
+            raise CodesError(f"{codes.name}: the {role} holds no codes")
+    if query.bits != database.bits:
+        raise CodesError(f"{query.name}: {query.bits}-bit codes, but {database.name} holds "
+                         f"{database.bits}-bit codes")
+    if query.model_sha256 != database.model_sha256:
+        raise CodesError(
+            f"{database.name}: made by model {database.model_sha256[:12]}, but the queries "
+            f"({query.name}) by model {query.model_sha256[:12]}; encode both with one checkpoint")
+
+
+# ---------------------------------------------------------------------------------------- search
+
+
+@dataclass
+class SearchResult:
+    query_ids: np.ndarray
+    ids: np.ndarray
+    """(nq, k) database ids, nearest first."""
+    distances: np.ndarray
+    """(nq, k) Hamming distances."""
+    backend: str
+    seconds: float
+    """Time of the search itself (no reading or encoding)."""
+
+    def table(self) -> str:
+        """One line per result: query id, rank (1 = nearest), database id, distance."""
+        rows = [(str(_plain(q)), str(r + 1), str(_plain(i)), str(int(d)))
+                for q, ids, dist in zip(self.query_ids, self.ids, self.distances)
+                for r, (i, d) in enumerate(zip(ids, dist))]
+        head = ("query", "rank", "id", "distance")
+        w = [max(len(h), *(len(row[c]) for row in rows)) for c, h in enumerate(head)]
+        return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:<{w[2]}}  {d:>{w[3]}}"
+                         for a, b, c, d in [head, *rows])
+
+    def to_json(self, database: Codes) -> str:
+        return json.dumps({
+            "database": database.name, "bits": database.bits, "k": int(self.ids.shape[1]),
+            "backend": self.backend,
+            "results": [{"query": _plain(q), "ids": [_plain(i) for i in ids],
+                         "distances": [int(d) for d in dist]}
+                        for q, ids, dist in zip(self.query_ids, self.ids, self.distances)],
+        })
+
+
+def _plain(x):
+    """A numpy scalar as the Python int or str that JSON and tables print."""
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def search(query: Codes, database: Codes, k: int, backend: str = "packed") -> SearchResult:
+    """Top-k database ids per query, after `check_pair` has accepted the two."""
+    check_pair(query, database)
+    t0 = time.perf_counter()
+    index, dist = topk(query.packed, database.packed, k, database.bits, backend)
+    return SearchResult(query.ids, database.ids[index], dist, backend, time.perf_counter() - t0)
+
+
+def topk(query_packed: np.ndarray, db_packed: np.ndarray, k: int, bits: int,
+         backend: str = "packed") -> tuple[np.ndarray, np.ndarray]:
+    """(indices, distances), each (nq, min(k, n)): the k nearest database rows per query.
+
+    packed: XOR + popcount (`retrieval.hamming_distances`), ties in database order. faiss:
+    `IndexBinaryFlat`, same distances, its own order within ties; needs bits % 8 == 0.
+    """
+    if k < 1:
+        raise CodesError(f"--k: must be >= 1, got {k}")
+    if backend == "packed":
+        return _topk_packed(query_packed, db_packed, k)
+    if backend == "faiss":
+        return _topk_faiss(query_packed, db_packed, k, bits)
+    raise CodesError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+def _topk_packed(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    nq, n = len(q), len(db)
+    k = min(k, n)
+    index = np.empty((nq, k), np.int64)
+    dist = np.empty((nq, k), np.int32)
+    rows = max(1, _BLOCK_BYTES // max(n, 1))
+    for s in range(0, nq, rows):
+        block = retrieval.hamming_distances(q[s:s + rows], db)
+        for i, d in enumerate(block):
+            index[s + i] = _nearest(d, k)
+            dist[s + i] = d[index[s + i]]
+    return index, dist
+
+
+def _nearest(d: np.ndarray, k: int) -> np.ndarray:
+    """The first k entries of the stable ranking of distances d (n,), without sorting all n:
+    only the smallest Hamming ball holding k items is sorted."""
+    if k >= d.shape[0]:
+        return retrieval.ranking(d)
+    radius = int(np.searchsorted(np.cumsum(np.bincount(d)), k))  # first r with |{d <= r}| >= k
+    ball = np.flatnonzero(d <= radius)
+    return ball[np.argsort(d[ball], kind="stable")[:k]]
+
+
+def _topk_faiss(q: np.ndarray, db: np.ndarray, k: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        import faiss
+    except ImportError:
+        msg = "--backend faiss: faiss is not installed (pip install faiss-cpu)"
+        raise CodesError(msg) from None
+    if bits % 8:
+        raise CodesError(f"--backend faiss: IndexBinaryFlat needs a bit count that is a multiple "
+                         f"of 8, the codes have {bits}; use --backend packed")
+    index = faiss.IndexBinaryFlat(bits)
+    index.add(np.ascontiguousarray(db))
+    dist, ids = index.search(np.ascontiguousarray(q), min(k, len(db)))
+    return ids.astype(np.int64), dist.astype(np.int32)

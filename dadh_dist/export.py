@@ -1,0 +1,106 @@
+"""Export of a trained hash function: weights plus a self-contained `torch.export` program.
+
+    export(hf, "fg", "exported/")   # writes:
+        hash_fg.pt2     torch.export program: uint8 images (N, C, S, S) -> int8 ±1 codes (N, k)
+        streams.pt      state_dicts of the streams it uses ({"f": ..., "g": ...})
+        export.json     bits, encoder, input shape, model SHA-256, resolved config
+
+    program = torch.export.load("exported/hash_fg.pt2").module()
+    codes = program(images)         # no dadh_dist needed to run it
+
+The batch dimension is dynamic (any N >= 1); channels and side are fixed to the training
+geometry. The codes are sign(f), sign(g) or sign(f + g) with 0 counted as -1, the rule of
+`loop.query_codes`, and `export` checks the saved program against the checkpoint before it
+returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dadh_dist.inference import HashFunction
+
+MAX_BATCH = 1 << 20
+CHECK_IMAGES = 16
+
+
+class ExportError(RuntimeError):
+    """The exported program does not reproduce the checkpoint's codes."""
+
+
+class CodeProgram(nn.Module):
+    """x uint8 (N, C, S, S) -> int8 ±1 (N, k): sign of f(x), g(x) or f(x) + g(x)."""
+
+    def __init__(self, f: nn.Module | None, g: nn.Module | None):
+        super().__init__()
+        self.f, self.g = f, g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.f is not None and self.g is not None:
+            y = self.f(x) + self.g(x)
+        else:
+            y = (self.f if self.f is not None else self.g)(x)
+        return torch.where(y > 0, 1, -1).to(torch.int8)
+
+
+def program_module(hf: HashFunction, encoder: str) -> CodeProgram:
+    hf.check_encoder(encoder)
+    f = hf.f if "f" in encoder else None
+    g = hf.g if "g" in encoder else None
+    return CodeProgram(f, g).eval()
+
+
+def example_images(hf: HashFunction, n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, hf.channels, hf.image_size, hf.image_size)
+    return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+
+
+def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path]:
+    """Write the program, the weights and their metadata into `out`; verify the program."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # a CPU copy: the program is traced on the CPU whatever device hf runs on
+    module = copy.deepcopy(program_module(hf, encoder)).cpu()
+    x = example_images(hf, 2)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with torch.no_grad():
+        program = torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}})
+    paths = {"program": out / f"hash_{encoder}.pt2", "weights": out / "streams.pt",
+             "metadata": out / "export.json"}
+    torch.export.save(program, paths["program"])
+    streams = {name: getattr(hf, name).state_dict() for name in ("f", "g") if name in encoder}
+    torch.save(streams, paths["weights"])
+    meta = {
+        "encoder": encoder, "bits": hf.bits, "streams": sorted(streams),
+        "input": {"dtype": "uint8", "shape": ["N", hf.channels, hf.image_size, hf.image_size],
+                  "batch": f"dynamic, 1..{MAX_BATCH}"},
+        "output": {"dtype": "int8", "shape": ["N", hf.bits], "values": "+1/-1 (0 -> -1)"},
+        "model_sha256": hf.model_sha256, "checkpoint": str(hf.checkpoint), "t": hf.t,
+        "torch": torch.__version__, "config": hf.cfg.to_dict(),
+    }
+    paths["metadata"].write_text(json.dumps(meta, indent=1))
+    check_round_trip(hf, encoder, paths["program"])
+    return paths
+
+
+def load_program(path: str | Path) -> nn.Module:
+    """The callable module of a saved program."""
+    return torch.export.load(str(path)).module()
+
+
+def check_round_trip(hf: HashFunction, encoder: str, path: str | Path) -> None:
+    """The saved program's codes on seeded random images must equal the checkpoint's codes,
+    at a batch size other than the one it was traced with."""
+    x = example_images(hf, CHECK_IMAGES, seed=1)
+    with torch.no_grad():
+        got = load_program(path)(x).numpy()
+    want = hf.codes(x, encoder)
+    if got.shape != want.shape or (got != want).any():
+        raise ExportError(f"{path}: the exported program's codes differ from the checkpoint's "
+                          f"on {int((got != want).any(1).sum())} of {len(x)} images")

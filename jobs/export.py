@@ -1,0 +1,15 @@
+"""Export a trained hash function as a torch.export program plus state_dicts.
+
+    python jobs/export.py --checkpoint runs/<run> --encoder fg --out exported/
+    # then: torch.export.load("exported/hash_fg.pt2").module()(uint8_images) -> int8 ±1 codes
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dadh_dist.cli import export_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(export_main())

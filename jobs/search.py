@@ -1,0 +1,16 @@
+"""Top-k Hamming search against a database codes file (table or --json).
+
+    python jobs/search.py --database db.parquet --query q.parquet -k 10
+    python jobs/search.py --database db.parquet --query photos/ --checkpoint runs/<run> --json
+    python jobs/search.py --database db.parquet --query q.parquet --backend faiss
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dadh_dist.cli import search_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(search_main())
