@@ -15,8 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 MANIFEST = "manifest.json"
 STATE = "state.pt"
 CONFIG = "config.toml"
@@ -46,6 +44,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def save(folder: str | Path, state: dict, config_toml: str, fingerprint: str) -> Path:
     """Write state and config, then the manifest that vouches for them."""
+    import torch  # here, not at the top: the CLI's error handling imports this module
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -85,6 +85,8 @@ def verify(folder: str | Path) -> dict:
 
 def load(folder: str | Path, map_location="cpu") -> tuple[dict, dict]:
     """(state, manifest) of a verified checkpoint."""
+    import torch
+
     manifest = verify(folder)
     state = torch.load(Path(folder) / STATE, map_location=map_location, weights_only=False)
     return state, manifest

@@ -36,17 +36,11 @@ from dadh_dist import config as config_mod
 from dadh_dist.config import Config, ConfigError
 from dadh_dist.data import DataError, Dataset, load_dataset
 from dadh_dist.data.images import DECODE_ERRORS, run_chunked
-from dadh_dist.data.images import decode as data_decode
-from dadh_dist.data.lists import DEFAULT_SIZE as LIST_SIZE
 from dadh_dist.models import HashStream, build_streams
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
 SPLITS = ("query", "validation", "database")
-# (channels, side) of the images each in-memory source yields (see dadh_dist/data). A checkpoint
-# does not record its input geometry, and rebuilding a stream must not require the training data.
-NATIVE_GEOMETRY = {"digits": (1, 8), "fashion_mnist": (1, 28), "fashion_mnist_grid": (1, 56),
-                   "cifar10": (3, 32)}
 
 
 # ----------------------------------------------------------------------------- the hash function
@@ -123,16 +117,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def load(path: str | Path, device: str | torch.device = "cpu",
-         geometry: tuple[int, int] | None = None) -> HashFunction:
-    """The hash function of a run or checkpoint folder (the checkpoint is verified first).
-
-    `geometry` = (channels, side) of the training images; derived from the config when None.
-    """
+def load(path: str | Path, device: str | torch.device = "cpu") -> HashFunction:
+    """The hash function of a run or checkpoint folder (the checkpoint is verified first)."""
     folder = resolve_checkpoint(path)
     state, manifest = ckpt.load(folder)
     cfg = config_mod.load(folder / ckpt.CONFIG)
-    channels, size = geometry or input_geometry(cfg)
+    if "geometry" not in state:
+        raise ckpt.CheckpointError(f"{folder / ckpt.STATE}: records no input geometry")
+    channels, size = state["geometry"]  # (channels, side) of the training images
     m, o = cfg.model, cfg.objective
     # Local pretrained weights only matter before training; the checkpoint overwrites them, and
     # the file need not exist where the model is used.
@@ -161,11 +153,9 @@ def load(path: str | Path, device: str | torch.device = "cpu",
 
 def load_with_data(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         HashFunction, Dataset]:
-    """The hash function and the run's dataset, the streams rebuilt for the data's geometry."""
-    folder = resolve_checkpoint(path)
-    ckpt.verify(folder)
-    dataset = load_dataset(config_mod.load(folder / ckpt.CONFIG).data)
-    return load(folder, device, (dataset.channels, dataset.image_size)), dataset
+    """The hash function and the run's dataset."""
+    hf = load(path, device)
+    return hf, load_dataset(hf.cfg.data)
 
 
 def model_sha256(f: torch.nn.Module, g: torch.nn.Module | None = None) -> str:
@@ -183,31 +173,6 @@ def model_sha256(f: torch.nn.Module, g: torch.nn.Module | None = None) -> str:
             h.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def input_geometry(cfg: Config) -> tuple[int, int]:
-    """(channels, side) of the images the run was trained on, without loading its data."""
-    d = cfg.data
-    if d.source in NATIVE_GEOMETRY:
-        return NATIVE_GEOMETRY[d.source]
-    if d.source == "list":  # list images are always decoded to RGB
-        return 3, d.image_size or LIST_SIZE
-    if d.source == "parquet":  # the first stored image, decoded as the parquet loader does
-        root = Path(d.root)
-        for shard in sorted(root.glob("*.parquet")) if root.is_dir() else []:
-            try:
-                table = pq.read_table(shard, columns=["image"])
-            except (pa.ArrowException, OSError, KeyError) as e:
-                raise DataError(f"{shard}: unreadable Parquet shard ({e})") from None
-            if table.num_rows:
-                try:
-                    img = data_decode(table.column("image")[0].as_py())
-                except DECODE_ERRORS as e:
-                    raise DataError(f"{shard}: row 0: unreadable image ({e})") from None
-                return img.shape[0], d.image_size or img.shape[1]
-        raise DataError(f"{root}: no Parquet shard to read the model's input geometry from "
-                        "(data.root of the run's config)")
-    raise ConfigError(f"data.source: {d.source!r} is not a known source")
 
 
 # ------------------------------------------------------------------------------- image sources

@@ -400,7 +400,8 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         tmp = None
         if rank0 and save_now and not finished:
             tmp = tempfile.TemporaryDirectory(prefix="dadh_ckpt_")
-            state = {"t": t + 1, "B": B, "rng": _rng_state(), **streams.state()}
+            state = {"t": t + 1, "B": B, "rng": _rng_state(),
+                     "geometry": (data.channels, data.image_size), **streams.state()}
             folder = ckpt.save(tmp.name, state, cfg.to_toml(), cfg.fingerprint())
             faults.maybe_kill("checkpoint", t, c.rank, env.run_dir)
         env.report(_flat(metrics), folder)

@@ -169,9 +169,9 @@ def test_codes_file_round_trip_odd_bits_and_string_ids(tmp_path):
         assert codesfile.is_codes_file(path)
 
 
-def test_input_geometry_without_data_matches_the_loaded_dataset(loaded):
+def test_checkpoint_records_input_geometry(loaded):
     hf, ds = loaded
-    assert inference.input_geometry(hf.cfg) == (ds.channels, ds.image_size)
+    assert (hf.channels, hf.image_size) == (ds.channels, ds.image_size) == (1, 8)
 
 
 # ---------------------------------------------------------------------------------------- search
