@@ -1,0 +1,97 @@
+"""Shared benchmark plumbing: Markdown tables, timing, and peak memory of a fresh process.
+
+Peak memory is the kernel's high-water mark of the resident set (VmHWM), read by a child process
+that ran one variant only: tracemalloc does not see torch's allocations, and a parent that ran
+several variants would report the largest of them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table; floats with 4 significant digits (whole numbers from 1,000 up)."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def timed(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> tuple[float, object]:
+    """Best (minimum) wall time of `repeat` calls after `warmup` untimed ones: (s, last result).
+
+    The minimum, not the median: on a shared machine the noise only ever adds time.
+    """
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), result
+
+
+def timed_cpu(fn: Callable[[], object], repeat: int = 3,
+              warmup: int = 1) -> tuple[float, float, object]:
+    """Like `timed`, plus the least CPU time of this process (all its threads) over the calls.
+
+    On a busy machine CPU time says what the work costs; wall time also holds the waiting.
+    """
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    walls, cpus = [], []
+    for _ in range(max(1, repeat)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return min(walls), min(cpus), result
+
+
+def ratio(baseline: float, ours: float) -> str:
+    """'12.3×' (how many times faster ours is)."""
+    return f"{baseline / ours:.1f}×" if ours > 0 else "∞"
+
+
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "MISS"
+
+
+def memory_mib() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MiB, from /proc/self/status."""
+    rss = hwm = float("nan")
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return rss, hwm
+
+
+def run_child(script: str | Path, spec: dict, timeout_s: float = 1800) -> dict:
+    """Run `script --child '<json spec>'` in a fresh interpreter; returns its last stdout line.
+
+    The child prints one JSON object as its last line (timings, peak memory, result paths).
+    """
+    cmd = [sys.executable, str(script), "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,219 @@
+"""The code step at database scale: factored vs the dense similarity matrix (issue 6 item 2).
+
+    python bench/code_step.py [--quick]
+
+One code step (DESIGN §2): H = FᵀF + GᵀG, Q = 2ηk·S_Ωᵀ(F + G) + 2γ·(F̄ + Ḡ), then one DCC sweep
+over the k bit columns, from B = 0 (the first outer iteration; `codes.init = "zeros"`).
+
+* ours: `codes.code_hessian`, `codes.code_linear` (single-label: S_Ωᵀ·U through per-class sums,
+  O(n·c·k); multi-label: S built in blocks of `chunk_rows` rows), `codes.dcc`.
+* dense: the reference way, written naively below: S_Ω built explicitly as an m×n float32
+  matrix from the labels, Q = 2ηk·S_Ωᵀ(F+G) + 2γ·(F̄+Ḡ) with F̄, Ḡ as n×k scatter matrices, and
+  the same `codes.dcc`.
+* ours, row-blocked DCC (a what-if, not the library's default): the same library calls, with
+  `codes.dcc` applied to blocks of rows in turn. Rows are independent (DESIGN §2), so B is the
+  same; a block's working set stays in cache over the k column passes.
+
+Every variant runs in a fresh interpreter that reports its own peak resident memory (VmHWM),
+because tracemalloc does not see torch's allocations. B must be identical across variants.
+Multi-label part: peak memory of `codes.code_linear` alone at growing n, chunked vs dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _env
+import numpy as np
+from _common import memory_mib, ratio, run_child, table, verdict
+
+TARGET_SPEEDUP = 20.0
+GAMMA, ETA = 200.0, 1.0  # the config defaults (objective.gamma, objective.eta)
+
+
+# ------------------------------------------------------------------------------ one variant
+
+
+def make_inputs(n: int, m: int, bits: int, classes: int, multi: bool, seed: int):
+    """Labels (n, c) uint8, Ω (m,), F, G (m, k) in (-1, 1), B0 = 0, and the soft similarity."""
+    import torch
+
+    from dadh_dist import objective
+
+    rng = np.random.default_rng(seed)
+    if multi:  # 1-3 labels a row, as the Fashion-MNIST grids
+        Y = np.zeros((n, classes), np.uint8)
+        count = rng.integers(1, 4, n)
+        for j in range(3):
+            rows = np.flatnonzero(count > j)
+            Y[rows, rng.integers(0, classes, rows.size)] = 1
+    else:
+        Y = np.eye(classes, dtype=np.uint8)[rng.integers(0, classes, n)]
+    Y = torch.from_numpy(Y)
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randperm(n, generator=gen)[:m]
+    F = torch.tanh(torch.randn(m, bits, generator=gen))
+    G = torch.tanh(torch.randn(m, bits, generator=gen))
+    B0 = torch.zeros(n, bits, dtype=torch.int8)
+    sim = objective.make_similarity("soft", Y[omega], Y)
+    return Y, omega, F, G, B0, sim
+
+
+def dense_linear(Y, omega, F, G, sim, bits: int):
+    """Q the reference way: the m×n similarity matrix in float32, then one product."""
+    import torch
+
+    S = (Y[omega].float() @ Y.float().T > 0).float()  # S01: (m, n)
+    S.mul_(1.0 + sim.r).sub_(sim.r)  # soft S, in place (a copy would double the peak)
+    U = F + G
+    Q = 2.0 * ETA * bits * (S.T @ U)  # (n, k)
+    del S
+    bar = torch.zeros(Y.shape[0], bits)  # F̄ + Ḡ: rows of Ω at their database positions
+    bar[omega] = U
+    return (Q + 2.0 * GAMMA * bar).double()
+
+
+def child(spec: dict) -> None:
+    """Run one variant, save B, print a JSON line with times and memory."""
+    import torch
+
+    from dadh_dist import codes
+
+    torch.set_num_threads(spec["threads"])
+    Y, omega, F, G, B0, sim = make_inputs(spec["n"], spec["m"], spec["bits"], spec["classes"],
+                                          spec["multi"], spec["seed"])
+    rss0, _ = memory_mib()
+    bits, n = spec["bits"], spec["n"]
+    t0 = time.perf_counter()
+    if spec["variant"] == "dense":
+        Q = dense_linear(Y, omega, F, G, sim, bits)
+    else:
+        Q = codes.code_linear(slice(0, n), Y, omega, F, G, sim, GAMMA, ETA, bits,
+                              spec["chunk_rows"])
+    t_linear = time.perf_counter() - t0
+    _, hwm_linear = memory_mib()
+    out = {"t_linear": t_linear, "rss0": rss0, "hwm_linear": hwm_linear,
+           "q_mib": Q.numel() * Q.element_size() / 2**20}
+    if not spec["linear_only"]:
+        t1 = time.perf_counter()
+        H = codes.code_hessian(F, G)
+        block = spec["dcc_block"] or n
+        B = torch.cat([codes.dcc(B0[s : s + block], H, Q[s : s + block], ETA)
+                       for s in range(0, n, block)])
+        out["t_dcc"] = time.perf_counter() - t1
+    out["t_total"] = time.perf_counter() - t0
+    out["hwm"] = memory_mib()[1]
+    np.save(spec["out"], (Q if spec["linear_only"] else B).numpy())
+    print(json.dumps(out))
+
+
+# ------------------------------------------------------------------------------------ parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes (smoke test, ~1 min: nine fresh interpreters)")
+    parser.add_argument("--n", type=int, default=1_000_000, help="database size (single-label)")
+    parser.add_argument("--m", type=int, default=2000, help="|Ω|")
+    parser.add_argument("--bits", type=int, default=64)
+    parser.add_argument("--multi-n", type=int, nargs="+", default=[100_000, 200_000, 400_000])
+    parser.add_argument("--chunk-rows", type=int, default=8192, help="codes.chunk_rows")
+    parser.add_argument("--dcc-block", type=int, default=16384,
+                        help="rows per block in the row-blocked what-if")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per variant")
+    parser.add_argument("--skip-dense-single", action="store_true",
+                        help="leave out the 8 GB dense variant at n = 1M")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    if args.quick:
+        args.n, args.multi_n = 100_000, [10_000, 20_000, 40_000]
+    load0 = _env.load_average()
+    me = Path(__file__)
+    tmp = Path(tempfile.mkdtemp(prefix="dadh_bench_codes_"))
+    base = {"m": args.m, "bits": args.bits, "classes": 10, "seed": 0, "threads": args.threads,
+            "chunk_rows": args.chunk_rows, "dcc_block": 0, "linear_only": False}
+
+    def variant(name: str, **kw) -> dict:
+        spec = {**base, **kw, "variant": name}
+        spec["out"] = str(tmp / f"{name}_{spec['n']}_{spec['dcc_block']}.npy")
+        print(f"... {name} n={kw['n']:,}", file=sys.stderr, flush=True)
+        res = run_child(me, spec)
+        res["B"] = np.load(spec["out"])
+        return res
+
+    single = {"ours": variant("ours", n=args.n, multi=False)}
+    single["blocked"] = variant("ours", n=args.n, multi=False, dcc_block=args.dcc_block)
+    if not args.skip_dense_single:
+        single["dense"] = variant("dense", n=args.n, multi=False)
+
+    ref = single.get("dense", single["ours"])
+    rows = []
+    labels = {"dense": "dense S_Ω (m×n float32) (baseline)", "ours": "ours: factored S",
+              "blocked": f"ours, DCC in row blocks of {args.dcc_block:,} (what-if)"}
+    for key in ("dense", "ours", "blocked"):
+        if key not in single:
+            continue
+        r = single[key]
+        differ = int(np.count_nonzero(r["B"] != ref["B"]))
+        row = [labels[key], r["t_linear"], r["t_dcc"], r["t_total"], r["hwm"],
+               r["hwm"] - r["rss0"]]
+        if key == "dense":
+            row += ["1.0× / 1.0×", "", ""]
+        elif "dense" in single:
+            d = single["dense"]
+            ok = d["t_total"] / r["t_total"] >= TARGET_SPEEDUP and differ == 0
+            row += [f"{ratio(d['t_linear'], r['t_linear'])} / {ratio(d['t_total'], r['t_total'])}",
+                    differ, verdict(ok)]
+        else:
+            row += ["(no baseline)", differ, ""]
+        rows.append(row)
+
+    multi_rows, beyond = [], {"ours": [], "dense": []}
+    for n in args.multi_n:
+        res = {v: variant(v, n=n, multi=True, linear_only=True) for v in ("ours", "dense")}
+        err = float(np.max(np.abs(res["ours"]["B"] - res["dense"]["B"]))
+                    / np.max(np.abs(res["dense"]["B"])))
+        for v in ("ours", "dense"):
+            r = res[v]
+            extra = r["hwm_linear"] - r["rss0"]
+            beyond[v].append(extra - r["q_mib"])
+            multi_rows.append([f"{n:,}", "ours: chunked" if v == "ours" else "dense (baseline)",
+                               r["t_linear"], r["q_mib"], extra, extra - r["q_mib"],
+                               (extra - r["q_mib"]) / r["q_mib"], f"{err:.1e}"])
+
+    print(f"# Code step: n = {args.n:,}, k = {args.bits}, m = {args.m:,}, single-label "
+          "(10 classes), one DCC sweep from B = 0\n")
+    print(table(["variant", "Q s", "DCC s", "total s", "peak RSS MiB",
+                 "peak − inputs MiB", "speed-up Q / total", "bits ≠ dense", "target ≥ 20×, same B"],
+                rows))
+    print()
+    print(f"# Multi-label Q (`codes.code_linear`, chunk_rows = {args.chunk_rows:,}): memory as n "
+          f"grows (m = {args.m:,}, k = {args.bits}, 1-3 of 10 labels a row)\n")
+    print(table(["n", "variant", "Q s", "Q size MiB", "peak − inputs MiB", "scratch beyond Q MiB",
+                 "scratch / Q size", "max rel. ΔQ"], multi_rows))
+    print()
+    grow = args.multi_n[-1] / args.multi_n[0]
+    for v in ("ours", "dense"):
+        print(f"- {v}: scratch beyond Q grows {beyond[v][-1] / beyond[v][0]:.2f}× while n grows "
+              f"{grow:.0f}×")
+    print("- peak RSS: VmHWM of a fresh process per variant (torch and inputs included); "
+          "'peak − inputs' subtracts the RSS once the inputs are built.")
+    print("- Q: the n×k float64 output itself grows with n; 'scratch beyond Q' is what the "
+          "similarity costs on top of it (dense: the m×n block, m·n·4 bytes, plus temporaries).")
+    print(f"- finished {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    _env.print_environment(load0)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
