@@ -99,8 +99,10 @@ def similarity_times(
     U = U.to(torch.float64) if U.dtype == torch.float64 else U.float()
     col_sum = U.sum(0, keepdim=True)  # 1ᵀU: (1, k)
     if is_single_label(labels_rows) and is_single_label(labels_cols):
+        # each row's S01·U is its class's sum of U: look it up instead of multiplying (c, k)
         class_sums = labels_cols.to(U.dtype).T @ U  # (c, k)
-        s01_u = labels_rows.to(U.dtype) @ class_sums
+        class_rows = (1.0 + sim.r) * class_sums - sim.r * col_sum
+        return class_rows[labels_rows.argmax(1)]
     else:
         s01_u = torch.empty(labels_rows.shape[0], U.shape[1], dtype=U.dtype)
         for start in range(0, labels_rows.shape[0], chunk_rows):
