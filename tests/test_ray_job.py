@@ -27,14 +27,18 @@ def test_ray_job_submit_on_local_head(tmp_path):
              "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
             check=True, capture_output=True, text=True, timeout=120, env=env,
         )
-        proc = subprocess.run(
-            [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8265",
-             "--working-dir", str(ROOT), "--", "python", "jobs/train.py", "--config",
-             "configs/debug_cpu.toml", f"log.run_dir={json.dumps(str(run_dir))}",
-             "log.name=submitted"],
-            capture_output=True, text=True, timeout=400, env=env, cwd=ROOT,
-        )
-        out = proc.stdout + proc.stderr
+        for _ in range(12):  # the head's job agent can take a while to come up on a busy box
+            proc = subprocess.run(
+                [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8265",
+                 "--working-dir", str(ROOT), "--", "python", "jobs/train.py", "--config",
+                 "configs/debug_cpu.toml", f"log.run_dir={json.dumps(str(run_dir))}",
+                 "log.name=submitted"],
+                capture_output=True, text=True, timeout=400, env=env, cwd=ROOT,
+            )
+            out = proc.stdout + proc.stderr
+            if "No available agent" not in out:
+                break
+            time.sleep(5)
         assert proc.returncode == 0, out[-3000:]
         assert "succeeded" in out
         assert "iter 2/2" in out  # the progress lines reach `ray job logs`
