@@ -119,7 +119,7 @@ def ray_worker(config: dict) -> None:
     os.environ.update(config.get("env", {}))
     # Ray Train logs every report with all its metrics at INFO; the loop prints its own line.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

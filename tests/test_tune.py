@@ -1,0 +1,308 @@
+"""Ray Tune sweeps: the sweep file's checks (fast), and two real sweeps on digits (Ray on
+127.0.0.1, 2 CPUs, one trial at a time; each trial is a full Ray Train run of a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dadh_dist import config, driver
+from dadh_dist import tune as sweep_mod
+from dadh_dist.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "debug_cpu.toml"
+
+GOOD = f"""
+base = {json.dumps(str(DEBUG))}
+num_samples = 2
+[overrides]
+"train.outer_iters" = 3
+[space."objective.gamma"]
+kind = "loguniform"
+low = 10
+high = 1000
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep file (no Ray)
+
+
+def test_shipped_sweep_files_parse():
+    debug = sweep_mod.load_sweep(ROOT / "configs" / "sweep_debug.toml")
+    assert debug.base_path == DEBUG
+    assert debug.base.data.source == "digits" and debug.base.train.outer_iters == 3
+    assert set(debug.space) == {"objective.gamma", "objective.eta", "optim.lr_f", "optim.lr_g"}
+    assert debug.expected_trials == 4 and debug.max_t == 3 and debug.scheduler == "asha"
+    fashion = sweep_mod.load_sweep(ROOT / "configs" / "sweep_fashion_mnist.toml")
+    assert fashion.base.data.source == "fashion_mnist" and fashion.search == "optuna"
+    assert fashion.metric.startswith("val/")
+
+
+def test_sweep_file_forms_and_command_line_overrides(tmp_path):
+    nested = _write(tmp_path, f"""
+base = {json.dumps(str(DEBUG))}
+name = "nested"
+[overrides.train]
+outer_iters = 4
+[space.optim.lr_f]
+kind = "choice"
+values = [1e-3, 3e-3]
+[space.objective.gamma]
+kind = "grid"
+values = [50, 100, 200]
+""")
+    s = sweep_mod.load_sweep(nested, ["log.run_dir=/tmp/elsewhere", "--train.inner_epochs=2"],
+                             num_samples=5)
+    assert s.name == "nested" and s.folder == Path("/tmp/elsewhere/nested")
+    assert s.base.train.outer_iters == 4 and s.base.train.inner_epochs == 2
+    assert s.space["optim.lr_f"].kind == "choice" and s.space["objective.gamma"].values[2] == 200
+    assert s.expected_trials == 15  # 5 samples x 3 grid points
+    # the base is found next to the sweep file too
+    (tmp_path / "base.toml").write_text(DEBUG.read_text())
+    s2 = sweep_mod.load_sweep(_write(tmp_path, GOOD.replace(json.dumps(str(DEBUG)),
+                                                            '"base.toml"'), "rel.toml"))
+    assert s2.base_path == (tmp_path / "base.toml").resolve() and s2.name == "rel"
+
+
+def test_trial_config_goes_through_the_cli_override_code(tmp_path):
+    s = sweep_mod.load_sweep(_write(tmp_path, GOOD))
+    cfg = sweep_mod.trial_config(s.base, {"objective.gamma": 321.0, "optim.lr_f": 2e-3},
+                                 tmp_path / "sw", "trial_x", 0.5)
+    assert (cfg.objective.gamma, cfg.optim.lr_f, cfg.scaling.cpus_per_worker) == (321.0, 2e-3, 0.5)
+    assert driver.run_folder(cfg) == (tmp_path / "sw" / "trial_x").resolve()
+    with pytest.raises(ConfigError, match="optim.lr_f: expected float"):
+        sweep_mod.trial_config(s.base, {"optim.lr_f": "fast"}, tmp_path, "t")
+
+
+def _text(top: str = "", overrides: str = "", tables: str = "") -> str:
+    head, _, rest = GOOD.partition("[overrides]")
+    return f"{head}{top}\n[overrides]\n{overrides}{rest}{tables}\n"
+
+
+BAD = [  # (where the snippet goes, snippet, the error's expected text)
+    ("top", "num_sample = 4", "num_sample: unknown key (did you mean num_samples?)"),
+    ("top", 'max_concurrent_trials = "4"', "max_concurrent_trials: expected int, got '4'"),
+    ("top", 'metric = "test/map_all_fg"', "not a validation metric"),
+    ("top", 'metric = "val/map_all_h"', "metric: 'val/map_all_h' is not reported"),
+    ("top", 'scheduler = "hyperband"', "scheduler: 'hyperband' is not one of asha, none"),
+    ("top", "trial_cpus = 0", "trial_cpus: must be > 0"),
+    ("tables", "[asha]\ngrace = 1", "asha.grace: unknown key"),
+    ("tables", "[asha]\ngrace_period = 9", "asha.grace_period: 9 exceeds train.outer_iters (3)"),
+    ("overrides", '"train.outer_iter" = 3', "overrides: train.outer_iter: unknown key"),
+    ("overrides", '"train.eval_every" = 2', "train.eval_every = 2"),
+    ("tables", '[space."objective.gama"]\nkind = "uniform"\nlow = 1\nhigh = 2',
+     "space.objective.gama: objective.gama: unknown key (did you mean gamma?)"),
+    ("tables", '[space."objective.eta"]\nkind = "normal"\nlow = 1\nhigh = 2',
+     "space.objective.eta.kind: 'normal' is not one of"),
+    ("tables", '[space."objective.eta"]\nkind = "loguniform"\nlow = 0\nhigh = 2',
+     "space.objective.eta.low: loguniform needs low > 0"),
+    ("tables", '[space."objective.eta"]\nkind = "uniform"\nlow = 2\nhigh = 1',
+     "space.objective.eta.high: must be > low"),
+    ("tables", '[space."objective.eta"]\nkind = "uniform"\nlow = 1\nhigh = 2\nvalues = [1]',
+     "space.objective.eta.values: not used by kind = 'uniform'"),
+    ("tables", '[space."objective.eta"]\nkind = "choice"\nvalues = ["big"]',
+     "space.objective.eta: objective.eta: expected float, got 'big'"),
+    ("tables", '[space."objective.eta"]\nkind = "choice"\nvalues = [-1.0]',
+     "space.objective.eta: objective.eta: must be >= 0"),
+    ("tables", '[space."train.inner_epochs"]\nkind = "uniform"\nlow = 1\nhigh = 3',
+     "space.train.inner_epochs: uniform draws real numbers but train.inner_epochs is a int"),
+    ("tables", '[space."log.name"]\nkind = "choice"\nvalues = ["a"]',
+     "space.log.name: log.* is set by the sweep"),
+    ("tables", '[space."objective.eta"]\nknd = "choice"',
+     "space.objective.eta.knd: unknown key (did you mean kind?)"),
+    ("top", 'search = "optuna"',
+     "space.objective.gamma: grid needs search = \"random\""),
+]
+
+
+@pytest.mark.parametrize("where,snippet,message", BAD, ids=[m for _, _, m in BAD])
+def test_sweep_file_errors_name_the_key(tmp_path, where, snippet, message):
+    text = _text(**{where: snippet})
+    if "optuna" in snippet:
+        text = text.replace('kind = "loguniform"\nlow = 10\nhigh = 1000', "kind = \"grid\"\n"
+                            "values = [10.0, 100.0]")
+    with pytest.raises(ConfigError) as err:
+        sweep_mod.load_sweep(_write(tmp_path, text))
+    msg = str(err.value)
+    assert msg.startswith("sweep.toml: ") and message in msg and "\n" not in msg
+
+
+def test_missing_base_and_empty_space(tmp_path):
+    with pytest.raises(ConfigError, match="base: missing"):
+        sweep_mod.load_sweep(_write(tmp_path, "num_samples = 2\n"))
+    with pytest.raises(ConfigError, match="base: config file 'nope.toml' not found"):
+        sweep_mod.load_sweep(_write(tmp_path, 'base = "nope.toml"\n'))
+    with pytest.raises(ConfigError, match="space: empty"):
+        sweep_mod.load_sweep(_write(tmp_path, f"base = {json.dumps(str(DEBUG))}\n"))
+
+
+@pytest.mark.parametrize("cluster,overrides,expected", [
+    # 2 CPUs, 1 worker x 1 CPU: one trial at a time, the config's CPUs kept
+    ({"CPU": 2.0}, [], (1.0, 1)),
+    # 2 workers x 1 CPU + the trial function do not fit on 2 CPUs: workers shrink to 0.9
+    ({"CPU": 2.0}, ["scaling.num_workers=2", "train.batch_size=32"], (0.9, 1)),
+    # 16 CPUs: 1.2 CPU per trial, 13 trials at once
+    ({"CPU": 16.0}, [], (1.0, 13)),
+    # 16 CPUs and one GPU per worker: the single GPU allows one trial
+    ({"CPU": 16.0, "GPU": 1.0}, ["scaling.use_gpu=true"], (1.0, 1)),
+])
+def test_plan_resources(tmp_path, cluster, overrides, expected):
+    s = sweep_mod.load_sweep(_write(tmp_path, GOOD), overrides)
+    res = sweep_mod.plan_resources(s, cluster)
+    assert (res.cpus_per_worker, res.concurrency) == expected
+    assert res.trial_cpus + s.base.scaling.num_workers * res.cpus_per_worker <= cluster["CPU"]
+
+
+def test_plan_resources_refuses_what_cannot_run(tmp_path):
+    s = sweep_mod.load_sweep(_write(tmp_path, GOOD), ["scaling.use_gpu=true"])
+    with pytest.raises(ConfigError, match="scaling.use_gpu: each trial needs 1 GPU"):
+        sweep_mod.plan_resources(s, {"CPU": 4.0})
+    capped = sweep_mod.load_sweep(_write(tmp_path, "max_concurrent_trials = 2\n" + GOOD))
+    assert sweep_mod.plan_resources(capped, {"CPU": 16.0}).concurrency == 2
+
+
+def test_cli_user_error_is_one_line_exit_2(tmp_path):
+    bad = _write(tmp_path, GOOD.replace("num_samples = 2", "num_samples = -1"))
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "error: sweep.toml: num_samples: must be >= 1, got -1"
+    helped = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--num-samples" in helped.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sweeps
+
+
+@pytest.fixture(scope="module")
+def ray_tune():
+    import ray
+
+    assert not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    ctx = sweep_mod.ensure_ray(num_cpus=2, log_to_driver=False)  # 127.0.0.1, with dashboard
+    assert ctx.dashboard_url.startswith("127.0.0.1:")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_debug_sweep_stops_weak_trials_and_its_best_config_trains(tmp_path, ray_tune):
+    # lr_f = 1e-7 leaves stream f untrained: ASHA must stop those trials at its rung (t = 2),
+    # and the best trial must be one whose f learned.
+    path = _write(tmp_path, f"""
+base = {json.dumps(str(DEBUG))}
+num_samples = 2
+metric = "val/map_all_f"
+[overrides]
+"train.outer_iters" = 3
+"train.inner_epochs" = 4
+"log.run_dir" = {json.dumps(str(tmp_path / "runs"))}
+[asha]
+grace_period = 2
+[space."optim.lr_f"]
+kind = "grid"
+values = [3e-3, 1e-7]
+[space."objective.gamma"]
+kind = "loguniform"
+low = 50
+high = 400
+""", "stops.toml")
+    s = sweep_mod.load_sweep(path)
+    out = sweep_mod.run_sweep(s)
+    rows, best = out["rows"], out["best"]
+    assert not out["interrupted"] and len(rows) == 4
+    stopped = [r for r in rows if r["iters"] < 3]
+    assert stopped, "ASHA stopped no trial"
+    assert all(r["params"]["optim.lr_f"] == 1e-7 and r["iters"] == 2 for r in stopped)
+    assert best["params"]["optim.lr_f"] == 3e-3 and best["iters"] == 3
+    assert best["val"] == max(r["val"] for r in rows if r["iters"] == 3)
+    for r in rows:  # every trial is a run with its own folder and TensorBoard events
+        assert list((s.folder / r["trial"] / "tb").glob("events.out.tfevents.*")), r["trial"]
+    hparams = list((s.folder / "hparams").glob("trial_*/events.out.tfevents.*"))
+    assert len(hparams) == 4
+
+    best_path = Path(out["best_config"])
+    assert best_path == s.folder / "best_config.toml"
+    saved = config.load(best_path)
+    assert saved.log.name == "" and saved.log.run_dir == str(tmp_path / "runs")
+    assert saved.optim.lr_f == 3e-3 and saved.objective.gamma == best["params"]["objective.gamma"]
+    trial_cfg = config.load(s.folder / best["trial"] / "config.toml")
+    assert saved.fingerprint() == trial_cfg.fingerprint()
+    # the file is what jobs/train.py reads; retraining it in-process reproduces the trial
+    # (with the trial worker's thread count: float sums in the backward pass depend on it)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(saved.scaling.cpus_per_worker)))
+    try:
+        final = driver.run_local(config.load(best_path, ["scaling.use_ray=false"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert Path(final["run_dir"]).parent == tmp_path / "runs"
+    assert final["map_all_f"] == pytest.approx(best["test"], abs=1e-9)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns
+            for p in folder.rglob("*") if p.is_file() and "checkpoint" not in p.as_posix()}
+
+
+def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
+    args = ([f"log.run_dir={json.dumps(str(tmp_path))}", "train.outer_iters=2"], 3)
+    s = sweep_mod.load_sweep(ROOT / "configs" / "sweep_debug.toml", *args)
+    seen: dict = {}
+
+    def interrupt_when_third_trial_starts():
+        # one trial at a time: a third run folder means the first two trials have finished
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            trials = sorted(p for p in s.folder.glob("trial_*") if p.is_dir())
+            if len(trials) >= 3:
+                seen["done"] = {p.name: _snapshot(p) for p in trials[:2]}
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=interrupt_when_third_trial_starts, daemon=True)
+    watcher.start()
+    first = sweep_mod.run_sweep(s)
+    watcher.join(timeout=5)
+    assert "done" in seen, "the sweep never reached its third trial"
+    assert first["interrupted"] and first["best_config"] is None
+    assert not (s.folder / "best_config.toml").exists()
+
+    resumed = sweep_mod.run_sweep(sweep_mod.load_sweep(ROOT / "configs" / "sweep_debug.toml",
+                                                       *args))
+    assert not resumed["interrupted"] and len(resumed["rows"]) == 3
+    assert sorted(p.name for p in s.folder.glob("trial_*")) == [r["trial"]
+                                                                for r in resumed["rows"]]
+    for name, files in seen["done"].items():
+        # a rerun trial would rewrite its config.toml and open a new TensorBoard file
+        assert _snapshot(s.folder / name) == files, f"{name} was run again"
+    first_rows = {r["trial"]: r for r in first["rows"]}
+    for r in resumed["rows"]:
+        if r["trial"] in seen["done"]:
+            assert r["val"] == first_rows[r["trial"]]["val"]
+    assert Path(resumed["best_config"]).is_file()
+    # a changed sweep under the same name is refused instead of mixing two sweeps
+    with pytest.raises(ConfigError, match="already exists .* different sweep"):
+        sweep_mod.run_sweep(sweep_mod.load_sweep(ROOT / "configs" / "sweep_debug.toml",
+                                                 args[0] + ["objective.bits=8"], 3))
