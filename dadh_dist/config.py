@@ -276,17 +276,20 @@ def from_dict(d: dict) -> Config:
     return cfg
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    """A TOML file as a dict; a missing file or bad TOML is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {p}: invalid TOML ({e})") from None
+
+
 def load(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Resolve defaults < TOML file < overrides (`["objective.gamma=200", ...]` or a dict)."""
-    d: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            d = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {p}: invalid TOML ({e})") from None
+    d: dict = read_toml(path) if path else {}
     if isinstance(overrides, dict):
         items = list(overrides.items())
     else:

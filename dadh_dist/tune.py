@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,12 +241,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None,
     after the file's own. Every search-space key is tried against the base config here, so a
     bad key or type fails before any trial starts."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {p} does not exist")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"sweep file {p}: invalid TOML ({e})") from None
+    raw = config_mod.read_toml(p, "sweep file")
     try:
         return _build_sweep(p.resolve(), raw, overrides or [], num_samples, name)
     except ConfigError as e:
