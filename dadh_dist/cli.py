@@ -83,13 +83,18 @@ def train_main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 # Using a trained hash function: evaluate, encode, search, export.
 
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True,
+                   help: str = "run folder (its newest valid checkpoint) or a checkpoint_* folder",
+                   ) -> None:
+    """--checkpoint and --device, shared by every tool that loads a trained hash function."""
+    parser.add_argument("--checkpoint", required=required, help=help)
+    parser.add_argument("--device", default="cpu", help="torch device of the streams (cpu)")
+
 def evaluate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(
         "Evaluate a trained run (asymmetric protocol: queries encoded by the network, database = "
         "learned B): metrics.json, PR and P@N plots, example retrievals, report.md, TensorBoard."))
-    parser.add_argument("--checkpoint", required=True,
-                        help="run folder (its newest valid checkpoint) or a checkpoint_* folder")
-    parser.add_argument("--device", default="cpu", help="torch device of the streams (cpu)")
+    add_model_args(parser)
     parser.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint>_<split>)")
     parser.add_argument("--encoders", help="query encoders, comma-separated among f,g,fg "
                         "(default: the run's eval.encoders)")
@@ -129,9 +134,7 @@ def encode_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(
         "Encode images with a trained hash function into a Parquet codes file (id, packed code; "
         "bits, encoder, model hash and config as metadata)."))
-    parser.add_argument("--checkpoint", required=True,
-                        help="run folder (its newest valid checkpoint) or a checkpoint_* folder")
-    parser.add_argument("--device", default="cpu", help="torch device of the streams (cpu)")
+    add_model_args(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="image folder, list file (path per line), folder of "
                         "Parquet shards, or one image")
@@ -174,9 +177,8 @@ def search_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(
         "Top-k Hamming search: query codes, or images encoded with --checkpoint, against a "
         "database codes file."))
-    parser.add_argument("--checkpoint",
-                        help="run or checkpoint folder that encodes query images")
-    parser.add_argument("--device", default="cpu", help="torch device of the streams (cpu)")
+    add_model_args(parser, required=False,
+                   help="run or checkpoint folder that encodes query images")
     parser.add_argument("--database", required=True, help="database codes file (.parquet)")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--query", help="codes file, or images (folder, list file, Parquet "
@@ -226,9 +228,7 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(
         "Export a trained hash function: a torch.export program (uint8 images -> int8 ±1 codes, "
         "dynamic batch) plus the streams' state_dicts."))
-    parser.add_argument("--checkpoint", required=True,
-                        help="run folder (its newest valid checkpoint) or a checkpoint_* folder")
-    parser.add_argument("--device", default="cpu", help="torch device of the streams (cpu)")
+    add_model_args(parser)
     parser.add_argument("--encoder", choices=("f", "g", "fg"),
                         help="what the program computes (default: fg with two streams, else f)")
     parser.add_argument("--out", help="output folder (default: <run>/export/<checkpoint>_<enc>)")
