@@ -211,8 +211,8 @@ def _check_finite(terms: dict[str, torch.Tensor], t: int, step: int, c) -> None:
 def train_streams(
     streams: Streams, data: Dataset, omega: torch.Tensor, B: torch.Tensor, cfg: Config,
     env: WorkerEnv, t: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """T_in epochs over Ω; returns the F, G buffers (m, k) and averaged loss terms."""
+) -> tuple[torch.Tensor, torch.Tensor | None, obj.SoftSimilarity, dict]:
+    """T_in epochs over Ω; returns the F, G buffers (m, k), Ω's similarity and the loss terms."""
     c, dev = env.collectives, env.device
     o, tr = cfg.objective, cfg.train
     amp = tr.amp == "bf16" and dev.type == "cuda"
@@ -283,8 +283,7 @@ def train_streams(
         for s in ("f", "g")
     )
     metrics["perf/images_per_s"] = seen * (2 if G is not None else 1) / max(seconds, 1e-9)
-    metrics["_sim"] = sim
-    return F.float().cpu(), (G.float().cpu() if G is not None else None), metrics
+    return F.float().cpu(), (G.float().cpu() if G is not None else None), sim, metrics
 
 
 def update_codes(
@@ -371,8 +370,7 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         if not finished:
             omega = sample_omega(cfg.train.seed, t, n, m)
             faults.maybe_kill("streams", t, c.rank, env.run_dir)
-            F, G, net = train_streams(streams, data, omega, B, cfg, env, t)
-            sim = net.pop("_sim")
+            F, G, sim, net = train_streams(streams, data, omega, B, cfg, env, t)
             B, code_metrics = update_codes(B, F, G, omega, sim, data, cfg, env, t)
             streams.sched_f.step()
             if streams.sched_g is not None:
