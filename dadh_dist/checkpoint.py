@@ -33,7 +33,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file and rename, so readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -50,15 +51,15 @@ def save(folder: str | Path, state: dict, config_toml: str, fingerprint: str) ->
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
-    _write_atomic(folder / STATE, buf.getvalue())
-    _write_atomic(folder / CONFIG, config_toml.encode())
+    write_atomic(folder / STATE, buf.getvalue())
+    write_atomic(folder / CONFIG, config_toml.encode())
     manifest = {
         "format": FORMAT,
         "t": int(state["t"]),
         "fingerprint": fingerprint,
         "files": {name: _sha256(folder / name) for name in (STATE, CONFIG)},
     }
-    _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     return folder
 
 

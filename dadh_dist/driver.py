@@ -53,9 +53,7 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
                 f"different config ({', '.join(changed)}); use another log.name or the same config"
             )
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_name("config.toml.tmp")
-    tmp.write_text(cfg.to_toml())
-    tmp.replace(saved)
+    ckpt.write_atomic(saved, cfg.to_toml().encode())
     return folder, ckpt.latest_valid(folder)
 
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from dadh_dist.checkpoint import write_atomic
+
 
 class Monitor:
     def __init__(self, run_dir: Path | None, enabled: bool, tensorboard: bool, config_toml: str):
@@ -65,9 +67,7 @@ class Monitor:
         if not self.enabled:
             return None
         path = self.run_dir / name
-        tmp = path.with_name(name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(payload, indent=1, sort_keys=True).encode())
         return path
 
     def close(self) -> None:
