@@ -54,6 +54,8 @@ class ModelConfig:
     """Side the device resizes images to (0 = native for small_cnn, 224 otherwise)."""
     width: int = 32
     """Channel width of the small CNN's first layer."""
+    norm: str = "none"
+    """Normalisation after each small-CNN convolution: none or group (GroupNorm, per image)."""
 
 
 @dataclass
@@ -195,6 +197,7 @@ class Config:
 CHOICES = {
     "data.source": ("fashion_mnist", "fashion_mnist_grid", "cifar10", "list", "parquet", "digits"),
     "model.backbone": ("small_cnn", "alexnet", "resnet18", "resnet50", "vgg16"),
+    "model.norm": ("none", "group"),
     "objective.similarity": ("soft", "pm1"),
     "objective.pair_norm": ("pairs", "shared"),
     "codes.init": ("zeros", "random"),

@@ -129,7 +129,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> HashFunction:
     # Local pretrained weights only matter before training; the checkpoint overwrites them, and
     # the file need not exist where the model is used.
     f, g = build_streams(o.bits, channels, size, m.backbone, m.width, m.input_size, "",
-                         o.two_streams, cfg.train.seed)
+                         o.two_streams, cfg.train.seed, m.norm)
     where = folder / ckpt.STATE
     for name, stream in (("f", f), ("g", g)):
         if stream is None:

@@ -77,7 +77,7 @@ class Streams:
         m = cfg.model
         self.f, self.g = build_streams(
             cfg.objective.bits, data.channels, data.image_size, m.backbone, m.width,
-            m.input_size, m.pretrained_path, cfg.objective.two_streams, cfg.train.seed,
+            m.input_size, m.pretrained_path, cfg.objective.two_streams, cfg.train.seed, m.norm,
         )
         self.f.to(device)
         if self.g is not None:

@@ -42,18 +42,26 @@ class SmallCNN(nn.Module):
     """Three conv blocks and a global average pool: a CPU-friendly backbone for small images.
 
     No batch norm and no dropout, so a forward pass is a pure function of the weights and the
-    image: W workers and one worker compute the same outputs.
+    image: W workers and one worker compute the same outputs. `norm="group"` puts a GroupNorm
+    after every convolution; it normalises each image on its own, so that stays true.
     """
 
-    def __init__(self, in_channels: int, width: int = 32):
+    def __init__(self, in_channels: int, width: int = 32, norm: str = "none"):
         super().__init__()
         w = width
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1)]
+            if norm == "group":
+                layers.append(nn.GroupNorm(min(8, cout), cout))
+            elif norm != "none":
+                raise ValueError(f"model.norm: unknown normalisation {norm!r}")
+            return [*layers, nn.ReLU(inplace=True)]
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(inplace=True),
+            *block(in_channels, w), *block(w, w), nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.fc = nn.Sequential(nn.Linear(4 * w, 8 * w), nn.ReLU(inplace=True))
@@ -101,12 +109,13 @@ class HashStream(nn.Module):
         width: int = 32,
         input_size: int = 0,
         pretrained_path: str = "",
+        norm: str = "none",
     ):
         super().__init__()
         if backbone == "small_cnn":
             size = input_size or image_size
             self.preprocess = Preprocess(in_channels, in_channels, size, imagenet_norm=False)
-            self.backbone: nn.Module = SmallCNN(in_channels, width)
+            self.backbone: nn.Module = SmallCNN(in_channels, width, norm)
             dim = self.backbone.out_features
         elif backbone in TORCHVISION_BACKBONES:
             size = input_size or 224
@@ -130,6 +139,7 @@ def build_streams(
     pretrained_path: str,
     two_streams: bool,
     seed: int,
+    norm: str = "none",
 ) -> tuple[HashStream, HashStream | None]:
     """Two streams with separate weights (f seeded by `seed`, g by `seed + 1`)."""
 
@@ -137,7 +147,7 @@ def build_streams(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
             return HashStream(bits, in_channels, image_size, backbone, width, input_size,
-                              pretrained_path)
+                              pretrained_path, norm)
 
     f = make(seed)
     g = make(seed + 1) if two_streams else None

@@ -17,11 +17,22 @@ def test_small_cnn_streams_separate_weights_and_range():
     assert none is None
 
 
-def test_outputs_do_not_depend_on_batch_composition():
+@pytest.mark.parametrize("norm", ["none", "group"])
+def test_outputs_do_not_depend_on_batch_composition(norm):
     """No batch norm: a row's output is the same alone or in a batch (W workers ≡ 1)."""
-    f, _ = build_streams(8, 1, 8, "small_cnn", 8, 0, "", False, seed=0)
+    f, _ = build_streams(8, 1, 8, "small_cnn", 8, 0, "", False, seed=0, norm=norm)
     x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     torch.testing.assert_close(f(x)[2:3], f(x[2:3]), rtol=1e-5, atol=1e-6)
+
+
+def test_group_norm_is_in_the_network_and_unknown_norm_is_refused():
+    f, _ = build_streams(8, 1, 8, "small_cnn", 16, 0, "", False, seed=0, norm="group")
+    norms = [m for m in f.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 5 and all(m.num_groups == 8 for m in norms)
+    plain, _ = build_streams(8, 1, 8, "small_cnn", 16, 0, "", False, seed=0)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules())
+    with pytest.raises(ValueError, match="model.norm"):
+        build_streams(8, 1, 8, "small_cnn", 16, 0, "", False, seed=0, norm="batch")
 
 
 def test_preprocess_on_device_resizes_and_repeats_gray():
