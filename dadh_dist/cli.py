@@ -277,3 +277,70 @@ def tune_main(argv: list[str] | None = None) -> int:
         return 130 if result["interrupted"] else 0
 
     return run_main(body)
+
+
+def _comma_list(item: type):
+    def parse(text: str) -> list:
+        try:
+            return [item(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {item.__name__} values, got {text!r}") from None
+
+    return parse
+
+
+def quality_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Train every (method, bits, seed) cell of the retrieval-quality table as an "
+                    "in-process run and print the Markdown table (finished runs are reused).",
+        epilog="Extra section.key=value arguments apply to every run (the shared budget), "
+               "e.g. train.outer_iters=10.",
+    )
+    parser.add_argument("--config", default="configs/fashion_mnist_{bits}.toml",
+                        help="run config; {bits} is replaced by the code length")
+    parser.add_argument("--methods", type=_comma_list(str), default=["dadh", "adsh"],
+                        help="comma-separated, any of: dadh, adsh, dadh-no-code, dadh-no-pair")
+    parser.add_argument("--bits", type=_comma_list(int), default=[32],
+                        help="comma-separated code lengths, e.g. 12,24,32,48")
+    parser.add_argument("--seeds", type=_comma_list(int), default=[0],
+                        help="comma-separated training seeds, e.g. 0,1,2")
+    parser.add_argument("--out", default="runs/quality", help="folder of the runs and the table")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (0 = CPUs / parallel)")
+    parser.add_argument("--method-override", action="append", default=[], metavar="M:KEY=VALUE",
+                        help="override for one method only, e.g. adsh:train.outer_iters=20")
+
+    def body() -> int:
+        import os
+        from pathlib import Path
+
+        from dadh_dist import quality
+
+        args, extra = parser.parse_known_args(argv)
+        unknown = sorted(set(args.methods) - set(quality.METHODS))
+        if unknown:
+            raise ConfigError(f"--methods: unknown {', '.join(unknown)}; "
+                              f"known: {', '.join(quality.METHODS)}")
+        per_method: dict[str, list[str]] = {}
+        for item in args.method_override:
+            method, sep, override = item.partition(":")
+            if not sep or method not in quality.METHODS:
+                raise ConfigError(f"--method-override {item!r}: expected METHOD:KEY=VALUE with "
+                                  f"METHOD one of {', '.join(quality.METHODS)}")
+            per_method.setdefault(method, []).extend(split_overrides([override]))
+        plan = quality.Plan(args.config, Path(args.out), split_overrides(extra), per_method)
+        cells = [quality.Cell(m, b, s) for b in args.bits for m in args.methods
+                 for s in args.seeds]
+        for cell in cells:  # every config file and override checked before anything runs
+            config_mod.load(plan.config.format(bits=cell.bits),
+                            split_overrides(plan.command(cell)[4:]))
+        threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+        rows = quality.run_plan(plan, cells, args.parallel, threads)
+        path = quality.write(plan, rows)
+        print(path.read_text(), end="")
+        print(f"table: {path}")
+        return 1 if any("error" in r for r in rows) else 0
+
+    return run_main(body)

@@ -1,0 +1,88 @@
+"""The quality-table tool: method overrides, table arithmetic, reuse of finished runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dadh_dist import cli, config, quality
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = str(ROOT / "configs" / "debug_cpu.toml")
+
+
+def test_every_method_is_a_valid_configuration_of_the_same_code(tmp_path):
+    plan = quality.Plan(DEBUG, tmp_path)
+    for method in quality.METHODS:
+        cmd = plan.command(quality.Cell(method, 16, 1))
+        assert cmd[:4] == ["python", "jobs/train.py", "--config", DEBUG]
+        cfg = config.load(DEBUG, cmd[4:])
+        assert cfg.train.seed == 1 and not cfg.scaling.use_ray
+        o = cfg.objective
+        assert (o.two_streams, o.use_pair, o.use_code) == {
+            "dadh": (True, True, True),
+            "adsh": (False, False, True),
+            "dadh-no-code": (True, True, False),
+            "dadh-no-pair": (True, False, True),
+        }[method]
+    with pytest.raises(ValueError, match="unknown-method"):
+        plan.command(quality.Cell("unknown-method", 16, 0))
+
+
+def _row(method, bits, seed, **m):
+    return {"method": method, "bits": bits, "seed": seed, "metrics": {"wall_s": 10.0, **m}}
+
+
+def test_table_means_and_sample_spreads_by_hand():
+    rows = [
+        _row("dadh", 32, 0, map_all_f=0.80, map_all_g=0.70, map_all_fg=0.90, p_at_1000_f=0.5),
+        _row("dadh", 32, 1, map_all_f=0.90, map_all_g=0.70, map_all_fg=0.70, p_at_1000_f=0.7),
+        _row("adsh", 32, 0, map_all_f=0.75, p_at_1000_f=0.6),
+        _row("adsh", 12, 0, map_all_f=0.50, p_at_1000_f=0.4),
+        {"method": "dadh", "bits": 12, "seed": 0, "error": "exit 2: bad"},
+    ]
+    lines = quality.table(rows).strip().splitlines()
+    assert lines[0].startswith("| method | bits | seeds | map_all f |")
+    # sorted by bits, then method order; mean ± sample std (n-1): 0.85 ± 0.0707
+    assert lines[2] == "| adsh | 12 | 1 | 0.500 | — | — | 0.400 (f) | 10 |"
+    assert lines[3] == ("| dadh | 32 | 2 | 0.850 ± 0.071 | 0.700 ± 0.000 | 0.800 ± 0.141 "
+                        "| 0.600 ± 0.141 (f) | 10 |")
+    assert lines[4] == "| adsh | 32 | 1 | 0.750 | — | — | 0.600 (f) | 10 |"
+    assert len(lines) == 5  # the failed cell is not in the table
+
+
+def test_topk_protocols_report_map_at_k():
+    rows = [_row("dadh", 32, 0, map_all_f=0.1, map_at_1000_f=0.9, map_at_1000_g=0.8,
+                 map_at_1000_fg=0.85, p_at_1000_f=0.5)]
+    text = quality.table(rows)
+    assert "map_at_1000 f" in text and "| 0.900 | 0.800 | 0.850 | 0.500 (f) |" in text
+
+
+def test_finished_cells_are_read_back_not_rerun(tmp_path):
+    cell = quality.Cell("adsh", 16, 0)
+    plan = quality.Plan(DEBUG, tmp_path)
+    done = quality.metrics_path(plan, cell)
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"map_all_f": 0.5, "wall_s": 1.0}))
+    row = quality.run_cell(plan, cell, threads=1)
+    assert row["metrics"]["map_all_f"] == 0.5 and "process_wall_s" not in row
+
+
+def test_quality_main_runs_a_real_cell_and_rejects_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = ["--config", DEBUG, "--methods", "adsh", "--bits", "16", "--out", str(out),
+            "train.outer_iters=1", "eval.topk=50"]
+    assert cli.quality_main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| adsh | 16 | 1 |" in text and "map_at_50 f" in text
+    rows = json.loads((out / "rows.json").read_text())
+    assert rows[0]["command"].startswith("python jobs/train.py --config")
+    assert 0.0 <= rows[0]["metrics"]["map_at_50_f"] <= 1.0
+    assert cli.quality_main(["--methods", "nope"]) == cli.EXIT_USER_ERROR
+    assert cli.quality_main(["--config", DEBUG, "--method-override", "adsh=1"]) == \
+        cli.EXIT_USER_ERROR
+    assert cli.quality_main(["--config", DEBUG, "--bits", "16", "objective.gama=3"]) == \
+        cli.EXIT_USER_ERROR
+    assert "objective.gama" in capsys.readouterr().err
