@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -52,9 +53,9 @@ class ModelConfig:
     """Local file with backbone weights (state_dict); never downloaded."""
     input_size: int = 0
     """Side the device resizes images to (0 = native for small_cnn, 224 otherwise)."""
-    width: int = 32
+    width: int = 16
     """Channel width of the small CNN's first layer."""
-    norm: str = "none"
+    norm: str = "group"
     """Normalisation after each small-CNN convolution: none or group (GroupNorm, per image)."""
 
 
@@ -64,7 +65,7 @@ class ObjectiveConfig:
     """Code length k."""
     alpha: float = 1.0
     """Weight of L_pair (the two streams' pairwise likelihood)."""
-    gamma: float = 200.0
+    gamma: float = 2000.0
     """Weight of L_quant (streams pulled to the discrete codes B)."""
     eta: float = 1.0
     """Weight of L_code (asymmetric inner products against all database codes)."""
@@ -112,9 +113,9 @@ class OptimConfig:
 class TrainConfig:
     outer_iters: int = 10
     """Outer iterations T (sample Ω, train streams, update B)."""
-    inner_epochs: int = 3
+    inner_epochs: int = 1
     """Epochs over Ω per outer iteration (T_in)."""
-    num_samples: int = 2000
+    num_samples: int = 12000
     """Size m of the sample Ω drawn per outer iteration."""
     batch_size: int = 64
     """Global mini-batch size (split evenly across workers)."""
@@ -131,7 +132,9 @@ class TrainConfig:
 @dataclass
 class ScalingConfig:
     num_workers: int = 1
-    """Ray Train workers (each runs both streams under DDP)."""
+    """Ray Train workers (each runs both streams under DDP); the most an elastic run uses."""
+    min_workers: int = 0
+    """Fewest workers an elastic run may shrink to after losing nodes (0 = fixed size)."""
     use_gpu: bool = False
     """One GPU per worker."""
     cpus_per_worker: float = 2.0
@@ -139,7 +142,10 @@ class ScalingConfig:
     use_ray: bool = True
     """Run under Ray Train; False runs the same loop in this process without Ray (1 worker)."""
     max_failures: int = 0
-    """Worker-group restarts from the last checkpoint before the run fails."""
+    """Worker-group restarts from the last checkpoint before the run fails (and, counted
+    apart, worker-group starts that time out)."""
+    start_timeout_s: float = 60.0
+    """How long a (re)start waits for its workers' resources before it counts as a failure."""
     collective_timeout_s: int = 1800
     """Timeout of every collective; a dead peer fails the run after this long."""
 
@@ -185,12 +191,13 @@ class Config:
         return dumps_toml(self.to_dict())
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the result (log and scaling.max_failures excluded)."""
+        """Hash of everything that changes the result (log and the failure policy excluded)."""
         import hashlib
 
         d = self.to_dict()
         d.pop("log")
-        d["scaling"].pop("max_failures")
+        for key in ("max_failures", "min_workers", "start_timeout_s"):
+            d["scaling"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -346,28 +353,54 @@ def validate(cfg: Config) -> None:
         "objective.alpha", "objective.gamma", "objective.eta", "optim.weight_decay",
         "optim.momentum", "data.query_per_class", "data.database_limit", "data.image_size",
         "train.eval_every", "eval.topk", "scaling.max_failures", "model.input_size",
-        "data.grid_count", "data.seed", "train.seed",
+        "data.grid_count", "data.seed", "train.seed", "scaling.min_workers",
     ]
     for key in nonneg:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
     if cfg.data.val_per_class < 1:
         raise ConfigError(f"data.val_per_class: must be >= 1, got {cfg.data.val_per_class}")
-    for key in ("optim.lr_f", "optim.lr_g", "scaling.cpus_per_worker"):
+    for key in ("optim.lr_f", "optim.lr_g", "scaling.cpus_per_worker",
+                "scaling.start_timeout_s"):
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
-    w = cfg.scaling.num_workers
-    if cfg.train.batch_size % w:
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} is not divisible by scaling.num_workers={w}"
-        )
+    _validate_worker_range(cfg)
     if cfg.train.batch_size > cfg.train.num_samples:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} exceeds "
             f"train.num_samples={cfg.train.num_samples}"
         )
-    if not cfg.scaling.use_ray and w != 1:
+    if not cfg.scaling.use_ray and cfg.scaling.num_workers != 1:
         raise ConfigError("scaling.num_workers: must be 1 with scaling.use_ray = false")
+
+
+def _validate_worker_range(cfg: Config) -> None:
+    """An elastic run may use any worker count in min_workers..num_workers; the global batch
+    must split evenly over each of them (DESIGN §3: no padded or repeated rows)."""
+    s, b = cfg.scaling, cfg.train.batch_size
+    if s.min_workers > s.num_workers:
+        raise ConfigError(
+            f"scaling.min_workers: must be between 1 and scaling.num_workers={s.num_workers} "
+            f"(0 = fixed size), got {s.min_workers}")
+    if 0 < s.min_workers < s.num_workers:
+        if not s.use_ray:
+            raise ConfigError("scaling.min_workers: an elastic worker range needs "
+                              "scaling.use_ray = true; use 0 without Ray")
+        if s.max_failures < 1:
+            raise ConfigError("scaling.max_failures: an elastic run (scaling.min_workers > 0) "
+                              "restarts after losing workers; must be >= 1, got 0")
+    counts = range(s.min_workers or s.num_workers, s.num_workers + 1)
+    bad = [w for w in counts if b % w]
+    if not bad:
+        return
+    if len(counts) == 1:
+        raise ConfigError(
+            f"train.batch_size: {b} is not divisible by scaling.num_workers={s.num_workers}; "
+            f"use a multiple of {s.num_workers}")
+    raise ConfigError(
+        f"train.batch_size: {b} is not divisible by {bad[0]} workers, a size the elastic range "
+        f"scaling.min_workers..num_workers = {counts.start}..{counts.stop - 1} allows; use a "
+        f"multiple of {math.lcm(*counts)}")
 
 
 def _toml_value(v) -> str:
