@@ -4,6 +4,10 @@
                               of outer iteration t (0-based)
     nan:<t>:<rank>            the worker's stream outputs turn NaN at iteration t's first step
     flip:<t>:<rank>           one bit of that worker's B flips after iteration t's code step
+    node:<t>:<sid>            a worker whose Unix session is <sid> kills that session's process
+                              group at the start of outer iteration t: a whole Ray node, when the
+                              node was started as its own session (`ray start --block` under
+                              setsid, as tests/test_lost_node.py does); any other worker ignores it
 
 A fired kill leaves a marker in the run folder, so the restarted worker runs through.
 """
@@ -11,6 +15,7 @@ A fired kill leaves a marker in the run folder, so the restarted worker runs thr
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 KILL_EXIT_CODE = 17
@@ -42,3 +47,20 @@ def maybe_kill(phase: str, t: int, rank: int, run_dir: Path | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text("fired")
     os._exit(KILL_EXIT_CODE)
+
+
+def maybe_kill_node(t: int, run_dir: Path | None) -> None:
+    """Take this worker's whole node down (raylet, agents, this worker) if a node spec says so.
+
+    The spec names the node by its session id, so the fault can only ever kill processes of the
+    session it was aimed at. Ray workers put themselves in process groups of their own, so the
+    worker kills the node's group, then exits; the node's other workers die with their raylet.
+    """
+    sid = os.getsid(0)
+    for spec in _specs():
+        if spec[0] == "node" and spec[1:] == [str(t), str(sid)]:
+            if run_dir is not None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / f".fault_node_{t}_{sid}").write_text("fired")
+            os.killpg(sid, signal.SIGKILL)
+            os._exit(KILL_EXIT_CODE)
