@@ -326,32 +326,36 @@ def initial_codes(cfg: Config, n: int) -> torch.Tensor:
     return torch.zeros(n, cfg.objective.bits, dtype=torch.int8)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def seed_global_rng(cfg: Config, t: int, rank: int) -> None:
+    """Reseed torch's global generators (CPU and CUDA: dropout in the torchvision backbones)
+    from (seed, t, rank) at the start of outer iteration t.
+
+    Their state is the only per-rank state of a worker. Deriving it instead of checkpointing it
+    makes the resume rule hold for any worker count: a run resumed at t with W workers draws
+    what a straight run with W workers draws from t on, whatever W wrote the checkpoint.
+    """
+    torch.manual_seed(seed_for(cfg.train.seed, 4, t, rank))
 
 
 def train(cfg: Config, env: WorkerEnv) -> dict:
     """Run (or resume) the whole alternating optimisation on this worker; returns metrics."""
     c = env.collectives
     rank0 = c.rank == 0
-    torch.manual_seed(seed_for(cfg.train.seed, 0))
     data = env.dataset if env.dataset is not None else load_dataset(cfg.data)
     monitor = Monitor(env.run_dir, rank0, cfg.log.tensorboard, cfg.to_toml())
     streams = Streams(cfg, data, env.device)
     n = data.database.labels.shape[0]
     m = min(cfg.train.num_samples, n)
     B = initial_codes(cfg, n)
-    t_start = 0
+    t_start = 0  # the outer iteration this attempt starts at (> 0: resumed)
     if env.resume_from is not None:
         state, _ = ckpt.load(env.resume_from)
         streams.load(state)
-        B = state["B"]
+        B = state["B"]  # (n, k), the whole matrix: its row blocks follow the current W
         t_start = int(state["t"])
-        torch.set_rng_state(state["rng"]["torch"])
-        monitor.progress(f"resumed from {env.resume_from} at outer iteration {t_start}")
+        monitor.progress(
+            f"resumed from {env.resume_from.name} at outer iteration {t_start} (written by "
+            f"{state.get('workers', '?')} worker(s)), now {c.world_size} worker(s)")
     monitor.progress(
         f"{data.name}: {data.query.labels.shape[0]} queries, {data.validation.labels.shape[0]} "
         f"validation, {n} database; {cfg.objective.bits} bits; {c.world_size} worker(s)"
@@ -359,6 +363,7 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     wall0 = time.time()
     metrics: dict = {}
     T = cfg.train.outer_iters
+    resumed_at = t_start
     if t_start >= T:  # already finished: report the final state once more
         t_start = T - 1
         finished = True
@@ -368,8 +373,10 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         last = t == T - 1
         metrics = {"t": t + 1}
         if not finished:
+            seed_global_rng(cfg, t, c.rank)
             omega = sample_omega(cfg.train.seed, t, n, m)
             faults.maybe_kill("streams", t, c.rank, env.run_dir)
+            faults.maybe_kill_node(t, env.run_dir)
             F, G, sim, net = train_streams(streams, data, omega, B, cfg, env, t)
             B, code_metrics = update_codes(B, F, G, omega, sim, data, cfg, env, t)
             streams.sched_f.step()
@@ -398,7 +405,7 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         tmp = None
         if rank0 and save_now and not finished:
             tmp = tempfile.TemporaryDirectory(prefix="dadh_ckpt_")
-            state = {"t": t + 1, "B": B, "rng": _rng_state(),
+            state = {"t": t + 1, "B": B, "workers": c.world_size,
                      "geometry": (data.channels, data.image_size), **streams.state()}
             folder = ckpt.save(tmp.name, state, cfg.to_toml(), cfg.fingerprint())
             faults.maybe_kill("checkpoint", t, c.rank, env.run_dir)
@@ -409,6 +416,7 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")
     }
     final.update(bits=cfg.objective.bits, wall_s=time.time() - wall0, outer_iters=T,
+                 resumed_at=resumed_at,
                  workers=c.world_size, database=n, queries=int(data.query.labels.shape[0]))
     final.update({k: v for k, v in metrics.items() if k.startswith("val/")})
     monitor.write_json("final_metrics.json", final)
