@@ -10,6 +10,7 @@ from dadh_dist import config as config_mod
 from dadh_dist.config import ConfigError
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 
 
 def split_overrides(extra: list[str]) -> list[str]:
@@ -47,16 +48,21 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> tup
 
 
 def run_main(body: Callable[[], int | None]) -> int:
-    """Run an entry point; user mistakes print one line and exit 2, never a traceback."""
+    """Run an entry point; user mistakes print one line and exit 2, never a traceback; a run
+    that Ray Train gave up on (lost workers or nodes) prints one line and exits 1."""
     from dadh_dist.checkpoint import CheckpointError
     from dadh_dist.codesfile import CodesError
     from dadh_dist.data import DataError
+    from dadh_dist.driver import RunFailed
 
     try:
         return body() or 0
     except (ConfigError, DataError, CheckpointError, CodesError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

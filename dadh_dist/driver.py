@@ -19,6 +19,14 @@ from dadh_dist import config as config_mod
 from dadh_dist.config import Config, ConfigError
 
 KEEP_CHECKPOINTS = 2
+# Ray Train 2.60 reads the worker-group start timeout only from this variable, which it forwards
+# from the driver to its controller.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class RunFailed(RuntimeError):
+    """The run stopped: its workers failed, or could not be (re)started, more often than
+    scaling.max_failures allows. The message is one line; the checkpoints stay for a resume."""
 
 
 def run_name(cfg: Config) -> str:
@@ -152,8 +160,8 @@ def ray_worker(config: dict) -> None:
 def _copy_for_resume(src: Path) -> Path:
     import tempfile
 
-    dest = Path(tempfile.mkdtemp(prefix="dadh_resume_"))
-    shutil.copytree(src, dest, dirs_exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="dadh_resume_")) / src.name
+    shutil.copytree(src, dest)
     return dest
 
 
@@ -171,11 +179,22 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 
 def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None):
-    """The TorchTrainer for one run (used by `run_ray` and by each Tune trial)."""
+    """The TorchTrainer for one run (used by `run_ray` and by each Tune trial).
+
+    Failures (DESIGN §3): a lost worker restarts the group from the last checkpoint, at most
+    scaling.max_failures times. A (re)start whose workers do not get their resources within
+    scaling.start_timeout_s fails too, at most as often again (Ray counts those apart, and by
+    default would retry them forever: a fixed-size run that lost a node would wait for it without
+    end). With scaling.min_workers > 0 the group is elastic: Ray restarts it with as many workers
+    as the cluster holds, down to min_workers, and grows it back when nodes return; each start
+    splits the batch and B's rows over its own worker count.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
+    elastic = 0 < s.min_workers < s.num_workers
+    os.environ[START_TIMEOUT_ENV] = repr(float(s.start_timeout_s))
     return TorchTrainer(
         train_loop_per_worker=ray_worker,
         train_loop_config={
@@ -188,13 +207,15 @@ def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo",
                                  timeout_s=s.collective_timeout_s),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu,
+            num_workers=(s.min_workers, s.num_workers) if elastic else s.num_workers,
+            use_gpu=s.use_gpu,
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name=run_name(cfg),
             storage_path=str(folder.parent),
-            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=s.max_failures, controller_failure_limit=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             callbacks=callbacks,
         ),
@@ -202,12 +223,48 @@ def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None
 
 
 def run_ray(cfg: Config) -> dict:
+    import ray.train
+
     folder, resume = prepare_run(cfg)
     ensure_ray()
-    build_trainer(cfg, folder, resume).fit()
+    try:
+        build_trainer(cfg, folder, resume).fit()
+    except ray.train.TrainingFailedError as e:
+        raise RunFailed(failure_message(cfg, folder, e)) from e
     final = json.loads((folder / "final_metrics.json").read_text())
     final["run_dir"] = str(folder)
     return final
+
+
+def failure_message(cfg: Config, folder: Path, error: Exception) -> str:
+    """One line saying why Ray Train gave up, what was tried, and where the work is."""
+    s = cfg.scaling
+    cause = getattr(error, "controller_failure", None)
+    latest = ckpt.latest_valid(folder)
+    where = (f"last checkpoint {latest}; rerun the same command to resume" if latest
+             else "no checkpoint was written")
+    if type(cause).__name__ in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):
+        size = f"{s.min_workers}..{s.num_workers}" if s.min_workers else f"{s.num_workers}"
+        hint = "" if s.min_workers else "; set scaling.min_workers to go on with fewer workers"
+        return (f"run stopped: Ray Train could not (re)start {size} worker(s) within "
+                f"scaling.start_timeout_s={s.start_timeout_s:g} s, {s.max_failures + 1} time(s) "
+                f"(a lost node?){hint}; {where}")
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank, first = min(failures.items(), key=lambda kv: kv[0])
+        what = f"worker {rank}: {_one_line(first)}"
+    else:
+        what = _one_line(cause if cause is not None else error)
+    return (f"run stopped after scaling.max_failures={s.max_failures} restart(s): {what}; "
+            f"{where}")
+
+
+def _one_line(error: BaseException) -> str:
+    """A traceback's last line (the exception), or a message's first line."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
 
 
 def run(cfg: Config) -> dict:
