@@ -127,6 +127,12 @@ class TrainConfig:
     """Write a checkpoint every this many outer iterations."""
     amp: str = "off"
     """Mixed precision on GPU: off or bf16."""
+    nonfinite: str = "stop"
+    """A non-finite loss on any worker: stop (with context) or skip (every worker drops that
+    mini-batch, counted and reported)."""
+    max_skipped: int = 10
+    """With nonfinite = skip: more skipped mini-batches than this in one outer iteration stop
+    the run."""
 
 
 @dataclass
@@ -211,6 +217,7 @@ CHOICES = {
     "optim.optimizer": ("adam", "sgd"),
     "optim.schedule": ("constant", "cosine"),
     "train.amp": ("off", "bf16"),
+    "train.nonfinite": ("stop", "skip"),
 }
 
 
@@ -353,7 +360,7 @@ def validate(cfg: Config) -> None:
         "objective.alpha", "objective.gamma", "objective.eta", "optim.weight_decay",
         "optim.momentum", "data.query_per_class", "data.database_limit", "data.image_size",
         "train.eval_every", "eval.topk", "scaling.max_failures", "model.input_size",
-        "data.grid_count", "data.seed", "train.seed", "scaling.min_workers",
+        "data.grid_count", "data.seed", "train.seed", "train.max_skipped", "scaling.min_workers",
     ]
     for key in nonneg:
         if flat[key] < 0:

@@ -195,17 +195,23 @@ def evaluate(
     return out
 
 
-def _check_finite(terms: dict[str, torch.Tensor], t: int, step: int, c) -> None:
-    """All workers agree (one reduced flag per worker) and stop together, before any update."""
+def _check_finite(terms: dict[str, torch.Tensor], t: int, step: int, c,
+                  skip_allowed: bool = False) -> bool:
+    """All workers agree (one reduced flag per worker) before any update. Returns True when the
+    mini-batch is finite everywhere; False when it is to be skipped by every worker (only if
+    `skip_allowed`); otherwise raises NonFiniteLoss on every worker, with context."""
     flags = torch.zeros(c.world_size)
     flags[c.rank] = 0.0 if all(bool(torch.isfinite(v).all()) for v in terms.values()) else 1.0
     flags = c.all_reduce_sum(flags)
-    if float(flags.sum()) > 0:
-        bad = [r for r in range(c.world_size) if flags[r] > 0]
-        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        raise NonFiniteLoss(
-            f"non-finite loss on worker(s) {bad} at outer iteration {t}, step {step} "
-            f"(worker {c.rank}'s terms: {detail})")
+    if float(flags.sum()) == 0:
+        return True
+    if skip_allowed:
+        return False
+    bad = [r for r in range(c.world_size) if flags[r] > 0]
+    detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    raise NonFiniteLoss(
+        f"non-finite loss on worker(s) {bad} at outer iteration {t}, step {step} "
+        f"(worker {c.rank}'s terms: {detail})")
 
 
 def train_streams(
@@ -231,6 +237,7 @@ def train_streams(
     m, bsz = omega.shape[0], tr.batch_size
     sums: dict[str, torch.Tensor] = {}
     steps = 0
+    skipped = 0
     seen = 0
     t0 = time.time()
     for epoch in range(tr.inner_epochs):
@@ -244,7 +251,7 @@ def train_streams(
             with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
                 F_M = streams.f_train(x).float()
                 G_M = streams.g_train(x).float() if streams.g is not None else None
-            if steps == 0 and faults.armed("nan", t, c.rank):
+            if steps + skipped == 0 and faults.armed("nan", t, c.rank):
                 F_M = F_M * float("nan")
             loss_f, terms_f = obj.stream_loss(F_M, G, S01[rows_dev] if G is not None else None,
                                               B_omega[rows_dev], stats, rows_dev, weights,
@@ -256,7 +263,11 @@ def train_streams(
                                                   stats, rows_dev, weights, batch.shape[0])
                 loss = loss + loss_g
                 terms.update({f"{k}_g": v for k, v in terms_g.items()})
-            _check_finite(terms, t, steps, c)
+            skip = tr.nonfinite == "skip" and skipped < tr.max_skipped
+            if not _check_finite(terms, t, steps + skipped, c, skip_allowed=skip):
+                # every worker drops this mini-batch: no update, F/G rows keep their values
+                skipped += 1
+                continue
             streams.opt_f.zero_grad(set_to_none=True)
             if streams.opt_g is not None:
                 streams.opt_g.zero_grad(set_to_none=True)
@@ -276,13 +287,15 @@ def train_streams(
     seconds = time.time() - t0
     keys = sorted(sums)
     totals = c.all_reduce_sum(torch.stack([sums[k] for k in keys])) if keys else []
-    metrics = {f"loss/{k}": float(v) / steps for k, v in zip(keys, totals)}
+    metrics = {f"loss/{k}": float(v) / max(steps, 1) for k, v in zip(keys, totals)}
     metrics["loss/total"] = sum(
         w * metrics.get(f"loss/{term}_{s}", 0.0)
         for term, w in (("pair", o.alpha), ("quant", o.gamma), ("code", o.eta))
         for s in ("f", "g")
     )
     metrics["perf/images_per_s"] = seen * (2 if G is not None else 1) / max(seconds, 1e-9)
+    if tr.nonfinite == "skip":
+        metrics["train/skipped_batches"] = float(skipped)
     return F.float().cpu(), (G.float().cpu() if G is not None else None), sim, metrics
 
 
@@ -434,6 +447,8 @@ def _progress_line(t: int, T: int, m: dict) -> str:
         parts.append(f"loss {m['loss/total']:.4f}")
     if "codes/flipped" in m:
         parts.append(f"flipped {m['codes/flipped']:.3f}")
+    if m.get("train/skipped_batches"):
+        parts.append(f"skipped {int(m['train/skipped_batches'])} non-finite batch(es)")
     for key in sorted(m):
         if key.startswith(("val/map_all", "test/map_all")):
             parts.append(f"{key} {m[key]:.4f}")

@@ -21,21 +21,22 @@ ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug_cpu.toml"
 
 
-def _cfg():
+def _cfg(extra=()):
     return config.load(DEBUG, ["scaling.use_ray=false", "train.outer_iters=3",
-                               "train.num_samples=128"])
+                               "train.num_samples=128", *extra])
 
 
-def _faulty_worker(rank, world, out_dir, fault):
+def _faulty_worker(rank, world, out_dir, fault, extra=()):
     from dadh_dist.distributed import TorchCollectives
 
     os.environ["DADH_FAULT"] = fault
-    cfg = _cfg()
+    cfg = _cfg(extra)
     cfg.scaling.num_workers = world
     out = Path(out_dir)
-    kept = []
+    kept, skipped = [], []
 
     def report(metrics, staged):
+        skipped.append(metrics.get("train/skipped_batches"))
         if staged is not None:
             kept.append(driver.keep_checkpoint(out, staged).name)
 
@@ -47,11 +48,12 @@ def _faulty_worker(rank, world, out_dir, fault):
     except Exception as e:  # the outcome is what the test checks
         outcome = {"error": type(e).__name__, "message": str(e)}
     outcome["kept"] = kept
+    outcome["skipped"] = skipped
     (out / f"outcome_{rank}.json").write_text(json.dumps(outcome))
 
 
-def _outcomes(tmp_path, fault):
-    run_workers(_faulty_worker, 2, str(tmp_path), fault, timeout_s=30)
+def _outcomes(tmp_path, fault, extra=()):
+    run_workers(_faulty_worker, 2, str(tmp_path), fault, list(extra), timeout_s=30)
     return [json.loads((tmp_path / f"outcome_{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -64,6 +66,23 @@ def test_non_finite_loss_on_one_worker_stops_all_with_context(tmp_path):
     # the checkpoint of iteration 0 was kept; nothing non-finite was written after it
     assert out[0]["kept"] == ["checkpoint_000001"]
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == ["checkpoint_000001"]
+
+
+def test_skip_policy_drops_the_batch_on_every_worker_counts_it_and_finishes(tmp_path):
+    out = _outcomes(tmp_path, "nan:1:1", ["train.nonfinite=skip"])
+    for o in out:
+        assert o["error"] is None
+        assert o["skipped"] == [0.0, 1.0, 0.0]  # per outer iteration, the same on both workers
+    assert out[0]["kept"][-1] == "checkpoint_000003"
+    state, _ = ckpt.load(tmp_path / "checkpoint_000003")
+    assert all(torch.isfinite(p).all() for p in state["f"].values())
+
+
+def test_skip_policy_still_stops_past_its_limit(tmp_path):
+    out = _outcomes(tmp_path, "nan:1:1", ["train.nonfinite=skip", "train.max_skipped=0"])
+    for o in out:
+        assert o["error"] == "NonFiniteLoss"
+        assert "at outer iteration 1, step 0" in o["message"]
 
 
 def test_flipped_bit_of_B_on_one_worker_is_caught_by_checksum(tmp_path):
