@@ -123,8 +123,7 @@ def ray_worker(config: dict) -> None:
 
     cfg = config_mod.from_dict(config["config"])
     os.environ.update(config.get("env", {}))
-    # Ray Train logs every report with all its metrics at INFO; the loop prints its own line.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_report_log()
     torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
@@ -155,6 +154,16 @@ def ray_worker(config: dict) -> None:
         run_dir=Path(config["run_dir"]),
     )
     loop.train(cfg, env)
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report, with all its metrics, at INFO from a logger named after its
+    source file (not under "ray.train"); the loop prints its own progress line instead."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _copy_for_resume(src: Path) -> Path:

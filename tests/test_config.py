@@ -56,6 +56,38 @@ def test_batch_divisible_by_workers():
     config.load(None, ["scaling.num_workers=4", "train.batch_size=64"])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["scaling.num_workers=2", "scaling.min_workers=3"],
+     "scaling.min_workers: must be between 1 and scaling.num_workers=2 (0 = fixed size), got 3"),
+    (["scaling.num_workers=2", "scaling.min_workers=1"],
+     "scaling.max_failures: an elastic run (scaling.min_workers > 0) restarts after losing "
+     "workers; must be >= 1, got 0"),
+    (["scaling.num_workers=2", "scaling.min_workers=1", "scaling.max_failures=1",
+      "scaling.use_ray=false"],
+     "scaling.min_workers: an elastic worker range needs scaling.use_ray = true"),
+    (["scaling.num_workers=4", "scaling.min_workers=2", "scaling.max_failures=1",
+      "train.batch_size=64"],
+     "train.batch_size: 64 is not divisible by 3 workers, a size the elastic range "
+     "scaling.min_workers..num_workers = 2..4 allows; use a multiple of 12"),
+    (["scaling.min_workers=-1"], "scaling.min_workers: must be >= 0, got -1"),
+    (["scaling.start_timeout_s=0"], "scaling.start_timeout_s: must be > 0, got 0.0"),
+])
+def test_elastic_worker_range_is_checked(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, overrides)
+    assert str(e.value).startswith(message)
+
+
+def test_elastic_range_and_start_timeout_leave_the_result_and_run_name_alone():
+    fixed = config.load(None, ["scaling.num_workers=4", "train.batch_size=48"])
+    elastic = config.load(None, ["scaling.num_workers=4", "scaling.min_workers=2",
+                                 "scaling.max_failures=3", "scaling.start_timeout_s=20",
+                                 "train.batch_size=48"])
+    # a fixed-size run can be resumed with an elastic range (same fingerprint, same run name)
+    assert elastic.fingerprint() == fixed.fingerprint()
+    config.load(None, ["scaling.num_workers=2", "scaling.min_workers=2"])  # = fixed size
+
+
 def test_cli_user_error_exit_code_2_no_traceback():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "train.py"), "--objective.gamma=-3"],
