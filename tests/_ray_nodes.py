@@ -1,0 +1,130 @@
+"""Ray nodes on this machine for tests: `ray start --block`, each node in a Unix session of its
+own, so that a test can kill exactly one node, and tears every node down by its session.
+
+Never `ray stop`: it stops every Ray on the machine, including other people's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _gloo import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ray_bin() -> str:
+    """The `ray` command of this interpreter (the one on PATH as a fallback)."""
+    path = Path(sys.executable).parent / "ray"
+    return str(path) if path.exists() else shutil.which("ray")
+
+
+def ray_env(**extra: str) -> dict:
+    """Environment for nodes and drivers: token auth (the cluster's default) and the repo importable
+    by workers, whatever node they run on; never an inherited RAY_ADDRESS."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**env, "RAY_AUTH_MODE": "token", "PYTHONPATH": path, **extra}
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process of Unix session `sid` (Ray workers leave their node's process group,
+    not its session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(sid: int) -> None:
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Node:
+    """One `ray start --block` process, leader of its own session."""
+
+    def __init__(self, args: list[str], env: dict, num_cpus: int):
+        self.temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")  # short: socket paths
+        self.log = Path(self.temp_dir) / "ray_start.log"
+        ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--metrics-export-port", "--runtime-env-agent-port"]
+        self._out = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            [ray_bin(), "start", "--block", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+             *[f"{p}={free_port()}" for p in ports], *args],
+            env=env, cwd=ROOT, start_new_session=True, stdout=self._out, stderr=subprocess.STDOUT,
+        )
+
+    def wait_started(self, timeout_s: float = 120) -> None:
+        """Return once `ray start` reports its processes up."""
+        deadline = time.time() + timeout_s
+        while "Ray runtime started" not in self.log.read_text():
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            assert time.time() < deadline, (
+                f"ray start: not up after {timeout_s} s\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.3)
+
+    @property
+    def sid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """Kill every process of this node's session, then drop its temp dir."""
+        for _ in range(3):  # a dying raylet may still be starting a worker
+            kill_session(self.sid)
+            time.sleep(0.2)
+        self.proc.wait(timeout=30)
+        self._out.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_head(num_cpus: int, env: dict) -> tuple[Node, str]:
+    """A head node with its dashboard on 127.0.0.1 (free ports); returns (node, GCS address)."""
+    port = free_port()
+    head = Node(["--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"],
+                env, num_cpus)
+    return head, f"127.0.0.1:{port}"
+
+
+def start_worker_node(address: str, num_cpus: int, env: dict) -> Node:
+    return Node([f"--address={address}"], env, num_cpus)
+
+
+WAIT_FOR_NODES = """
+import sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+deadline = time.time() + float(sys.argv[3])
+while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[2]):
+    if time.time() > deadline:
+        sys.exit(f"fewer than {sys.argv[2]} live nodes after {sys.argv[3]} s")
+    time.sleep(0.5)
+"""
+
+
+def wait_for_nodes(address: str, count: int, env: dict, timeout_s: float = 90) -> None:
+    """Return once the cluster has `count` live nodes (a short-lived driver asks the GCS)."""
+    proc = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, str(count),
+                           str(timeout_s)], env=env, capture_output=True, text=True,
+                          timeout=timeout_s + 60)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,201 @@
+"""Lost node (DESIGN §3): a two-node Ray cluster on this machine, one training worker on each
+node, and the second node killed whole (raylet, agents, worker) at a known outer iteration.
+
+- With an elastic range (scaling.min_workers=1, num_workers=2) the run goes on with the worker
+  left, from its last checkpoint, and finishes: the same algorithm, B's rows split over 1 worker.
+- With a fixed size (2 workers) it stops within a bound, with one clear line, never hangs.
+
+One head for the module and a fresh second node per test, 1 CPU each: with 1 CPU per worker the
+two workers of a group land one per node. The first test shows the resize on gloo without Ray:
+a checkpoint written by 2 workers, resumed by 1, ends exactly where a 1-worker run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _gloo import run_workers
+from _ray_nodes import (
+    ROOT,
+    kill_session,
+    ray_env,
+    start_head,
+    start_worker_node,
+    wait_for_nodes,
+)
+
+from dadh_dist import checkpoint as ckpt
+from dadh_dist import config, driver, loop
+
+pytestmark = pytest.mark.slow
+
+DEBUG = ROOT / "configs" / "debug_cpu.toml"
+
+
+def _cfg(run_dir: Path, name: str, *extra: str) -> config.Config:
+    return config.load(DEBUG, [f"log.run_dir={json.dumps(str(run_dir))}", f"log.name={name}",
+                               "train.outer_iters=2", "scaling.use_ray=false",
+                               "log.tensorboard=false", *extra])
+
+
+class _Stop(Exception):
+    """Both ranks leave the run together after the iteration the test stops at."""
+
+
+def _two_workers_until(rank, world, run_dir, stop_after):
+    """The run on a 2-process gloo group, stopped after `stop_after` outer iterations."""
+    from dadh_dist.distributed import TorchCollectives
+
+    folder = Path(run_dir) / "w2"
+
+    def report(metrics, staged):
+        if staged is not None:
+            driver.keep_checkpoint(folder, staged)
+        if metrics["t"] >= stop_after:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        loop.train(_cfg(Path(run_dir), "w2"), loop.WorkerEnv(
+            collectives=TorchCollectives(), report=report, run_dir=folder if rank == 0 else None))
+
+
+def test_checkpoint_of_two_workers_resumed_by_one_equals_one_worker_run(tmp_path):
+    straight = driver.run_local(_cfg(tmp_path, "w1"))
+    run_workers(_two_workers_until, 2, str(tmp_path), 1, timeout_s=60)
+    first = ckpt.latest_valid(tmp_path / "w2")
+    state, _ = ckpt.load(first)
+    assert (state["t"], state["workers"]) == (1, 2)
+    # the same run (name and config) goes on in one process: resume from the 2-worker checkpoint
+    resumed = driver.run_local(_cfg(tmp_path, "w2"))
+    assert (resumed["resumed_at"], resumed["workers"]) == (1, 1)
+    B_straight = ckpt.load(ckpt.latest_valid(tmp_path / "w1"))[0]["B"]
+    B_resumed = ckpt.load(ckpt.latest_valid(tmp_path / "w2"))[0]["B"]
+    assert torch.equal(B_resumed, B_straight)
+    for key in ("map_all_f", "map_all_g", "map_all_fg"):
+        assert resumed[key] == pytest.approx(straight[key], abs=1e-12), key
+
+
+# ---------------------------------------------------------------------------------------------
+# A real two-node cluster
+
+
+@pytest.fixture(scope="module")
+def head():
+    """The head (1 CPU). Its GCS declares a silent node dead after 3 missed 1 s health checks
+    instead of Ray's default of about 15 s, to keep the tests short."""
+    env = ray_env(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+    node, address = start_head(1, env)
+    try:
+        node.wait_started()
+        yield address
+    finally:
+        node.kill()
+
+
+@pytest.fixture
+def second_node(head):
+    env = ray_env()
+    node = start_worker_node(head, 1, env)
+    try:
+        node.wait_started()
+        wait_for_nodes(head, 2, env)
+        yield node
+    finally:
+        node.kill()
+
+
+def _train(address: str, run_dir: Path, name: str, fault: str, *overrides: str,
+           timeout_s: float) -> tuple[int, str, float]:
+    """jobs/train.py as a driver of the cluster; (exit code, output, time it ended). The output,
+    each line stamped with the seconds since launch, is kept in <run_dir>/<name>.log."""
+    args = [sys.executable, "jobs/train.py", "--config", str(DEBUG),
+            f"log.run_dir={json.dumps(str(run_dir))}", f"log.name={name}",
+            "log.tensorboard=false", "train.eval_every=0", "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1", "scaling.collective_timeout_s=60", *overrides]
+    t0 = time.time()
+    proc = subprocess.Popen(args, cwd=ROOT, env=ray_env(RAY_ADDRESS=address, DADH_FAULT=fault),
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    stamped: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            stamped.append(f"{time.time() - t0:6.1f}s | {line}")
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        proc.wait()
+    ended = time.time()
+    reader.join(timeout=10)
+    out = "".join(lines)
+    (run_dir / f"{name}.log").write_text("".join(stamped))
+    if ended - t0 >= timeout_s:
+        pytest.fail(f"the run hung: no end after {timeout_s} s\n{out[-4000:]}")
+    return proc.returncode, out, ended
+
+
+KILL_AT = 2  # outer iteration whose start the second node does not survive
+
+
+def test_elastic_run_loses_a_node_and_finishes_on_the_other(head, second_node, tmp_path):
+    code, out, _ = _train(
+        head, tmp_path, "elastic", f"node:{KILL_AT}:{second_node.sid}", "train.outer_iters=4",
+        "scaling.min_workers=1", "scaling.max_failures=2", "scaling.start_timeout_s=15",
+        timeout_s=240)
+    assert code == 0, out[-6000:]
+    assert (tmp_path / "elastic" / f".fault_node_{KILL_AT}_{second_node.sid}").exists(), \
+        "the second node was never killed\n" + out[-6000:]
+    assert second_node.proc.poll() is not None, "the second node outlived the fault"
+    final = json.loads((tmp_path / "elastic" / "final_metrics.json").read_text())
+    assert final["workers"] == 1
+    # Ray registers iteration t's checkpoint once every worker's report of t has reached its
+    # controller; the lost worker's report of the iteration before the kill may not have.
+    assert final["resumed_at"] in (KILL_AT - 1, KILL_AT)
+    assert "; 2 worker(s)" in out  # the first attempt ran on both nodes
+    assert "resumed from checkpoint_" in out, out[-6000:]
+    assert (f" at outer iteration {final['resumed_at']} (written by 2 worker(s)), now 1 worker(s)"
+            in out)
+    assert "iter 4/4" in out
+    state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "elastic"))
+    assert (state["t"], state["workers"]) == (4, 1)
+    B = state["B"]
+    assert B.shape == (final["database"], 16)
+    assert set(B.unique().tolist()) == {-1, 1}
+    # the same B rule after the shrink: what one uninterrupted process computes
+    straight = driver.run_local(_cfg(tmp_path, "straight", "train.outer_iters=4",
+                                     "train.eval_every=0"))
+    assert torch.equal(B, ckpt.load(ckpt.latest_valid(tmp_path / "straight"))[0]["B"])
+    assert final["map_all_fg"] == pytest.approx(straight["map_all_fg"], abs=1e-12)
+
+
+def test_fixed_size_run_fails_within_a_bound(head, second_node, tmp_path):
+    max_failures, start_timeout_s = 1, 5
+    code, out, ended = _train(
+        head, tmp_path, "fixed", f"node:1:{second_node.sid}", "train.outer_iters=3",
+        f"scaling.max_failures={max_failures}", f"scaling.start_timeout_s={start_timeout_s}",
+        timeout_s=180)
+    marker = tmp_path / "fixed" / f".fault_node_1_{second_node.sid}"
+    assert marker.exists(), "the second node was never killed\n" + out[-4000:]
+    assert code == 1, out[-6000:]
+    errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert errors, out[-6000:]
+    assert errors[-1].startswith(
+        f"error: run stopped: Ray Train could not (re)start 2 worker(s) within "
+        f"scaling.start_timeout_s={start_timeout_s} s, {max_failures + 1} time(s) (a lost node?)"
+        "; set scaling.min_workers to go on with fewer workers; last checkpoint "), errors[-1]
+    # The restarts wait (max_failures + 1) x start_timeout_s = 10 s for the lost node, detection and
+    # teardown take a few more (13 s in all, measured). Ray alone would wait for the node forever.
+    assert ended - marker.stat().st_mtime < (max_failures + 1) * start_timeout_s + 30
