@@ -600,15 +600,16 @@ def _trial_rows(s: Sweep, results) -> list[dict]:
         vals = []
         if df is not None and s.metric in df.columns:
             vals = [float(v) for v in df[s.metric].dropna()]
-        last_t = int(r.metrics.get("t", 0) or 0)
+        metrics = r.metrics or {}  # None for a trial that failed before its first report
+        last_t = int(metrics.get("t", 0) or 0)
         rows.append({
             "trial": Path(r.path).name,
             "params": {k: r.config.get(k) for k in s.space},
             "iters": last_t,
             "val": vals[-1] if vals else None,
             "val_best": (max(vals) if s.mode == "max" else min(vals)) if vals else None,
-            "test": r.metrics.get("test/" + s.metric.removeprefix("val/")),
-            "time_s": r.metrics.get("time_total_s"),
+            "test": metrics.get("test/" + s.metric.removeprefix("val/")),
+            "time_s": metrics.get("time_total_s"),
             "error": r.error is not None,
         })
     return sorted(rows, key=lambda row: row["trial"])

@@ -265,7 +265,8 @@ def test_export_round_trip(loaded, centred, tmp_path):
 
 
 def _stream(hf, state_dict):
-    stream = HashStream(hf.bits, hf.channels, hf.image_size, "small_cnn", hf.cfg.model.width)
+    stream = HashStream(hf.bits, hf.channels, hf.image_size, "small_cnn", hf.cfg.model.width,
+                        norm=hf.cfg.model.norm)
     stream.load_state_dict(state_dict)
     return stream
 
