@@ -317,6 +317,8 @@ def quality_main(argv: list[str] | None = None) -> int:
                         help="torch threads per run (0 = CPUs / parallel)")
     parser.add_argument("--method-override", action="append", default=[], metavar="M:KEY=VALUE",
                         help="override for one method only, e.g. adsh:train.outer_iters=20")
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: tabulate the cells that already finished")
 
     def body() -> int:
         import os
@@ -343,7 +345,10 @@ def quality_main(argv: list[str] | None = None) -> int:
             config_mod.load(plan.config.format(bits=cell.bits),
                             split_overrides(plan.command(cell)[4:]))
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
-        rows = quality.run_plan(plan, cells, args.parallel, threads)
+        rows = quality.run_plan(plan, cells, args.parallel, threads, train=not args.table_only)
+        if args.table_only:
+            print(quality.table(rows), end="")
+            return 0
         path = quality.write(plan, rows)
         print(path.read_text(), end="")
         print(f"table: {path}")

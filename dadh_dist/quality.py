@@ -71,12 +71,16 @@ def metrics_path(plan: Plan, cell: Cell) -> Path:
     return plan.out / cell.name / "final_metrics.json"
 
 
-def run_cell(plan: Plan, cell: Cell, threads: int) -> dict:
-    """Run one cell (or read it back when it already finished); returns its row."""
+def run_cell(plan: Plan, cell: Cell, threads: int, train: bool = True) -> dict:
+    """Run one cell (or read it back when it already finished); returns its row. With
+    `train=False` an unfinished cell is only reported as missing."""
     cmd = plan.command(cell)
     done = metrics_path(plan, cell)
     row = {"method": cell.method, "bits": cell.bits, "seed": cell.seed,
            "command": shlex.join(cmd)}
+    if not done.is_file() and not train:
+        row["error"] = "not run yet"
+        return row
     if not done.is_file():
         plan.out.mkdir(parents=True, exist_ok=True)
         log = plan.out / f"{cell.name}.log"
@@ -95,10 +99,10 @@ def run_cell(plan: Plan, cell: Cell, threads: int) -> dict:
 
 
 def run_plan(plan: Plan, cells: list[Cell], parallel: int = 1, threads: int = 1,
-             progress=print) -> list[dict]:
+             progress=print, train: bool = True) -> list[dict]:
     """Run every cell, `parallel` at a time, each on `threads` threads."""
     def one(cell: Cell) -> dict:
-        row = run_cell(plan, cell, threads)
+        row = run_cell(plan, cell, threads, train)
         status = row.get("error") or _summary(row["metrics"])
         progress(f"{cell.name}: {status}")
         return row

@@ -68,6 +68,9 @@ def test_finished_cells_are_read_back_not_rerun(tmp_path):
     done.write_text(json.dumps({"map_all_f": 0.5, "wall_s": 1.0}))
     row = quality.run_cell(plan, cell, threads=1)
     assert row["metrics"]["map_all_f"] == 0.5 and "process_wall_s" not in row
+    missing = quality.run_cell(plan, quality.Cell("dadh", 16, 0), threads=1, train=False)
+    assert missing["error"] == "not run yet"
+    assert not (tmp_path / "dadh_16b_s0").exists()  # nothing was trained
 
 
 def test_quality_main_runs_a_real_cell_and_rejects_bad_arguments(tmp_path, capsys):
