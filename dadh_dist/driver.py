@@ -183,8 +183,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=True)
+        # With the dashboard (on loopback): Ray Train's placement-group cleaner polls the state
+        # API it serves, and without it warns every few seconds for the whole run.
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None):

@@ -60,7 +60,9 @@ class Monitor:
     def progress(self, line: str) -> None:
         if self.enabled:
             elapsed = time.time() - self.start
-            print(f"[{elapsed:7.1f}s] {line}", flush=True)
+            # Not print(): Ray Train patches print in its workers to also log the line, which
+            # reaches the driver twice.
+            sys.stdout.write(f"[{elapsed:7.1f}s] {line}\n")
             sys.stdout.flush()
 
     def write_json(self, name: str, payload: dict) -> Path | None:
