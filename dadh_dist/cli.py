@@ -342,8 +342,7 @@ def quality_main(argv: list[str] | None = None) -> int:
         cells = [quality.Cell(m, b, s) for b in args.bits for m in args.methods
                  for s in args.seeds]
         for cell in cells:  # every config file and override checked before anything runs
-            config_mod.load(plan.config.format(bits=cell.bits),
-                            split_overrides(plan.command(cell)[4:]))
+            config_mod.load(plan.config_path(cell), plan.cell_overrides(cell))
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
         rows = quality.run_plan(plan, cells, args.parallel, threads, train=not args.table_only)
         if args.table_only:

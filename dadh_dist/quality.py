@@ -56,15 +56,23 @@ class Plan:
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
     """Extra overrides for one method only (e.g. ADSH at the same wall time)."""
 
-    def command(self, cell: Cell) -> list[str]:
+    def config_path(self, cell: Cell) -> str:
+        return self.config.format(bits=cell.bits)
+
+    def cell_overrides(self, cell: Cell) -> list[str]:
+        """Every override of one cell's run, in the order the trainer applies them."""
         if cell.method not in METHODS:
             raise ValueError(f"method {cell.method!r}: known methods are {', '.join(METHODS)}")
         return [
-            "python", "jobs/train.py", "--config", self.config.format(bits=cell.bits),
             "scaling.use_ray=false", f"train.seed={cell.seed}", f"log.run_dir={self.out}",
             f"log.name={cell.name}", *METHODS[cell.method], *self.overrides,
             *self.method_overrides.get(cell.method, []),
         ]
+
+    def command(self, cell: Cell) -> list[str]:
+        """The command line that reproduces the cell (as recorded in rows.json)."""
+        return ["python", "jobs/train.py", "--config", self.config_path(cell),
+                *self.cell_overrides(cell)]
 
 
 def metrics_path(plan: Plan, cell: Cell) -> Path:
@@ -87,7 +95,8 @@ def run_cell(plan: Plan, cell: Cell, threads: int, train: bool = True) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         t0 = time.time()
         with open(log, "w") as fh:
-            rc = subprocess.call([sys.executable, str(TRAIN_SCRIPT), *cmd[2:]], stdout=fh,
+            rc = subprocess.call([sys.executable, str(TRAIN_SCRIPT), "--config",
+                                  plan.config_path(cell), *plan.cell_overrides(cell)], stdout=fh,
                                  stderr=subprocess.STDOUT, env=env)
         row["process_wall_s"] = time.time() - t0
         if rc != 0 or not done.is_file():

@@ -18,7 +18,8 @@ def test_every_method_is_a_valid_configuration_of_the_same_code(tmp_path):
     for method in quality.METHODS:
         cmd = plan.command(quality.Cell(method, 16, 1))
         assert cmd[:4] == ["python", "jobs/train.py", "--config", DEBUG]
-        cfg = config.load(DEBUG, cmd[4:])
+        assert cmd[4:] == plan.cell_overrides(quality.Cell(method, 16, 1))
+        cfg = config.load(plan.config_path(quality.Cell(method, 16, 1)), cmd[4:])
         assert cfg.train.seed == 1 and not cfg.scaling.use_ray
         o = cfg.objective
         assert (o.two_streams, o.use_pair, o.use_code) == {
