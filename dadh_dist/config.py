@@ -155,6 +155,11 @@ class ScalingConfig:
     collective_timeout_s: int = 1800
     """Timeout of every collective; a dead peer fails the run after this long."""
 
+    @property
+    def elastic(self) -> bool:
+        """True when the run may shrink: 0 < min_workers < num_workers."""
+        return 0 < self.min_workers < self.num_workers
+
 
 @dataclass
 class EvalConfig:
@@ -389,7 +394,7 @@ def _validate_worker_range(cfg: Config) -> None:
         raise ConfigError(
             f"scaling.min_workers: must be between 1 and scaling.num_workers={s.num_workers} "
             f"(0 = fixed size), got {s.min_workers}")
-    if 0 < s.min_workers < s.num_workers:
+    if s.elastic:
         if not s.use_ray:
             raise ConfigError("scaling.min_workers: an elastic worker range needs "
                               "scaling.use_ray = true; use 0 without Ray")

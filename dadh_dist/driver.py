@@ -204,7 +204,6 @@ def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
-    elastic = 0 < s.min_workers < s.num_workers
     os.environ[START_TIMEOUT_ENV] = repr(float(s.start_timeout_s))
     return TorchTrainer(
         train_loop_per_worker=ray_worker,
@@ -218,7 +217,7 @@ def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo",
                                  timeout_s=s.collective_timeout_s),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=(s.min_workers, s.num_workers) if elastic else s.num_workers,
+            num_workers=(s.min_workers, s.num_workers) if s.elastic else s.num_workers,
             use_gpu=s.use_gpu,
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
         ),
@@ -255,8 +254,8 @@ def failure_message(cfg: Config, folder: Path, error: Exception) -> str:
     where = (f"last checkpoint {latest}; rerun the same command to resume" if latest
              else "no checkpoint was written")
     if type(cause).__name__ in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):
-        size = f"{s.min_workers}..{s.num_workers}" if s.min_workers else f"{s.num_workers}"
-        hint = "" if s.min_workers else "; set scaling.min_workers to go on with fewer workers"
+        size = f"{s.min_workers}..{s.num_workers}" if s.elastic else f"{s.num_workers}"
+        hint = "" if s.elastic else "; set scaling.min_workers to go on with fewer workers"
         return (f"run stopped: Ray Train could not (re)start {size} worker(s) within "
                 f"scaling.start_timeout_s={s.start_timeout_s:g} s, {s.max_failures + 1} time(s) "
                 f"(a lost node?){hint}; {where}")
