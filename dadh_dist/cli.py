@@ -54,10 +54,12 @@ def run_main(body: Callable[[], int | None]) -> int:
     from dadh_dist.codesfile import CodesError
     from dadh_dist.data import DataError
     from dadh_dist.driver import RunFailed
+    from dadh_dist.storage import StorageError
 
     try:
         return body() or 0
-    except (ConfigError, DataError, CheckpointError, CodesError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, CodesError, FileNotFoundError,
+            StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RunFailed as e:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config as config_mod
+from dadh_dist import storage
 from dadh_dist.config import Config, ConfigError
 
 KEEP_CHECKPOINTS = 2
@@ -35,34 +36,62 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.data.source}_{cfg.objective.bits}bit_{cfg.fingerprint()[:8]}"
 
 
+def run_uri(cfg: Config) -> str | None:
+    """The run's remote location when log.run_dir is a URI (None for a local run folder)."""
+    if not storage.is_uri(cfg.log.run_dir):
+        return None
+    return storage.join(cfg.log.run_dir, run_name(cfg))
+
+
 def run_folder(cfg: Config) -> Path:
-    if "://" in cfg.log.run_dir:
-        raise ConfigError(
-            f"log.run_dir: {cfg.log.run_dir!r}: cloud URIs are not supported yet; use a local "
-            "or shared-filesystem path"
-        )
+    """Where this process reads and writes the run: the run folder, or a remote run's mirror."""
+    uri = run_uri(cfg)
+    if uri is not None:
+        return storage.mirror_dir(uri)
     return Path(cfg.log.run_dir).expanduser().resolve() / run_name(cfg)
 
 
 def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
-    """Create or reopen the run folder; returns (folder, checkpoint to resume from or None)."""
+    """Create or reopen the run folder; returns (folder, checkpoint to resume from or None).
+
+    For a remote run (log.run_dir a URI) the folder is the local mirror, the saved config is read
+    from and written to the URI, and the checkpoint is a verified local copy of the newest remote
+    one.
+    """
     folder = run_folder(cfg)
+    uri = run_uri(cfg)
     saved = folder / "config.toml"
+    if uri is not None:
+        raw = storage.read_bytes(storage.join(uri, "config.toml"))
+        folder.mkdir(parents=True, exist_ok=True)
+        if raw is not None:
+            fetched = folder / ".remote_config.toml"
+            ckpt.write_atomic(fetched, raw)
+            _refuse_changed(cfg, fetched, storage.redact(cfg.log.run_dir))
+        storage.write_bytes(storage.join(uri, "config.toml"), cfg.to_toml().encode())
+        ckpt.write_atomic(saved, cfg.to_toml().encode())
+        return folder, storage.latest_valid(uri, folder)
     if saved.is_file():
-        try:
-            old = config_mod.load(saved)
-        except ConfigError as e:
-            msg = f"log.name: the saved config of run {folder} is unreadable ({e})"
-            raise ConfigError(msg) from None
-        if old.fingerprint() != cfg.fingerprint():
-            changed = _diff(old, cfg)
-            raise ConfigError(
-                f"log.name: run {run_name(cfg)!r} already exists in {folder.parent} with a "
-                f"different config ({', '.join(changed)}); use another log.name or the same config"
-            )
+        _refuse_changed(cfg, saved, str(folder.parent))
     folder.mkdir(parents=True, exist_ok=True)
     ckpt.write_atomic(saved, cfg.to_toml().encode())
     return folder, ckpt.latest_valid(folder)
+
+
+def _refuse_changed(cfg: Config, saved: Path, where: str) -> None:
+    """ConfigError unless the config saved with the run of this name in `where` (the runs'
+    folder or URI) equals `cfg`, log.* aside."""
+    try:
+        old = config_mod.load(saved)
+    except ConfigError as e:
+        raise ConfigError(f"log.name: the saved config of run {run_name(cfg)!r} in {where} is "
+                          f"unreadable ({e})") from None
+    if old.fingerprint() != cfg.fingerprint():
+        changed = _diff(old, cfg)
+        raise ConfigError(
+            f"log.name: run {run_name(cfg)!r} already exists in {where} with a "
+            f"different config ({', '.join(changed)}); use another log.name or the same config"
+        )
 
 
 def _diff(a: Config, b: Config) -> list[str]:
@@ -82,14 +111,19 @@ def run_local(cfg: Config, dataset=None) -> dict:
     from dadh_dist import loop
 
     folder, resume = prepare_run(cfg)
+    uri = run_uri(cfg)
 
     def report(metrics: dict, staged: Path | None) -> None:
         if staged is not None:
-            keep_checkpoint(folder, staged)
+            kept = keep_checkpoint(folder, staged)
+            if uri is not None:
+                storage.upload_checkpoint(kept, storage.join(uri, kept.name))
+                storage.prune_checkpoints(uri, KEEP_CHECKPOINTS)
 
-    env = loop.WorkerEnv(report=report, resume_from=resume, run_dir=folder, dataset=dataset)
+    env = loop.WorkerEnv(report=report, resume_from=resume, run_dir=folder, dataset=dataset,
+                         publish=storage.Publisher(folder, uri) if uri else None)
     final = loop.train(cfg, env)
-    final["run_dir"] = str(folder)
+    final["run_dir"] = storage.redact(uri) if uri else str(folder)
     return final
 
 
@@ -131,7 +165,12 @@ def ray_worker(config: dict) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    resume = Path(config["resume_from"]) if config.get("resume_from") else None
+    uri = config.get("run_uri")
+    run_dir = storage.mirror_dir(uri) if uri else Path(config["run_dir"])
+    resume = None
+    if config.get("resume_from"):
+        resume = (storage.fetch_checkpoint(config["resume_from"], run_dir / config["resume_name"])
+                  if uri else Path(config["resume_from"]))
     restored = ray.train.get_checkpoint()  # set after a worker-group restart
     if restored is not None:
         with restored.as_directory() as d:
@@ -146,12 +185,16 @@ def ray_worker(config: dict) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(staged)) if staged else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
+    publish = None
+    if uri and ray.train.get_context().get_world_rank() == 0:
+        publish = storage.Publisher(run_dir, uri)
     env = loop.WorkerEnv(
         collectives=TorchCollectives(device if cfg.scaling.use_gpu else None),
         device=device,
         report=report,
         resume_from=resume,
-        run_dir=Path(config["run_dir"]),
+        run_dir=run_dir,
+        publish=publish,
     )
     loop.train(cfg, env)
 
@@ -205,12 +248,22 @@ def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None
 
     s = cfg.scaling
     os.environ[START_TIMEOUT_ENV] = repr(float(s.start_timeout_s))
+    uri = run_uri(cfg)
+    if uri is None:
+        where = {"run_dir": str(folder), "resume_from": str(resume) if resume else None,
+                 "storage_path": str(folder.parent)}
+    else:
+        # Workers may sit on other machines: they fetch the checkpoint from the URI themselves,
+        # and Ray Train stores checkpoints through the filesystem the URI names.
+        fs, path = storage.resolve(uri)
+        where = {"run_uri": uri, "resume_name": resume.name if resume else None,
+                 "resume_from": storage.join(uri, resume.name) if resume else None,
+                 "storage_path": path.rstrip("/").rsplit("/", 1)[0], "storage_filesystem": fs}
     return TorchTrainer(
         train_loop_per_worker=ray_worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "run_dir": str(folder),
-            "resume_from": str(resume) if resume else None,
+            **{k: v for k, v in where.items() if not k.startswith("storage_")},
             # fault-injection switches for tests reach the workers wherever they run
             "env": {k: v for k, v in os.environ.items() if k.startswith("DADH_FAULT")},
         },
@@ -223,7 +276,8 @@ def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None
         ),
         run_config=ray.train.RunConfig(
             name=run_name(cfg),
-            storage_path=str(folder.parent),
+            storage_path=where["storage_path"],
+            storage_filesystem=where.get("storage_filesystem"),
             failure_config=ray.train.FailureConfig(
                 max_failures=s.max_failures, controller_failure_limit=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
@@ -241,8 +295,16 @@ def run_ray(cfg: Config) -> dict:
         build_trainer(cfg, folder, resume).fit()
     except ray.train.TrainingFailedError as e:
         raise RunFailed(failure_message(cfg, folder, e)) from e
-    final = json.loads((folder / "final_metrics.json").read_text())
-    final["run_dir"] = str(folder)
+    uri = run_uri(cfg)
+    if uri is None:
+        final = json.loads((folder / "final_metrics.json").read_text())
+    else:
+        raw = storage.read_bytes(storage.join(uri, "final_metrics.json"))
+        if raw is None:
+            raise storage.StorageError(f"{storage.redact(uri)}: the run finished but its "
+                                       "final_metrics.json never arrived")
+        final = json.loads(raw)
+    final["run_dir"] = storage.redact(uri) if uri else str(folder)
     return final
 
 
@@ -250,7 +312,12 @@ def failure_message(cfg: Config, folder: Path, error: Exception) -> str:
     """One line saying why Ray Train gave up, what was tried, and where the work is."""
     s = cfg.scaling
     cause = getattr(error, "controller_failure", None)
-    latest = ckpt.latest_valid(folder)
+    uri = run_uri(cfg)
+    if uri is None:
+        latest = ckpt.latest_valid(folder)
+    else:
+        found = storage.checkpoints(uri)
+        latest = storage.redact(storage.join(uri, found[0][1])) if found else None
     where = (f"last checkpoint {latest}; rerun the same command to resume" if latest
              else "no checkpoint was written")
     if type(cause).__name__ in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):

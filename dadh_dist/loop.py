@@ -52,6 +52,9 @@ class WorkerEnv:
     """Folder for TensorBoard and final metrics (written by rank 0)."""
     dataset: Dataset | None = None
     """A dataset already in memory (tests); loaded from the config otherwise."""
+    publish: Callable[[], object] | None = None
+    """Rank 0 calls it after every outer iteration and at the end: sends run_dir's new files on
+    to a remote run folder (storage.Publisher)."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -413,6 +416,8 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         metrics["time/wall_s"] = time.time() - wall0
         monitor.scalars(t + 1, {k: v for k, v in metrics.items() if k != "t"})
         monitor.progress(_progress_line(t + 1, T, metrics))
+        if rank0 and env.publish is not None:
+            env.publish()
         folder = None
         save_now = last or (t + 1) % cfg.train.checkpoint_every == 0
         tmp = None
@@ -434,6 +439,8 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     final.update({k: v for k, v in metrics.items() if k.startswith("val/")})
     monitor.write_json("final_metrics.json", final)
     monitor.close()
+    if rank0 and env.publish is not None:
+        env.publish()
     return final
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import _s3
 import pytest
 import torch
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import config, driver
+from dadh_dist import config, driver, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug_cpu.toml"
@@ -29,10 +30,13 @@ def _B(folder: Path) -> torch.Tensor:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
+    # fake S3 credentials for the remote-storage test: workers inherit the environment Ray
+    # starts with, as they would inherit a node's real credentials
+    with _s3.credentials():
+        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=False)
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +65,25 @@ def test_ray_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, ray_local,
     ref_final, ref_B = reference
     assert torch.equal(_B(tmp_path / "ft"), ref_B)
     assert final["map_all_fg"] == pytest.approx(ref_final["map_all_fg"], abs=1e-12)
+
+
+def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):
+    """log.run_dir an s3:// URI: Ray Train stores the checkpoints through the URI's filesystem,
+    rank 0 publishes TensorBoard and metrics, and the result is the local run's."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    monkeypatch.setenv("DADH_MIRROR_DIR", str(tmp_path / "mirrors"))
+    with _s3.bucket() as uri:
+        final = driver.run_ray(_cfg(uri("runs"), "s3run", "scaling.num_workers=2"))
+        run = uri("runs/s3run")
+        assert final["run_dir"] == run
+        ref_final, ref_B = reference
+        assert final["map_all_fg"] == pytest.approx(ref_final["map_all_fg"], abs=1e-12)
+        (t, name), *_ = storage.checkpoints(run)
+        assert t == 3
+        got = storage.fetch_checkpoint(storage.join(run, name), tmp_path / name)
+        assert torch.equal(ckpt.load(got)[0]["B"], ref_B)
+        files = [f for f, _ in storage._files(run)]
+        assert "config.toml" in files and "final_metrics.json" in files
+        assert any(f.startswith("tb/events.out.tfevents") for f in files)

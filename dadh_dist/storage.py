@@ -1,0 +1,257 @@
+"""Run folders behind a URI (`s3://`, `gs://`, `hdfs://`, `file://`: any filesystem pyarrow opens).
+
+A run whose `log.run_dir` is a URI keeps the same layout as a local one (`config.toml`, `tb/`,
+`final_metrics.json`, `checkpoint_*`), stored remotely. Whoever writes works in a local mirror
+(`mirror_dir`, the same path on every restart on one machine) and publishes it: `Publisher` sends
+the files that changed since its last call; checkpoints go up manifest last, so a checkpoint cut
+short by a crash is refused when read back. Under Ray Train the checkpoints travel through Ray's
+own storage (`storage_filesystem`), the rest through the rank-0 worker's `Publisher`.
+
+Credentials come the way the filesystem expects them (for S3: the AWS environment variables or
+instance role of each node). Query parameters such as `?endpoint_override=host:port&scheme=http`
+pass through to pyarrow; anything before `@` in a URI is masked in messages.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from dadh_dist import checkpoint as ckpt
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+class StorageError(RuntimeError):
+    """A remote read or write that failed (the message names the URI, credentials masked)."""
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def redact(uri: str) -> str:
+    """The URI without its user-info part (S3 URIs may carry `key:secret@`)."""
+    return re.sub(r"(://)[^/@]*@", r"\1***@", str(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """`uri`/part/... with the query string (pyarrow's filesystem options) kept at the end."""
+    s = urlsplit(uri)
+    path = "/".join([s.path.rstrip("/"), *(p.strip("/") for p in parts)])
+    return urlunsplit((s.scheme, s.netloc, path, s.query, s.fragment))
+
+
+def split(uri: str) -> tuple[str, str]:
+    """(parent URI, last path element), the query string kept on the parent."""
+    s = urlsplit(uri)
+    head, _, name = s.path.rstrip("/").rpartition("/")
+    return urlunsplit((s.scheme, s.netloc, head, s.query, s.fragment)), name
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(base: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(base)[0]
+
+
+def resolve(uri: str):
+    """(pyarrow filesystem, path inside it); one filesystem object per bucket and options."""
+    import pyarrow.fs
+
+    s = urlsplit(uri)
+    base = urlunsplit((s.scheme, s.netloc, "", s.query, ""))
+    try:
+        _, path = pyarrow.fs.FileSystem.from_uri(uri)
+        return _filesystem(base), path
+    except (ValueError, OSError) as e:
+        raise StorageError(f"{redact(uri)}: cannot open this location ({_first_line(e)})") from None
+
+
+def check(uri: str) -> None:
+    """Fail early, naming the URI, when its filesystem cannot be opened or reached."""
+    import pyarrow.fs
+
+    fs, path = resolve(uri)
+    try:
+        fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"{redact(uri)}: not reachable ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """The object's contents, or None when it does not exist."""
+    import pyarrow.fs
+
+    fs, path = resolve(uri)
+    try:
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as fh:
+            return fh.read()
+    except OSError as e:
+        raise StorageError(f"{redact(uri)}: read failed ({_first_line(e)})") from None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as fh:
+            fh.write(data)
+    except OSError as e:
+        raise StorageError(f"{redact(uri)}: write failed ({_first_line(e)})") from None
+
+
+def _files(uri: str) -> list[tuple[str, int]]:
+    """(relative path, size) of every file under `uri`, sorted; empty when it does not exist."""
+    import pyarrow.fs
+
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True,
+                                                         allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"{redact(uri)}: listing failed ({_first_line(e)})") from None
+    root = path.rstrip("/") + "/"
+    return sorted((i.path[len(root):], i.size) for i in infos
+                  if i.type == pyarrow.fs.FileType.File and i.path.startswith(root))
+
+
+def download_dir(uri: str, local: Path) -> Path:
+    """Copy every file under `uri` into `local` (each written atomically)."""
+    local.mkdir(parents=True, exist_ok=True)
+    for rel, _ in _files(uri):
+        data = read_bytes(join(uri, rel))
+        if data is None:  # deleted while we listed
+            continue
+        dest = local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_atomic(dest, data)
+    return local
+
+
+def upload_checkpoint(local: Path, uri: str) -> None:
+    """Send a verified checkpoint folder, its manifest last (a half-sent one is refused later)."""
+    names = sorted(p.name for p in local.iterdir() if p.is_file())
+    for name in sorted(names, key=lambda n: n == ckpt.MANIFEST):
+        write_bytes(join(uri, name), (local / name).read_bytes())
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StorageError(f"{redact(uri)}: delete failed ({_first_line(e)})") from None
+
+
+def checkpoints(run_uri: str, warn=None) -> list[tuple[int, str]]:
+    """(t, folder name) of the remote checkpoints whose manifest reads, newest first."""
+    warn = warn or _warn
+    t_by_name: dict[str, int] = {}
+    for rel, _ in _files(run_uri):
+        name, _, rest = rel.partition("/")
+        if name.startswith(CHECKPOINT_PREFIX) and rest == ckpt.MANIFEST:
+            try:
+                t_by_name[name] = int(json.loads(read_bytes(join(run_uri, rel)))["t"])
+            except (TypeError, ValueError, KeyError) as e:
+                warn(f"skipping checkpoint: {redact(join(run_uri, rel))}: unreadable manifest "
+                     f"({e})")
+    return sorted(((t, n) for n, t in t_by_name.items()), reverse=True)
+
+
+def fetch_checkpoint(uri: str, local: Path) -> Path:
+    """A verified local copy of the remote checkpoint `uri` (reused when already present)."""
+    try:
+        ckpt.verify(local)
+        return local
+    except ckpt.CheckpointError:
+        pass
+    tmp = local.with_name(f".incoming_{local.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    download_dir(uri, tmp)
+    try:
+        ckpt.verify(tmp)
+    except ckpt.CheckpointError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ckpt.CheckpointError(f"{redact(uri)}: {str(e).split(': ', 1)[-1]}") from None
+    shutil.rmtree(local, ignore_errors=True)
+    tmp.rename(local)
+    return local
+
+
+def latest_valid(run_uri: str, mirror: Path, warn=None) -> Path | None:
+    """A local, verified copy of the newest remote checkpoint that verifies (None if none)."""
+    warn = warn or _warn
+    for _, name in checkpoints(run_uri, warn):
+        try:
+            return fetch_checkpoint(join(run_uri, name), mirror / name)
+        except ckpt.CheckpointError as e:
+            warn(f"skipping checkpoint: {e}")
+    return None
+
+
+def prune_checkpoints(run_uri: str, keep: int) -> None:
+    for _, name in checkpoints(run_uri)[keep:]:
+        delete_dir(join(run_uri, name))
+
+
+def mirror_dir(run_uri: str) -> Path:
+    """The local working copy of a remote run: one fixed folder per run URI and machine, so a
+    restarted worker finds what its previous attempt wrote (fault markers, TensorBoard files)."""
+    digest = hashlib.sha256(run_uri.encode()).hexdigest()[:16]
+    name = urlsplit(run_uri).path.rstrip("/").rsplit("/", 1)[-1] or "run"
+    root = Path(os.environ.get("DADH_MIRROR_DIR") or Path(tempfile.gettempdir()) / "dadh_dist")
+    return root / f"{name}-{digest}"
+
+
+def _published(rel: str) -> bool:
+    """Files of the mirror that belong in the remote run folder (checkpoints go their own way)."""
+    first = rel.split("/", 1)[0]
+    return not (first.startswith((CHECKPOINT_PREFIX, ".")) or rel.endswith(".tmp"))
+
+
+class Publisher:
+    """Sends the mirror's changed files (TensorBoard events, metrics, config) to the run URI."""
+
+    def __init__(self, mirror: Path, run_uri: str):
+        self.mirror = mirror
+        self.run_uri = run_uri
+        self.sent: dict[str, tuple[int, int]] = {}
+
+    def __call__(self) -> int:
+        """Upload what changed since the last call; returns the number of files sent."""
+        count = 0
+        for path in sorted(self.mirror.rglob("*")):
+            rel = path.relative_to(self.mirror).as_posix()
+            if not path.is_file() or not _published(rel):
+                continue
+            st = path.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+            if self.sent.get(rel) == stamp:
+                continue
+            write_bytes(join(self.run_uri, rel), path.read_bytes())
+            self.sent[rel] = stamp
+            count += 1
+        return count
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)

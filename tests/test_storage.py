@@ -1,0 +1,121 @@
+"""Runs stored behind a URI (storage.py): an S3 endpoint on 127.0.0.1 (moto), no Ray.
+
+A remote run must behave like a local one: same files, same B, resume by name from any machine
+(a fresh mirror), refusal of a changed config, fallback past a corrupt or half-sent checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from _s3 import bucket
+
+from dadh_dist import checkpoint as ckpt
+from dadh_dist import cli, config, driver, inference, storage
+from dadh_dist.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "debug_cpu.toml"
+
+
+def _overrides(run_dir, name, *extra):
+    return ["scaling.use_ray=false", f"log.run_dir={json.dumps(str(run_dir))}",
+            f"log.name={name}", "train.outer_iters=3", *extra]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    mirrors = tmp_path_factory.mktemp("mirrors")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DADH_MIRROR_DIR", str(mirrors))
+        with bucket() as uri:
+            yield uri
+
+
+def test_uri_helpers():
+    u = "s3://b/runs?endpoint_override=h:9&scheme=http"
+    assert storage.join(u, "r", "/x/") == "s3://b/runs/r/x?endpoint_override=h:9&scheme=http"
+    assert storage.split(storage.join(u, "r")) == (u, "r")
+    assert storage.redact("s3://key:secret@b/p") == "s3://***@b/p"
+    assert storage.is_uri("gs://b") and not storage.is_uri("/tmp/runs")
+    a, b = storage.mirror_dir(storage.join(u, "r")), storage.mirror_dir(storage.join(u, "q"))
+    assert a != b and a.name.startswith("r-") and a == storage.mirror_dir(storage.join(u, "r"))
+
+
+def test_unopenable_uri_is_one_line_error(tmp_path, capsys):
+    code = cli.train_main(["--config", str(DEBUG),
+                           *_overrides("nosuchscheme://bucket/runs", "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: nosuchscheme://bucket/runs/x/config.toml: cannot open")
+
+
+def test_remote_run_equals_local_and_resumes_anywhere(tmp_path, s3):
+    local = driver.run_local(config.load(DEBUG, _overrides(tmp_path, "r")))
+    remote_cfg = config.load(DEBUG, _overrides(s3("team/runs"), "r"))
+    remote = driver.run_local(remote_cfg)
+    run = s3("team/runs/r")
+    assert remote["run_dir"] == run
+    for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
+        assert remote[key] == local[key], key
+
+    files = dict(storage._files(run))
+    assert {"config.toml", "final_metrics.json"} <= set(files)
+    assert any(f.startswith("tb/events.out.tfevents") for f in files)
+    assert not any(f.startswith(".") or "/." in f for f in files), files  # no fault markers
+    # the newest KEEP_CHECKPOINTS checkpoints, each complete
+    assert [name for _, name in storage.checkpoints(run)] == ["checkpoint_000003",
+                                                              "checkpoint_000002"]
+    assert json.loads(storage.read_bytes(storage.join(run, "final_metrics.json")))[
+        "map_all_fg"] == remote["map_all_fg"]
+
+    # another machine: no mirror at all; the run resumes (here: is already finished) from S3
+    shutil.rmtree(driver.run_folder(remote_cfg))
+    folder, resume = driver.prepare_run(remote_cfg)
+    assert resume == folder / "checkpoint_000003"
+    B_local, _ = ckpt.load(tmp_path / "r" / "checkpoint_000003")
+    B_remote, _ = ckpt.load(resume)
+    assert torch.equal(B_local["B"], B_remote["B"])
+    again = driver.run_local(remote_cfg)
+    assert again["resumed_at"] == 3 and again["map_all_fg"] == remote["map_all_fg"]
+
+    changed = config.load(DEBUG, _overrides(s3("team/runs"), "r", "objective.gamma=5"))
+    with pytest.raises(ConfigError, match=r"run 'r' already exists in s3://runs/team/runs\?.*"
+                                          r"objective.gamma"):
+        driver.prepare_run(changed)
+
+    # encode and search straight from the URI: the same codes as from the local run
+    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    hf_remote, hf_local = inference.load(run), inference.load(tmp_path / "r")
+    assert hf_remote.t == hf_local.t == 3
+    assert (hf_remote.codes(images, "fg") == hf_local.codes(images, "fg")).all()
+
+
+def test_corrupt_or_half_sent_remote_checkpoint_is_skipped(tmp_path, s3):
+    cfg = config.load(DEBUG, _overrides(s3("c"), "c", "train.outer_iters=2"))
+    driver.run_local(cfg)
+    run = s3("c/c")
+    newest = storage.join(run, "checkpoint_000002")
+    state = bytearray(storage.read_bytes(storage.join(newest, "state.pt")))
+    state[len(state) // 2] ^= 0xFF
+    storage.write_bytes(storage.join(newest, "state.pt"), bytes(state))
+    warnings = []
+    found = storage.latest_valid(run, tmp_path / "m1", warn=warnings.append)
+    assert found == tmp_path / "m1" / "checkpoint_000001"
+    assert "checkpoint_000002" in warnings[0] and "do not match the manifest" in warnings[0]
+
+    # an upload cut short before its manifest: not listed at all
+    storage.write_bytes(storage.join(run, "checkpoint_000009", "state.pt"), b"partial")
+    assert [t for t, _ in storage.checkpoints(run)] == [2, 1]
+    # a manifest whose files never arrived
+    storage.write_bytes(storage.join(run, "checkpoint_000001", "state.pt"), b"")
+    storage.delete_dir(storage.join(run, "checkpoint_000002"))
+    warnings.clear()
+    assert storage.latest_valid(run, tmp_path / "m2", warn=warnings.append) is None
+    assert "checkpoint_000001" in warnings[0]
