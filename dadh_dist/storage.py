@@ -77,17 +77,6 @@ def resolve(uri: str):
         raise StorageError(f"{redact(uri)}: cannot open this location ({_first_line(e)})") from None
 
 
-def check(uri: str) -> None:
-    """Fail early, naming the URI, when its filesystem cannot be opened or reached."""
-    import pyarrow.fs
-
-    fs, path = resolve(uri)
-    try:
-        fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-    except OSError as e:
-        raise StorageError(f"{redact(uri)}: not reachable ({_first_line(e)})") from None
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -117,7 +106,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise StorageError(f"{redact(uri)}: write failed ({_first_line(e)})") from None
 
 
-def _files(uri: str) -> list[tuple[str, int]]:
+def list_files(uri: str) -> list[tuple[str, int]]:
     """(relative path, size) of every file under `uri`, sorted; empty when it does not exist."""
     import pyarrow.fs
 
@@ -135,7 +124,7 @@ def _files(uri: str) -> list[tuple[str, int]]:
 def download_dir(uri: str, local: Path) -> Path:
     """Copy every file under `uri` into `local` (each written atomically)."""
     local.mkdir(parents=True, exist_ok=True)
-    for rel, _ in _files(uri):
+    for rel, _ in list_files(uri):
         data = read_bytes(join(uri, rel))
         if data is None:  # deleted while we listed
             continue
@@ -166,7 +155,7 @@ def checkpoints(run_uri: str, warn=None) -> list[tuple[int, str]]:
     """(t, folder name) of the remote checkpoints whose manifest reads, newest first."""
     warn = warn or _warn
     t_by_name: dict[str, int] = {}
-    for rel, _ in _files(run_uri):
+    for rel, _ in list_files(run_uri):
         name, _, rest = rel.partition("/")
         if name.startswith(CHECKPOINT_PREFIX) and rest == ckpt.MANIFEST:
             try:

@@ -84,6 +84,6 @@ def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):
         assert t == 3
         got = storage.fetch_checkpoint(storage.join(run, name), tmp_path / name)
         assert torch.equal(ckpt.load(got)[0]["B"], ref_B)
-        files = [f for f, _ in storage._files(run)]
+        files = [f for f, _ in storage.list_files(run)]
         assert "config.toml" in files and "final_metrics.json" in files
         assert any(f.startswith("tb/events.out.tfevents") for f in files)

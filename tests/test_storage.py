@@ -65,7 +65,7 @@ def test_remote_run_equals_local_and_resumes_anywhere(tmp_path, s3):
     for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
         assert remote[key] == local[key], key
 
-    files = dict(storage._files(run))
+    files = dict(storage.list_files(run))
     assert {"config.toml", "final_metrics.json"} <= set(files)
     assert any(f.startswith("tb/events.out.tfevents") for f in files)
     assert not any(f.startswith(".") or "/." in f for f in files), files  # no fault markers
