@@ -167,13 +167,17 @@ def checkpoints(run_uri: str, warn=None) -> list[tuple[int, str]]:
 
 
 def fetch_checkpoint(uri: str, local: Path) -> Path:
-    """A verified local copy of the remote checkpoint `uri` (reused when already present)."""
+    """A verified local copy of the remote checkpoint `uri` (reused when already present).
+
+    Several workers of one machine may fetch the same checkpoint at once: each downloads into a
+    folder of its own, and the first rename wins.
+    """
     try:
         ckpt.verify(local)
         return local
     except ckpt.CheckpointError:
         pass
-    tmp = local.with_name(f".incoming_{local.name}")
+    tmp = local.with_name(f".incoming_{local.name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     download_dir(uri, tmp)
     try:
@@ -181,9 +185,22 @@ def fetch_checkpoint(uri: str, local: Path) -> Path:
     except ckpt.CheckpointError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ckpt.CheckpointError(f"{redact(uri)}: {str(e).split(': ', 1)[-1]}") from None
-    shutil.rmtree(local, ignore_errors=True)
-    tmp.rename(local)
+    if local.exists() and not _verifies(local):
+        shutil.rmtree(local, ignore_errors=True)  # a copy cut short by an earlier crash
+    try:
+        tmp.rename(local)
+    except OSError:  # another process put a copy there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.verify(local)
     return local
+
+
+def _verifies(folder: Path) -> bool:
+    try:
+        ckpt.verify(folder)
+        return True
+    except ckpt.CheckpointError:
+        return False
 
 
 def latest_valid(run_uri: str, mirror: Path, warn=None) -> Path | None:

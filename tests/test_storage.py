@@ -119,3 +119,22 @@ def test_corrupt_or_half_sent_remote_checkpoint_is_skipped(tmp_path, s3):
     warnings.clear()
     assert storage.latest_valid(run, tmp_path / "m2", warn=warnings.append) is None
     assert "checkpoint_000001" in warnings[0]
+
+
+def _fetch(args: tuple[str, str]) -> str:
+    return str(storage.fetch_checkpoint(args[0], Path(args[1])))
+
+
+def test_workers_fetching_one_checkpoint_at_once_share_one_copy(tmp_path, s3):
+    """Every worker of a machine fetches the resume checkpoint into the same mirror folder."""
+    import multiprocessing
+
+    ckpt.save(tmp_path / "c", {"t": 1, "B": torch.ones(2000, 32)}, "x = 1\n", "fp")
+    uri = s3("race/r/checkpoint_000001")
+    storage.upload_checkpoint(tmp_path / "c", uri)
+    local = tmp_path / "mirror" / "checkpoint_000001"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        got = pool.map(_fetch, [(uri, str(local))] * 3)
+    assert got == [str(local)] * 3
+    assert ckpt.verify(local)["t"] == 1
+    assert sorted(p.name for p in local.parent.iterdir()) == ["checkpoint_000001"]
