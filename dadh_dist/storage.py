@@ -58,23 +58,22 @@ def split(uri: str) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _filesystem(base: str):
+def _root(base: str):
+    """(filesystem, path of the URI's root in it): built once per scheme, host/bucket and options
+    (building an S3 filesystem may look up credentials)."""
     import pyarrow.fs
 
-    return pyarrow.fs.FileSystem.from_uri(base)[0]
+    return pyarrow.fs.FileSystem.from_uri(base)
 
 
 def resolve(uri: str):
     """(pyarrow filesystem, path inside it); one filesystem object per bucket and options."""
-    import pyarrow.fs
-
     s = urlsplit(uri)
-    base = urlunsplit((s.scheme, s.netloc, "", s.query, ""))
     try:
-        _, path = pyarrow.fs.FileSystem.from_uri(uri)
-        return _filesystem(base), path
+        fs, root = _root(urlunsplit((s.scheme, s.netloc, "/", s.query, "")))
     except (ValueError, OSError) as e:
         raise StorageError(f"{redact(uri)}: cannot open this location ({_first_line(e)})") from None
+    return fs, root.rstrip("/") + "/" + s.path.strip("/")
 
 
 def _first_line(e: BaseException) -> str:
