@@ -169,7 +169,8 @@ def ray_worker(config: dict) -> None:
     run_dir = storage.mirror_dir(uri) if uri else Path(config["run_dir"])
     resume = None
     if config.get("resume_from"):
-        resume = (storage.fetch_checkpoint(config["resume_from"], run_dir / config["resume_name"])
+        resume = (storage.fetch_checkpoint(config["resume_from"],
+                                           run_dir / storage.split(config["resume_from"])[1])
                   if uri else Path(config["resume_from"]))
     restored = ray.train.get_checkpoint()  # set after a worker-group restart
     if restored is not None:
@@ -255,10 +256,9 @@ def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None
     else:
         # Workers may sit on other machines: they fetch the checkpoint from the URI themselves,
         # and Ray Train stores checkpoints through the filesystem the URI names.
-        fs, path = storage.resolve(uri)
-        where = {"run_uri": uri, "resume_name": resume.name if resume else None,
-                 "resume_from": storage.join(uri, resume.name) if resume else None,
-                 "storage_path": path.rstrip("/").rsplit("/", 1)[0], "storage_filesystem": fs}
+        fs, runs_path = storage.resolve(cfg.log.run_dir)
+        where = {"run_uri": uri, "resume_from": storage.join(uri, resume.name) if resume else None,
+                 "storage_path": runs_path, "storage_filesystem": fs}
     return TorchTrainer(
         train_loop_per_worker=ray_worker,
         train_loop_config={

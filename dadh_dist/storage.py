@@ -82,23 +82,27 @@ def _first_line(e: BaseException) -> str:
 
 
 def read_bytes(uri: str) -> bytes | None:
-    """The object's contents, or None when it does not exist."""
-    import pyarrow.fs
-
+    """The object's contents, or None when it does not exist (one request)."""
     fs, path = resolve(uri)
     try:
-        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-            return None
         with fs.open_input_stream(path) as fh:
             return fh.read()
+    except FileNotFoundError:
+        return None
     except OSError as e:
         raise StorageError(f"{redact(uri)}: read failed ({_first_line(e)})") from None
 
 
+_made_dirs: set[tuple[int, str]] = set()
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
     try:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if (id(fs), parent) not in _made_dirs:  # object stores answer this with a request
+            fs.create_dir(parent, recursive=True)
+            _made_dirs.add((id(fs), parent))
         with fs.open_output_stream(path) as fh:
             fh.write(data)
     except OSError as e:
@@ -135,13 +139,15 @@ def download_dir(uri: str, local: Path) -> Path:
 
 def upload_checkpoint(local: Path, uri: str) -> None:
     """Send a verified checkpoint folder, its manifest last (a half-sent one is refused later)."""
-    names = sorted(p.name for p in local.iterdir() if p.is_file())
-    for name in sorted(names, key=lambda n: n == ckpt.MANIFEST):
+    names = [p.name for p in local.iterdir() if p.is_file()]
+    for name in sorted(names, key=lambda n: (n == ckpt.MANIFEST, n)):
         write_bytes(join(uri, name), (local / name).read_bytes())
 
 
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
+    _made_dirs.difference_update({d for d in _made_dirs
+                                  if d[0] == id(fs) and (d[1] + "/").startswith(path + "/")})
     try:
         fs.delete_dir(path)
     except FileNotFoundError:
@@ -171,11 +177,8 @@ def fetch_checkpoint(uri: str, local: Path) -> Path:
     Several workers of one machine may fetch the same checkpoint at once: each downloads into a
     folder of its own, and the first rename wins.
     """
-    try:
-        ckpt.verify(local)
+    if _verifies(local):
         return local
-    except ckpt.CheckpointError:
-        pass
     tmp = local.with_name(f".incoming_{local.name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     download_dir(uri, tmp)
@@ -222,7 +225,7 @@ def mirror_dir(run_uri: str) -> Path:
     """The local working copy of a remote run: one fixed folder per run URI and machine, so a
     restarted worker finds what its previous attempt wrote (fault markers, TensorBoard files)."""
     digest = hashlib.sha256(run_uri.encode()).hexdigest()[:16]
-    name = urlsplit(run_uri).path.rstrip("/").rsplit("/", 1)[-1] or "run"
+    name = split(run_uri)[1] or "run"
     root = Path(os.environ.get("DADH_MIRROR_DIR") or Path(tempfile.gettempdir()) / "dadh_dist")
     return root / f"{name}-{digest}"
 
@@ -241,13 +244,20 @@ class Publisher:
         self.run_uri = run_uri
         self.sent: dict[str, tuple[int, int]] = {}
 
+    def _files(self):
+        """The mirror's publishable files, without walking into checkpoint folders."""
+        for top in sorted(self.mirror.iterdir()):
+            if not _published(top.name):
+                continue
+            inside = sorted(top.rglob("*")) if top.is_dir() else [top]
+            yield from (p for p in inside
+                        if p.is_file() and _published(p.relative_to(self.mirror).as_posix()))
+
     def __call__(self) -> int:
         """Upload what changed since the last call; returns the number of files sent."""
         count = 0
-        for path in sorted(self.mirror.rglob("*")):
+        for path in self._files():
             rel = path.relative_to(self.mirror).as_posix()
-            if not path.is_file() or not _published(rel):
-                continue
             st = path.stat()
             stamp = (st.st_size, st.st_mtime_ns)
             if self.sent.get(rel) == stamp:
