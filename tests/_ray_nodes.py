@@ -15,8 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from _gloo import free_port
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,6 +57,26 @@ def kill_session(sid: int) -> None:
             pass
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free now, below the OS's ephemeral range (32768+) and above Ray's worker
+    ports (10002-19999): the ports Ray picks for itself at start-up come from the ephemeral range,
+    so they can never equal one of these (Ray refuses to start when two components share one)."""
+    import random
+    import socket
+
+    chosen: list[int] = []
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == n:
+            return chosen
+    raise RuntimeError(f"no {n} free ports in 20000-32000")
+
+
 class Node:
     """One `ray start --block` process, leader of its own session."""
 
@@ -66,12 +84,13 @@ class Node:
         self.temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")  # short: socket paths
         self.log = Path(self.temp_dir) / "ray_start.log"
         ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                 "--metrics-export-port", "--runtime-env-agent-port"]
+                 "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
+                 "--object-manager-port"]
         self._out = open(self.log, "w")
         self.proc = subprocess.Popen(
             [ray_bin(), "start", "--block", "--node-ip-address=127.0.0.1",
              f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-             *[f"{p}={free_port()}" for p in ports], *args],
+             *[f"{p}={n}" for p, n in zip(ports, free_ports(len(ports)))], *args],
             env=env, cwd=ROOT, start_new_session=True, stdout=self._out, stderr=subprocess.STDOUT,
         )
 
@@ -100,9 +119,9 @@ class Node:
 
 def start_head(num_cpus: int, env: dict) -> tuple[Node, str]:
     """A head node with its dashboard on 127.0.0.1 (free ports); returns (node, GCS address)."""
-    port = free_port()
+    port, dashboard, client = free_ports(3)
     head = Node(["--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"],
+                 f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}"],
                 env, num_cpus)
     return head, f"127.0.0.1:{port}"
 
