@@ -14,20 +14,30 @@ def free_port() -> int:
 
 
 def _entry(rank, world, port, timeout_s, fn, args):
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
     from dadh_dist.distributed import init_process_group_for_test
 
+    faulthandler.enable(all_threads=True)  # a C++ abort in a worker shows its Python stacks
     torch.set_num_threads(1)
     init_process_group_for_test(rank, world, port, timeout_s)
     try:
-        fn(rank, world, *args)
-    finally:
+        healthy = fn(rank, world, *args) is not False  # False: the group is broken, skip teardown
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    if healthy:
+        # leave together: a rank tearing its gloo group down while a peer still uses it
+        # sometimes aborts at exit ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
 def run_workers(fn, world: int, *args, timeout_s: int = 60) -> None:
-    """fn(rank, world, *args) on every rank; raises if any rank fails."""
+    """fn(rank, world, *args) on every rank; raises if any rank fails. A fn that returns False
+    leaves its process group as it is (a test that broke the group on purpose)."""
     mp.start_processes(_entry, args=(world, free_port(), timeout_s, fn, args), nprocs=world,
                        join=True, start_method="spawn")

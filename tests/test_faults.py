@@ -94,8 +94,6 @@ def test_flipped_bit_of_B_on_one_worker_is_caught_by_checksum(tmp_path):
 
 
 def _dies_early(rank, world, out_dir, how):
-    import torch.distributed as dist
-
     from dadh_dist.distributed import TorchCollectives
 
     c = TorchCollectives()
@@ -113,7 +111,7 @@ def _dies_early(rank, world, out_dir, how):
         result = type(e).__name__
     Path(out_dir, "dead_peer.json").write_text(
         json.dumps({"result": result, "seconds": time.time() - t0}))
-    dist.destroy_process_group = lambda *a, **k: None  # the group is broken; skip teardown
+    return False  # the group is broken; no teardown
 
 
 @pytest.mark.parametrize("how", ["exit", "hang"])
