@@ -377,6 +377,7 @@ def validate(cfg: Config) -> None:
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
     _validate_worker_range(cfg)
+    _validate_run_dir(cfg.log.run_dir)
     if cfg.train.batch_size > cfg.train.num_samples:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} exceeds "
@@ -384,6 +385,18 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.scaling.use_ray and cfg.scaling.num_workers != 1:
         raise ConfigError("scaling.num_workers: must be 1 with scaling.use_ray = false")
+
+
+def _validate_run_dir(run_dir: str) -> None:
+    """A URI may name a user (`hdfs://user@host`) but not carry a secret: the run's config is
+    saved with every run, checkpoint and codes file, and a `key:secret@` would travel with it."""
+    if "://" not in run_dir:
+        return
+    userinfo = run_dir.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]
+    if ":" in userinfo:
+        raise ConfigError("log.run_dir: the URI carries a secret (user:secret@); it would be "
+                          "saved with the run, so give credentials through the environment "
+                          "(for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a role)")
 
 
 def _validate_worker_range(cfg: Config) -> None:

@@ -9,7 +9,8 @@ own storage (`storage_filesystem`), the rest through the rank-0 worker's `Publis
 
 Credentials come the way the filesystem expects them (for S3: the AWS environment variables or
 instance role of each node). Query parameters such as `?endpoint_override=host:port&scheme=http`
-pass through to pyarrow; anything before `@` in a URI is masked in messages.
+pass through to pyarrow; anything before `@` in a URI is masked in messages (the config refuses a
+`log.run_dir` that carries a secret).
 """
 
 from __future__ import annotations

@@ -42,12 +42,18 @@ def test_toml_round_trip(tmp_path):
     ("model.backbone=vit", "model.backbone: 'vit' is not one of"),
     ("train.batch_size=3", "train.batch_size: 3 is not divisible"),
     ("optim.lr_f=0", "optim.lr_f: must be > 0"),
+    ('log.run_dir="s3://AKIA:s3cret@bucket/runs"', "log.run_dir: the URI carries a secret"),
 ])
 def test_bad_values_name_the_key(override, message):
     extra = ["scaling.num_workers=2"] if "batch_size" in override else []
     with pytest.raises(ConfigError) as e:
         config.load(None, [override, *extra])
     assert message in str(e.value)
+
+
+def test_run_dir_uri_may_name_a_user_without_secret():
+    assert config.load(None, ['log.run_dir="hdfs://alice@namenode:8020/runs"']).log.run_dir \
+        == "hdfs://alice@namenode:8020/runs"
 
 
 def test_batch_divisible_by_workers():
