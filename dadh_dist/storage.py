@@ -237,6 +237,11 @@ def _published(rel: str) -> bool:
     return not (first.startswith((CHECKPOINT_PREFIX, ".")) or rel.endswith(".tmp"))
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 class Publisher:
     """Sends the mirror's changed files (TensorBoard events, metrics, config) to the run URI."""
 
@@ -244,6 +249,9 @@ class Publisher:
         self.mirror = mirror
         self.run_uri = run_uri
         self.sent: dict[str, tuple[int, int]] = {}
+        config = mirror / "config.toml"  # sent by the driver when the run opened; it never changes
+        if config.is_file():
+            self.sent["config.toml"] = _stamp(config)
 
     def _files(self):
         """The mirror's publishable files, without walking into checkpoint folders."""
@@ -259,8 +267,7 @@ class Publisher:
         count = 0
         for path in self._files():
             rel = path.relative_to(self.mirror).as_posix()
-            st = path.stat()
-            stamp = (st.st_size, st.st_mtime_ns)
+            stamp = _stamp(path)
             if self.sent.get(rel) == stamp:
                 continue
             write_bytes(join(self.run_uri, rel), path.read_bytes())

@@ -138,3 +138,23 @@ def test_workers_fetching_one_checkpoint_at_once_share_one_copy(tmp_path, s3):
     assert got == [str(local)] * 3
     assert ckpt.verify(local)["t"] == 1
     assert sorted(p.name for p in local.parent.iterdir()) == ["checkpoint_000001"]
+
+
+def test_publisher_sends_what_changed_and_leaves_checkpoints_and_config(tmp_path):
+    mirror, remote = tmp_path / "mirror", tmp_path / "remote"
+    (mirror / "tb").mkdir(parents=True)
+    (mirror / "checkpoint_000001").mkdir()
+    remote.mkdir()
+    (mirror / "config.toml").write_text("[log]\n")  # the driver sent it when the run opened
+    (mirror / "tb" / "events").write_bytes(b"1")
+    (mirror / "checkpoint_000001" / "state.pt").write_bytes(b"x")
+    (mirror / ".fault").write_text("")
+    publish = storage.Publisher(mirror, f"file://{remote}")
+    assert publish() == 1
+    assert sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()) \
+        == ["tb/events"]
+    assert publish() == 0
+    (mirror / "tb" / "events").write_bytes(b"12")
+    (mirror / "final_metrics.json").write_text("{}")
+    assert publish() == 2
+    assert (remote / "tb" / "events").read_bytes() == b"12"
