@@ -103,7 +103,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         "Evaluate a trained run (asymmetric protocol: queries encoded by the network, database = "
         "learned B): metrics.json, PR and P@N plots, example retrievals, report.md, TensorBoard."))
     add_model_args(parser)
-    parser.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint>_<split>)")
+    parser.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint>_<split>; "
+                        "for a run URI the local mirror's, then sent to the URI)")
     parser.add_argument("--encoders", help="query encoders, comma-separated among f,g,fg "
                         "(default: the run's eval.encoders)")
     parser.add_argument("--split", default="query", choices=("query", "validation"),
@@ -118,7 +119,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         from pathlib import Path
 
-        from dadh_dist import inference, report
+        from dadh_dist import inference, report, storage
 
         for option, value in (("--topk", args.topk), ("--examples", args.examples)):
             if value is not None and value < 0:
@@ -133,9 +134,22 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             print(f"{report.NAMES[e]:>10}: " + ", ".join(
                 f"{title} {ev.metrics[f'{key}_{e}']:.4f}" for title, key in ev.table()))
         print(f"report: {paths['report.md']}")
+        if storage.is_uri(args.checkpoint) and not args.out:
+            # a remote run's evaluation goes next to it, like a local run's
+            target = storage.join(_run_of(args.checkpoint), "eval", out.name)
+            storage.Publisher(out, target)()
+            print(f"published: {storage.redact(target)}")
         return 0
 
     return run_main(body)
+
+
+def _run_of(uri: str) -> str:
+    """The run URI of a run or checkpoint URI."""
+    from dadh_dist import storage
+
+    parent, name = storage.split(uri)
+    return parent if name.startswith(storage.CHECKPOINT_PREFIX) else uri
 
 
 def encode_main(argv: list[str] | None = None) -> int:

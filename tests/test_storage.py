@@ -96,6 +96,12 @@ def test_remote_run_equals_local_and_resumes_anywhere(tmp_path, s3):
     assert hf_remote.t == hf_local.t == 3
     assert (hf_remote.codes(images, "fg") == hf_local.codes(images, "fg")).all()
 
+    # evaluate a remote run: its report lands next to the run, as for a local run
+    assert cli.evaluate_main(["--checkpoint", run, "--examples", "0", "--no-tensorboard"]) == 0
+    sent = dict(storage.list_files(storage.join(run, "eval")))
+    assert {"checkpoint_000003_query/metrics.json", "checkpoint_000003_query/report.md"} \
+        <= set(sent), sent
+
 
 def test_corrupt_or_half_sent_remote_checkpoint_is_skipped(tmp_path, s3):
     cfg = config.load(DEBUG, _overrides(s3("c"), "c", "train.outer_iters=2"))
