@@ -387,16 +387,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError("scaling.num_workers: must be 1 with scaling.use_ray = false")
 
 
+def carries_secret(uri: str) -> bool:
+    """Whether a URI holds a `user:secret@` part. A secret may contain '/', so the user-info is
+    everything up to the last '@' (a path with both ':' and '@' is refused too: safe side)."""
+    rest = str(uri).partition("://")[2]
+    return ":" in rest.rpartition("@")[0]
+
+
 def _validate_run_dir(run_dir: str) -> None:
     """A URI may name a user (`hdfs://user@host`) but not carry a secret: the run's config is
     saved with every run, checkpoint and codes file, and a `key:secret@` would travel with it."""
-    if "://" not in run_dir:
-        return
-    userinfo = run_dir.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]
-    if ":" in userinfo:
-        raise ConfigError("log.run_dir: the URI carries a secret (user:secret@); it would be "
-                          "saved with the run, so give credentials through the environment "
-                          "(for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a role)")
+    if carries_secret(run_dir):
+        raise ConfigError(f"log.run_dir: the URI carries a secret (user:secret@); {SECRET_HINT}")
+
+
+SECRET_HINT = ("give credentials through the environment (for S3: AWS_ACCESS_KEY_ID / "
+               "AWS_SECRET_ACCESS_KEY or the node's role), never inside a URI")
 
 
 def _validate_worker_range(cfg: Config) -> None:

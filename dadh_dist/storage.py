@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from dadh_dist import checkpoint as ckpt
+from dadh_dist.config import SECRET_HINT, carries_secret
 
 CHECKPOINT_PREFIX = "checkpoint_"
 
@@ -40,8 +41,9 @@ def is_uri(location: str) -> bool:
 
 
 def redact(uri: str) -> str:
-    """The URI without its user-info part (S3 URIs may carry `key:secret@`)."""
-    return re.sub(r"(://)[^/@]*@", r"\1***@", str(uri))
+    """The URI without its user-info part: everything between '://' and the last '@' (a secret
+    may contain '/')."""
+    return re.sub(r"(://)[^@]*@", r"\1***@", str(uri))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -69,6 +71,9 @@ def _root(base: str):
 
 def resolve(uri: str):
     """(pyarrow filesystem, path inside it); one filesystem object per bucket and options."""
+    if carries_secret(uri):
+        raise StorageError(f"{redact(uri)}: the URI carries a secret (user:secret@); "
+                           f"{SECRET_HINT}")
     s = urlsplit(uri)
     try:
         fs, root = _root(urlunsplit((s.scheme, s.netloc, "/", s.query, "")))

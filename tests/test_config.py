@@ -43,6 +43,7 @@ def test_toml_round_trip(tmp_path):
     ("train.batch_size=3", "train.batch_size: 3 is not divisible"),
     ("optim.lr_f=0", "optim.lr_f: must be > 0"),
     ('log.run_dir="s3://AKIA:s3cret@bucket/runs"', "log.run_dir: the URI carries a secret"),
+    ('log.run_dir="s3://AKIA:wJal/K7MD@bucket/runs"', "log.run_dir: the URI carries a secret"),
 ])
 def test_bad_values_name_the_key(override, message):
     extra = ["scaling.num_workers=2"] if "batch_size" in override else []
