@@ -45,8 +45,8 @@ def test_uri_helpers():
     assert storage.redact("s3://key:secret@b/p") == "s3://***@b/p"
     assert storage.redact("s3://key:se/cret@b/p") == "s3://***@b/p"  # a secret may hold '/'
     with pytest.raises(storage.StorageError) as e:
-        storage.read_bytes("s3://key:se/cret@b/p/config.toml")
-    assert "carries a secret" in str(e.value) and "cret" not in str(e.value)
+        storage.read_bytes("s3://key:wJal/K7MD@b/p/config.toml")
+    assert "carries a secret" in str(e.value) and "wJal" not in str(e.value)
     assert storage.is_uri("gs://b") and not storage.is_uri("/tmp/runs")
     a, b = storage.mirror_dir(storage.join(u, "r")), storage.mirror_dir(storage.join(u, "q"))
     assert a != b and a.name.startswith("r-") and a == storage.mirror_dir(storage.join(u, "r"))
