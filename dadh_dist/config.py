@@ -378,6 +378,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
     _validate_worker_range(cfg)
     _validate_run_dir(cfg.log.run_dir)
+    name = cfg.log.name
+    if name and (any(c in name for c in '/\\?#') or name.startswith(".")):
+        raise ConfigError(f"log.name: {name!r} must be one folder name (no '/', '\\', '?', '#', "
+                          "no leading '.'); put groups of runs under log.run_dir instead")
     if cfg.train.batch_size > cfg.train.num_samples:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} exceeds "

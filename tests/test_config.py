@@ -42,6 +42,8 @@ def test_toml_round_trip(tmp_path):
     ("model.backbone=vit", "model.backbone: 'vit' is not one of"),
     ("train.batch_size=3", "train.batch_size: 3 is not divisible"),
     ("optim.lr_f=0", "optim.lr_f: must be > 0"),
+    ("log.name=ablation/g100", "log.name: 'ablation/g100' must be one folder name"),
+    ("log.name=..", "log.name: '..' must be one folder name"),
     ('log.run_dir="s3://AKIA:s3cret@bucket/runs"', "log.run_dir: the URI carries a secret"),
     ('log.run_dir="s3://AKIA:wJal/K7MD@bucket/runs"', "log.run_dir: the URI carries a secret"),
 ])
