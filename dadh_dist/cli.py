@@ -54,6 +54,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     from dadh_dist.codesfile import CodesError
     from dadh_dist.data import DataError
     from dadh_dist.driver import RunFailed
+    from dadh_dist.loop import NonFiniteLoss
     from dadh_dist.storage import StorageError
 
     try:
@@ -62,7 +63,7 @@ def run_main(body: Callable[[], int | None]) -> int:
             StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except RunFailed as e:
+    except (RunFailed, NonFiniteLoss) as e:  # NonFiniteLoss: a run in this process
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_RUN_FAILED
     except KeyboardInterrupt:

@@ -68,6 +68,17 @@ def test_non_finite_loss_on_one_worker_stops_all_with_context(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == ["checkpoint_000001"]
 
 
+def test_non_finite_loss_in_process_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    from dadh_dist import cli
+
+    monkeypatch.setenv("DADH_FAULT", "nan:1:0")  # iteration 1, rank 0
+    code = cli.train_main(["--config", str(DEBUG), "scaling.use_ray=false", "train.outer_iters=2",
+                           "train.num_samples=128", f"log.run_dir={json.dumps(str(tmp_path))}"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_RUN_FAILED and "Traceback" not in err
+    assert err.startswith("error: ") and "outer iteration 1, step 0" in err, err
+
+
 def test_skip_policy_drops_the_batch_on_every_worker_counts_it_and_finishes(tmp_path):
     out = _outcomes(tmp_path, "nan:1:1", ["train.nonfinite=skip"])
     for o in out:
