@@ -97,7 +97,26 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True,
                    ) -> None:
     """--checkpoint and --device, shared by every tool that loads a trained hash function."""
     parser.add_argument("--checkpoint", required=required, help=help)
-    parser.add_argument("--device", default="cpu", help="torch device of the streams (cpu)")
+    parser.add_argument("--device", default="cpu", type=device_arg,
+                        help="torch device of the streams: cpu, cuda, cuda:N (default: cpu)")
+
+
+def device_arg(text: str):
+    """A torch device that exists on this machine (argparse type: a bad one is a usage error)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
+    return device
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(
@@ -182,6 +201,7 @@ def encode_main(argv: list[str] | None = None) -> int:
 
         if args.batch is not None and args.batch < 1:
             raise ConfigError(f"--batch: must be >= 1, got {args.batch}")
+        codesfile.check_writable(args.out)  # before the encoding, not after it
         hf = inference.load(args.checkpoint, args.device)
         t0 = time.perf_counter()
         split = args.parquet_split if args.images else args.split

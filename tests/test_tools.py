@@ -274,6 +274,17 @@ def _stream(hf, state_dict):
 # ------------------------------------------------------------------------------------ user errors
 
 
+def test_device_must_be_one_this_machine_has():
+    import argparse
+
+    assert cli.device_arg("cpu") == torch.device("cpu")
+    with pytest.raises(argparse.ArgumentTypeError, match="'gpu' is not a torch device"):
+        cli.device_arg("gpu")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(argparse.ArgumentTypeError, match=f"this machine has {n} CUDA"):
+        cli.device_arg(f"cuda:{n}")
+
+
 def _write_codes(path: Path, bits: int, n: int, sha: str) -> Path:
     pm1 = np.where(np.random.default_rng(3).random((n, bits)) < 0.5, -1, 1).astype(np.int8)
     return codesfile.write(path, codesfile.Codes.from_pm1(
@@ -283,7 +294,8 @@ def _write_codes(path: Path, bits: int, n: int, sha: str) -> Path:
 # Two cases run as real processes (exit code, nothing but one line on stderr); the other two call
 # the same entry points in this process, which saves a torch import each.
 @pytest.mark.parametrize("case,process", [("model", True), ("corrupt_image", True),
-                                          ("bits", False), ("empty", False)])
+                                          ("bits", False), ("empty", False),
+                                          ("out_is_folder", False)])
 def test_bad_input_is_one_line_naming_the_file_and_exit_2(case, process, loaded, centred,
                                                           tmp_path, capsys):
     hf, _ = loaded
@@ -299,6 +311,11 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(case, process, loaded,
     elif case == "empty":
         bad = _write_codes(tmp_path / "empty.parquet", 16, 0, hf.model_sha256)
         args[1] = str(bad)
+    elif case == "out_is_folder":  # refused before anything is encoded
+        bad = tmp_path / "taken"
+        bad.mkdir()
+        job, args = "encode", ["--checkpoint", str(centred), "--split", "query", "--out",
+                               str(bad), "--quiet"]
     else:
         folder = tmp_path / "imgs"
         folder.mkdir()
