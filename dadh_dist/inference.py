@@ -312,7 +312,8 @@ def _parquet_source(shards: list[Path], split: str | None, channels: int,
         ids.append(table.column("id").to_numpy()[keep].astype(np.int64))
     all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     if len(np.unique(all_ids)) != len(all_ids):
-        raise DataError(f"{shards[0].parent}: ids repeat across rows; pick one split with --split")
+        raise DataError(f"{shards[0].parent}: ids repeat across rows; pick one split "
+                        "(encode.py --parquet-split)")
     cache: dict[int, list[bytes]] = {}
 
     def blobs(k: int) -> list[bytes]:
