@@ -192,9 +192,11 @@ def evaluate(
         if cfg.eval.topk:
             out[f"map_at_{cfg.eval.topk}_{enc}"] = float(gathered[:, 1].mean())
         out[f"p_at_{cfg.eval.precision_at}_{enc}"] = float(gathered[:, 2].mean())
-        if with_curves and c.rank == 0:
-            out[f"_pr_{enc}"] = retrieval.precision_recall_curve(
-                q, db_codes, split.labels[share], db_labels)
+        if with_curves:  # over every query, as with one worker: all workers gather the codes
+            every = c.all_gather_rows(torch.from_numpy(q).float()).to(torch.int8).numpy()
+            if c.rank == 0:
+                out[f"_pr_{enc}"] = retrieval.precision_recall_curve(
+                    every, db_codes, split.labels, db_labels)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from _gloo import run_workers
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import config, driver, loop
+from dadh_dist import config, driver, loop, monitor
 from dadh_dist.distributed import LocalCollectives, even_split
 
 OVERRIDES = [
@@ -38,8 +39,22 @@ def _worker(rank, world, out_dir, extra):
 
     env = loop.WorkerEnv(collectives=TorchCollectives(), report=report,
                          run_dir=out if rank == 0 else None)
-    final = loop.train(cfg, env)
-    (out / f"final_{rank}.json").write_text(json.dumps(final))
+    with _recording_curves() as curves:
+        final = loop.train(cfg, env)
+    (out / f"final_{rank}.json").write_text(json.dumps({**final, "curves": curves}))
+
+
+@contextlib.contextmanager
+def _recording_curves():
+    """The precision–recall curves the loop hands to TensorBoard, as lists."""
+    curves: dict = {}
+
+    def record(self, step, tag, precision, recall):
+        curves[f"{tag}@{step}"] = [list(map(float, precision)), list(map(float, recall))]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(monitor.Monitor, "pr_curve", record)
+        yield curves
 
 
 def _single(out: Path, extra=()):
@@ -50,9 +65,10 @@ def _single(out: Path, extra=()):
         if staged is not None:
             driver.keep_checkpoint(out, staged)
 
-    final = loop.train(cfg, loop.WorkerEnv(collectives=LocalCollectives(), report=report,
-                                           run_dir=out))
-    return final
+    with _recording_curves() as curves:
+        final = loop.train(cfg, loop.WorkerEnv(collectives=LocalCollectives(), report=report,
+                                               run_dir=out))
+    return {**final, "curves": curves}
 
 
 def _B(folder: Path) -> torch.Tensor:
@@ -74,6 +90,8 @@ def test_two_workers_equal_one(tmp_path, extra):
     for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
         assert two[0][key] == two[1][key]
         assert two[0][key] == pytest.approx(single[key], abs=1e-12), key
+    # the test PR curves come from every query, not rank 0's share
+    assert single["curves"] and two[0]["curves"] == single["curves"]
 
 
 def test_even_split_covers_without_padding():
