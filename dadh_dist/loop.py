@@ -368,6 +368,11 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     t_start = 0  # the outer iteration this attempt starts at (> 0: resumed)
     if env.resume_from is not None:
         state, _ = ckpt.load(env.resume_from)
+        if tuple(state["B"].shape) != tuple(B.shape):
+            raise ckpt.CheckpointError(
+                f"{env.resume_from}: its B is {tuple(state['B'].shape)} but this run's database "
+                f"and bits give {tuple(B.shape)}; the data changed under the run (use another "
+                "log.name)")
         streams.load(state)
         B = state["B"]  # (n, k), the whole matrix: its row blocks follow the current W
         t_start = int(state["t"])

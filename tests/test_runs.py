@@ -71,6 +71,25 @@ def test_changed_config_under_same_name_is_refused(tmp_path):
     assert "already exists" in proc.stderr
 
 
+def test_resume_refuses_a_checkpoint_whose_B_does_not_fit_the_data(tmp_path):
+    """The same config over data that changed (a list file grew): the checkpoint's B no longer
+    has a row per database image; refused with the file named, nothing deleted."""
+    import dataclasses
+
+    from dadh_dist.data import load_dataset
+    from dadh_dist.data.base import Split
+
+    cfg = config.load(DEBUG, _overrides(tmp_path, "d", "train.outer_iters=1"))
+    driver.run_local(cfg)
+    data = load_dataset(cfg.data)
+    db = data.database
+    shrunk = dataclasses.replace(data, database=Split(db.images[1:], db.labels[1:], db.ids[1:]))
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_000001: its B is .* the data "
+                                                   r"changed under the run"):
+        driver.run_local(cfg, dataset=shrunk)
+    assert ckpt.latest_valid(tmp_path / "d").name == "checkpoint_000001"
+
+
 def test_tensorboard_scalars_read_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
