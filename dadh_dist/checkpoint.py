@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -89,7 +90,12 @@ def load(folder: str | Path, map_location="cpu") -> tuple[dict, dict]:
     import torch
 
     manifest = verify(folder)
-    state = torch.load(Path(folder) / STATE, map_location=map_location, weights_only=False)
+    # tensors and plain containers only: a checkpoint from a shared bucket cannot run code here
+    try:
+        state = torch.load(Path(folder) / STATE, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{Path(folder) / STATE}: holds more than tensors and plain values "
+                              f"({str(e).strip().splitlines()[0]})") from None
     return state, manifest
 
 

@@ -124,3 +124,17 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     (folder / "checkpoint_000002" / "manifest.json").unlink()
     with pytest.raises(ckpt.CheckpointError, match="missing manifest"):
         ckpt.verify(folder / "checkpoint_000002")
+
+
+def test_checkpoint_with_objects_beyond_tensors_is_refused(tmp_path):
+    """Loading never unpickles arbitrary objects (a checkpoint from a shared bucket could run
+    code); a state holding one is refused, naming the file."""
+    import argparse
+
+    ckpt.save(tmp_path / "c", {"t": 1, "B": torch.ones(3, 2), "x": argparse.Namespace(a=1)},
+              "x = 1\n", "fp")
+    with pytest.raises(ckpt.CheckpointError, match=r"c/state.pt: holds more than tensors"):
+        ckpt.load(tmp_path / "c")
+    ckpt.save(tmp_path / "d", {"t": 1, "B": torch.ones(3, 2), "geometry": (1, 8)}, "x = 1\n",
+              "fp")
+    assert ckpt.load(tmp_path / "d")[0]["geometry"] == (1, 8)
