@@ -173,12 +173,13 @@ def ray_worker(config: dict) -> None:
                                            run_dir / storage.split(config["resume_from"])[1])
                   if uri else Path(config["resume_from"]))
     restored = ray.train.get_checkpoint()  # set after a worker-group restart
+    own_copy = None
     if restored is not None:
         with restored.as_directory() as d:
             try:
                 ckpt.verify(d)
-                # as_directory may hand out a temporary copy; keep our own
-                resume = _copy_for_resume(Path(d))
+                # as_directory may hand out a temporary copy; keep our own until it is loaded
+                resume = own_copy = _copy_for_resume(Path(d))
             except ckpt.CheckpointError as e:
                 print(f"warning: {e}; resuming from {resume}", flush=True)
 
@@ -197,7 +198,11 @@ def ray_worker(config: dict) -> None:
         run_dir=run_dir,
         publish=publish,
     )
-    loop.train(cfg, env)
+    try:
+        loop.train(cfg, env)
+    finally:
+        if own_copy is not None:  # one full checkpoint per worker and restart otherwise
+            shutil.rmtree(own_copy.parent, ignore_errors=True)
 
 
 def _quiet_report_log() -> None:
