@@ -15,6 +15,7 @@ pass through to pyarrow; anything before `@` in a URI is masked in messages (the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -103,14 +104,19 @@ _made_dirs: set[tuple[int, str]] = set()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    _send(uri, lambda dst: dst.write(data))
+
+
+def _send(uri: str, write) -> None:
+    """Open `uri` for writing (its folder made once per process) and call write(stream)."""
     fs, path = resolve(uri)
     parent = path.rsplit("/", 1)[0]
     try:
         if (id(fs), parent) not in _made_dirs:  # object stores answer this with a request
             fs.create_dir(parent, recursive=True)
             _made_dirs.add((id(fs), parent))
-        with fs.open_output_stream(path) as fh:
-            fh.write(data)
+        with fs.open_output_stream(path) as dst:
+            write(dst)
     except OSError as e:
         raise StorageError(f"{redact(uri)}: write failed ({_first_line(e)})") from None
 
@@ -130,24 +136,50 @@ def list_files(uri: str) -> list[tuple[str, int]]:
                   if i.type == pyarrow.fs.FileType.File and i.path.startswith(root))
 
 
+_CHUNK = 8 << 20  # bytes per read when copying files: a checkpoint is never held whole
+
+
+def _pump(src, dst) -> None:
+    while chunk := src.read(_CHUNK):
+        dst.write(chunk)
+
+
 def download_dir(uri: str, local: Path) -> Path:
-    """Copy every file under `uri` into `local` (each written atomically)."""
+    """Copy every file under `uri` into `local` (each written atomically, in chunks)."""
     local.mkdir(parents=True, exist_ok=True)
     for rel, _ in list_files(uri):
-        data = read_bytes(join(uri, rel))
-        if data is None:  # deleted while we listed
-            continue
+        fs, path = resolve(join(uri, rel))
         dest = local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.write_atomic(dest, data)
+        part = dest.with_name(dest.name + ".part")
+        try:
+            with fs.open_input_stream(path) as src, open(part, "wb") as dst:
+                _pump(src, dst)
+        except FileNotFoundError:  # deleted while we listed
+            part.unlink(missing_ok=True)
+            continue
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            raise StorageError(f"{redact(join(uri, rel))}: read failed ({_first_line(e)})") \
+                from None
+        os.replace(part, dest)
     return local
+
+
+def upload_file(local: Path, uri: str) -> None:
+    """Send one local file, in chunks."""
+    def write(dst) -> None:
+        with open(local, "rb") as src:
+            _pump(src, dst)
+
+    _send(uri, write)
 
 
 def upload_checkpoint(local: Path, uri: str) -> None:
     """Send a verified checkpoint folder, its manifest last (a half-sent one is refused later)."""
     names = [p.name for p in local.iterdir() if p.is_file()]
     for name in sorted(names, key=lambda n: (n == ckpt.MANIFEST, n)):
-        write_bytes(join(uri, name), (local / name).read_bytes())
+        upload_file(local / name, join(uri, name))
 
 
 def delete_dir(uri: str) -> None:
@@ -193,14 +225,28 @@ def fetch_checkpoint(uri: str, local: Path) -> Path:
     except ckpt.CheckpointError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ckpt.CheckpointError(f"{redact(uri)}: {str(e).split(': ', 1)[-1]}") from None
-    if local.exists() and not _verifies(local):
-        shutil.rmtree(local, ignore_errors=True)  # a copy cut short by an earlier crash
-    try:
-        tmp.rename(local)
-    except OSError:  # another process put a copy there first
-        shutil.rmtree(tmp, ignore_errors=True)
-        ckpt.verify(local)
+    with _locked(local.with_name(f".{local.name}.lock")):  # one process of a machine at a time
+        if local.exists() and not _verifies(local):
+            shutil.rmtree(local, ignore_errors=True)  # a copy cut short by an earlier crash
+        try:
+            tmp.rename(local)
+        except OSError:  # another process put a copy there first
+            shutil.rmtree(tmp, ignore_errors=True)
+            ckpt.verify(local)
     return local
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock between the processes of one machine (flock on `path`)."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _verifies(folder: Path) -> bool:
@@ -275,7 +321,7 @@ class Publisher:
             stamp = _stamp(path)
             if self.sent.get(rel) == stamp:
                 continue
-            write_bytes(join(self.run_uri, rel), path.read_bytes())
+            upload_file(path, join(self.run_uri, rel))
             self.sent[rel] = stamp
             count += 1
         return count

@@ -147,7 +147,9 @@ def test_workers_fetching_one_checkpoint_at_once_share_one_copy(tmp_path, s3):
         got = pool.map(_fetch, [(uri, str(local))] * 3)
     assert got == [str(local)] * 3
     assert ckpt.verify(local)["t"] == 1
-    assert sorted(p.name for p in local.parent.iterdir()) == ["checkpoint_000001"]
+    # no download folder left behind (the lock file between the processes stays)
+    assert sorted(p.name for p in local.parent.iterdir()) == [".checkpoint_000001.lock",
+                                                              "checkpoint_000001"]
 
 
 def test_publisher_sends_what_changed_and_leaves_checkpoints_and_config(tmp_path):
