@@ -3,8 +3,9 @@
 Every cell is `python jobs/train.py --config <config> <method overrides> train.seed=<s>` run
 in-process (no Ray, one worker) as a subprocess, so a row of the table is reproduced by exactly
 the command printed next to it. Runs that already wrote `final_metrics.json` under the same
-name are read back instead of re-run, so a long table can be built over several sessions; a run
-whose configuration changed is refused by the trainer itself (same name, different config).
+name are read back instead of re-run, so a long table can be built over several sessions; a
+finished run whose saved config differs from the planned one is reported as an error, not
+read back (and an unfinished one is refused by the trainer itself).
 
 `python jobs/quality.py --config configs/fashion_mnist_{bits}.toml --bits 12,24,32,48` prints
 the Markdown table and writes it, with every run's numbers, next to the runs.
@@ -103,8 +104,31 @@ def run_cell(plan: Plan, cell: Cell, threads: int, train: bool = True) -> dict:
             tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
             row["error"] = f"exit {rc}: {tail[0]} (log: {log})"
             return row
+    else:
+        changed = _changed_config(plan, cell)
+        if changed:
+            row["error"] = (f"{plan.out / cell.name} finished with another config ({changed}); "
+                            "use another --out")
+            return row
     row["metrics"] = json.loads(done.read_text())
     return row
+
+
+def _changed_config(plan: Plan, cell: Cell) -> str:
+    """'' when the finished cell's saved config is the one planned now; else what differs."""
+    from dadh_dist import config as config_mod
+
+    planned = config_mod.load(plan.config_path(cell), plan.cell_overrides(cell))
+    path = plan.out / cell.name / "config.toml"
+    if not path.is_file():
+        return "its config.toml is missing"
+    saved = config_mod.load(path)
+    if saved.fingerprint() == planned.fingerprint():
+        return ""
+    a, b = saved.to_dict(), planned.to_dict()
+    diffs = [f"{s}.{k}: {a[s][k]!r} -> {b[s][k]!r}" for s in a if s != "log" for k in a[s]
+             if a[s][k] != b[s][k]]
+    return ", ".join(diffs[:3]) or "scaling"
 
 
 def run_plan(plan: Plan, cells: list[Cell], parallel: int = 1, threads: int = 1,

@@ -67,8 +67,14 @@ def test_finished_cells_are_read_back_not_rerun(tmp_path):
     done = quality.metrics_path(plan, cell)
     done.parent.mkdir(parents=True)
     done.write_text(json.dumps({"map_all_f": 0.5, "wall_s": 1.0}))
+    planned = config.load(plan.config_path(cell), plan.cell_overrides(cell))
+    (done.parent / "config.toml").write_text(planned.to_toml())
     row = quality.run_cell(plan, cell, threads=1)
     assert row["metrics"]["map_all_f"] == 0.5 and "process_wall_s" not in row
+    # the same cell asked for with another budget: an error, never the old numbers
+    longer = quality.Plan(DEBUG, tmp_path, overrides=["train.outer_iters=7"])
+    row = quality.run_cell(longer, cell, threads=1)
+    assert "metrics" not in row and "another config (train.outer_iters: 2 -> 7)" in row["error"]
     missing = quality.run_cell(plan, quality.Cell("dadh", 16, 0), threads=1, train=False)
     assert missing["error"] == "not run yet"
     assert not (tmp_path / "dadh_16b_s0").exists()  # nothing was trained
