@@ -8,19 +8,24 @@ install:
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PIP) install --quiet -e '.[test]'
 
-# Fashion-MNIST comes from the Debian package dataset-fashion-mnist (never downloaded by code).
+# Fashion-MNIST comes from the Debian package dataset-fashion-mnist (never downloaded by code),
+# or from a folder of its IDX files: make demo DATA_ROOT=/path/to/idx (no root needed).
+DATA_ROOT ?=
+
 data:
-	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+	@if [ -n "$(DATA_ROOT)" ]; then \
+		echo "Fashion-MNIST: $(DATA_ROOT)"; \
+	elif dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
 		echo "Fashion-MNIST: installed"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	else \
 		echo "Fashion-MNIST is missing: run 'sudo apt-get install -y dataset-fashion-mnist'" \
-		     "or set data.root to a folder holding its IDX files."; exit 1; \
+		     "or pass DATA_ROOT=<folder holding its IDX files>."; exit 1; \
 	fi
 
 demo: install data
-	$(PY) jobs/train.py
+	$(PY) jobs/train.py $(if $(DATA_ROOT),data.root=$(DATA_ROOT))
 
 test: install data
 	$(PY) -m ruff check .
