@@ -1,6 +1,7 @@
 """Checkpoints with a manifest written last (DESIGN §3).
 
-A checkpoint folder holds `state.pt` (both streams, optimisers, schedulers, B, t, RNG states),
+A checkpoint folder holds `state.pt` (both streams, optimisers, schedulers, B, t; random streams
+are derived from (seed, t, rank), so none is saved),
 `config.toml` (the resolved config) and `manifest.json`, written last, with the SHA-256 of every
 file. A folder whose manifest is missing, unreadable or does not match its files is refused
 with a message naming the file; `latest_valid` then falls back to the previous checkpoint.

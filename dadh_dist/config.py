@@ -29,7 +29,8 @@ class DataConfig:
     root: str = ""
     """Folder (or file) holding the data; empty = the source's default location."""
     query_per_class: int = 100
-    """Query images drawn per class (test split for sources that have one)."""
+    """Query images drawn per class from all the source's images (fashion_mnist, cifar10: the
+    standard protocols pool train and test); list sources take their queries from test.txt."""
     val_per_class: int = 100
     """Validation images per class, held out from queries and database."""
     database_limit: int = 0
