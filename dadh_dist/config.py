@@ -202,6 +202,12 @@ class Config:
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
 
+    def differences(self, other: Config) -> list[str]:
+        """`section.key: mine -> other's` for every key that differs, log.* aside."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{s}.{k}: {a[s][k]!r} -> {b[s][k]!r}"
+                for s in a if s != "log" for k in a[s] if a[s][k] != b[s][k]]
+
     def fingerprint(self) -> str:
         """Hash of everything that changes the result (log and the failure policy excluded)."""
         import hashlib
@@ -395,7 +401,7 @@ def validate(cfg: Config) -> None:
 def carries_secret(uri: str) -> bool:
     """Whether a URI holds a `user:secret@` part. A secret may contain '/', so the user-info is
     everything up to the last '@' (a path with both ':' and '@' is refused too: safe side)."""
-    rest = str(uri).partition("://")[2]
+    rest = str(uri).partition("://")[2].split("?")[0].split("#")[0]
     return ":" in rest.rpartition("@")[0]
 
 

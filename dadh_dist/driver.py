@@ -87,20 +87,11 @@ def _refuse_changed(cfg: Config, saved: Path, where: str) -> None:
         raise ConfigError(f"log.name: the saved config of run {run_name(cfg)!r} in {where} is "
                           f"unreadable ({e})") from None
     if old.fingerprint() != cfg.fingerprint():
-        changed = _diff(old, cfg)
+        changed = old.differences(cfg)[:4] or ["scaling"]
         raise ConfigError(
             f"log.name: run {run_name(cfg)!r} already exists in {where} with a "
             f"different config ({', '.join(changed)}); use another log.name or the same config"
         )
-
-
-def _diff(a: Config, b: Config) -> list[str]:
-    da, db = a.to_dict(), b.to_dict()
-    out = [
-        f"{s}.{k}: {da[s][k]!r} -> {db[s][k]!r}"
-        for s in da if s != "log" for k in da[s] if da[s][k] != db[s][k]
-    ]
-    return out[:4] or ["scaling"]
 
 
 # ---------------------------------------------------------------------------------------------

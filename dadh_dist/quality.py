@@ -125,10 +125,7 @@ def _changed_config(plan: Plan, cell: Cell) -> str:
     saved = config_mod.load(path)
     if saved.fingerprint() == planned.fingerprint():
         return ""
-    a, b = saved.to_dict(), planned.to_dict()
-    diffs = [f"{s}.{k}: {a[s][k]!r} -> {b[s][k]!r}" for s in a if s != "log" for k in a[s]
-             if a[s][k] != b[s][k]]
-    return ", ".join(diffs[:3]) or "scaling"
+    return ", ".join(saved.differences(planned)[:3]) or "scaling"
 
 
 def run_plan(plan: Plan, cells: list[Cell], parallel: int = 1, threads: int = 1,

@@ -42,9 +42,9 @@ def is_uri(location: str) -> bool:
 
 
 def redact(uri: str) -> str:
-    """The URI without its user-info part: everything between '://' and the last '@' (a secret
-    may contain '/')."""
-    return re.sub(r"(://)[^@]*@", r"\1***@", str(uri))
+    """The URI without its user-info part: everything between '://' and the last '@' before the
+    query string (a secret may contain '/'; the rule of `config.carries_secret`)."""
+    return re.sub(r"(://)[^?#]*@", r"\1***@", str(uri))
 
 
 def join(uri: str, *parts: str) -> str:
