@@ -212,27 +212,26 @@ def checkpoints(run_uri: str, warn=None) -> list[tuple[int, str]]:
 def fetch_checkpoint(uri: str, local: Path) -> Path:
     """A verified local copy of the remote checkpoint `uri` (reused when already present).
 
-    Several workers of one machine may fetch the same checkpoint at once: each downloads into a
-    folder of its own, and the first rename wins.
+    The processes of one machine that fetch the same checkpoint (every worker resuming a run)
+    take turns on a lock file next to it: the first downloads, the others find its copy.
     """
-    if _verifies(local):
-        return local
-    tmp = local.with_name(f".incoming_{local.name}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    download_dir(uri, tmp)
-    try:
-        ckpt.verify(tmp)
-    except ckpt.CheckpointError as e:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(local.with_name(f".{local.name}.lock")):
+        if _verifies(local):
+            return local
+        shutil.rmtree(local, ignore_errors=True)  # a copy cut short by an earlier crash
+        tmp = local.with_name(f".incoming_{local.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ckpt.CheckpointError(f"{redact(uri)}: {str(e).split(': ', 1)[-1]}") from None
-    with _locked(local.with_name(f".{local.name}.lock")):  # one process of a machine at a time
-        if local.exists() and not _verifies(local):
-            shutil.rmtree(local, ignore_errors=True)  # a copy cut short by an earlier crash
         try:
-            tmp.rename(local)
-        except OSError:  # another process put a copy there first
+            download_dir(uri, tmp)
+            ckpt.verify(tmp)
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            ckpt.verify(local)
+            if isinstance(e, ckpt.CheckpointError):
+                raise ckpt.CheckpointError(f"{redact(uri)}: {str(e).split(': ', 1)[-1]}") \
+                    from None
+            raise
+        tmp.rename(local)
     return local
 
 
