@@ -398,11 +398,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("scaling.num_workers: must be 1 with scaling.use_ray = false")
 
 
-def carries_secret(uri: str) -> bool:
-    """Whether a URI holds a `user:secret@` part. A secret may contain '/', so the user-info is
-    everything up to the last '@' (a path with both ':' and '@' is refused too: safe side)."""
+def userinfo(uri: str) -> str:
+    """The user-info of a URI ('' if none): everything between '://' and the last '@' before the
+    query string, since a secret may contain '/' (a path holding '@' counts too: safe side)."""
     rest = str(uri).partition("://")[2].split("?")[0].split("#")[0]
-    return ":" in rest.rpartition("@")[0]
+    return rest.rpartition("@")[0]
+
+
+def carries_secret(uri: str) -> bool:
+    """Whether a URI holds a `user:secret@` part."""
+    return ":" in userinfo(uri)
 
 
 def _validate_run_dir(run_dir: str) -> None:

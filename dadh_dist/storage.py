@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist.config import SECRET_HINT, carries_secret
+from dadh_dist.config import SECRET_HINT, carries_secret, userinfo
 
 CHECKPOINT_PREFIX = "checkpoint_"
 
@@ -42,9 +41,9 @@ def is_uri(location: str) -> bool:
 
 
 def redact(uri: str) -> str:
-    """The URI without its user-info part: everything between '://' and the last '@' before the
-    query string (a secret may contain '/'; the rule of `config.carries_secret`)."""
-    return re.sub(r"(://)[^?#]*@", r"\1***@", str(uri))
+    """The URI with its user-info (`config.userinfo`) masked."""
+    user = userinfo(uri)
+    return str(uri).replace(f"://{user}@", "://***@", 1) if user else str(uri)
 
 
 def join(uri: str, *parts: str) -> str:
