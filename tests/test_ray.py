@@ -12,6 +12,8 @@ import torch
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, driver, storage
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster
+
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug_cpu.toml"
 

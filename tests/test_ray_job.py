@@ -11,6 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts a Ray cluster
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -206,6 +206,7 @@ def ray_tune():
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_debug_sweep_stops_weak_trials_and_its_best_config_trains(tmp_path, ray_tune):
     # lr_f = 1e-7 leaves stream f untrained: ASHA must stop those trials at its rung (t = 2),
     # and the best trial must be one whose f learned.
@@ -265,6 +266,7 @@ def _snapshot(folder: Path) -> dict:
             for p in folder.rglob("*") if p.is_file() and "checkpoint" not in p.as_posix()}
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
     args = ([f"log.run_dir={json.dumps(str(tmp_path))}", "train.outer_iters=2"], 3)
     s = sweep_mod.load_sweep(ROOT / "configs" / "sweep_debug.toml", *args)
