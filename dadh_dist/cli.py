@@ -54,6 +54,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     from dadh_dist.codesfile import CodesError
     from dadh_dist.data import DataError
     from dadh_dist.driver import RunFailed
+    from dadh_dist.export import ExportError
     from dadh_dist.loop import NonFiniteLoss
     from dadh_dist.storage import StorageError
 
@@ -63,7 +64,7 @@ def run_main(body: Callable[[], int | None]) -> int:
             StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (RunFailed, NonFiniteLoss) as e:  # NonFiniteLoss: a run in this process
+    except (RunFailed, NonFiniteLoss, ExportError) as e:  # NonFiniteLoss: a run in this process
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_RUN_FAILED
     except KeyboardInterrupt:
@@ -130,7 +131,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="query", choices=("query", "validation"),
                         help="query images to rank the database with (default: query)")
     parser.add_argument("--topk", type=int, help="cut-off of mAP@k (default: the run's "
-                        "eval.topk; 0 = mAP@all only)")
+                        "eval.topk, or 1000 when that is 0; 0 = mAP@all only)")
     parser.add_argument("--examples", type=int, default=6,
                         help="example queries drawn in examples.png (0 = no picture)")
     parser.add_argument("--no-tensorboard", action="store_true", help="skip the tb/ events")

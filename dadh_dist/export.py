@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -62,7 +65,8 @@ def example_images(hf: HashFunction, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path]:
-    """Write the program, the weights and their metadata into `out`; verify the program."""
+    """Write the program, the weights and their metadata into `out` once the program has been
+    verified; a program that fails the check leaves `out` as it was."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # a CPU copy: the program is traced on the CPU whatever device hf runs on
@@ -71,22 +75,28 @@ def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path]:
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with torch.no_grad():
         program = torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}})
-    paths = {"program": out / f"hash_{encoder}.pt2", "weights": out / "streams.pt",
-             "metadata": out / "export.json"}
-    torch.export.save(program, paths["program"])
-    streams = {name: getattr(hf, name).state_dict() for name in ("f", "g") if name in encoder}
-    torch.save(streams, paths["weights"])
-    meta = {
-        "encoder": encoder, "bits": hf.bits, "streams": sorted(streams),
-        "input": {"dtype": "uint8", "shape": ["N", hf.channels, hf.image_size, hf.image_size],
-                  "batch": f"dynamic, 1..{MAX_BATCH}"},
-        "output": {"dtype": "int8", "shape": ["N", hf.bits], "values": "+1/-1 (0 -> -1)"},
-        "model_sha256": hf.model_sha256, "checkpoint": str(hf.checkpoint), "t": hf.t,
-        "torch": torch.__version__, "config": hf.cfg.to_dict(),
-    }
-    paths["metadata"].write_text(json.dumps(meta, indent=1))
-    check_round_trip(hf, encoder, paths["program"])
-    return paths
+    names = {"program": f"hash_{encoder}.pt2", "weights": "streams.pt",
+             "metadata": "export.json"}
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        torch.export.save(program, staging / names["program"])
+        streams = {name: getattr(hf, name).state_dict() for name in ("f", "g") if name in encoder}
+        torch.save(streams, staging / names["weights"])
+        meta = {
+            "encoder": encoder, "bits": hf.bits, "streams": sorted(streams),
+            "input": {"dtype": "uint8", "shape": ["N", hf.channels, hf.image_size, hf.image_size],
+                      "batch": f"dynamic, 1..{MAX_BATCH}"},
+            "output": {"dtype": "int8", "shape": ["N", hf.bits], "values": "+1/-1 (0 -> -1)"},
+            "model_sha256": hf.model_sha256, "checkpoint": str(hf.checkpoint), "t": hf.t,
+            "torch": torch.__version__, "config": hf.cfg.to_dict(),
+        }
+        (staging / names["metadata"]).write_text(json.dumps(meta, indent=1))
+        check_round_trip(hf, encoder, staging / names["program"], out / names["program"])
+        for name in names.values():
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {key: out / name for key, name in names.items()}
 
 
 def load_program(path: str | Path) -> nn.Module:
@@ -94,13 +104,15 @@ def load_program(path: str | Path) -> nn.Module:
     return torch.export.load(str(path)).module()
 
 
-def check_round_trip(hf: HashFunction, encoder: str, path: str | Path) -> None:
+def check_round_trip(hf: HashFunction, encoder: str, path: str | Path,
+                     name: str | Path | None = None) -> None:
     """The saved program's codes on seeded random images must equal the checkpoint's codes,
-    at a batch size other than the one it was traced with."""
+    at a batch size other than the one it was traced with (`name`: the program's name in the
+    error, when `path` is a staged copy)."""
     x = example_images(hf, CHECK_IMAGES, seed=1)
     with torch.no_grad():
         got = load_program(path)(x).numpy()
     want = hf.codes(x, encoder)
     if got.shape != want.shape or (got != want).any():
-        raise ExportError(f"{path}: the exported program's codes differ from the checkpoint's "
-                          f"on {int((got != want).any(1).sum())} of {len(x)} images")
+        raise ExportError(f"{name or path}: the exported program's codes differ from the "
+                          f"checkpoint's on {int((got != want).any(1).sum())} of {len(x)} images")

@@ -30,6 +30,8 @@ from dadh_dist.inference import HashFunction
 P_AT_N_GRID = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000,
                200000, 500000, 1000000)
 RADIUS = 2
+DEFAULT_TOPK = 1000
+"""mAP@k cut-off when neither --topk nor the run's eval.topk names one."""
 TOP = 10
 NAMES = {"f": "sign(f)", "g": "sign(g)", "fg": "sign(f+g)"}
 
@@ -67,13 +69,14 @@ def evaluate(hf: HashFunction, dataset: Dataset, encoders: list[str] | None = No
     encoders = list(encoders or [e for e in hf.cfg.eval.encoders if e in hf.encoders])
     for e in encoders:
         hf.check_encoder(e, "--encoders")
-    topk = hf.cfg.eval.topk if topk is None else topk
     precision_at = precision_at or hf.cfg.eval.precision_at
     queries, db = getattr(dataset, split), dataset.database
     if len(db) != len(hf.B):
         raise codesfile.CodesError(
             f"{hf.checkpoint}: B has {len(hf.B)} rows, but the run's database split has "
             f"{len(db)} images (did the data change since training?)")
+    if topk is None:  # eval.topk = 0 means mAP@all for the run; a report still shows mAP@k
+        topk = hf.cfg.eval.topk or min(DEFAULT_TOPK, len(db))
     outputs = hf.outputs(queries.images, encoders)
     ev = Evaluation(split, encoders, {}, topk, precision_at)
     n = len(db)

@@ -8,6 +8,7 @@ database features (bias = -W·mean feature), so that codes depend on the image.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import cli, codesfile, config, driver, export, inference, retrieval
+from dadh_dist import cli, codesfile, config, driver, export, inference, loop, report, retrieval
 from dadh_dist.data import dataset_to_parquet
 from dadh_dist.models import HashStream
 
@@ -109,6 +110,41 @@ def test_evaluate_writes_report_and_reproduces_final_metrics(run, tmp_path):
             "eval_query/example retrievals"} <= set(acc.Tags()["images"])
 
 
+def test_evaluate_script_reports_map_at_1000_by_default(run, tmp_path):
+    out = tmp_path / "eval"
+    proc = _cli("evaluate", "--checkpoint", str(run), "--out", str(out), "--examples", "0",
+                "--no-tensorboard")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    hf, ds = inference.load_with_data(run)
+    outputs = hf.outputs(ds.query.images, list(ENCODERS))
+    for e in ENCODERS:  # the debug config leaves eval.topk at 0: mAP@1000 of 1,597 images
+        q = loop.query_codes(outputs, e)
+        want = retrieval.mean_average_precision(q, hf.B, ds.query.labels, ds.database.labels,
+                                                topk=1000)
+        assert m[f"map_at_1000_{e}"] == pytest.approx(want, abs=1e-9)
+        assert m[f"map_at_1000_{e}"] != pytest.approx(m[f"map_all_{e}"], abs=1e-6)
+    assert "mAP@1000" in proc.stdout
+
+
+def test_examples_figure_marks_exactly_the_results_sharing_no_label(loaded):
+    hf, ds = loaded
+    ev = report.evaluate(hf, ds, ["fg"])
+    fig = report.examples_figure(ev, hf, ds, 6, "fg")
+    rows = np.unique(np.linspace(0, len(ds.query) - 1, 6).astype(int))
+    order, dist = _brute_force_topk(ev.query_codes["fg"][rows], hf.B, report.TOP)
+    cols = 1 + report.TOP
+    wrong = []
+    for r, i in enumerate(rows):
+        for c in range(report.TOP):
+            title = fig.axes[r * cols + 1 + c].get_title()
+            assert title.startswith(f"d={dist[r, c]}")
+            shares = bool((ds.query.labels[i] & ds.database.labels[order[r, c]]).any())
+            assert title.endswith(" wrong") == (not shares), (r, c, title)
+            wrong.append(not shares)
+    assert any(wrong) and not all(wrong)  # the figure has both kinds to mark
+
+
 # ---------------------------------------------------------------------------------------- encode
 
 
@@ -154,6 +190,31 @@ def test_encode_sources_agree_with_the_network(loaded, centred, tmp_path):
     assert learned.encoder == "B"
     np.testing.assert_array_equal(learned.pm1(), hf.B)
     np.testing.assert_array_equal(learned.ids, ds.database.ids)
+
+
+def test_encode_script_shows_progress(centred, loaded, tmp_path):
+    hf, ds = loaded
+    n = len(ds.database)  # 1,597 images in chunks of 8 batches: 13 chunks, a line per tenth
+    proc = _cli("encode", "--checkpoint", str(centred), "--split", "database", "--batch", "16",
+                "--out", str(tmp_path / "db.parquet"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("encoding")]
+    assert 5 <= len(lines) <= 11 and lines[-1].split(": ")[1].startswith(f"{n}/{n} (100%)")
+    assert lines[-1].endswith("img/s")
+
+
+def test_progress_marks_every_tenth_off_a_terminal():
+    stream = io.StringIO()
+    bar = inference.Progress(200, "encoding x", stream=stream)
+    for done in range(0, 201, 7):
+        bar.update(done)
+    bar.update(200)
+    bar.close()
+    shown = [int(line.split(": ")[1].split("/")[0]) for line in stream.getvalue().splitlines()]
+    assert shown == [21, 42, 63, 84, 105, 126, 140, 161, 182, 200]
+    quiet = io.StringIO()
+    inference.Progress(10, "x", enabled=False, stream=quiet).update(10)
+    assert quiet.getvalue() == ""
 
 
 def test_codes_file_round_trip_odd_bits_and_string_ids(tmp_path):
@@ -240,6 +301,19 @@ def test_faiss_backend_returns_the_packed_distances(loaded, centred, tmp_path, c
     with pytest.raises(codesfile.CodesError, match="multiple of 8"):
         codesfile.topk(packed[:2, :2], packed[:5, :2], 3, 12, "faiss")
 
+    # the command line's --backend faiss gives search's packed table
+    db_file, q_file = tmp_path / "db.parquet", tmp_path / "q.parquet"
+    common = ["--checkpoint", str(centred), "--quiet"]
+    assert cli.encode_main([*common, "--split", "database", "--out", str(db_file)]) == 0
+    assert cli.encode_main([*common, "--split", "query", "--out", str(q_file)]) == 0
+    tables = {}
+    for backend in ("packed", "faiss"):
+        capsys.readouterr()
+        assert cli.search_main(["--database", str(db_file), "--query", str(q_file), "-k", "20",
+                                "--json", "--quiet", "--backend", backend]) == 0
+        tables[backend] = json.loads(capsys.readouterr().out)["results"]
+    assert [r["distances"] for r in tables["faiss"]] == [r["distances"] for r in tables["packed"]]
+
 
 # ---------------------------------------------------------------------------------------- export
 
@@ -247,8 +321,8 @@ def test_faiss_backend_returns_the_packed_distances(loaded, centred, tmp_path, c
 def test_export_round_trip(loaded, centred, tmp_path):
     hf, ds = loaded
     out = tmp_path / "export"
-    assert cli.export_main(["--checkpoint", str(centred), "--encoder", "fg",
-                            "--out", str(out)]) == 0
+    proc = _cli("export", "--checkpoint", str(centred), "--encoder", "fg", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
     program = export.load_program(out / "hash_fg.pt2")
     images = torch.from_numpy(ds.query.images)
     want = hf.codes(ds.query.images, "fg")
@@ -262,6 +336,22 @@ def test_export_round_trip(loaded, centred, tmp_path):
     weights = torch.load(out / "streams.pt", weights_only=True)
     assert inference.model_sha256(*(_stream(hf, weights[n]) for n in ("f", "g"))) == \
         hf.model_sha256
+
+
+def test_export_whose_program_disagrees_is_one_line_and_keeps_the_last_export(
+        centred, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "export"
+    assert cli.export_main(["--checkpoint", str(centred), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = inference.HashFunction.codes
+    monkeypatch.setattr(inference.HashFunction, "codes",
+                        lambda self, images, encoder: -real(self, images, encoder))
+    capsys.readouterr()
+    assert cli.export_main(["--checkpoint", str(centred), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: {out / 'hash_fg.pt2'}: ")
+    assert "codes differ" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing staged is left
 
 
 def _stream(hf, state_dict):
