@@ -58,6 +58,9 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
     from and written to the URI, and the checkpoint is a verified local copy of the newest remote
     one.
     """
+    from dadh_dist.data import check_root
+
+    check_root(cfg.data)  # here, not in a worker after Ray has started
     folder = run_folder(cfg)
     uri = run_uri(cfg)
     saved = folder / "config.toml"
@@ -119,15 +122,27 @@ def run_local(cfg: Config, dataset=None) -> dict:
 
 
 def keep_checkpoint(folder: Path, staged: Path) -> Path:
-    """Copy a staged checkpoint into the run folder; older ones go only once it verifies."""
+    """Copy a staged checkpoint into the run folder. Nothing there is deleted before the copy
+    verifies: neither the older checkpoints nor one of the same t (a restart writing it again)."""
     manifest = ckpt.verify(staged)
     dest = folder / f"checkpoint_{manifest['t']:06d}"
     tmp = folder / f".incoming_{dest.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(staged, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    ckpt.verify(dest)
+    try:
+        ckpt.verify(tmp)
+    except ckpt.CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        # set aside under a name latest_valid still finds, should we die before the swap ends
+        old = dest.with_name(f"{dest.name}.replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dest)
     older = sorted(p for p in folder.glob("checkpoint_*") if p.is_dir() and p != dest)
     for p in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
         shutil.rmtree(p, ignore_errors=True)
@@ -167,12 +182,10 @@ def ray_worker(config: dict) -> None:
     own_copy = None
     if restored is not None:
         with restored.as_directory() as d:
-            try:
-                ckpt.verify(d)
+            resume = restart_checkpoint(Path(d), run_dir, uri)
+            if resume == Path(d):
                 # as_directory may hand out a temporary copy; keep our own until it is loaded
                 resume = own_copy = _copy_for_resume(Path(d))
-            except ckpt.CheckpointError as e:
-                print(f"warning: {e}; resuming from {resume}", flush=True)
 
     def report(metrics: dict, staged: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(staged)) if staged else None
@@ -194,6 +207,19 @@ def ray_worker(config: dict) -> None:
     finally:
         if own_copy is not None:  # one full checkpoint per worker and restart otherwise
             shutil.rmtree(own_copy.parent, ignore_errors=True)
+
+
+def restart_checkpoint(restored: Path, run_dir: Path, uri: str | None) -> Path | None:
+    """Where a restarted worker group resumes: `restored` (the checkpoint Ray hands back) when
+    it verifies, else the newest valid checkpoint of the run (Ray keeps two), else None (start
+    over). For a remote run, `run_dir` is its mirror and the fallback a verified copy there."""
+    try:
+        ckpt.verify(restored)
+        return restored
+    except ckpt.CheckpointError as e:
+        fallback = storage.latest_valid(uri, run_dir) if uri else ckpt.latest_valid(run_dir)
+        print(f"warning: {e}; resuming from {fallback or 'the start'}", flush=True)
+        return fallback
 
 
 def _quiet_report_log() -> None:

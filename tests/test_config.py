@@ -122,3 +122,24 @@ def test_shipped_configs_load():
         if path.name.startswith("sweep_"):
             continue
         config.load(path)
+
+
+def test_missing_data_root_is_exit_2_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """With scaling.use_ray = true the data is read inside the workers; a missing folder must
+    stop the run here first, as a user error naming the key, without starting Ray."""
+    from dadh_dist import cli, driver
+
+    def never(*args, **kw):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(driver, "ensure_ray", never)
+    monkeypatch.setattr(driver, "build_trainer", never)
+    missing = tmp_path / "no_such_folder"
+    code = cli.train_main(["--config", str(ROOT / "configs" / "debug_cpu.toml"),
+                           "data.source=fashion_mnist", f"data.root={missing}",
+                           f"log.run_dir={tmp_path / 'runs'}", "scaling.use_ray=true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"error: data.root: {missing} does not exist (data.source = fashion_mnist "
+                   "reads the Fashion-MNIST IDX files from it)"]
+    assert not (tmp_path / "runs").exists()  # no run folder left behind either

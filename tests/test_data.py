@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dadh_dist.config import DataConfig
-from dadh_dist.data import DataError, Dataset, Split, dataset_to_parquet, load_dataset
+from dadh_dist.data import DataError, Dataset, Split, check_root, dataset_to_parquet, load_dataset
 from dadh_dist.data.fashion import find_fashion_mnist, read_fashion_mnist
 from dadh_dist.data.grids import grid_splits
 from dadh_dist.data.idx import read_idx
@@ -428,3 +428,25 @@ def test_fashion_pool_reader_matches_idx(tmp_path):
     images, labels = read_fashion_mnist(tmp_path / "fm")
     np.testing.assert_array_equal(images[:, 0], x)
     np.testing.assert_array_equal(labels, y)
+
+
+def test_check_root_names_the_key_and_path(tmp_path, monkeypatch):
+    """The pre-flight a run makes before starting workers (driver.prepare_run)."""
+    check_root(DataConfig(source="digits", root=str(tmp_path / "ignored")))  # bundled
+    fake_cifar(tmp_path / "c")
+    check_root(DataConfig(source="cifar10", root=str(tmp_path / "c")))
+    for source in ("cifar10", "list", "parquet", "fashion_mnist_grid"):
+        with pytest.raises(DataError, match=rf"^data.root: {tmp_path}/nope does not exist "
+                                            rf"\(data.source = {source} reads"):
+            check_root(DataConfig(source=source, root=str(tmp_path / "nope")))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=r"^data.root: .*/file is not a folder"):
+        check_root(DataConfig(source="list", root=str(tmp_path / "file")))
+    with pytest.raises(DataError, match=r"^data.root: data.source = parquet needs a folder"):
+        check_root(DataConfig(source="parquet"))
+    # an empty root is Fashion-MNIST's Debian package, looked up as the loader does
+    if _has_fashion_package():
+        check_root(DataConfig(source="fashion_mnist"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no dpkg on the PATH
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        check_root(DataConfig(source="fashion_mnist"))

@@ -161,8 +161,9 @@ def test_lost_process_restarts_from_last_checkpoint(tmp_path, straight, phase):
     state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "k"))
     ref_final, ref_state = straight
     assert torch.equal(state["B"], ref_state["B"])
-    for key in ref_state["f"]:
-        assert torch.equal(state["f"][key], ref_state["f"][key]), key
+    for stream in ("f", "g"):
+        for key in ref_state[stream]:
+            assert torch.equal(state[stream][key], ref_state[stream][key]), (stream, key)
     for opt in ("opt_f", "opt_g"):  # Adam moments survive the restart exactly
         a, b = state[opt]["state"], ref_state[opt]["state"]
         assert a.keys() == b.keys()
@@ -171,3 +172,100 @@ def test_lost_process_restarts_from_last_checkpoint(tmp_path, straight, phase):
                 assert torch.equal(torch.as_tensor(a[p][name]), torch.as_tensor(b[p][name]))
     final = json.loads((tmp_path / "k" / "final_metrics.json").read_text())
     assert final["map_all_fg"] == ref_final["map_all_fg"]
+
+
+def _save(folder: Path, t: int) -> Path:
+    """A small checkpoint whose B tells which one it is."""
+    return ckpt.save(folder, {"t": t, "B": torch.full((4, 2), float(t))}, "x = 1\n", "fp")
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _B(folder: Path) -> float:
+    return float(ckpt.load(folder)[0]["B"][0, 0])
+
+
+def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_path, capsys):
+    """A restarted Ray worker group whose handed-back checkpoint fails verification resumes
+    from the newest valid checkpoint of the run, not from where the run first started."""
+    run = tmp_path / "run"  # Ray's names: checkpoint_<time>
+    older = _save(run / "checkpoint_2025-01-01_00-00-01.000000", 1)
+    newer = _save(run / "checkpoint_2025-01-01_00-00-02.000000", 2)
+    assert driver.restart_checkpoint(newer, run, None) == newer
+    _corrupt(newer / ckpt.STATE)
+    assert driver.restart_checkpoint(newer, run, None) == older
+    assert f"{newer / ckpt.STATE}: contents do not match" in capsys.readouterr().out
+    # the copy Ray hands out may sit outside the run folder
+    outside = tmp_path / "ray_copy"
+    _save(outside, 2)
+    (outside / ckpt.MANIFEST).unlink()
+    assert driver.restart_checkpoint(outside, run, None) == older
+    _corrupt(older / ckpt.STATE)
+    assert driver.restart_checkpoint(newer, run, None) is None  # nothing valid: start over
+    assert "resuming from the start" in capsys.readouterr().out
+
+    # a remote run: a verified copy of the newest valid remote checkpoint, in the mirror
+    from dadh_dist import storage
+
+    uri = f"file://{tmp_path / 'remote' / 'run'}"
+    for t in (1, 2):
+        local = _save(tmp_path / f"up{t}", t)
+        if t == 2:
+            _corrupt(local / ckpt.STATE)
+        storage.upload_checkpoint(local, storage.join(uri, f"checkpoint_00000{t}"))
+    mirror = tmp_path / "mirror"
+    got = driver.restart_checkpoint(tmp_path / "up2", mirror, uri)
+    assert got == mirror / "checkpoint_000001" and _B(got) == 1
+
+
+def test_no_checkpoint_is_deleted_before_its_successor_verifies(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    for t in (1, 2):
+        driver.keep_checkpoint(run, _save(tmp_path / f"s{t}", t))
+    kept = ["checkpoint_000001", "checkpoint_000002"]
+    bad = _save(tmp_path / "bad", 3)
+    _corrupt(bad / ckpt.STATE)
+    with pytest.raises(ckpt.CheckpointError, match="bad/state.pt: contents do not match"):
+        driver.keep_checkpoint(run, bad)
+    assert sorted(p.name for p in run.iterdir()) == kept
+
+    # the staged checkpoint verifies but its copy into the run folder does not
+    copytree = driver.shutil.copytree
+
+    def truncating_copy(src, dst, **kw):
+        copytree(src, dst, **kw)
+        state = Path(dst) / ckpt.STATE
+        state.write_bytes(state.read_bytes()[:100])
+
+    monkeypatch.setattr(driver.shutil, "copytree", truncating_copy)
+    for t in (2, 3):  # checkpoint 2 written again by a restart, and a successor
+        with pytest.raises(ckpt.CheckpointError, match="state.pt: contents do not match"):
+            driver.keep_checkpoint(run, _save(tmp_path / f"again{t}", t))
+        assert sorted(p.name for p in run.iterdir()) == kept
+        assert [_B(run / name) for name in kept] == [1, 2]
+    monkeypatch.undo()
+
+    again = ckpt.save(tmp_path / "new2", {"t": 2, "B": torch.full((4, 2), 20.0)}, "x = 1\n", "fp")
+    assert driver.keep_checkpoint(run, again) == run / "checkpoint_000002"
+    assert _B(run / "checkpoint_000002") == 20  # replaced once the new copy verified
+    driver.keep_checkpoint(run, _save(tmp_path / "s3", 3))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
+
+
+def test_trainer_passes_collective_timeout_to_torch_config(tmp_path, monkeypatch):
+    """Ray's TorchConfig sets the process group's timeout; without it a dead peer hangs a
+    collective for Ray's default of 30 minutes. Built, never fitted: no Ray cluster starts."""
+    import ray
+
+    monkeypatch.setenv(driver.START_TIMEOUT_ENV, "0")  # build_trainer sets it; restored after
+    cfg = config.load(DEBUG, ["scaling.collective_timeout_s=7",
+                              f"log.run_dir={json.dumps(str(tmp_path))}"])
+    trainer = driver.build_trainer(cfg, tmp_path / "r", None)
+    assert trainer.backend_config.timeout_s == 7
+    assert trainer.backend_config.backend == "gloo"
+    assert not ray.is_initialized()

@@ -17,10 +17,11 @@ from dadh_dist.data.check import CheckReport, check_dataset
 from dadh_dist.data.fashion import find_fashion_mnist
 from dadh_dist.data.parquet import dataset_to_parquet
 from dadh_dist.data.problems import Problem, Problems
-from dadh_dist.data.sources import SOURCES, load_source
+from dadh_dist.data.sources import SOURCES, check_root, load_source
 
 __all__ = ["SOURCES", "CheckReport", "DataError", "Dataset", "Problem", "Split",
-           "check_dataset", "dataset_to_parquet", "find_fashion_mnist", "load_dataset"]
+           "check_dataset", "check_root", "dataset_to_parquet", "find_fashion_mnist",
+           "load_dataset"]
 
 SKIP_EXAMPLES = 3
 

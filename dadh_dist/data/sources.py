@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dadh_dist.config import DataConfig
 from dadh_dist.data.base import DataError, Dataset
 from dadh_dist.data.cifar import load_cifar10
 from dadh_dist.data.digits import load_digits
-from dadh_dist.data.fashion import load_fashion_mnist
+from dadh_dist.data.fashion import find_fashion_mnist, load_fashion_mnist
 from dadh_dist.data.grids import load_fashion_mnist_grid
 from dadh_dist.data.lists import load_list
 from dadh_dist.data.parquet import load_parquet
@@ -21,6 +23,33 @@ SOURCES = {
     "parquet": load_parquet,
     "digits": load_digits,
 }
+
+# What data.root must hold, per source that reads one (digits is bundled).
+ROOTS = {
+    "fashion_mnist": "the Fashion-MNIST IDX files",
+    "fashion_mnist_grid": "the Fashion-MNIST IDX files",
+    "cifar10": "the cifar-10-batches-py files",
+    "list": "test.txt and database.txt",
+    "parquet": "the *.parquet shards",
+}
+
+
+def check_root(cfg: DataConfig) -> None:
+    """DataError naming data.root when the source's folder is missing: a run checks this before
+    it starts any worker. An empty root is Fashion-MNIST's Debian package, found through dpkg."""
+    what = ROOTS.get(cfg.source)
+    if what is None:
+        return
+    if not cfg.root:
+        if cfg.source.startswith("fashion_mnist"):
+            find_fashion_mnist()
+            return
+        raise DataError(f"data.root: data.source = {cfg.source} needs a folder holding {what}")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        why = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data.root: {root} {why} (data.source = {cfg.source} reads {what} "
+                        "from it)")
 
 
 def load_source(cfg: DataConfig, problems: Problems) -> Dataset:
