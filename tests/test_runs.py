@@ -38,6 +38,23 @@ def _final_B(folder: Path) -> torch.Tensor:
     return state["B"], manifest["t"]
 
 
+def _assert_same_state(a, b, where="state") -> None:
+    """Two checkpoint states hold identical values: B, both streams' weights, both optimisers'
+    moments and both schedules (any difference is named by its path)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
 def test_stopped_run_resumes_by_name_and_matches_uninterrupted(tmp_path):
     straight = _train_cli(tmp_path, "straight")
     assert straight.returncode == 0, straight.stderr
@@ -53,6 +70,10 @@ def test_stopped_run_resumes_by_name_and_matches_uninterrupted(tmp_path):
     B2, t2 = _final_B(tmp_path / "resumed")
     assert t1 == t2 == 3
     assert torch.equal(B1, B2)
+    a, b = (ckpt.load(ckpt.latest_valid(tmp_path / n))[0] for n in ("straight", "resumed"))
+    assert {"f", "g", "opt_f", "opt_g", "sched_f", "sched_g"} <= a.keys()
+    assert a["opt_g"]["state"], "stream g's optimiser holds no moments to compare"
+    _assert_same_state(a, b)
     m1 = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
     m2 = json.loads((tmp_path / "resumed" / "final_metrics.json").read_text())
     for key in ("map_all_f", "map_all_g", "map_all_fg"):
@@ -124,6 +145,38 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     (folder / "checkpoint_000002" / "manifest.json").unlink()
     with pytest.raises(ckpt.CheckpointError, match="missing manifest"):
         ckpt.verify(folder / "checkpoint_000002")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no_manifest"])
+def test_resume_by_name_skips_a_damaged_newest_checkpoint(tmp_path, capsys, damage):
+    """A truncated state file or a folder without its manifest (a copy cut short) is refused
+    with the file named; the run resumed by name continues from the checkpoint before it and
+    ends where an uninterrupted run ends."""
+    cfg = config.load(DEBUG, _overrides(tmp_path, "c"))
+    driver.run_local(cfg)
+    folder = tmp_path / "c"
+    newest = folder / "checkpoint_000003"
+    reference, _ = ckpt.load(newest)
+    if damage == "truncated":
+        state = newest / ckpt.STATE
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+        refused = f"{state}: contents do not match"
+    else:
+        (newest / ckpt.MANIFEST).unlink()
+        refused = f"{newest / ckpt.MANIFEST}: missing manifest"
+    warnings = []
+    assert ckpt.latest_valid(folder, warn=warnings.append) == folder / "checkpoint_000002"
+    assert len(warnings) == 1 and warnings[0].startswith(f"skipping checkpoint: {refused}")
+    capsys.readouterr()
+    final = driver.run_local(cfg)
+    out, err = capsys.readouterr()
+    assert refused in err
+    assert "resumed from checkpoint_000002 at outer iteration 2" in out
+    assert final["resumed_at"] == 2
+    resumed, _ = ckpt.load(ckpt.latest_valid(folder))
+    _assert_same_state(resumed, reference)
+    assert sorted(p.name for p in folder.glob("checkpoint_*")) == [
+        "checkpoint_000002", "checkpoint_000003"]
 
 
 def test_checkpoint_with_objects_beyond_tensors_is_refused(tmp_path):
