@@ -58,9 +58,6 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
     from and written to the URI, and the checkpoint is a verified local copy of the newest remote
     one.
     """
-    from dadh_dist.data import check_root
-
-    check_root(cfg.data)  # here, not in a worker after Ray has started
     folder = run_folder(cfg)
     uri = run_uri(cfg)
     saved = folder / "config.toml"
@@ -104,6 +101,8 @@ def _refuse_changed(cfg: Config, saved: Path, where: str) -> None:
 def run_local(cfg: Config, dataset=None) -> dict:
     from dadh_dist import loop
 
+    if dataset is None:
+        check_data_here(cfg)
     folder, resume = prepare_run(cfg)
     uri = run_uri(cfg)
 
@@ -308,9 +307,20 @@ def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None
     )
 
 
+def check_data_here(cfg: Config) -> None:
+    """Refuse a missing data folder before any worker starts, where this machine is the one that
+    reads the data (an in-process run, or Ray started here). On a cluster (RAY_ADDRESS) the
+    workers read it on their own nodes, which may see paths this one does not."""
+    from dadh_dist.data import check_root
+
+    if not cfg.scaling.use_ray or not os.environ.get("RAY_ADDRESS"):
+        check_root(cfg.data)
+
+
 def run_ray(cfg: Config) -> dict:
     import ray.train
 
+    check_data_here(cfg)
     folder, resume = prepare_run(cfg)
     ensure_ray()
     try:

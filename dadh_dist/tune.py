@@ -557,6 +557,7 @@ def run_sweep(s: Sweep) -> dict:
     from ray import tune
 
     record = _check_identity(s)
+    driver.check_data_here(s.base)  # not once per trial, after Ray has started
     ensure_ray()
     if record is not None:
         res = Resources(**record["resources"])  # a trial's config must not change on resume

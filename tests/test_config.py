@@ -143,3 +143,9 @@ def test_missing_data_root_is_exit_2_before_ray_starts(tmp_path, monkeypatch, ca
     assert err == [f"error: data.root: {missing} does not exist (data.source = fashion_mnist "
                    "reads the Fashion-MNIST IDX files from it)"]
     assert not (tmp_path / "runs").exists()  # no run folder left behind either
+    # on a cluster the workers read the data on their own nodes: the driver does not judge it
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(AssertionError, match="Ray was started"):
+        cli.train_main(["--config", str(ROOT / "configs" / "debug_cpu.toml"),
+                        "data.source=fashion_mnist", f"data.root={missing}",
+                        f"log.run_dir={tmp_path / 'runs'}", "scaling.use_ray=true"])

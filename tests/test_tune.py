@@ -268,8 +268,16 @@ def _snapshot(folder: Path) -> dict:
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
+    # with the Optuna searcher (the shipped Fashion-MNIST sweep's): its state must come back too
+    pytest.importorskip("optuna")
+    text = (ROOT / "configs" / "sweep_debug.toml").read_text()
+    assert 'search = "random"' in text and 'base = "debug_cpu.toml"' in text
+    sweep_file = tmp_path / "sweep_debug.toml"
+    sweep_file.write_text(text.replace('search = "random"', 'search = "optuna"').replace(
+        'base = "debug_cpu.toml"', f"base = {json.dumps(str(DEBUG))}"))
     args = ([f"log.run_dir={json.dumps(str(tmp_path))}", "train.outer_iters=2"], 3)
-    s = sweep_mod.load_sweep(ROOT / "configs" / "sweep_debug.toml", *args)
+    s = sweep_mod.load_sweep(sweep_file, *args)
+    assert s.search == "optuna"
     seen: dict = {}
 
     def interrupt_when_third_trial_starts():
@@ -291,8 +299,7 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
     assert first["interrupted"] and first["best_config"] is None
     assert not (s.folder / "best_config.toml").exists()
 
-    resumed = sweep_mod.run_sweep(sweep_mod.load_sweep(ROOT / "configs" / "sweep_debug.toml",
-                                                       *args))
+    resumed = sweep_mod.run_sweep(sweep_mod.load_sweep(sweep_file, *args))
     assert not resumed["interrupted"] and len(resumed["rows"]) == 3
     assert sorted(p.name for p in s.folder.glob("trial_*")) == [r["trial"]
                                                                 for r in resumed["rows"]]
@@ -306,5 +313,4 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
     assert Path(resumed["best_config"]).is_file()
     # a changed sweep under the same name is refused instead of mixing two sweeps
     with pytest.raises(ConfigError, match="already exists .* different sweep"):
-        sweep_mod.run_sweep(sweep_mod.load_sweep(ROOT / "configs" / "sweep_debug.toml",
-                                                 args[0] + ["objective.bits=8"], 3))
+        sweep_mod.run_sweep(sweep_mod.load_sweep(sweep_file, args[0] + ["objective.bits=8"], 3))
