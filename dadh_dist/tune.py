@@ -61,6 +61,11 @@ class Dist:
         """Values that stand for the whole range when checking the key up front."""
         return list(self.values) if self.kind in ("choice", "grid") else [self.low, self.high]
 
+    def contains(self, value) -> bool:
+        if self.kind in ("choice", "grid"):
+            return value in self.values
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
     def to_tune(self):
         from ray import tune
 
@@ -93,6 +98,9 @@ class Sweep:
     max_concurrent_trials: int = 0
     trial_cpus: float = 0.2
     seed: int = 0
+    include_base: bool = False
+    """The first trial takes the base config's own values: the default the sweep must beat,
+    measured under the same budget."""
     max_t: int = 1
     """Most outer iterations any trial runs (ASHA's horizon)."""
 
@@ -114,7 +122,14 @@ class Sweep:
             "num_samples": self.num_samples, "metric": self.metric, "mode": self.mode,
             "scheduler": self.scheduler, "grace_period": self.grace_period,
             "reduction_factor": self.reduction_factor, "search": self.search, "seed": self.seed,
+            # only when set, so that the records of sweeps made before the option still match
+            **({"include_base": True} if self.include_base else {}),
         }
+
+    def base_point(self) -> dict:
+        """The base config's values of the swept keys."""
+        flat = _flat_config(self.base)
+        return {k: flat[k] for k in self.space}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +139,7 @@ class Sweep:
 _TOP = {
     "name": str, "base": str, "num_samples": int, "metric": str, "mode": str, "scheduler": str,
     "search": str, "max_concurrent_trials": int, "trial_cpus": float, "seed": int,
-    "overrides": dict, "space": dict, "asha": dict,
+    "include_base": bool, "overrides": dict, "space": dict, "asha": dict,
 }
 _ASHA = {"grace_period": int, "reduction_factor": float}
 _DIST = {"kind": str, "low": float, "high": float, "values": list}
@@ -277,7 +292,7 @@ def _build_sweep(path: Path, raw: dict, cli_overrides: list[str], num_samples, n
     s = Sweep(path=path, name=name or raw.get("name") or path.stem, base_path=base_path,
               base=base, space=space)
     for k in ("num_samples", "metric", "mode", "scheduler", "search", "max_concurrent_trials",
-              "trial_cpus", "seed"):
+              "trial_cpus", "seed", "include_base"):
         if k in raw:
             setattr(s, k, raw[k] if _TOP[k] is not float else float(raw[k]))
     s.grace_period = asha.get("grace_period", s.grace_period)
@@ -333,6 +348,14 @@ def _validate(s: Sweep) -> None:
         raise ConfigError(f"asha.grace_period: must be >= 1, got {s.grace_period}")
     if not s.reduction_factor > 1:
         raise ConfigError(f"asha.reduction_factor: must be > 1, got {s.reduction_factor}")
+    if s.include_base:
+        for k, v in s.base_point().items():
+            if s.space[k].kind == "grid":
+                raise ConfigError(f"include_base: space.{k} is a grid (every trial already takes "
+                                  "its values); use choice, or drop include_base")
+            if not s.space[k].contains(v):
+                raise ConfigError(f"include_base: the base value of {k} ({v!r}) lies outside "
+                                  f"space.{k}")
     if s.search == "optuna":
         grids = [k for k, d in s.space.items() if d.kind == "grid"]
         if grids:
@@ -524,13 +547,14 @@ def _make_tuner(s: Sweep, trainable, res: Resources):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    points = [s.base_point()] if s.include_base else None
     if s.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search, limit = OptunaSearch(seed=s.seed), res.concurrency
+        search, limit = OptunaSearch(seed=s.seed, points_to_evaluate=points), res.concurrency
     else:
         # a SearchAlgorithm, not a Searcher: TuneConfig.max_concurrent_trials would be ignored
-        search, limit = BasicVariantGenerator(random_state=s.seed,
+        search, limit = BasicVariantGenerator(random_state=s.seed, points_to_evaluate=points,
                                               max_concurrent=res.concurrency), None
     if s.scheduler == "asha":
         # time_attr t = the loop's outer iteration, which survives a trial's resume;
@@ -639,8 +663,10 @@ def format_table(s: Sweep, rows: list[dict], best: dict | None) -> str:
     head = ["trial", *keys, "iters", f"{s.metric} (last)", "(best iter)",
             "test/" + s.metric.removeprefix("val/"), "time s"]
     body = []
+    base = s.base_point() if s.include_base else None
     for r in rows:
         status = " (error)" if r["error"] else " *" if best is r else ""
+        status += " (base)" if r["params"] == base else ""
         body.append([r["trial"] + status, *[_fmt(r["params"][k]) for k in keys], str(r["iters"]),
                      _fmt(r["val"]), _fmt(r["val_best"]),
                      _fmt(r["test"]) if best is r else "", _fmt(r["time_s"])])

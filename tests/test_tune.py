@@ -129,6 +129,9 @@ BAD = [  # (where the snippet goes, snippet, the error's expected text)
      "space.objective.eta.knd: unknown key (did you mean kind?)"),
     ("top", 'search = "optuna"',
      "space.objective.gamma: grid needs search = \"random\""),
+    ("top", "include_base = 1", "include_base: expected bool, got 1"),
+    ("top", "include_base = true",
+     "include_base: the base value of objective.gamma (2000.0) lies outside space.objective.gamma"),
 ]
 
 
@@ -142,6 +145,24 @@ def test_sweep_file_errors_name_the_key(tmp_path, where, snippet, message):
         sweep_mod.load_sweep(_write(tmp_path, text))
     msg = str(err.value)
     assert msg.startswith("sweep.toml: ") and message in msg and "\n" not in msg
+
+
+def test_include_base_puts_the_base_values_first(tmp_path):
+    text = _text(top="include_base = true", overrides='"objective.gamma" = 200.0',
+                 tables='[space."optim.lr_f"]\nkind = "choice"\nvalues = [1e-3, 3e-3]')
+    s = sweep_mod.load_sweep(_write(tmp_path, text))
+    assert s.include_base and s.base_point() == {"objective.gamma": 200.0, "optim.lr_f": 1e-3}
+    assert s.identity()["include_base"] is True
+    assert "include_base" not in sweep_mod.load_sweep(_write(tmp_path, GOOD)).identity()
+    rows = [{"trial": "trial_a", "params": {"objective.gamma": 200.0, "optim.lr_f": 1e-3},
+             "error": None, "iters": 3, "val": 0.5, "val_best": 0.5, "test": None, "time_s": 1.0},
+            {"trial": "trial_b", "params": {"objective.gamma": 90.0, "optim.lr_f": 3e-3},
+             "error": None, "iters": 3, "val": 0.6, "val_best": 0.6, "test": 0.55, "time_s": 1.0}]
+    table = sweep_mod.format_table(s, rows, rows[1]).splitlines()
+    assert table[2].startswith("trial_a (base) ") and table[3].startswith("trial_b * ")
+    grid = text.replace('kind = "choice"', 'kind = "grid"')
+    with pytest.raises(ConfigError, match="include_base: space.optim.lr_f is a grid"):
+        sweep_mod.load_sweep(_write(tmp_path, grid))
 
 
 def test_missing_base_and_empty_space(tmp_path):
@@ -273,8 +294,12 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
     text = (ROOT / "configs" / "sweep_debug.toml").read_text()
     assert 'search = "random"' in text and 'base = "debug_cpu.toml"' in text
     sweep_file = tmp_path / "sweep_debug.toml"
-    sweep_file.write_text(text.replace('search = "random"', 'search = "optuna"').replace(
-        'base = "debug_cpu.toml"', f"base = {json.dumps(str(DEBUG))}"))
+    # ... and the base config's own values as its first trial (γ's range widened to hold them)
+    assert text.count("high = 1000\n") == 1
+    sweep_file.write_text(text.replace('search = "random"',
+                                       'search = "optuna"\ninclude_base = true')
+                          .replace("high = 1000\n", "high = 5000\n")
+                          .replace('base = "debug_cpu.toml"', f"base = {json.dumps(str(DEBUG))}"))
     args = ([f"log.run_dir={json.dumps(str(tmp_path))}", "train.outer_iters=2"], 3)
     s = sweep_mod.load_sweep(sweep_file, *args)
     assert s.search == "optuna"
@@ -311,6 +336,7 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
         if r["trial"] in seen["done"]:
             assert r["val"] == first_rows[r["trial"]]["val"]
     assert Path(resumed["best_config"]).is_file()
+    assert [r["params"] for r in resumed["rows"]].count(s.base_point()) == 1
     # a changed sweep under the same name is refused instead of mixing two sweeps
     with pytest.raises(ConfigError, match="already exists .* different sweep"):
         sweep_mod.run_sweep(sweep_mod.load_sweep(sweep_file, args[0] + ["objective.bits=8"], 3))
