@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -45,8 +46,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save(folder: str | Path, state: dict, config_toml: str, fingerprint: str) -> Path:
-    """Write state and config, then the manifest that vouches for them."""
+def save(folder: str | Path, state: dict, config_toml: str, fingerprint: str,
+         before_manifest: Callable[[], None] | None = None) -> Path:
+    """Write state and config, then the manifest that vouches for them (`before_manifest`: a
+    fault-injection hook, called when the files are written but not yet vouched for)."""
     import torch  # here, not at the top: the CLI's error handling imports this module
 
     folder = Path(folder)
@@ -55,6 +58,8 @@ def save(folder: str | Path, state: dict, config_toml: str, fingerprint: str) ->
     torch.save(state, buf)
     write_atomic(folder / STATE, buf.getvalue())
     write_atomic(folder / CONFIG, config_toml.encode())
+    if before_manifest is not None:
+        before_manifest()
     manifest = {
         "format": FORMAT,
         "t": int(state["t"]),

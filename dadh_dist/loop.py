@@ -16,6 +16,7 @@ Per outer iteration t (identical on every worker):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import tempfile
@@ -432,8 +433,9 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
             tmp = tempfile.TemporaryDirectory(prefix="dadh_ckpt_")
             state = {"t": t + 1, "B": B, "workers": c.world_size,
                      "geometry": (data.channels, data.image_size), **streams.state()}
-            folder = ckpt.save(tmp.name, state, cfg.to_toml(), cfg.fingerprint())
-            faults.maybe_kill("checkpoint", t, c.rank, env.run_dir)
+            folder = ckpt.save(  # a "checkpoint" kill lands between its files and manifest
+                tmp.name, state, cfg.to_toml(), cfg.fingerprint(),
+                functools.partial(faults.maybe_kill, "checkpoint", t, c.rank, env.run_dir))
         env.report(_flat(metrics), folder)
         if tmp is not None:
             tmp.cleanup()

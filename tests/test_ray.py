@@ -58,12 +58,18 @@ def test_ray_two_workers_equal_one_process(tmp_path, ray_local, reference):
     assert final["workers"] == 2
 
 
+@pytest.mark.parametrize("fault", [
+    "streams:2:1",     # rank 1 dies in outer iteration 3's mini-batch steps
+    "codes:1:1",       # rank 1 dies in outer iteration 2's code step
+    "checkpoint:1:0",  # rank 0 dies between checkpoint 2's files and its manifest
+])
 def test_ray_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, ray_local, reference,
-                                                            monkeypatch):
-    monkeypatch.setenv("DADH_FAULT", "kill:streams:2:1")  # rank 1 dies in outer iteration 3
+                                                            monkeypatch, fault):
+    monkeypatch.setenv("DADH_FAULT", f"kill:{fault}")
     final = driver.run_ray(_cfg(tmp_path, "ft", "scaling.num_workers=2",
                                 "scaling.max_failures=1"))
-    assert (tmp_path / "ft" / ".fault_streams_2_1").exists(), "the fault never fired"
+    marker = ".fault_" + fault.replace(":", "_")
+    assert (tmp_path / "ft" / marker).exists(), "the fault never fired"
     ref_final, ref_B = reference
     assert torch.equal(_B(tmp_path / "ft"), ref_B)
     assert final["map_all_fg"] == pytest.approx(ref_final["map_all_fg"], abs=1e-12)
