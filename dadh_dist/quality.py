@@ -61,12 +61,14 @@ class Plan:
         return self.config.format(bits=cell.bits)
 
     def cell_overrides(self, cell: Cell) -> list[str]:
-        """Every override of one cell's run, in the order the trainer applies them."""
+        """Every override of one cell's run, in the order the trainer applies them (the code
+        length too: a config without `{bits}` in its name, e.g. the grids', still varies it)."""
         if cell.method not in METHODS:
             raise ValueError(f"method {cell.method!r}: known methods are {', '.join(METHODS)}")
         return [
-            "scaling.use_ray=false", f"train.seed={cell.seed}", f"log.run_dir={self.out}",
-            f"log.name={cell.name}", *METHODS[cell.method], *self.overrides,
+            "scaling.use_ray=false", f"objective.bits={cell.bits}", f"train.seed={cell.seed}",
+            f"log.run_dir={self.out}", f"log.name={cell.name}", *METHODS[cell.method],
+            *self.overrides,
             *self.method_overrides.get(cell.method, []),
         ]
 
