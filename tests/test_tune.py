@@ -292,12 +292,13 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
     # with the Optuna searcher (the shipped Fashion-MNIST sweep's): its state must come back too
     pytest.importorskip("optuna")
     text = (ROOT / "configs" / "sweep_debug.toml").read_text()
-    assert 'search = "random"' in text and 'base = "debug_cpu.toml"' in text
+    for line in ('search = "random"', 'base = "debug_cpu.toml"', "include_base = false"):
+        assert line in text
     sweep_file = tmp_path / "sweep_debug.toml"
     # ... and the base config's own values as its first trial (γ's range widened to hold them)
     assert text.count("high = 1000\n") == 1
-    sweep_file.write_text(text.replace('search = "random"',
-                                       'search = "optuna"\ninclude_base = true')
+    sweep_file.write_text(text.replace('search = "random"', 'search = "optuna"')
+                          .replace("include_base = false", "include_base = true")
                           .replace("high = 1000\n", "high = 5000\n")
                           .replace('base = "debug_cpu.toml"', f"base = {json.dumps(str(DEBUG))}"))
     args = ([f"log.run_dir={json.dumps(str(tmp_path))}", "train.outer_iters=2"], 3)
@@ -307,9 +308,14 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
 
     def interrupt_when_third_trial_starts():
         # one trial at a time: a third run folder means the first two trials have finished
+        # (trial names are random: order them by when their config was written)
+        def started(p: Path) -> float:
+            c = p / "config.toml"
+            return c.stat().st_mtime if c.is_file() else float("inf")
+
         deadline = time.time() + 600
         while time.time() < deadline:
-            trials = sorted(p for p in s.folder.glob("trial_*") if p.is_dir())
+            trials = sorted((p for p in s.folder.glob("trial_*") if p.is_dir()), key=started)
             if len(trials) >= 3:
                 seen["done"] = {p.name: _snapshot(p) for p in trials[:2]}
                 os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
