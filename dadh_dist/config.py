@@ -128,6 +128,9 @@ class TrainConfig:
     """Write a checkpoint every this many outer iterations."""
     amp: str = "off"
     """Mixed precision on GPU: off or bf16."""
+    tf32: bool = True
+    """On GPU: TF32 matmuls and convolutions plus cuDNN autotuning, for speed (false: full fp32
+    and a fixed algorithm choice)."""
     nonfinite: str = "stop"
     """A non-finite loss on any worker: stop (with context) or skip (every worker drops that
     mini-batch, counted and reported)."""
@@ -214,7 +217,7 @@ class Config:
 
         d = self.to_dict()
         d.pop("log")
-        for key in ("max_failures", "min_workers", "start_timeout_s"):
+        for key in ("max_failures", "min_workers", "start_timeout_s", "collective_timeout_s"):
             d["scaling"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -396,6 +399,9 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.scaling.use_ray and cfg.scaling.num_workers != 1:
         raise ConfigError("scaling.num_workers: must be 1 with scaling.use_ray = false")
+    if not cfg.scaling.use_ray and cfg.scaling.use_gpu:
+        raise ConfigError("scaling.use_gpu: needs scaling.use_ray = true (a run without Ray "
+                          "trains on the CPU)")
 
 
 def userinfo(uri: str) -> str:

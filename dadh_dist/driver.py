@@ -167,9 +167,10 @@ def ray_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        fast = cfg.train.tf32
+        torch.backends.cudnn.benchmark = fast
+        torch.backends.cuda.matmul.allow_tf32 = fast
+        torch.backends.cudnn.allow_tf32 = fast
     uri = config.get("run_uri")
     run_dir = storage.mirror_dir(uri) if uri else Path(config["run_dir"])
     resume = None

@@ -328,11 +328,13 @@ def update_codes(
     checksum = c.check_identical("B", B_new)
     Bf = B_new.float()
     quant_err = float(((torch.sign(F) - F) ** 2).mean())
+    quant_g = {} if G is None else {"codes/quant_error_g": float(((torch.sign(G) - G) ** 2).mean())}
     return B_new, {
         "codes/flipped": float((B_new != B).float().mean()),
         "codes/bit_balance": float(Bf.mean(0).abs().mean()),
         "codes/seconds": time.time() - t0,
-        "codes/quant_error": quant_err,
+        "codes/quant_error": quant_err,  # stream f's (ADSH has only f)
+        **quant_g,
         "codes/checksum": float(checksum % 1_000_000_007),
     }
 

@@ -42,6 +42,8 @@ def test_toml_round_trip(tmp_path):
     ("model.backbone=vit", "model.backbone: 'vit' is not one of"),
     ("train.batch_size=3", "train.batch_size: 3 is not divisible"),
     ("optim.lr_f=0", "optim.lr_f: must be > 0"),
+    ("train.amp=fp16", "train.amp: 'fp16' is not one of"),
+    ("train.tf32=1", "train.tf32: expected bool"),
     ("log.name=ablation/g100", "log.name: 'ablation/g100' must be one folder name"),
     ("log.name=..", "log.name: '..' must be one folder name"),
     ('log.run_dir="s3://AKIA:s3cret@bucket/runs"', "log.run_dir: the URI carries a secret"),
@@ -57,6 +59,12 @@ def test_bad_values_name_the_key(override, message):
 def test_run_dir_uri_may_name_a_user_without_secret():
     assert config.load(None, ['log.run_dir="hdfs://alice@namenode:8020/runs"']).log.run_dir \
         == "hdfs://alice@namenode:8020/runs"
+
+
+def test_gpu_needs_ray():
+    with pytest.raises(ConfigError, match=r"scaling.use_gpu: needs scaling.use_ray = true"):
+        config.load(None, ["scaling.use_gpu=true", "scaling.use_ray=false"])
+    assert config.load(None, ["scaling.use_gpu=true"]).scaling.use_gpu
 
 
 def test_batch_divisible_by_workers():
@@ -91,7 +99,7 @@ def test_elastic_range_and_start_timeout_leave_the_result_and_run_name_alone():
     fixed = config.load(None, ["scaling.num_workers=4", "train.batch_size=48"])
     elastic = config.load(None, ["scaling.num_workers=4", "scaling.min_workers=2",
                                  "scaling.max_failures=3", "scaling.start_timeout_s=20",
-                                 "train.batch_size=48"])
+                                 "scaling.collective_timeout_s=90", "train.batch_size=48"])
     # a fixed-size run can be resumed with an elastic range (same fingerprint, same run name)
     assert elastic.fingerprint() == fixed.fingerprint()
     config.load(None, ["scaling.num_workers=2", "scaling.min_workers=2"])  # = fixed size

@@ -268,4 +268,9 @@ def test_trainer_passes_collective_timeout_to_torch_config(tmp_path, monkeypatch
     trainer = driver.build_trainer(cfg, tmp_path / "r", None)
     assert trainer.backend_config.timeout_s == 7
     assert trainer.backend_config.backend == "gloo"
+    gpu = driver.build_trainer(config.load(DEBUG, ["scaling.use_gpu=true",
+                                                   f"log.run_dir={json.dumps(str(tmp_path))}"]),
+                               tmp_path / "g", None)
+    assert gpu.backend_config.backend == "nccl"
+    assert gpu.scaling_config.use_gpu and gpu.scaling_config.num_workers == 1
     assert not ray.is_initialized()

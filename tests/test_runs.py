@@ -120,7 +120,8 @@ def test_tensorboard_scalars_read_back(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("loss/total", "loss/pair_f", "loss/quant_g", "loss/code_f", "codes/flipped",
-                "codes/bit_balance", "codes/seconds", "codes/quant_error", "lr/f",
+                "codes/bit_balance", "codes/seconds", "codes/quant_error",
+                "codes/quant_error_g", "lr/f", "lr/g",
                 "perf/images_per_s", "val/map_all_fg", "test/map_all_fg"):
         assert tag in tags, tag
     steps = [e.step for e in acc.Scalars("codes/flipped")]
