@@ -327,16 +327,20 @@ def update_codes(
         B_new[0, 0] = -B_new[0, 0]
     checksum = c.check_identical("B", B_new)
     Bf = B_new.float()
-    quant_err = float(((torch.sign(F) - F) ** 2).mean())
-    quant_g = {} if G is None else {"codes/quant_error_g": float(((torch.sign(G) - G) ** 2).mean())}
+    quant_g = {} if G is None else {"codes/quant_error_g": _quant_error(G)}
     return B_new, {
         "codes/flipped": float((B_new != B).float().mean()),
         "codes/bit_balance": float(Bf.mean(0).abs().mean()),
         "codes/seconds": time.time() - t0,
-        "codes/quant_error": quant_err,  # stream f's (ADSH has only f)
+        "codes/quant_error": _quant_error(F),  # stream f's (ADSH has only f)
         **quant_g,
         "codes/checksum": float(checksum % 1_000_000_007),
     }
+
+
+def _quant_error(X: torch.Tensor) -> float:
+    """Mean squared distance of a stream's outputs from their signs."""
+    return float(((torch.sign(X) - X) ** 2).mean())
 
 
 def initial_codes(cfg: Config, n: int) -> torch.Tensor:
