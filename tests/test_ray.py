@@ -98,6 +98,23 @@ def test_ray_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, ray_local,
     assert final["map_all_fg"] == pytest.approx(ref_final["map_all_fg"], abs=1e-12)
 
 
+def test_ray_run_that_failed_resumes_by_name(tmp_path, ray_local, reference, monkeypatch):
+    """No restarts allowed: a lost worker stops the run; the same command again picks it up from
+    its last checkpoint (the fault's marker keeps it from firing twice) and ends as a straight
+    run."""
+    monkeypatch.setenv("DADH_FAULT", "kill:streams:2:1")
+    cfg = _cfg(tmp_path, "rerun", "scaling.num_workers=2", "scaling.max_failures=0")
+    with pytest.raises(driver.RunFailed, match="run stopped"):
+        driver.run_ray(cfg)
+    assert (tmp_path / "rerun" / ".fault_streams_2_1").exists(), "the fault never fired"
+    assert not (tmp_path / "rerun" / "final_metrics.json").exists()
+    final = driver.run_ray(cfg)
+    assert final["resumed_at"] in (1, 2)
+    ref_final, ref_B = reference
+    assert torch.equal(_B(tmp_path / "rerun"), ref_B)
+    assert final["map_all_fg"] == pytest.approx(ref_final["map_all_fg"], abs=1e-12)
+
+
 def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):
     """log.run_dir an s3:// URI: Ray Train stores the checkpoints through the URI's filesystem,
     rank 0 publishes TensorBoard and metrics, and the result is the local run's."""
