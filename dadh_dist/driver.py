@@ -70,12 +70,18 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
             _refuse_changed(cfg, fetched, storage.redact(cfg.log.run_dir))
         storage.write_bytes(storage.join(uri, "config.toml"), cfg.to_toml().encode())
         ckpt.write_atomic(saved, cfg.to_toml().encode())
-        return folder, storage.latest_valid(uri, folder)
+        return folder, newest_checkpoint(folder, uri)
     if saved.is_file():
         _refuse_changed(cfg, saved, str(folder.parent))
     folder.mkdir(parents=True, exist_ok=True)
     ckpt.write_atomic(saved, cfg.to_toml().encode())
-    return folder, ckpt.latest_valid(folder)
+    return folder, newest_checkpoint(folder, None)
+
+
+def newest_checkpoint(run_dir: Path, uri: str | None) -> Path | None:
+    """The run's newest checkpoint that verifies (None if none): in the run folder, or for a
+    remote run (`run_dir` its mirror) a verified local copy of the remote one."""
+    return storage.latest_valid(uri, run_dir) if uri else ckpt.latest_valid(run_dir)
 
 
 def _refuse_changed(cfg: Config, saved: Path, where: str) -> None:
@@ -133,15 +139,14 @@ def keep_checkpoint(folder: Path, staged: Path) -> Path:
     except ckpt.CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # a checkpoint of the same t is set aside under a name latest_valid still finds, should we
+    # die before the swap ends, and removed after it
+    old = dest.with_name(f"{dest.name}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
     if dest.exists():
-        # set aside under a name latest_valid still finds, should we die before the swap ends
-        old = dest.with_name(f"{dest.name}.replaced")
-        shutil.rmtree(old, ignore_errors=True)
         dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
     older = sorted(p for p in folder.glob("checkpoint_*") if p.is_dir() and p != dest)
     for p in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
         shutil.rmtree(p, ignore_errors=True)
@@ -217,7 +222,7 @@ def restart_checkpoint(restored: Path, run_dir: Path, uri: str | None) -> Path |
         ckpt.verify(restored)
         return restored
     except ckpt.CheckpointError as e:
-        fallback = storage.latest_valid(uri, run_dir) if uri else ckpt.latest_valid(run_dir)
+        fallback = newest_checkpoint(run_dir, uri)
         print(f"warning: {e}; resuming from {fallback or 'the start'}", flush=True)
         return fallback
 

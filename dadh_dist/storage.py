@@ -224,13 +224,11 @@ def fetch_checkpoint(uri: str, local: Path) -> Path:
         try:
             download_dir(uri, tmp)
             ckpt.verify(tmp)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, ckpt.CheckpointError):
-                raise ckpt.CheckpointError(f"{redact(uri)}: {str(e).split(': ', 1)[-1]}") \
-                    from None
-            raise
-        tmp.rename(local)
+            tmp.rename(local)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"{redact(uri)}: {str(e).split(': ', 1)[-1]}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
     return local
 
 
