@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _checkpoints import assert_same_state, flip_byte
 from _gloo import run_workers
 from torch.multiprocessing import ProcessExitedException
 
@@ -160,16 +161,9 @@ def test_lost_process_restarts_from_last_checkpoint(tmp_path, straight, phase):
     assert second.returncode == 0, second.stderr
     state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "k"))
     ref_final, ref_state = straight
-    assert torch.equal(state["B"], ref_state["B"])
-    for stream in ("f", "g"):
-        for key in ref_state[stream]:
-            assert torch.equal(state[stream][key], ref_state[stream][key]), (stream, key)
-    for opt in ("opt_f", "opt_g"):  # Adam moments survive the restart exactly
-        a, b = state[opt]["state"], ref_state[opt]["state"]
-        assert a.keys() == b.keys()
-        for p in a:
-            for name in a[p]:
-                assert torch.equal(torch.as_tensor(a[p][name]), torch.as_tensor(b[p][name]))
+    # B, both streams, both optimisers (Adam's moments survive the restart exactly), schedules
+    assert {"B", "f", "g", "opt_f", "opt_g"} <= state.keys() and state["opt_f"]["state"]
+    assert_same_state(state, ref_state)
     final = json.loads((tmp_path / "k" / "final_metrics.json").read_text())
     assert final["map_all_fg"] == ref_final["map_all_fg"]
 
@@ -177,12 +171,6 @@ def test_lost_process_restarts_from_last_checkpoint(tmp_path, straight, phase):
 def _save(folder: Path, t: int) -> Path:
     """A small checkpoint whose B tells which one it is."""
     return ckpt.save(folder, {"t": t, "B": torch.full((4, 2), float(t))}, "x = 1\n", "fp")
-
-
-def _corrupt(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def _B(folder: Path) -> float:
@@ -196,7 +184,7 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     older = _save(run / "checkpoint_2025-01-01_00-00-01.000000", 1)
     newer = _save(run / "checkpoint_2025-01-01_00-00-02.000000", 2)
     assert driver.restart_checkpoint(newer, run, None) == newer
-    _corrupt(newer / ckpt.STATE)
+    flip_byte(newer / ckpt.STATE)
     assert driver.restart_checkpoint(newer, run, None) == older
     assert f"{newer / ckpt.STATE}: contents do not match" in capsys.readouterr().out
     # the copy Ray hands out may sit outside the run folder
@@ -204,7 +192,7 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     _save(outside, 2)
     (outside / ckpt.MANIFEST).unlink()
     assert driver.restart_checkpoint(outside, run, None) == older
-    _corrupt(older / ckpt.STATE)
+    flip_byte(older / ckpt.STATE)
     assert driver.restart_checkpoint(newer, run, None) is None  # nothing valid: start over
     assert "resuming from the start" in capsys.readouterr().out
 
@@ -215,7 +203,7 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     for t in (1, 2):
         local = _save(tmp_path / f"up{t}", t)
         if t == 2:
-            _corrupt(local / ckpt.STATE)
+            flip_byte(local / ckpt.STATE)
         storage.upload_checkpoint(local, storage.join(uri, f"checkpoint_00000{t}"))
     mirror = tmp_path / "mirror"
     got = driver.restart_checkpoint(tmp_path / "up2", mirror, uri)
@@ -229,7 +217,7 @@ def test_no_checkpoint_is_deleted_before_its_successor_verifies(tmp_path, monkey
         driver.keep_checkpoint(run, _save(tmp_path / f"s{t}", t))
     kept = ["checkpoint_000001", "checkpoint_000002"]
     bad = _save(tmp_path / "bad", 3)
-    _corrupt(bad / ckpt.STATE)
+    flip_byte(bad / ckpt.STATE)
     with pytest.raises(ckpt.CheckpointError, match="bad/state.pt: contents do not match"):
         driver.keep_checkpoint(run, bad)
     assert sorted(p.name for p in run.iterdir()) == kept

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import _s3
@@ -39,24 +37,12 @@ def ray_local():
     # takes one report per worker per poll (every 2 s by default) and registers a checkpoint
     # once every worker's report of it is in; a debug iteration takes well under a second, so
     # poll faster, or a worker killed two iterations on may still find no checkpoint registered
-    with _s3.credentials(), _env("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"):
+    with _s3.credentials(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
         ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
                  log_to_driver=False)
         yield
         ray.shutdown()
-
-
-@contextlib.contextmanager
-def _env(key: str, value: str):
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 @pytest.fixture(scope="module")

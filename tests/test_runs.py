@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _checkpoints import assert_same_state, flip_byte
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, driver
@@ -38,23 +39,6 @@ def _final_B(folder: Path) -> torch.Tensor:
     return state["B"], manifest["t"]
 
 
-def _assert_same_state(a, b, where="state") -> None:
-    """Two checkpoint states hold identical values: B, both streams' weights, both optimisers'
-    moments and both schedules (any difference is named by its path)."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same_state(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def test_stopped_run_resumes_by_name_and_matches_uninterrupted(tmp_path):
     straight = _train_cli(tmp_path, "straight")
     assert straight.returncode == 0, straight.stderr
@@ -73,7 +57,7 @@ def test_stopped_run_resumes_by_name_and_matches_uninterrupted(tmp_path):
     a, b = (ckpt.load(ckpt.latest_valid(tmp_path / n))[0] for n in ("straight", "resumed"))
     assert {"f", "g", "opt_f", "opt_g", "sched_f", "sched_g"} <= a.keys()
     assert a["opt_g"]["state"], "stream g's optimiser holds no moments to compare"
-    _assert_same_state(a, b)
+    assert_same_state(a, b)
     m1 = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
     m2 = json.loads((tmp_path / "resumed" / "final_metrics.json").read_text())
     for key in ("map_all_f", "map_all_g", "map_all_fg"):
@@ -137,9 +121,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     driver.run_local(cfg)
     folder = tmp_path / "c"
     newest = folder / "checkpoint_000003"
-    data = bytearray((newest / "state.pt").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (newest / "state.pt").write_bytes(bytes(data))
+    flip_byte(newest / "state.pt")
     warnings = []
     assert ckpt.latest_valid(folder, warn=warnings.append) == folder / "checkpoint_000002"
     assert "checkpoint_000003/state.pt: contents do not match" in warnings[0]
@@ -175,7 +157,7 @@ def test_resume_by_name_skips_a_damaged_newest_checkpoint(tmp_path, capsys, dama
     assert "resumed from checkpoint_000002 at outer iteration 2" in out
     assert final["resumed_at"] == 2
     resumed, _ = ckpt.load(ckpt.latest_valid(folder))
-    _assert_same_state(resumed, reference)
+    assert_same_state(resumed, reference)
     assert sorted(p.name for p in folder.glob("checkpoint_*")) == [
         "checkpoint_000002", "checkpoint_000003"]
 
