@@ -175,10 +175,18 @@ def upload_file(local: Path, uri: str) -> None:
 
 
 def upload_checkpoint(local: Path, uri: str) -> None:
-    """Send a verified checkpoint folder, its manifest last (a half-sent one is refused later)."""
-    names = [p.name for p in local.iterdir() if p.is_file()]
-    for name in sorted(names, key=lambda n: (n == ckpt.MANIFEST, n)):
+    """Send a verified checkpoint folder, its manifest last (a half-sent one is refused later),
+    then list what the store holds: StorageError unless every file is there at its local size,
+    so that nothing older is pruned on the strength of a copy that did not arrive whole."""
+    sizes = {p.name: p.stat().st_size for p in local.iterdir() if p.is_file()}
+    for name in sorted(sizes, key=lambda n: (n == ckpt.MANIFEST, n)):
         upload_file(local / name, join(uri, name))
+    held = dict(list_files(uri))
+    for name, size in sorted(sizes.items()):
+        if held.get(name) != size:
+            got = "missing" if name not in held else f"{held[name]} of {size} bytes"
+            raise StorageError(f"{redact(join(uri, name))}: upload not confirmed ({got}); "
+                               "older checkpoints kept")
 
 
 def delete_dir(uri: str) -> None:

@@ -131,6 +131,30 @@ def test_corrupt_or_half_sent_remote_checkpoint_is_skipped(tmp_path, s3):
     assert "checkpoint_000001" in warnings[0]
 
 
+def test_upload_the_store_did_not_keep_whole_prunes_nothing(tmp_path, s3, monkeypatch):
+    # a store that acknowledges the third checkpoint's state.pt but keeps a short copy
+    send = storage.upload_file
+
+    def short_copy(local: Path, uri: str) -> None:
+        if "/checkpoint_000003/state.pt?" in uri:
+            storage.write_bytes(uri, local.read_bytes()[:100])
+        else:
+            send(local, uri)
+
+    monkeypatch.setattr(storage, "upload_file", short_copy)
+    cfg = config.load(DEBUG, _overrides(s3("u"), "u"))
+    with pytest.raises(storage.StorageError,
+                       match=r"checkpoint_000003/state.pt\?\S*: upload not confirmed \(100 of \d+ "
+                             r"bytes\); older checkpoints kept$"):
+        driver.run_local(cfg)
+    run = s3("u/u")
+    # t = 3 would have pruned checkpoint 1 (two are kept): both earlier ones are still there
+    assert [t for t, _ in storage.checkpoints(run)] == [3, 2, 1]
+    warnings = []
+    found = storage.latest_valid(run, tmp_path / "m", warn=warnings.append)
+    assert found == tmp_path / "m" / "checkpoint_000002" and "checkpoint_000003" in warnings[0]
+
+
 def _fetch(args: tuple[str, str]) -> str:
     return str(storage.fetch_checkpoint(args[0], Path(args[1])))
 
