@@ -48,6 +48,9 @@ class Evaluation:
     pr: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     """encoder -> (precision, recall), each (k + 1,): Hamming radius 0..k."""
     p_at_n: dict[str, dict[int, float]] = field(default_factory=dict)
+    by_labels: dict[str, list[dict]] = field(default_factory=dict)
+    """Multi-label data only: encoder -> one row per number of labels a query carries
+    ({"labels", "queries", "map", "p_at_n"}; map is mAP@topk, mAP@all when topk is 0)."""
 
     def table(self) -> list[tuple[str, str]]:
         """(column title, metric key without the encoder suffix), in report order."""
@@ -94,7 +97,18 @@ def evaluate(hf: HashFunction, dataset: Dataset, encoders: list[str] | None = No
         ev.pr[e] = retrieval.precision_recall_curve(*args)
         ev.p_at_n[e] = retrieval.precision_at_n(*args, ns)
         ev.query_codes[e] = q
+        if dataset.multi_label:
+            ev.by_labels[e] = by_label_count(per["ap_topk"], per["p_at_n"], queries.labels)
     return ev
+
+
+def by_label_count(ap: np.ndarray, p_at_n: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """Per-query metrics averaged over the queries with 1, 2, ... labels: where a multi-label
+    ranking loses (one label to match, or several)."""
+    counts = np.asarray(labels).sum(1)
+    return [{"labels": int(c), "queries": int((counts == c).sum()),
+             "map": float(ap[counts == c].mean()), "p_at_n": float(p_at_n[counts == c].mean())}
+            for c in np.unique(counts)]
 
 
 def run_reported(hf: HashFunction, ev: Evaluation) -> dict[str, float]:
@@ -212,6 +226,15 @@ def markdown(ev: Evaluation, hf: HashFunction, dataset: Dataset, reported: dict[
         values = " | ".join(f"{ev.metrics[f'{key}_{e}']:.4f}" for _, key in cols)
         lines.append(f"| {NAMES[e]} | {values} |")
     lines += ["", f"Best query encoder by mAP@all: **{NAMES[ev.best()]}**.", ""]
+    if ev.by_labels:
+        k = f"mAP@{ev.topk}" if ev.topk else "mAP@all"
+        lines += [f"By the number of labels a query carries ({k} / P@{ev.precision_at}):", "",
+                  "| labels | queries | " + " | ".join(NAMES[e] for e in ev.encoders) + " |",
+                  "|---" * (len(ev.encoders) + 2) + "|"]
+        for rows in zip(*(ev.by_labels[e] for e in ev.encoders)):
+            cells = " | ".join(f"{r['map']:.4f} / {r['p_at_n']:.4f}" for r in rows)
+            lines.append(f"| {rows[0]['labels']} | {rows[0]['queries']} | {cells} |")
+        lines.append("")
     if reported:
         gap = max(abs(ev.metrics[k] - v) for k, v in reported.items())
         verdict = "agrees with" if gap <= 1e-9 else "DIFFERS from"
@@ -249,6 +272,8 @@ def write(out: str | Path, ev: Evaluation, hf: HashFunction, dataset: Dataset,
                    for e in ev.encoders},
         "run_reported": reported,
     }
+    if ev.by_labels:
+        payload["by_label_count"] = ev.by_labels
     paths["metrics.json"] = out / "metrics.json"
     paths["metrics.json"].write_text(json.dumps(payload, indent=1, allow_nan=False))
     if tensorboard:

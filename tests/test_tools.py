@@ -8,6 +8,7 @@ database features (bias = -W·mean feature), so that codes depend on the image.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -23,7 +24,7 @@ from PIL import Image
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import cli, codesfile, config, driver, export, inference, loop, report, retrieval
-from dadh_dist.data import dataset_to_parquet
+from dadh_dist.data import Split, dataset_to_parquet
 from dadh_dist.models import HashStream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +126,36 @@ def test_evaluate_script_reports_map_at_1000_by_default(run, tmp_path):
         assert m[f"map_at_1000_{e}"] == pytest.approx(want, abs=1e-9)
         assert m[f"map_at_1000_{e}"] != pytest.approx(m[f"map_all_{e}"], abs=1e-6)
     assert "mAP@1000" in proc.stdout
+
+
+def test_multi_label_report_breaks_map_down_by_labels_per_query(loaded, tmp_path):
+    hf, ds = loaded
+    assert report.evaluate(hf, ds, ["fg"]).by_labels == {}  # single-label: nothing to split
+    labels = ds.query.labels.copy()
+    two = np.arange(0, len(labels), 3)  # every third query also carries the next class
+    labels[two, (labels[two].argmax(1) + 1) % labels.shape[1]] = 1
+    multi = dataclasses.replace(ds, multi_label=True,
+                                query=Split(ds.query.images, labels, ds.query.ids))
+    ev = report.evaluate(hf, multi, ["f", "fg"], topk=50)
+    counts = labels.sum(1)
+    for e in ("f", "fg"):
+        assert [(r["labels"], r["queries"]) for r in ev.by_labels[e]] == [
+            (1, int((counts == 1).sum())), (2, len(two))]
+        for r in ev.by_labels[e]:
+            rows = counts == r["labels"]
+            ap = retrieval.average_precision(ev.query_codes[e][rows], hf.B, labels[rows],
+                                             ds.database.labels, topk=50)
+            p = retrieval.precision_at_n(ev.query_codes[e][rows], hf.B, labels[rows],
+                                         ds.database.labels, [ev.precision_at])
+            assert r["map"] == pytest.approx(ap.mean(), abs=1e-12)
+            assert r["p_at_n"] == pytest.approx(p[ev.precision_at], abs=1e-12)
+    paths = report.write(tmp_path / "eval", ev, hf, multi, examples=0, tensorboard=False)
+    md = paths["report.md"].read_text()
+    row = ev.by_labels["fg"][1]
+    assert "| labels | queries | sign(f) | sign(f+g) |" in md
+    assert f"| 2 | {len(two)} | " in md and f"{row['map']:.4f} / {row['p_at_n']:.4f} |" in md
+    saved = json.loads(paths["metrics.json"].read_text())["by_label_count"]
+    assert saved["fg"] == ev.by_labels["fg"]
 
 
 def test_examples_figure_marks_exactly_the_results_sharing_no_label(loaded):
