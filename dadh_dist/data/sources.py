@@ -58,8 +58,10 @@ def load_source(cfg: DataConfig, problems: Problems) -> Dataset:
     if cfg.source not in SOURCES:
         raise DataError(f"data.source: {cfg.source!r} is not one of {', '.join(SOURCES)}")
     # the driver's pre-flight check, again where the data is read (a cluster's workers): a
-    # missing folder is named by its setting, whoever finds it
-    check_root(cfg)
+    # missing folder is named by its setting, whoever finds it. An empty root is the loaders'
+    # own case (their messages name data.root too), so the package lookup runs once.
+    if cfg.root:
+        check_root(cfg)
     ds = SOURCES[cfg.source](cfg, problems)
     ds.database = limit(ds.database, cfg.database_limit, cfg.seed)
     return ds
