@@ -123,6 +123,7 @@ def start_head(num_cpus: int, env: dict) -> tuple[Node, str]:
     head = Node(["--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                  f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}"],
                 env, num_cpus)
+    head.dashboard_url = f"http://127.0.0.1:{dashboard}"  # where `ray job submit` goes
     return head, f"127.0.0.1:{port}"
 
 

@@ -4,14 +4,12 @@ in-process Ray from another test module is alive while the head runs)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from _ray_nodes import ray_bin, ray_env, start_head
 
 pytestmark = pytest.mark.slow  # starts a Ray cluster
 
@@ -19,21 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ray_job_submit_on_local_head(tmp_path):
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    if not Path(ray_bin).exists():
-        ray_bin = shutil.which("ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    # the head runs in a session of its own and is torn down by it: never `ray stop`, which
+    # would stop every Ray on the machine
+    env = ray_env()
     run_dir = tmp_path / "runs"
+    head, _ = start_head(2, env)
     try:
-        subprocess.run(
-            [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-             "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-            check=True, capture_output=True, text=True, timeout=120, env=env,
-        )
+        head.wait_started()
         for _ in range(12):  # the head's job agent can take a while to come up on a busy box
             proc = subprocess.run(
-                [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8265",
+                [ray_bin(), "job", "submit", "--address", head.dashboard_url,
                  "--working-dir", str(ROOT), "--", "python", "jobs/train.py", "--config",
                  "configs/debug_cpu.toml", f"log.run_dir={json.dumps(str(run_dir))}",
                  "log.name=submitted"],
@@ -50,5 +43,4 @@ def test_ray_job_submit_on_local_head(tmp_path):
         metrics = json.loads((run_dir / "submitted" / "final_metrics.json").read_text())
         assert 0.0 < metrics["map_all_fg"] <= 1.0
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
-        time.sleep(1)
+        head.kill()
