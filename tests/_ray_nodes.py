@@ -80,6 +80,9 @@ def free_ports(n: int) -> list[int]:
 class Node:
     """One `ray start --block` process, leader of its own session."""
 
+    dashboard_url = ""
+    """A head's dashboard (`ray job submit --address`); set by start_head."""
+
     def __init__(self, args: list[str], env: dict, num_cpus: int):
         self.temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")  # short: socket paths
         self.log = Path(self.temp_dir) / "ray_start.log"
@@ -123,7 +126,7 @@ def start_head(num_cpus: int, env: dict) -> tuple[Node, str]:
     head = Node(["--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                  f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}"],
                 env, num_cpus)
-    head.dashboard_url = f"http://127.0.0.1:{dashboard}"  # where `ray job submit` goes
+    head.dashboard_url = f"http://127.0.0.1:{dashboard}"
     return head, f"127.0.0.1:{port}"
 
 
