@@ -143,6 +143,9 @@ class TrainConfig:
 class ScalingConfig:
     num_workers: int = 1
     """Ray Train workers (each runs both streams under DDP); the most an elastic run uses."""
+    stream_parallel: bool = False
+    """Train f on one half of the workers and g on the other (DDP inside each half), so the
+    second stream costs no wall time; needs an even num_workers >= 2 and two streams."""
     min_workers: int = 0
     """Fewest workers an elastic run may shrink to after losing nodes (0 = fixed size)."""
     use_gpu: bool = False
@@ -387,6 +390,7 @@ def validate(cfg: Config) -> None:
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
     _validate_worker_range(cfg)
+    _validate_stream_parallel(cfg)
     _validate_run_dir(cfg.log.run_dir)
     name = cfg.log.name
     if name and (any(c in name for c in '/\\?#') or name.startswith(".")):
@@ -454,6 +458,27 @@ def _validate_worker_range(cfg: Config) -> None:
         f"train.batch_size: {b} is not divisible by {bad[0]} workers, a size the elastic range "
         f"scaling.min_workers..num_workers = {counts.start}..{counts.stop - 1} allows; use a "
         f"multiple of {math.lcm(*counts)}")
+
+
+def _validate_stream_parallel(cfg: Config) -> None:
+    """f and g on two worker groups of W/2 each (DESIGN §3, stream-parallel)."""
+    s = cfg.scaling
+    if not s.stream_parallel:
+        return
+    if not cfg.objective.two_streams:
+        raise ConfigError("scaling.stream_parallel: needs two streams "
+                          "(objective.two_streams = true)")
+    if s.num_workers < 2 or s.num_workers % 2:
+        raise ConfigError("scaling.stream_parallel: needs an even scaling.num_workers >= 2 "
+                          f"(one half per stream), got {s.num_workers}")
+    if s.elastic:
+        raise ConfigError("scaling.stream_parallel: an elastic worker range (scaling.min_workers"
+                          " > 0) could give an odd worker count; use a fixed size")
+    half = s.num_workers // 2
+    if cfg.train.batch_size % half:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is not divisible by the {half} worker(s) "
+            f"of each stream's group; use a multiple of {half}")
 
 
 def _toml_value(v) -> str:

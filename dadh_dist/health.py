@@ -1,0 +1,64 @@
+"""Is a trained hash function doing anything? Collapse checks on codes and mAP (numpy only).
+
+A run whose codes have collapsed (every query the same code, or mAP at the level a random
+ranking reaches) looks like a finished run unless something says so. The training log,
+final_metrics.json and evaluate's report all use `collapse_warning`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# mAP within this much of the chance level counts as "learned nothing".
+CHANCE_MARGIN = 0.05
+
+
+def distinct_codes(codes: np.ndarray) -> int:
+    """Number of distinct rows of a ±1 (or 0/1, or packed) code matrix."""
+    codes = np.asarray(codes)
+    if codes.shape[0] == 0:
+        return 0
+    return int(np.unique(np.ascontiguousarray(codes).reshape(codes.shape[0], -1), axis=0).shape[0])
+
+
+def chance_map(query_labels: np.ndarray, db_labels: np.ndarray) -> float:
+    """mAP of a random ranking: per query, the fraction of the database that is relevant
+    (shares a label), averaged over queries with at least one relevant item."""
+    q = np.asarray(query_labels, dtype=np.float64)
+    d = np.asarray(db_labels, dtype=np.float64)
+    if q.shape[0] == 0 or d.shape[0] == 0:
+        return 0.0
+    # relevant iff y_q · y_d > 0; count per query without an (nq, n) matrix for single labels
+    relevant = np.zeros(q.shape[0])
+    for start in range(0, q.shape[0], 256):
+        block = q[start : start + 256] @ d.T > 0
+        relevant[start : start + 256] = block.sum(1)
+    has = relevant > 0
+    if not has.any():
+        return 0.0
+    return float((relevant[has] / d.shape[0]).mean())
+
+
+def collapse_warning(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
+                     db_labels: np.ndarray, map_value: float | None) -> str | None:
+    """One line describing a collapse, or None when the codes look healthy.
+
+    Collapsed when the queries share fewer distinct codes than there are classes among them
+    (a hash function that cannot tell the classes apart), when the database codes do, or when
+    mAP is within CHANCE_MARGIN of the chance level computed from the labels.
+    """
+    reasons = []
+    classes = int((np.asarray(query_labels).sum(0) > 0).sum())
+    floor = max(2, classes)
+    nq, ndb = distinct_codes(query_codes), distinct_codes(db_codes)
+    if query_codes.shape[0] >= floor and nq < floor:
+        reasons.append(f"{nq} distinct query code(s) for {classes} classes")
+    if db_codes.shape[0] >= floor and ndb < floor:
+        reasons.append(f"{ndb} distinct database code(s) for {classes} classes")
+    if map_value is not None:
+        chance = chance_map(query_labels, db_labels)
+        if map_value <= chance + CHANCE_MARGIN:
+            reasons.append(f"mAP {map_value:.3f} is at the chance level {chance:.3f}")
+    if not reasons:
+        return None
+    return "codes collapsed: " + "; ".join(reasons)
