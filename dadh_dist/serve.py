@@ -1,0 +1,799 @@
+"""A trained hash function behind HTTP: an image-retrieval service on Ray Serve (issue 21).
+
+    python jobs/serve.py --checkpoint runs/<run>                 # http://127.0.0.1:8000
+    curl -F image=@cat.png 'http://127.0.0.1:8000/search?k=5'
+    serve run dadh_dist.serve:app checkpoint=runs/<run> replicas=2   # or a Serve config file
+
+Endpoints (JSON answers):
+
+    POST /search   images + k (default 10) -> per image its code, the top-k database ids and
+                   their Hamming distances, ties in database order (the rule of jobs/search.py)
+    POST /encode   images -> per image its code
+    GET  /info     bits, encoder, model hash, database size, backend, input geometry, limits
+    GET  /healthz  {"status": "ok"}
+
+Images come as multipart files (`curl -F image=@a.png -F image=@b.png -F k=5`), as JSON
+`{"images": ["<base64>", ...], "ids": [...], "k": 5}` (ids optional; data: URLs accepted), or as
+one raw image body (`Content-Type: image/png`); `k` may also be a query parameter. A code is a
+string of `bits` characters, character c being 1 where bit c of the code is +1.
+
+Each replica loads the hash function (a checkpoint or a `jobs/export.py` export) and builds the
+database index once. Concurrent requests are batched by Serve into one forward pass; the batch is
+searched at its largest k and cut per request, which is exact because the top-k under a stable
+ranking is a prefix of the top-K for K >= k. The index is faiss `IndexBinaryFlat` when faiss is
+installed and the code length is a multiple of 8, the packed XOR + popcount kernel otherwise;
+faiss only yields the k-th distance, and the ids come from a range search ordered by (distance,
+database index), so both backends answer the same lists.
+
+Images must already have the model's geometry (gray or colour as trained, the training side in
+pixels) unless the service runs with --resize, which converts and resizes them as jobs/search.py
+does. A user mistake gets a 4xx with `{"error": "<one line>"}`; a database codes file whose bits
+or model hash differ from the model's is refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from dadh_dist.codesfile import Codes
+
+APP_NAME = "dadh"
+DEPLOYMENT_NAME = "dadh_retrieval"
+BACKENDS = ("auto", "packed", "faiss")
+DEFAULT_K = 10
+BATCH_HEADER = "x-dadh-batch-images"
+"""Response header: how many images the forward pass that encoded this request held."""
+ROUTES = {"search": "POST", "encode": "POST", "info": "GET", "healthz": "GET"}
+FILE_FIELDS = ("image", "images", "file", "files")
+
+logger = logging.getLogger("dadh_dist.serve")
+
+
+class RequestError(Exception):
+    """A request the service refuses: an HTTP status (4xx) and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = " ".join(message.split())
+
+
+def _config_error(message: str) -> Exception:
+    from dadh_dist.config import ConfigError
+
+    return ConfigError(message)
+
+
+# -------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to serve and how; the fields are the command line's flags (--max-images ...)."""
+
+    checkpoint: str
+    """A run folder (its newest valid checkpoint), a checkpoint_* folder, or an export folder."""
+    database: str | None = None
+    """Database codes file; default: the run's learned B with the database split's ids."""
+    encoder: str | None = None
+    """f, g or fg (default: fg with two streams, else f; an export fixes its own)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    max_images: int = 64
+    """Images in one request."""
+    max_body_bytes: int = 16 << 20
+    backend: str = "auto"
+    device: str = "cpu"
+    resize: bool = False
+    """Convert and resize images as jobs/search.py does, instead of refusing other geometries."""
+    batch_images: int = 256
+    """Most images in one batched forward pass (raised to max_images if lower)."""
+    batch_wait_s: float = 0.005
+    """How long a batch waits for more requests once its first has come."""
+    cpus_per_replica: float = 1.0
+
+    def __post_init__(self) -> None:
+        positive = {"--replicas": self.replicas, "--max-images": self.max_images,
+                    "--max-body-bytes": self.max_body_bytes, "--batch-images": self.batch_images}
+        for flag, value in positive.items():
+            if value < 1:
+                raise _config_error(f"{flag}: must be >= 1, got {value}")
+        if not 1 <= self.port <= 65535:
+            raise _config_error(f"--port: must be in 1..65535, got {self.port}")
+        if self.batch_wait_s < 0:
+            raise _config_error(f"--batch-wait-s: must be >= 0, got {self.batch_wait_s}")
+        if self.cpus_per_replica <= 0:
+            raise _config_error(f"--cpus-per-replica: must be > 0, got {self.cpus_per_replica}")
+        if self.backend not in BACKENDS:
+            raise _config_error(f"--backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.encoder not in (None, "f", "g", "fg"):
+            raise _config_error(f"--encoder: {self.encoder!r} is not one of f, g, fg")
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.batch_images, self.max_images)
+
+    @classmethod
+    def from_args(cls, args: dict) -> Options:
+        """Options from a `serve run` / config-file argument dict (values may be strings)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, raw in (args or {}).items():
+            name = str(key).replace("-", "_")
+            if name not in fields:
+                raise _config_error(f"{key}: unknown argument (known: {', '.join(fields)})")
+            values[name] = _convert(name, fields[name].type, raw)
+        if "checkpoint" not in values:
+            raise _config_error("checkpoint: required (a run, checkpoint or export folder)")
+        return cls(**values)
+
+
+def _convert(name: str, kind: str, raw):
+    """A builder argument as its field's type ('int', 'float', 'bool', 'str', 'str | None')."""
+    if raw is None or kind.startswith("str"):
+        return None if raw is None else str(raw)
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return text in ("1", "true", "yes")
+        return int(raw) if kind == "int" else float(raw)
+    except ValueError:
+        raise _config_error(f"{name}: expected {kind}, got {raw!r}") from None
+
+
+# ------------------------------------------------------------------------------- model and data
+
+
+@dataclass
+class Model:
+    """The hash function as the service uses it: uint8 images (N, C, S, S) -> int8 ±1 (N, k)."""
+
+    bits: int
+    channels: int
+    image_size: int
+    encoder: str
+    model_sha256: str
+    path: Path
+    """The checkpoint or export folder the weights came from."""
+    run_checkpoint: Path | None
+    """The training checkpoint whose learned B is the default database (None: unknown here)."""
+    encode: object
+    """callable: uint8 (N, C, S, S) -> int8 ±1 (N, bits)."""
+
+    def codes(self, images: np.ndarray) -> np.ndarray:
+        return self.encode(images)
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path).expanduser() / "export.json").is_file()
+
+
+def load_model(path: str | Path, encoder: str | None = None, device: str = "cpu") -> Model:
+    """The hash function of a run, checkpoint or export folder (see `Options.checkpoint`)."""
+    import torch
+
+    from dadh_dist import inference
+
+    if device != "cpu":
+        from dadh_dist.cli import device_arg
+
+        try:
+            device_arg(device)
+        except argparse.ArgumentTypeError as e:
+            raise _config_error(f"--device: {e}") from None
+    if is_export(path):
+        return _load_export(Path(path).expanduser(), encoder, device)
+    hf = inference.load(path, device)
+    enc = hf.check_encoder(encoder or hf.default_encoder)
+
+    def encode(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return hf.codes(images, enc)
+
+    return Model(hf.bits, hf.channels, hf.image_size, enc, hf.model_sha256, hf.checkpoint,
+                 hf.checkpoint, encode)
+
+
+def _load_export(folder: Path, encoder: str | None, device: str) -> Model:
+    import torch
+
+    from dadh_dist import export
+
+    meta_file = folder / "export.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+        enc, bits, shape = meta["encoder"], int(meta["bits"]), meta["input"]["shape"]
+        channels, size, sha = int(shape[1]), int(shape[2]), str(meta["model_sha256"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise _config_error(f"{meta_file}: not an export's metadata ({e})") from None
+    if encoder is not None and encoder != enc:
+        raise _config_error(f"--encoder: the export {folder} computes {enc}, not {encoder} "
+                            "(export that encoder, or name the run's checkpoint)")
+    if device != "cpu":
+        raise _config_error(f"--device: an export runs on the CPU; name the run's checkpoint "
+                            f"to serve on {device}")
+    program_file = folder / f"hash_{enc}.pt2"
+    if not program_file.is_file():
+        raise FileNotFoundError(f"{program_file}: the export's program is missing")
+    program = export.load_program(program_file)
+    batch = int(meta.get("config", {}).get("eval", {}).get("batch_size", 256))
+
+    def encode(images: np.ndarray) -> np.ndarray:
+        out = np.empty((len(images), bits), np.int8)
+        with torch.no_grad():
+            for s in range(0, len(images), batch):
+                out[s:s + batch] = program(torch.from_numpy(images[s:s + batch])).numpy()
+        return out
+
+    run_checkpoint = Path(meta["checkpoint"]) if meta.get("checkpoint") else None
+    return Model(bits, channels, size, enc, sha, folder, run_checkpoint, encode)
+
+
+def load_database(options: Options, model: Model) -> Codes:
+    """The database codes the service searches, refused unless `model` made them."""
+    from dadh_dist import codesfile, inference
+
+    if options.database is not None:
+        database = codesfile.read(options.database)
+    else:
+        run = model.run_checkpoint
+        if run is None or not run.is_dir():
+            raise _config_error(f"--database: {model.path} is an export whose training "
+                                f"checkpoint ({run}) is not here; name a database codes file")
+        hf = inference.load(run)
+        if hf.model_sha256 != model.model_sha256:
+            raise codesfile.CodesError(f"{run}: holds model {hf.model_sha256[:12]}, but the "
+                                       f"export {model.path} model {model.model_sha256[:12]}")
+        database = inference.encode_to_codes(hf, None, "database", None, learned=True)
+    check_database(database, model)
+    return database
+
+
+def check_database(database: Codes, model: Model) -> None:
+    from dadh_dist.codesfile import CodesError
+
+    if len(database) == 0:
+        raise CodesError(f"{database.name}: the database holds no codes")
+    if database.bits != model.bits:
+        raise CodesError(f"{database.name}: {database.bits}-bit codes, but {model.path} makes "
+                         f"{model.bits}-bit codes")
+    if database.model_sha256 != model.model_sha256:
+        raise CodesError(f"{database.name}: made by model {database.model_sha256[:12]}, but "
+                         f"{model.path} is model {model.model_sha256[:12]}; encode the database "
+                         "with this checkpoint (jobs/encode.py)")
+
+
+# ------------------------------------------------------------------------------------------ index
+
+
+def resolve_backend(backend: str, bits: int) -> str:
+    """auto -> faiss when it is installed and bits % 8 == 0, else packed."""
+    if backend == "packed":
+        return backend
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        if backend == "faiss":
+            raise _config_error("--backend faiss: faiss is not installed "
+                                "(pip install faiss-cpu)") from None
+        return "packed"
+    if bits % 8:
+        if backend == "faiss":
+            raise _config_error(f"--backend faiss: IndexBinaryFlat needs a bit count that is a "
+                                f"multiple of 8, the model has {bits}; use --backend packed")
+        return "packed"
+    return "faiss"
+
+
+class Index:
+    """Top-k Hamming search over packed database codes, ties in database order."""
+
+    def __init__(self, database: Codes, backend: str = "auto"):
+        self.bits = database.bits
+        self.packed = np.ascontiguousarray(database.packed)
+        self.backend = resolve_backend(backend, self.bits)
+        self._faiss = None
+        if self.backend == "faiss":
+            import faiss
+
+            self._faiss = faiss.IndexBinaryFlat(self.bits)
+            self._faiss.add(self.packed)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def topk(self, query_packed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, distances), each (nq, k), nearest first, ties in database order."""
+        from dadh_dist import codesfile
+
+        if self._faiss is None:
+            return codesfile.topk(query_packed, self.packed, k, self.bits, "packed")
+        q = np.ascontiguousarray(query_packed)
+        kth, _ = self._faiss.search(q, k)
+        kth = kth[:, -1].astype(np.int64)
+        # every row within the k-th distance, then the stable order (distance, index) of them
+        lims, dist, ids = self._faiss.range_search(q, int(kth.max()) + 1)
+        index = np.empty((len(q), k), np.int64)
+        out = np.empty((len(q), k), np.int32)
+        for row in range(len(q)):
+            d = dist[lims[row]:lims[row + 1]].astype(np.int64)
+            i = ids[lims[row]:lims[row + 1]].astype(np.int64)
+            keep = d <= kth[row]
+            order = np.lexsort((i[keep], d[keep]))[:k]
+            index[row], out[row] = i[keep][order], d[keep][order]
+        return index, out
+
+
+# --------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Work:
+    """One parsed request: its route, image names, decoded images and k (0 for /encode)."""
+
+    route: str
+    names: list
+    images: np.ndarray
+    """(N, C, S, S) uint8."""
+    k: int
+
+
+def parse_k(raw, database_size: int) -> int:
+    if raw is None or raw == "":
+        k = DEFAULT_K
+    else:
+        try:
+            k = int(raw) if not isinstance(raw, (bool, float)) else None
+        except (TypeError, ValueError):
+            k = None
+        if k is None:
+            raise RequestError(400, f"k: must be an integer, got {raw!r}")
+    if not 1 <= k <= database_size:
+        raise RequestError(422, f"k: must be in 1..{database_size} (the database size), got {k}")
+    return k
+
+
+def read_images(body: bytes, content_type: str) -> tuple[list, list[bytes], object]:
+    """(names, image bytes, k or None) from a multipart, JSON or raw-image body."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        return _read_multipart(body, content_type)
+    if kind == "application/json":
+        return _read_json(body)
+    if kind.startswith("image/") or kind == "application/octet-stream":
+        return [0], [body], None
+    raise RequestError(415, f"Content-Type {kind or '(none)'!r} is not accepted: send "
+                       "multipart/form-data files, application/json base64 images, or one "
+                       "image/* body")
+
+
+def _read_multipart(body: bytes, content_type: str) -> tuple[list, list[bytes], object]:
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart() or not message.get_boundary():
+        raise RequestError(400, "multipart body without parts (no or a wrong boundary)")
+    names, blobs, k = [], [], None
+    for i, part in enumerate(message.iter_parts()):
+        field = part.get_param("name", header="content-disposition")
+        filename = part.get_filename()
+        data = part.get_payload(decode=True) or b""
+        if field == "k" and filename is None:
+            k = data.decode("utf-8", "replace").strip()
+        elif filename is not None or field in FILE_FIELDS:
+            names.append(filename if filename else f"{field}[{i}]")
+            blobs.append(data)
+        else:
+            raise RequestError(400, f"multipart field {field!r}: unknown (send files as "
+                               f"{'/'.join(FILE_FIELDS)}, and k)")
+    return names, blobs, k
+
+
+def _read_json(body: bytes) -> tuple[list, list[bytes], object]:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, f"body: not JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise RequestError(400, 'body: expected {"images": ["<base64>", ...], "k": 10}')
+    unknown = sorted(set(doc) - {"images", "ids", "k"})
+    if unknown:
+        raise RequestError(400, f"body: unknown key {unknown[0]!r} (known: images, ids, k)")
+    images = doc["images"]
+    ids = doc.get("ids", list(range(len(images))))
+    if not isinstance(ids, list) or len(ids) != len(images):
+        raise RequestError(400, f"ids: expected a list of {len(images)} ids, one per image")
+    blobs = []
+    for i, text in enumerate(images):
+        if not isinstance(text, str):
+            raise RequestError(400, f"images[{i}]: expected a base64 string")
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]
+        try:
+            blobs.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError) as e:
+            raise RequestError(400, f"images[{i}]: not base64 ({e})") from None
+    return ids, blobs, doc.get("k")
+
+
+def _colour_channels(img) -> int:
+    """1 for a gray image, 3 for a colour one, as the file stores it (alpha ignored)."""
+    if img.mode in ("P", "PA"):
+        return 1 if getattr(img.palette, "mode", "RGB") in ("L", "LA") else 3
+    bands = [b for b in img.getbands() if b not in ("A", "a")]
+    return 1 if len(bands) == 1 else 3
+
+
+def decode_image(blob: bytes, name, model: Model, resize: bool) -> np.ndarray:
+    """(C, S, S) uint8 as the model sees it, or RequestError 422 naming the image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from dadh_dist.data import DataError
+    from dadh_dist.data.images import DECODE_ERRORS
+    from dadh_dist.inference import decode
+
+    where = f"image {name}"
+    c, s = model.channels, model.image_size
+    try:
+        with Image.open(io.BytesIO(blob)) as img:  # the header only: no pixels decoded yet
+            got, (w, h) = _colour_channels(img), img.size
+    except UnidentifiedImageError:
+        raise RequestError(422, f"{where}: not an image (no image format recognised)") from None
+    except DECODE_ERRORS as e:
+        raise RequestError(422, f"{where}: not an image ({e})") from None
+    if not resize:
+        kinds = {1: "gray", 3: "colour"}
+        if got != c:
+            raise RequestError(422, f"{where}: a {kinds[got]} image, the model takes {kinds[c]} "
+                               "images (convert it, or start the service with --resize)")
+        if (w, h) != (s, s):
+            raise RequestError(422, f"{where}: {w}x{h} px, the model takes {s}x{s} px (resize "
+                               "it, or start the service with --resize)")
+    try:
+        return decode(blob, c, s, where)
+    except DataError as e:
+        raise RequestError(422, str(e)) from None
+
+
+def code_strings(packed: np.ndarray, bits: int) -> list[str]:
+    """'0'/'1' strings of `bits` characters, character c = bit c of each packed code."""
+    chars = (np.unpackbits(packed, axis=1)[:, :bits] + ord("0")).astype(np.uint8)
+    return [row.tobytes().decode("ascii") for row in chars]
+
+
+# ---------------------------------------------------------------------------------------- service
+
+
+class Service:
+    """The hash function, the database index and the request logic, without Ray or HTTP: one
+    replica holds one, and tests can drive one directly."""
+
+    def __init__(self, options: Options, database: Codes, model: Model | None = None,
+                 model_sha256: str | None = None):
+        self.options = options
+        self.model = model or load_model(options.checkpoint, options.encoder, options.device)
+        if model_sha256 is not None and self.model.model_sha256 != model_sha256:
+            raise _config_error(f"{self.model.path}: changed since the service was built (model "
+                                f"{self.model.model_sha256[:12]}, expected {model_sha256[:12]})")
+        check_database(database, self.model)
+        self.database = database
+        self.ids = database.ids
+        self.index = Index(database, options.backend)
+
+    def info(self) -> dict:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("dadh_dist")
+        except PackageNotFoundError:
+            ours = "unknown"
+        m, o = self.model, self.options
+        return {"bits": m.bits, "encoder": m.encoder, "model_sha256": m.model_sha256,
+                "database_size": len(self.database),
+                "database": str(self.database.path) if self.database.path else
+                f"learned B of {m.run_checkpoint}", "backend": self.index.backend,
+                "checkpoint": str(m.path),
+                "input": {"channels": m.channels, "size": m.image_size, "resize": o.resize},
+                "limits": {"max_images": o.max_images, "max_body_bytes": o.max_body_bytes},
+                "version": ours}
+
+    def parse(self, route: str, body: bytes, content_type: str, params: dict) -> Work:
+        """A /search or /encode request as Work, or RequestError."""
+        names, blobs, k_body = read_images(body, content_type)
+        if not blobs:
+            raise RequestError(400, "no images in the request (send multipart files, or JSON "
+                               '{"images": ["<base64>", ...]})')
+        if len(blobs) > self.options.max_images:
+            raise RequestError(413, f"too many images: {len(blobs)} in one request, the limit "
+                               f"is {self.options.max_images} (--max-images)")
+        k = 0
+        if route == "search":
+            k = parse_k(k_body if k_body is not None else params.get("k"), len(self.database))
+        m = self.model
+        images = np.empty((len(blobs), m.channels, m.image_size, m.image_size), np.uint8)
+        for i, (name, blob) in enumerate(zip(names, blobs)):
+            images[i] = decode_image(blob, name, m, self.options.resize)
+        return Work(route, names, images, k)
+
+    def run_batch(self, batch: list[Work]) -> list[dict]:
+        """Answers to a batch of requests: one forward pass, one search at the largest k."""
+        images = np.concatenate([w.images for w in batch])
+        from dadh_dist.retrieval import pack_codes
+
+        packed = pack_codes(self.model.codes(images))
+        codes = code_strings(packed, self.model.bits)
+        starts = np.cumsum([0] + [len(w.images) for w in batch])
+        rows = [np.arange(a, b) for a, b, w in zip(starts, starts[1:], batch)
+                if w.route == "search"]
+        found = {}
+        if rows:
+            rows = np.concatenate(rows)
+            top = max(w.k for w in batch)
+            index, dist = self.index.topk(packed[rows], top)
+            found = {int(r): (index[j], dist[j]) for j, r in enumerate(rows)}
+        answers = []
+        for w, a in zip(batch, starts):
+            results = []
+            for j, name in enumerate(w.names):
+                item = {"query": name, "code": codes[a + j]}
+                if w.route == "search":
+                    index, dist = found[int(a + j)]
+                    item["ids"] = self.ids[index[:w.k]].tolist()
+                    item["distances"] = dist[:w.k].astype(int).tolist()
+                results.append(item)
+            answer = {"bits": self.model.bits, "encoder": self.model.encoder,
+                      "model_sha256": self.model.model_sha256}
+            if w.route == "search":
+                answer.update(k=w.k, backend=self.index.backend)
+            answers.append({**answer, "results": results})
+        return answers
+
+    def handle(self, method: str, path: str, body: bytes = b"", content_type: str = "",
+               params: dict | None = None) -> tuple[int, dict]:
+        """(status, JSON document) of one request, without batching (tests, debugging)."""
+        try:
+            route = check_route(method, path)
+            if route in ("info", "healthz"):
+                return 200, self.info() if route == "info" else {"status": "ok"}
+            if len(body) > self.options.max_body_bytes:
+                raise _too_large(len(body), self.options.max_body_bytes)
+            return 200, self.run_batch([self.parse(route, body, content_type, params or {})])[0]
+        except RequestError as e:
+            return e.status, {"error": e.message}
+
+
+def check_route(method: str, path: str) -> str:
+    """The endpoint a request names (any route prefix), or RequestError 404/405."""
+    route = path.rstrip("/").rsplit("/", 1)[-1]
+    if route not in ROUTES:
+        raise RequestError(404, f"{path}: no such endpoint (POST /search, POST /encode, "
+                           "GET /info, GET /healthz)")
+    if method != ROUTES[route]:
+        raise RequestError(405, f"{method} {path}: use {ROUTES[route]}")
+    return route
+
+
+def _too_large(size: int, limit: int) -> RequestError:
+    return RequestError(413, f"body: {size} bytes, the limit is {limit} (--max-body-bytes)")
+
+
+def _images_in(batch: list[Work]) -> int:
+    return sum(len(w.images) for w in batch)
+
+
+# ----------------------------------------------------------------------------- Serve deployment
+
+
+class Retrieval:
+    """One Serve replica: a `Service` behind plain Starlette request handling, its forward
+    passes batched by `serve.batch` (counted in images, at most `Options.max_batch`)."""
+
+    def __init__(self, options: Options, database: Codes, model_sha256: str):
+        from ray import serve
+
+        self.service = Service(options, database, model_sha256=model_sha256)
+        self.encode_batch = serve.batch(max_batch_size=options.max_batch,
+                                        batch_wait_timeout_s=options.batch_wait_s,
+                                        batch_size_fn=_images_in)(self._run_batch)
+
+    async def _run_batch(self, batch: list[Work]) -> list[tuple[dict, int]]:
+        # the forward pass runs in a thread: the replica keeps reading requests meanwhile
+        answers = await asyncio.to_thread(self.service.run_batch, batch)
+        return [(a, _images_in(batch)) for a in answers]
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse
+
+        headers = {}
+        try:
+            route = check_route(request.method, request.url.path)
+            if route in ("info", "healthz"):
+                return JSONResponse(self.service.info() if route == "info" else {"status": "ok"})
+            body = await _read_body(request, self.service.options.max_body_bytes)
+            work = self.service.parse(route, body, request.headers.get("content-type", ""),
+                                      dict(request.query_params))
+            answer, batch = await self.encode_batch(work)
+            headers[BATCH_HEADER] = str(batch)
+            return JSONResponse(answer, headers=headers)
+        except RequestError as e:
+            if e.status == 405:
+                headers["allow"] = ROUTES[request.url.path.rstrip("/").rsplit("/", 1)[-1]]
+            return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
+        except Exception as e:  # a fault of ours: logged in full, answered in one line
+            logger.exception("request %s %s failed", request.method, request.url.path)
+            msg = " ".join(f"internal error: {type(e).__name__}: {e}".split())
+            return JSONResponse({"error": msg}, status_code=500)
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build(options: Options):
+    """The Serve application of `options`. The model and the database are loaded here first, so
+    that a bad checkpoint or a codes file of another model fails before any replica starts."""
+    return _build(options)[0]
+
+
+def _build(options: Options) -> tuple[object, str]:
+    """(application, a one-line summary of what it serves)."""
+    from ray import serve
+
+    model = load_model(options.checkpoint, options.encoder, "cpu")
+    database = load_database(options, model)
+    backend = resolve_backend(options.backend, database.bits)
+    summary = (f"{model.path} ({model.bits} bits, encoder {model.encoder}, model "
+               f"{model.model_sha256[:12]}) against {len(database)} database codes ({backend})")
+    gpus = 0 if options.device == "cpu" else 1
+    deployment = serve.deployment(
+        name=DEPLOYMENT_NAME, num_replicas=options.replicas,
+        ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": gpus},
+        max_ongoing_requests=2 * options.max_batch)(Retrieval)
+    return deployment.bind(options, database, model.model_sha256), summary
+
+
+def app(args: dict):
+    """Application builder for `serve run dadh_dist.serve:app checkpoint=...` and config files
+    (`import_path: dadh_dist.serve:app`, `args: {checkpoint: ..., replicas: 2}`). Host and port
+    come from Serve's own http_options there."""
+    return build(Options.from_args(args))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jobs/serve.py",
+        description="Serve a trained hash function on Ray Serve: POST /search and /encode "
+                    "(multipart files or base64 JSON), GET /info and /healthz.",
+        epilog="curl -F image=@a.png 'http://127.0.0.1:8000/search?k=5'")
+    d = Options("")
+    p.add_argument("--checkpoint", required=True,
+                   help="run folder (its newest valid checkpoint), checkpoint_* or export folder")
+    p.add_argument("--database", help="database codes file (.parquet; default: the run's "
+                   "learned B with the database split's ids)")
+    p.add_argument("--encoder", choices=("f", "g", "fg"),
+                   help="query encoder (default: fg with two streams, else f)")
+    p.add_argument("--host", default=d.host, help=f"address to listen on ({d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"port ({d.port})")
+    p.add_argument("--replicas", type=int, default=d.replicas, help="Serve replicas (1)")
+    p.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica,
+                   help="CPUs reserved by each replica (1)")
+    p.add_argument("--max-images", type=int, default=d.max_images,
+                   help=f"images in one request ({d.max_images})")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help=f"request body size limit ({d.max_body_bytes})")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                   help="auto: faiss IndexBinaryFlat when installed, else packed")
+    p.add_argument("--device", default=d.device, help="torch device of the streams (cpu)")
+    p.add_argument("--resize", action="store_true", help="convert and resize images to the "
+                   "model's geometry as jobs/search.py does (default: refuse others)")
+    p.add_argument("--batch-images", type=int, default=d.batch_images,
+                   help=f"most images in one batched forward pass ({d.batch_images})")
+    p.add_argument("--batch-wait-s", type=float, default=d.batch_wait_s,
+                   help=f"wait for more requests before a batch runs ({d.batch_wait_s} s)")
+    p.add_argument("--version", action="version", version=_version())
+    return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"dadh_dist {version('dadh_dist')}"
+    except PackageNotFoundError:
+        return "dadh_dist (not installed)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)  # --help and usage errors before anything heavy
+    from dadh_dist.cli import run_main
+
+    fields = {f.name for f in dataclasses.fields(Options)}
+    return run_main(lambda: serve_forever(Options(**{k: v for k, v in vars(args).items()
+                                                     if k in fields})))
+
+
+def serve_forever(options: Options) -> int:
+    """Start Ray (in-process, on loopback, unless RAY_ADDRESS names a cluster) and Serve, run
+    the application until Ctrl-C, then shut both down."""
+    import ray
+    from ray import serve
+
+    application, summary = _build(options)  # user errors here: nothing has started yet
+    own_ray = not ray.is_initialized()
+    if own_ray and not os.environ.get("RAY_ADDRESS"):
+        _check_port(options.host, options.port)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        need, have = options.replicas * options.cpus_per_replica, ray.cluster_resources()["CPU"]
+        if need > have:
+            ray.shutdown()
+            raise _config_error(f"--replicas: {options.replicas} x {options.cpus_per_replica} "
+                                f"CPU need {need:g} CPUs, this machine has {have:g} "
+                                "(lower --cpus-per-replica)")
+    elif own_ray:
+        ray.init()
+    try:
+        serve.start(http_options={"host": options.host, "port": options.port})
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/")
+        except Exception as e:  # a replica that failed to start: Serve's message, first line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"error: the service did not start ({first})", file=sys.stderr)
+            return 1
+        url = f"http://{options.host}:{options.port}"
+        print(f"serving {summary} on {url} with {options.replicas} replica(s): POST "
+              f"{url}/search, POST {url}/encode, GET {url}/info, GET {url}/healthz; Ctrl-C "
+              "stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+        return 0
+    finally:
+        serve.shutdown()
+        if own_ray:
+            ray.shutdown()
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise _config_error(f"--port: cannot listen on {host}:{port} "
+                                f"({e.strerror or e})") from None
