@@ -20,9 +20,13 @@ solved on its own: workers split the rows and gather the blocks (see `loop.py`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from dadh_dist import kernels
 from dadh_dist.objective import SoftSimilarity, similarity_times
+
+DCC_BLOCK_ROWS = 128  # rows a compiled DCC block holds: B and Q transposed, 2·64 KiB at k = 64
 
 
 def code_hessian(F: torch.Tensor, G: torch.Tensor | None) -> torch.Tensor:
@@ -76,12 +80,37 @@ def dcc(
     eta: float,
     sweeps: int = 1,
     on_column=None,
+    *,
+    block_rows: int = DCC_BLOCK_ROWS,
 ) -> torch.Tensor:
     """Discrete cyclic coordinate descent on a block of rows.  → new B block (int8, ±1).
 
     B: (r, k) previous codes (±1, or 0 before the first step); H: (k, k); Q: (r, k) float64.
     `on_column(c, B)` is called after each column update (tests check monotonicity with it).
+
+    CPU tensors go to the compiled kernel (`kernels.dcc`: rows in blocks of `block_rows`, blocks
+    in parallel on `kernels.default_threads()` threads); CUDA tensors take the torch form below.
+    Both give the same bits.
     """
+    if B.is_cuda or H.is_cuda or Q.is_cuda:
+        return _dcc_torch(B, H, Q, eta, sweeps, on_column)
+    out = B.to(torch.int8).contiguous().clone()
+    Hn = H.double().contiguous().numpy()
+    Qn = Q.double().contiguous().numpy()
+    k = Hn.shape[0]
+    with kernels.threads():
+        if on_column is None:
+            kernels.dcc(out.numpy(), Hn, Qn, 2.0 * eta, np.arange(k), sweeps, block_rows)
+        else:  # one column a call, so the caller sees B after every update
+            for _ in range(sweeps):
+                for c in range(k):
+                    kernels.dcc(out.numpy(), Hn, Qn, 2.0 * eta, np.array([c]), 1, block_rows)
+                    on_column(c, out)
+    return out
+
+
+def _dcc_torch(B, H, Q, eta, sweeps, on_column) -> torch.Tensor:
+    """`dcc` in torch, on the tensors' device (the form for CUDA tensors)."""
     B = B.to(torch.int8).clone()
     Bd = B.double()
     for _ in range(sweeps):

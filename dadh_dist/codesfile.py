@@ -29,14 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dadh_dist import retrieval
+from dadh_dist import kernels, retrieval
 
 FORMAT = "1"
 KEY = "dadh_dist."
 REQUIRED = ("format", "bits", "encoder", "model_sha256")
 BACKENDS = ("packed", "faiss")
 ENCODERS = ("f", "g", "fg", "B")
-_BLOCK_BYTES = 1 << 24  # distance rows held at once during a search: bounds its memory
 
 
 class CodesError(ValueError):
@@ -261,7 +260,7 @@ def topk(query_packed: np.ndarray, db_packed: np.ndarray, k: int, bits: int,
          backend: str = "packed") -> tuple[np.ndarray, np.ndarray]:
     """(indices, distances), each (nq, min(k, n)): the k nearest database rows per query.
 
-    packed: XOR + popcount (`retrieval.hamming_distances`), ties in database order. faiss:
+    packed: XOR + popcount in a compiled kernel (`kernels.topk`), ties in database order. faiss:
     `IndexBinaryFlat`, same distances, its own order within ties; needs bits % 8 == 0.
     """
     if k < 1:
@@ -274,27 +273,13 @@ def topk(query_packed: np.ndarray, db_packed: np.ndarray, k: int, bits: int,
 
 
 def _topk_packed(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    nq, n = len(q), len(db)
-    k = min(k, n)
-    index = np.empty((nq, k), np.int64)
-    dist = np.empty((nq, k), np.int32)
-    rows = max(1, _BLOCK_BYTES // max(n, 1))
-    for s in range(0, nq, rows):
-        block = retrieval.hamming_distances(q[s:s + rows], db)
-        for i, d in enumerate(block):
-            index[s + i] = _nearest(d, k)
-            dist[s + i] = d[index[s + i]]
-    return index, dist
-
-
-def _nearest(d: np.ndarray, k: int) -> np.ndarray:
-    """The first k entries of the stable ranking of distances d (n,), without sorting all n:
-    only the smallest Hamming ball holding k items is sorted."""
-    if k >= d.shape[0]:
-        return retrieval.ranking(d)
-    radius = int(np.searchsorted(np.cumsum(np.bincount(d)), k))  # first r with |{d <= r}| >= k
-    ball = np.flatnonzero(d <= radius)
-    return ball[np.argsort(d[ball], kind="stable")[:k]]
+    """`kernels.topk` on 64-bit words: histogram, smallest ball, one pass in database order."""
+    k = min(k, len(db))
+    q_words, db_words = retrieval._words(q), retrieval._words(db)
+    dtype = np.uint8 if 8 * db.shape[1] <= 255 else np.uint16
+    with kernels.threads() as t:
+        scratch = np.empty((max(1, min(t, len(q))), len(db)), dtype)
+        return kernels.topk(q_words, db_words, k, 8 * db.shape[1] + 1, scratch)
 
 
 def _topk_faiss(q: np.ndarray, db: np.ndarray, k: int, bits: int) -> tuple[np.ndarray, np.ndarray]:

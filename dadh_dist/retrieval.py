@@ -10,22 +10,22 @@ query; labels are 0/1 rows (a value > 0 is a label). Every metric is computed pe
 a query's value depends on its own row only: the distributed evaluation shards the queries and
 gathers the per-query values.
 
-Speed: one query's distances are a uint8 row (uint16 above 255 bits); its ranking is a stable
-counting sort of that row (numpy's radix argsort for 8/16-bit integers), and the ranks of the
-relevant items come from one gather. No comparison sort and no float work on n items. Queries run
-in blocks on a few threads (`threads`); numpy releases the GIL inside these loops.
+Speed: the metrics never materialise a distance row. Compiled kernels (`kernels`) compute,
+per query, a histogram of the k+1 possible distances with the relevant count per distance (XOR +
+popcount, fused); the tie-aware AP, the PR curve and the radius precision come from it alone,
+and the AP / P@N from one more pass in database order that puts each relevant item at its rank
+(no sort). Queries run in parallel on numba's threads (`threads`; default: torch's count).
+`hamming_distances` and `ranking` remain for callers that want the rows themselves.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 
 import numpy as np
 
-_BLOCK_BYTES = 1 << 24  # distance rows one thread holds at a time: bounds memory per thread
+from dadh_dist import kernels
+
 _TILE = 1 << 17  # uint64 words per XOR tile (1 MiB): still in cache when popcount reads it
 
 
@@ -121,27 +121,6 @@ def _hamming_into(out: np.ndarray, q_words: np.ndarray, db_words_t: np.ndarray) 
 # ------------------------------------------------------------------------- queries against a db
 
 
-class _Relevance:
-    """rel(i) -> (n,) bool: the database items that share at least one label with query i."""
-
-    def __init__(self, query_labels: np.ndarray, database_labels: np.ndarray):
-        ql, dl = query_labels > 0, database_labels > 0
-        self.single = bool((ql.sum(1) == 1).all() and (dl.sum(1) == 1).all())
-        if self.single:  # one label a row: compare class ids, one byte an item
-            dtype = np.uint8 if ql.shape[1] <= 256 else np.int32
-            self.q, self.db = ql.argmax(1).astype(dtype), dl.argmax(1).astype(dtype)
-        else:  # label sets as bit masks: relevant iff the AND is non-zero
-            self.q, self.db = _label_words(ql), np.ascontiguousarray(_label_words(dl).T)
-
-    def __call__(self, i: int) -> np.ndarray:
-        if self.single:
-            return self.db == self.q[i]
-        rel = (self.db[0] & self.q[i, 0]) != 0
-        for w in range(1, self.db.shape[0]):
-            rel |= (self.db[w] & self.q[i, w]) != 0
-        return rel
-
-
 def _label_words(labels: np.ndarray) -> np.ndarray:
     """(n, W) unsigned words holding each row's label set as bits, in the narrowest word."""
     packed = np.packbits(labels, axis=1)
@@ -153,7 +132,12 @@ def _label_words(labels: np.ndarray) -> np.ndarray:
 
 
 class _Problem:
-    """Query and database codes packed once, labels turned into a relevance test once."""
+    """Query and database codes packed once, labels turned into a relevance test once.
+
+    Relevance for the kernels: single-label data (one label a row everywhere) compares class ids
+    (`q_cls`, `db_cls`); otherwise label sets are bit masks (`q_lab`, `db_lab`) and an item is
+    relevant iff the AND is non-zero. The unused pair is a one-byte placeholder per row.
+    """
 
     def __init__(self, query_codes, database_codes, query_labels, database_labels):
         qc, dc = np.asarray(query_codes), np.asarray(database_codes)
@@ -172,47 +156,46 @@ class _Problem:
         if len(dc) == 0:
             raise ValueError("the database is empty")
         self.bits, self.nq, self.n = qc.shape[1], len(qc), len(dc)
-        packed_q, packed_db = pack_codes(qc), pack_codes(dc)
-        self.dtype = _distance_dtype(packed_q.shape[1])
-        self.q_words = _words(packed_q)
-        self.db_words_t = np.ascontiguousarray(_words(packed_db).T)
-        self.relevance = _Relevance(ql, dl)
-
-    def map_rows(self, per_row: Callable[[np.ndarray, np.ndarray], object], width: int,
-                 threads: int | None) -> np.ndarray:
-        """(nq, width) float64: per_row(d, rel) for each query's distances d and relevance rel."""
-        out = np.zeros((self.nq, width))
-        rows = max(1, min(256, _BLOCK_BYTES // self.n))
-        starts = range(0, self.nq, rows)
-        workers = max(1, min(_threads(threads), len(starts)))
-        buffers = threading.local()  # one distance block per thread, reused
-
-        def run(s: int) -> None:
-            if not hasattr(buffers, "d"):
-                buffers.d = np.empty((min(rows, self.nq), self.n), self.dtype)
-            e = min(s + rows, self.nq)
-            d = buffers.d[: e - s]
-            _hamming_into(d, self.q_words[s:e], self.db_words_t)
-            for i in range(s, e):
-                out[i] = per_row(d[i - s], self.relevance(i))
-
-        if workers == 1:
-            for s in starts:
-                run(s)
+        self.q_words = _words(pack_codes(qc))
+        self.db_words = _words(pack_codes(dc))
+        ql, dl = ql > 0, dl > 0
+        self.single = bool((ql.sum(1) == 1).all() and (dl.sum(1) == 1).all())
+        if self.single:  # one label a row: compare class ids, one byte an item
+            dtype = np.uint8 if ql.shape[1] <= 256 else np.int32
+            self.q_cls, self.db_cls = ql.argmax(1).astype(dtype), dl.argmax(1).astype(dtype)
+            self.q_lab, self.db_lab = np.zeros((self.nq, 1), np.uint8), np.zeros((1, 1), np.uint8)
         else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, starts))
-        return out
+            self.q_cls, self.db_cls = np.zeros(self.nq, np.uint8), np.zeros(1, np.uint8)
+            self.q_lab, self.db_lab = _label_words(ql), _label_words(dl)
+
+    def _args(self):
+        return (self.q_words, self.db_words, self.single, self.q_cls, self.db_cls, self.q_lab,
+                self.db_lab, self.bits + 1)
+
+    def _scratch(self, threads: int) -> np.ndarray:
+        """One key row (2·distance + relevant, n items) per parallel chunk of queries."""
+        dtype = np.uint8 if 2 * self.bits + 1 <= 255 else np.uint16
+        return np.empty((max(1, min(threads, self.nq)), self.n), dtype)
+
+    def histograms(self, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, hits), each (nq, k+1) int64: items and relevant items at each distance."""
+        with kernels.threads(_threads(threads)) as t:
+            h = kernels.histograms(*self._args(), self._scratch(t))
+        return h[:, 0], h[:, 1]
+
+    def rank_metrics(self, limit: int, ns, threads: int | None) -> np.ndarray:
+        """(nq, 2 + len(ns)): AP@all, AP@limit, relevant items among the first N of each ns."""
+        if self.n >= 2**31:  # the kernel packs two counts below n into one int64
+            raise ValueError(f"at most 2**31 - 1 database codes, got {self.n}")
+        ns = np.asarray(ns, np.int64).reshape(-1)
+        with kernels.threads(_threads(threads)) as t:
+            return kernels.rank_metrics(*self._args(), int(limit), ns, self._scratch(t))
 
 
 def _threads(threads: int | None) -> int:
-    """None: the CPUs this process may run on, at most 8."""
+    """None: `kernels.default_threads()` (torch's thread count when torch is loaded)."""
     if threads is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cpus = os.cpu_count() or 1
-        return max(1, min(8, cpus))
+        return kernels.default_threads()
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     return int(threads)
@@ -225,27 +208,6 @@ def _cutoff(topk: int | None, n: int) -> int:
     if topk < 0:
         raise ValueError(f"topk must be positive (or None/0 for all), got {topk}")
     return min(int(topk), n)
-
-
-def _relevant_ranks(d: np.ndarray, rel: np.ndarray, limit: int) -> np.ndarray:
-    """Ascending 0-based positions of the relevant items among the first `limit` of the ranking."""
-    if limit >= d.shape[0]:
-        ranked = np.argsort(d, kind="stable")
-    else:  # only the smallest Hamming ball holding `limit` items needs sorting
-        lo, hi = 0, int(d.max())  # smallest radius r with |{d <= r}| >= limit, by bisection
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if np.count_nonzero(d <= mid) >= limit else (mid + 1, hi)
-        ball = np.flatnonzero(d <= lo)
-        ranked = ball[np.argsort(d[ball], kind="stable")[:limit]]
-    return np.flatnonzero(rel[ranked])
-
-
-def _ap(ranks: np.ndarray) -> float:
-    """AP from the 0-based ranks of the retrieved relevant items: mean of hits / position."""
-    if ranks.size == 0:
-        return 0.0
-    return float(np.mean(np.arange(1, ranks.size + 1) / (ranks + 1.0)))
 
 
 def _mean(values: np.ndarray):
@@ -267,8 +229,7 @@ def average_precision(query_codes, database_codes, query_labels, database_labels
     the relevant items kept, AP = (1/m) sum_j j / r_j. A query with m = 0 scores 0.
     """
     p = _Problem(query_codes, database_codes, query_labels, database_labels)
-    limit = _cutoff(topk, p.n)
-    return p.map_rows(lambda d, rel: _ap(_relevant_ranks(d, rel, limit)), 1, threads)[:, 0]
+    return p.rank_metrics(_cutoff(topk, p.n), [], threads)[:, 1]
 
 
 def mean_average_precision(query_codes, database_codes, query_labels, database_labels,
@@ -296,23 +257,15 @@ def average_precision_tie_aware(query_codes, database_codes, query_labels, datab
     """
     p = _Problem(query_codes, database_codes, query_labels, database_labels)
     harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, p.n + 1))])
-    buckets = p.bits + 1
-
-    def per_row(d: np.ndarray, rel: np.ndarray) -> float:
-        n_d = np.bincount(d, minlength=buckets)
-        r_d = np.bincount(d[rel], minlength=buckets)
-        R = r_d.sum()
-        if R == 0:
-            return 0.0
-        g = np.flatnonzero(r_d)  # tie groups holding a relevant item
-        n_g, r_g = n_d[g], r_d[g]
-        N_g = (np.cumsum(n_d) - n_d)[g]
-        a = (np.cumsum(r_d) - r_d)[g] + 1.0
-        b = np.where(n_g > 1, (r_g - 1) / np.maximum(n_g - 1, 1), 0.0)
-        inner = b * n_g + (a - b * (N_g + 1)) * (harmonic[N_g + n_g] - harmonic[N_g])
-        return float(np.sum(r_g / n_g * inner) / R)
-
-    return p.map_rows(per_row, 1, threads)[:, 0]
+    n_d, r_d = p.histograms(threads)  # (nq, k+1) each
+    R = r_d.sum(1)
+    N_d = np.cumsum(n_d, 1) - n_d
+    a = np.cumsum(r_d, 1) - r_d + 1.0
+    b = np.where(n_d > 1, (r_d - 1) / np.maximum(n_d - 1, 1), 0.0)
+    inner = b * n_d + (a - b * (N_d + 1)) * (harmonic[N_d + n_d] - harmonic[N_d])
+    # only tie groups holding a relevant item contribute (r_d / n_d is 0 elsewhere)
+    terms = np.where(r_d > 0, r_d / np.maximum(n_d, 1) * inner, 0.0)
+    return np.where(R > 0, terms.sum(1) / np.maximum(R, 1), 0.0)
 
 
 def mean_average_precision_tie_aware(query_codes, database_codes, query_labels, database_labels,
@@ -331,17 +284,12 @@ def precision_recall_curve(query_codes, database_codes, query_labels, database_l
     averaged over all queries.
     """
     p = _Problem(query_codes, database_codes, query_labels, database_labels)
-    buckets = p.bits + 1
-
-    def per_row(d: np.ndarray, rel: np.ndarray) -> np.ndarray:
-        within = np.cumsum(np.bincount(d, minlength=buckets))
-        hits = np.cumsum(np.bincount(d[rel], minlength=buckets))
-        precision = hits / np.maximum(within, 1)  # hits = 0 wherever within = 0
-        recall = hits / hits[-1] if hits[-1] else np.zeros(buckets)
-        return np.concatenate([precision, recall])
-
-    mean = _mean(p.map_rows(per_row, 2 * buckets, threads))
-    return mean[:buckets], mean[buckets:]
+    counts, hits = p.histograms(threads)
+    within, hits = np.cumsum(counts, 1), np.cumsum(hits, 1)
+    precision = hits / np.maximum(within, 1)  # hits = 0 wherever within = 0
+    total = hits[:, -1:]
+    recall = np.where(total > 0, hits / np.maximum(total, 1), 0.0)
+    return _mean(precision), _mean(recall)
 
 
 def precision_at_n(query_codes, database_codes, query_labels, database_labels,
@@ -354,13 +302,9 @@ def precision_at_n(query_codes, database_codes, query_labels, database_labels,
     if not ns or min(ns) < 1:
         raise ValueError(f"ns must be positive integers, got {ns}")
     p = _Problem(query_codes, database_codes, query_labels, database_labels)
-    limit = min(max(ns), p.n)
-    sizes = np.minimum(ns, p.n)
-
-    def per_row(d: np.ndarray, rel: np.ndarray) -> np.ndarray:
-        return np.searchsorted(_relevant_ranks(d, rel, limit), ns) / sizes
-
-    return {N: float(v) for N, v in zip(ns, _mean(p.map_rows(per_row, len(ns), threads)))}
+    found = p.rank_metrics(p.n, ns, threads)[:, 2:]
+    precision = _mean(found / np.minimum(ns, p.n))
+    return {N: float(v) for N, v in zip(ns, precision)}
 
 
 def precision_within_radius(query_codes, database_codes, query_labels, database_labels,
@@ -370,13 +314,10 @@ def precision_within_radius(query_codes, database_codes, query_labels, database_
     A query with no item inside the radius scores 0 (and still counts in the mean).
     """
     p = _Problem(query_codes, database_codes, query_labels, database_labels)
-
-    def per_row(d: np.ndarray, rel: np.ndarray) -> float:
-        inside = d <= radius
-        retrieved = np.count_nonzero(inside)
-        return np.count_nonzero(inside & rel) / retrieved if retrieved else 0.0
-
-    return float(_mean(p.map_rows(per_row, 1, threads)[:, 0]))
+    counts, hits = p.histograms(threads)
+    inside = slice(0, max(0, min(int(radius), p.bits) + 1))  # distances 0..radius
+    retrieved, relevant = counts[:, inside].sum(1), hits[:, inside].sum(1)
+    return float(_mean(np.where(retrieved > 0, relevant / np.maximum(retrieved, 1), 0.0)))
 
 
 def per_query_metrics(query_codes, database_codes, query_labels, database_labels,
@@ -391,14 +332,6 @@ def per_query_metrics(query_codes, database_codes, query_labels, database_labels
     if precision_at < 1:
         raise ValueError(f"precision_at must be >= 1, got {precision_at}")
     p = _Problem(query_codes, database_codes, query_labels, database_labels)
-    limit = _cutoff(topk, p.n)
-    size = min(precision_at, p.n)
-
-    def per_row(d: np.ndarray, rel: np.ndarray) -> tuple[float, float, float]:
-        ranks = _relevant_ranks(d, rel, p.n)
-        ap_all = _ap(ranks)
-        ap_topk = _ap(ranks[: np.searchsorted(ranks, limit)]) if limit < p.n else ap_all
-        return ap_all, ap_topk, np.searchsorted(ranks, precision_at) / size
-
-    values = p.map_rows(per_row, 3, threads)
-    return {"ap_all": values[:, 0], "ap_topk": values[:, 1], "p_at_n": values[:, 2]}
+    values = p.rank_metrics(_cutoff(topk, p.n), [precision_at], threads)
+    return {"ap_all": values[:, 0], "ap_topk": values[:, 1],
+            "p_at_n": values[:, 2] / min(precision_at, p.n)}

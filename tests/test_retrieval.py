@@ -163,11 +163,66 @@ def test_label_widths_match_naive(classes):
                                naive_ap(q, db, ql, dl), rtol=1e-12)
 
 
-def test_threads_and_blocks_do_not_change_values(monkeypatch):
+def tie_aware_reference(q, db, ql, dl) -> np.ndarray:
+    """Tie-aware AP by its per-group sum, item by item (no harmonic numbers)."""
+    dist, rel = naive_distances(q, db), naive_relevance(ql, dl)
+    out = np.zeros(len(q))
+    for i in range(len(q)):
+        R = rel[i].sum()
+        if R == 0:
+            continue
+        N = Rb = 0
+        total = 0.0
+        for v in np.unique(dist[i]):
+            group = dist[i] == v
+            n_d, r_d = int(group.sum()), int((group & rel[i]).sum())
+            b = (r_d - 1) / (n_d - 1) if n_d > 1 else 0.0
+            total += r_d / n_d * sum((Rb + 1 + (t - 1) * b) / (N + t) for t in range(1, n_d + 1))
+            N, Rb = N + n_d, Rb + r_d
+        out[i] = total / R
+    return out
+
+
+@pytest.mark.parametrize("single", [True, False])
+@pytest.mark.parametrize("k, p_one", [(2, 0.5), (3, 0.8), (8, 0.9), (20, 0.5), (70, 0.95)])
+def test_kernels_on_cases_full_of_ties(single, k, p_one):
+    """Few bits or skewed bits: tie groups of tens to hundreds of items, where only database
+    order decides the ranking. Every metric against its brute-force reference."""
+    rng = np.random.default_rng(100 * k + single)
+    nq, n = 11, 700
+    q = np.where(rng.random((nq, k)) < p_one, 1, -1).astype(np.int8)
+    db = np.where(rng.random((n, k)) < p_one, 1, -1).astype(np.int8)
+    _, _, ql, dl = random_problem(rng, nq, n, 1, 3 if single else 5, single)
+    dist = naive_distances(q, db)
+    assert max(np.bincount(row.astype(int)).max() for row in dist) >= 30  # ties, and many
+    for topk in (None, 1, 5, 37, n - 1, n, n + 5):
+        np.testing.assert_allclose(retrieval.average_precision(q, db, ql, dl, topk),
+                                   naive_ap(q, db, ql, dl, topk), rtol=1e-12, atol=1e-15)
+    per = retrieval.per_query_metrics(q, db, ql, dl, topk=37, precision_at=50)
+    np.testing.assert_allclose(per["ap_all"], naive_ap(q, db, ql, dl), rtol=1e-12)
+    np.testing.assert_allclose(per["ap_topk"], naive_ap(q, db, ql, dl, 37), rtol=1e-12)
+    rel = naive_relevance(ql, dl)
+    ns = [1, 50, 333, n, 2 * n]
+    got = retrieval.precision_at_n(q, db, ql, dl, ns)
+    for N in ns:
+        ref = [rel[i, np.argsort(dist[i], kind="stable")[:N]].mean() for i in range(nq)]
+        assert got[N] == pytest.approx(np.mean(ref), rel=1e-12)
+    assert per["p_at_n"].mean() == pytest.approx(got[50], rel=1e-12)
+    precision, recall = retrieval.precision_recall_curve(q, db, ql, dl)
+    ref_precision, ref_recall = naive_curves(q, db, ql, dl)
+    np.testing.assert_allclose(precision, ref_precision.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(recall, ref_recall.mean(0), rtol=1e-12)
+    for radius in (-1, 0, 1, k, k + 3):
+        assert retrieval.precision_within_radius(q, db, ql, dl, radius) == pytest.approx(
+            ref_precision[:, min(max(radius, 0), k)].mean() if radius >= 0 else 0.0, rel=1e-12)
+    np.testing.assert_allclose(retrieval.average_precision_tie_aware(q, db, ql, dl),
+                               tie_aware_reference(q, db, ql, dl), rtol=1e-12)
+
+
+def test_threads_do_not_change_values():
     rng = np.random.default_rng(3)
     q, db, ql, dl = random_problem(rng, 23, 200, 16, 4, single=True)
     one = retrieval.per_query_metrics(q, db, ql, dl, topk=10, precision_at=30, threads=1)
-    monkeypatch.setattr(retrieval, "_BLOCK_BYTES", 3 * 200)  # blocks of 3 queries
     many = retrieval.per_query_metrics(q, db, ql, dl, topk=10, precision_at=30, threads=4)
     for key in one:
         np.testing.assert_array_equal(one[key], many[key])

@@ -1,0 +1,175 @@
+"""The compiled kernels against plain references: bit-identical B, exact histograms and top-k.
+
+The metric kernels (`retrieval.*`) are checked against brute-force references in
+test_retrieval.py; here: the DCC kernel behind `codes.dcc`, the histogram kernel, and the top-k
+kernel behind `codesfile.topk`.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from dadh_dist import codes, codesfile, kernels, retrieval
+
+# ------------------------------------------------------------------------------------- DCC
+
+
+def dcc_reference(B, H, Q, eta, sweeps=1):
+    """The torch DCC of before the kernel, written plainly: column by column over all rows."""
+    B = B.to(torch.int8).clone()
+    Bd = B.double()
+    for _ in range(sweeps):
+        for c in range(H.shape[0]):
+            coupling = Bd @ H[:, c] - Bd[:, c] * H[c, c]
+            z = Q[:, c] - 2.0 * eta * coupling
+            new = torch.where(z == 0, torch.where(Bd[:, c] == 0, 1.0, Bd[:, c]), torch.sign(z))
+            Bd[:, c] = new
+            B[:, c] = new.to(torch.int8)
+    return B
+
+
+def random_case(r, k, seed, integer=False, zeros=0.3):
+    """B with ±1 and zeros, H symmetric, Q. integer=True: small integers, so many z are exactly 0
+    in any summation order (the tie rule decides them)."""
+    gen = torch.Generator().manual_seed(seed)
+    B = torch.where(torch.rand(r, k, generator=gen) < 0.5, -1, 1).to(torch.int8)
+    B[torch.rand(r, k, generator=gen) < zeros] = 0  # bits not set yet
+    if integer:
+        A = torch.randint(-2, 3, (k, k), generator=gen).double()
+        H = A + A.T
+        Q = torch.randint(-3, 4, (r, k), generator=gen).double() * 2
+    else:
+        F = torch.tanh(torch.randn(3 * k, k, generator=gen))
+        H = codes.code_hessian(F, torch.tanh(torch.randn(3 * k, k, generator=gen)))
+        Q = torch.randn(r, k, generator=gen, dtype=torch.float64) * 5 * k
+    return B, H, Q
+
+
+@pytest.mark.parametrize("integer", [False, True])
+@pytest.mark.parametrize("k", [1, 7, 32, 64, 70])
+def test_dcc_kernel_is_bit_identical_to_reference(integer, k):
+    B, H, Q = random_case(301, k, seed=k + 100 * integer, integer=integer)
+    for eta in (0.0, 0.5, 1.0):
+        for sweeps in (1, 3):
+            ref = dcc_reference(B, H, Q, eta, sweeps)
+            for block in (1, 5, 128, 1000):
+                out = codes.dcc(B, H, Q, eta, sweeps, block_rows=block)
+                assert out.dtype == torch.int8
+                assert torch.equal(out, ref), (eta, sweeps, block)
+    if integer:  # the case is meant to exercise the tie rule
+        Bd = B.double()
+        z0 = Q[:, 0] - 2.0 * (Bd @ H[:, 0] - Bd[:, 0] * H[0, 0])
+        assert (z0 == 0).sum() > 5
+
+
+def test_dcc_from_zero_codes_and_tie_rule():
+    """B = 0 (the first outer iteration) and Q = 0, H diagonal: every z is 0."""
+    B, H, Q = random_case(50, 16, seed=3)
+    zero = torch.zeros_like(B)
+    assert torch.equal(codes.dcc(zero, H, Q, 1.0), dcc_reference(zero, H, Q, 1.0))
+    H = torch.eye(2, dtype=torch.float64)
+    Q = torch.zeros(3, 2, dtype=torch.float64)
+    B = torch.tensor([[1, -1], [-1, -1], [0, 0]], dtype=torch.int8)
+    assert codes.dcc(B, H, Q, 1.0).tolist() == [[1, -1], [-1, -1], [1, 1]]
+
+
+def test_dcc_torch_form_equals_reference():
+    """The form kept for CUDA tensors, run on CPU tensors here."""
+    B, H, Q = random_case(120, 24, seed=5)
+    assert torch.equal(codes._dcc_torch(B, H, Q, 1.0, 2, None), dcc_reference(B, H, Q, 1.0, 2))
+
+
+def test_dcc_threads_and_callback_do_not_change_bits():
+    B, H, Q = random_case(1000, 32, seed=7)
+    ref = dcc_reference(B, H, Q, 1.0, 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert kernels.default_threads() == 1
+        assert torch.equal(codes.dcc(B, H, Q, 1.0, 2, block_rows=64), ref)
+    finally:
+        torch.set_num_threads(before)
+    seen = []
+    out = codes.dcc(B, H, Q, 1.0, 2, on_column=lambda c, Bc: seen.append((c, Bc.clone())))
+    assert torch.equal(out, ref) and [c for c, _ in seen] == list(range(32)) * 2
+    assert torch.equal(seen[-1][1], ref)
+
+
+def test_dcc_accepts_float_and_non_contiguous_inputs():
+    B, H, Q = random_case(40, 8, seed=9)
+    ref = dcc_reference(B, H, Q, 0.7)
+    Qt = Q.T.contiguous().T  # same values, column-major
+    assert not Qt.is_contiguous()
+    assert torch.equal(codes.dcc(B.float(), H, Qt, 0.7), ref)
+    assert codes.dcc(B[:0], H, Q[:0], 0.7).shape == (0, 8)
+
+
+# ------------------------------------------------------------------------------- histograms
+
+
+def random_codes(rng, nq, n, k, p_one=0.5):
+    """±1 codes; p_one far from 0.5, or few bits, make distances tie a lot."""
+    q = np.where(rng.random((nq, k)) < p_one, 1, -1).astype(np.int8)
+    db = np.where(rng.random((n, k)) < p_one, 1, -1).astype(np.int8)
+    return q, db
+
+
+@pytest.mark.parametrize("k", [3, 16, 64, 65, 130, 200])
+@pytest.mark.parametrize("single", [True, False])
+def test_histograms_match_bincount(k, single):
+    rng = np.random.default_rng(k)
+    q, db = random_codes(rng, 13, 400, k, p_one=0.8)
+    if single:
+        ql = np.eye(4, dtype=np.uint8)[rng.integers(0, 4, 13)]
+        dl = np.eye(4, dtype=np.uint8)[rng.integers(0, 4, 400)]
+    else:
+        ql = (rng.random((13, 70)) < 0.05).astype(np.uint8)
+        dl = (rng.random((400, 70)) < 0.05).astype(np.uint8)
+    p = retrieval._Problem(q, db, ql, dl)
+    assert p.single == single
+    counts, hits = p.histograms(threads=2)
+    d = (k - q.astype(np.int64) @ db.T.astype(np.int64)) // 2
+    rel = ql.astype(np.int64) @ dl.T.astype(np.int64) > 0
+    for i in range(len(q)):
+        np.testing.assert_array_equal(counts[i], np.bincount(d[i], minlength=k + 1))
+        np.testing.assert_array_equal(hits[i], np.bincount(d[i][rel[i]], minlength=k + 1))
+
+
+# ------------------------------------------------------------------------------------ top-k
+
+
+def topk_reference(q, db, k):
+    d = (q.shape[1] - q.astype(np.int64) @ db.T.astype(np.int64)) // 2
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(d, order, 1)
+
+
+@pytest.mark.parametrize("bits", [2, 8, 13, 64, 100, 300])
+def test_topk_kernel_is_the_stable_ranking(bits):
+    rng = np.random.default_rng(bits)
+    q, db = random_codes(rng, 17, 500, bits, p_one=0.7)
+    for k in (1, 2, 10, 77, 499, 500, 900):
+        ids, dist = codesfile.topk(retrieval.pack_codes(q), retrieval.pack_codes(db), k, bits)
+        ref_ids, ref_dist = topk_reference(q, db, min(k, 500))
+        assert ids.dtype == np.int64 and dist.dtype == np.int32
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(dist, ref_dist)
+
+
+def test_topk_all_equal_distances_and_threads():
+    q = np.ones((5, 16), np.int8)
+    db = np.ones((50, 16), np.int8)  # every distance 0: the ranking is database order
+    ids, dist = codesfile.topk(retrieval.pack_codes(q), retrieval.pack_codes(db), 7, 16)
+    np.testing.assert_array_equal(ids, np.tile(np.arange(7), (5, 1)))
+    assert (dist == 0).all()
+    rng = np.random.default_rng(1)
+    q, db = random_codes(rng, 9, 300, 24, p_one=0.9)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = codesfile.topk(retrieval.pack_codes(q), retrieval.pack_codes(db), 20, 24)
+    finally:
+        torch.set_num_threads(before)
+    many = codesfile.topk(retrieval.pack_codes(q), retrieval.pack_codes(db), 20, 24)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a, b)
