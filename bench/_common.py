@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: Markdown tables, timing, and peak memory of a fresh process.
+"""Shared benchmark plumbing: Markdown tables, timing, peak memory of a fresh process, and the
+first-call (compile) cost of the numba kernels.
 
 Peak memory is the kernel's high-water mark of the resident set (VmHWM), read by a child process
 that ran one variant only: tracemalloc does not see torch's allocations, and a parent that ran
@@ -8,8 +9,10 @@ several variants would report the largest of them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,3 +98,23 @@ def run_child(script: str | Path, spec: dict, timeout_s: float = 1800) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"child {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def first_call_seconds(snippet: str, timeout_s: float = 900) -> tuple[float, float]:
+    """(cold, cached): seconds of `snippet`'s first call to a compiled kernel in a fresh process,
+    first with an empty numba cache (the compile), then again with the cache it left behind.
+
+    The snippet runs with `import time` done and must set `seconds`; the other imports it needs
+    happen before its clock starts, so only the kernel's first call is counted.
+    """
+    code = (f"import time\n{snippet}\nprint(repr(seconds))\n")
+    with tempfile.TemporaryDirectory(prefix="dadh_numba_cache_") as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        out = []
+        for _ in range(2):
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  timeout=timeout_s, env=env, cwd=Path(__file__).parent)
+            if proc.returncode != 0:
+                raise RuntimeError(f"first-call probe failed:\n{proc.stderr[-3000:]}")
+            out.append(float(proc.stdout.strip().splitlines()[-1]))
+    return out[0], out[1]

@@ -6,15 +6,21 @@ Database: n codes of k bits (default 1,000,000 × 64), single-label (10 classes)
 its class's random centre with every bit flipped with probability 0.25, so rankings have many
 distance ties, as learned codes do. Compared, on the same codes:
 
-* mAP@all. Ours: `retrieval.mean_average_precision` and `retrieval.per_query_metrics` (packed
-  XOR + popcount, counting sort). Baseline: the reference way of DeepHash-style `CalcTopMap`,
-  written naively below: a float matmul for the distances and an argsort per query (stable, so
-  that ties fall in database order as ours do and the two mAPs must be identical). The baseline is
-  slow, so it runs on the first `--float-queries` queries and both are reported per query.
-* Top-k search. Ours: `codesfile.topk` with the packed backend (XOR + popcount, then only the
-  smallest Hamming ball holding k items is sorted; ties in database order). Baseline: faiss-cpu
-  `IndexBinaryFlat`, called directly. The k smallest distances must be equal; the ids may differ
-  inside a tie, so the share of equal ids is reported too.
+* mAP@all. Ours: `retrieval.mean_average_precision` and `retrieval.per_query_metrics` (the
+  compiled kernel `kernels.rank_metrics`: per query a distance histogram with relevant counts,
+  then one pass in database order placing each relevant item at its rank; no sort). Baseline:
+  the reference way of DeepHash-style `CalcTopMap`, written naively below: a float matmul for
+  the distances and an argsort per query (stable, so that ties fall in database order as ours
+  do and the two mAPs must be identical). The baseline is slow, so it runs on the first
+  `--float-queries` queries and both are reported per query.
+* Top-k search. Ours: `codesfile.topk` with the packed backend (`kernels.topk`: distance
+  histogram, the smallest Hamming ball holding k items, filled in database order). Baseline:
+  faiss-cpu `IndexBinaryFlat`, called directly. The k smallest distances must be equal; the ids
+  may differ inside a tie, so the share of equal ids is reported too.
+
+Every timed call follows an untimed one (the kernels' first call: a compile, or a load from
+numba's on-disk cache); the first-call cost itself is measured in fresh processes, with an empty
+cache and then with the cache they filled.
 """
 
 from __future__ import annotations
@@ -23,13 +29,26 @@ import argparse
 import time
 
 import _env
+import numba
 import numpy as np
-from _common import ratio, table, timed_cpu, verdict
+from _common import first_call_seconds, ratio, table, timed_cpu, verdict
 
 from dadh_dist import retrieval
 
-TARGET_SPEEDUP = 10.0
-TARGET_MS_PER_QUERY = 5.0
+TARGET_SPEEDUP = 30.0  # exact mAP@all vs float matmul + argsort (wall)
+TARGET_MS_PER_QUERY = 5.0  # CPU ms of one core per query (all threads' CPU time / queries)
+TARGET_FAISS = 1.2  # top-k: at most this many times faiss's wall time
+
+FIRST_CALL = """import numpy as np
+from dadh_dist import codesfile, retrieval
+rng = np.random.default_rng(0)
+q, db = np.sign(rng.standard_normal((4, 64))), np.sign(rng.standard_normal((50, 64)))
+y = np.eye(3)[rng.integers(0, 3, 54)]
+t0 = time.perf_counter()
+retrieval.per_query_metrics(q, db, y[:4], y[4:], topk=10)
+retrieval.precision_recall_curve(q, db, y[:4], y[4:])
+codesfile.topk(retrieval.pack_codes(q), retrieval.pack_codes(db), 5, 64)
+seconds = time.perf_counter() - t0"""
 
 
 def make_codes(n: int, queries: int, bits: int, classes: int, flip: float, seed: int):
@@ -94,6 +113,7 @@ def main() -> None:
     if args.quick:
         args.n, args.queries, args.float_queries, args.repeat = 100_000, 200, 10, 1
     load0 = _env.load_average()
+    cold, cached = first_call_seconds(FIRST_CALL)
     q, db, ql, dl = make_codes(args.n, args.queries, args.bits, 10, 0.25, seed=0)
     nq, nf = args.queries, min(args.float_queries, args.queries)
     rows = []
@@ -107,9 +127,9 @@ def main() -> None:
     def ours_row(label: str, fn, ok_extra: bool = True) -> float:
         t, c, _ = timed_cpu(fn, args.repeat, 1)
         ms = 1e3 * t / nq
-        ok = ms_float / ms >= TARGET_SPEEDUP and ms <= TARGET_MS_PER_QUERY and ok_extra
+        ok = ms_float / ms >= TARGET_SPEEDUP and 1e3 * c / nq <= TARGET_MS_PER_QUERY and ok_extra
         rows.append(["mAP@all", label, nq, t, ms, 1e3 * c / nq, ratio(ms_float, ms),
-                     f"≥ {TARGET_SPEEDUP:.0f}× and ≤ {TARGET_MS_PER_QUERY:.0f} ms/query",
+                     f"≥ {TARGET_SPEEDUP:.0f}× and ≤ {TARGET_MS_PER_QUERY:.0f} CPU ms/query",
                      verdict(ok)])
         return ms
 
@@ -131,9 +151,10 @@ def main() -> None:
         checks.append((k, equal, float(np.mean(I == ids))))
         topk_rows.append([f"top-{k} search", "faiss IndexBinaryFlat (baseline)", nq, t_faiss,
                           1e3 * t_faiss / nq, 1e3 * c_faiss / nq, "1.0×", "", ""])
+        ok = equal and t_ours <= TARGET_FAISS * t_faiss
         topk_rows.append([f"top-{k} search", "ours: codesfile.topk (packed)", nq, t_ours,
                           1e3 * t_ours / nq, 1e3 * c_ours / nq, ratio(t_faiss, t_ours),
-                          "equal distances", verdict(equal)])
+                          f"equal distances, ≤ {TARGET_FAISS}× faiss's time", verdict(ok)])
 
     print(f"# Hamming ranking: {args.n:,} database codes × {args.bits} bits, single-label "
           f"(10 classes)\n")
@@ -149,8 +170,12 @@ def main() -> None:
               "of a distance tie)")
     print("- wall times are the best of the repeats; 'CPU ms / query' is this process's CPU time "
           "(all threads): on a busy machine it shows the cost of the work without the waiting.")
+    print(f"- kernels' first call in a fresh process (mAP, PR and top-k kernels on a toy case): "
+          f"{cold:.2f} s with an empty numba cache (the compile), {cached:.3f} s once the cache "
+          "exists (`cache=True`); not in the times above.")
     print(f"- finished {time.strftime('%Y-%m-%d %H:%M:%S')}")
     _env.print_environment(load0)
+    print(f"- numba {numba.__version__}, {numba.get_num_threads()} threads")
 
 
 if __name__ == "__main__":
