@@ -282,6 +282,17 @@ def _topk_packed(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.
         return kernels.topk(q_words, db_words, k, 8 * db.shape[1] + 1, scratch)
 
 
+def _nearest(d: np.ndarray, k: int) -> np.ndarray:
+    """The first k entries of the stable ranking of one distance row d (n,), in numpy: only the
+    smallest Hamming ball holding k items is sorted. `topk` does the same in `kernels.topk`
+    without a distance row; this form serves callers that hold the row (tests/test_tools.py)."""
+    if k >= d.shape[0]:
+        return retrieval.ranking(d)
+    radius = int(np.searchsorted(np.cumsum(np.bincount(d)), k))  # first r with |{d <= r}| >= k
+    ball = np.flatnonzero(d <= radius)
+    return ball[np.argsort(d[ball], kind="stable")[:k]]
+
+
 def _topk_faiss(q: np.ndarray, db: np.ndarray, k: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         import faiss
