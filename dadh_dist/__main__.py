@@ -1,6 +1,8 @@
 """`python -m dadh_dist COMMAND ...`: command-line tools that need no trained run.
 
     python -m dadh_dist check-data --config configs/debug_cpu.toml [section.key=value ...]
+    python -m dadh_dist config --list                 # every config key, default and meaning
+    python -m dadh_dist config --config configs/debug_cpu.toml train.outer_iters=5
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dadh_dist.cli import EXIT_USER_ERROR, config_parser, parse_config, run_main
+from dadh_dist.cli import EXIT_USER_ERROR, ToolParser, config_parser, parse_config, run_main
 
 
 def check_data_main(argv: list[str] | None = None) -> int:
@@ -16,8 +18,8 @@ def check_data_main(argv: list[str] | None = None) -> int:
         "Pre-flight check of the configured dataset: reads every list line, Parquet row, IDX "
         "or CIFAR file and decodes every image, then prints one line per problem (naming the "
         "file and line or row) and a summary (split sizes, per-class counts, image channels "
-        "and size, multi-label or not). Exit code 0 when clean, 2 when a problem was found.")
-    parser.prog = "python -m dadh_dist check-data"
+        "and size, multi-label or not). Exit code 0 when clean, 2 when a problem was found.",
+        prog="python -m dadh_dist check-data")
 
     def body() -> int:
         _, cfg = parse_config(parser, argv)
@@ -30,8 +32,41 @@ def check_data_main(argv: list[str] | None = None) -> int:
     return run_main(body)
 
 
+def config_main(argv: list[str] | None = None) -> int:
+    parser = config_parser(
+        "Print the resolved config (defaults < --config file < overrides) as TOML, or with "
+        "--list the table of every key, its type, default and meaning (Markdown).",
+        prog="python -m dadh_dist config")
+    parser.add_argument("--list", action="store_true",
+                        help="print the table of every config key (the README carries it)")
+    parser.add_argument("--update-readme", metavar="FILE", nargs="?", const="README.md",
+                        help="rewrite the table between the markers of FILE (default: "
+                             "README.md) and say whether it changed")
+
+    def body() -> int:
+        args, cfg = parse_config(parser, argv)
+        from dadh_dist import config_doc
+
+        if args.update_readme:
+            try:
+                changed = config_doc.update(args.update_readme)
+            except (OSError, ValueError) as e:
+                from dadh_dist.config import ConfigError
+
+                raise ConfigError(f"--update-readme: {e}") from None
+            print(f"{args.update_readme}: config table {'updated' if changed else 'up to date'}")
+        elif args.list:
+            print(config_doc.markdown(), end="")
+        else:
+            print(cfg.to_toml(), end="")
+        return 0
+
+    return run_main(body)
+
+
 COMMANDS = {
     "check-data": (check_data_main, "check the configured dataset and report every problem"),
+    "config": (config_main, "print the resolved config, or every key with --list"),
 }
 
 
@@ -39,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]][0](argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m dadh_dist",
-                                     description="DADH command-line tools.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = ToolParser(prog="python -m dadh_dist", description="DADH command-line tools "
+                        "(training and the tools around a trained run are in jobs/).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=argparse.ArgumentParser)
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    parser.parse_args(argv)  # prints the help or the usage error and exits
+    parser.parse_args(argv)  # prints the help, the version or the usage error and exits
     return EXIT_USER_ERROR
 
 

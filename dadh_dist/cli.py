@@ -1,16 +1,162 @@
-"""Shared command-line plumbing: config file + dotted overrides, user errors as exit code 2."""
+"""Shared command-line plumbing: one flag vocabulary, config file + dotted overrides, user errors
+as one line (or JSON) and exit code 2.
+
+Importing this module costs only the standard library and `dadh_dist.config`: every tool parses
+its arguments (`--help` and `--version` too) before torch, Ray or numpy are imported.
+
+The flags the tools share, with one meaning each:
+
+    --checkpoint RUN|CKPT   a run folder (its newest valid checkpoint), a checkpoint, or a run URI
+    --device cpu|cuda[:N]   where the streams run
+    --encoder f|g|fg        sign(f), sign(g) or sign(f+g); evaluate takes several: --encoders f,fg
+    --topk N, -k N          results per query (search) or the mAP@k cut-off (evaluate)
+    --batch-size N          images per forward pass (train: the global mini-batch)
+    --out PATH              a FILE for encode and search, a FOLDER for evaluate, export, quality
+    --quiet                 no progress bar or timing lines (notes about the input remain)
+    --json                  the result as JSON on stdout, and errors as JSON on stdout too
+    --name NAME             run or sweep name (train: the same as log.name=NAME)
+    --version               the package version
+
+Old spellings (`encode --batch`, `search --k`) still work and print a one-line note on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from dadh_dist import config as config_mod
 from dadh_dist.config import ConfigError
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
+ENCODERS = ("f", "g", "fg")
+
+# Exceptions of ours that are user mistakes (exit 2) or a run that failed (exit 1), matched by
+# class name along the exception's MRO, so that none of their modules (torch behind most of
+# them) is imported just to be able to catch it.
+USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "CodesError", "StorageError")
+RUN_ERRORS = ("RunFailed", "NonFiniteLoss", "ExportError")
+
+
+# ----------------------------------------------------------------------------------- the parser
+
+
+class _Version(argparse.Action):
+    """--version: the version is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print the package version and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from dadh_dist import package_version
+
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: stores into the new option's dest, with a note."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated, use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+class ToolParser(argparse.ArgumentParser):
+    """ArgumentParser with --version, and usage errors as JSON when --json is on the line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.json_errors = False
+        self.add_argument("--version", action=_Version)
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        self.json_errors = "--json" in argv
+        return super().parse_known_args(argv, namespace)
+
+    def error(self, message):
+        if self.json_errors:
+            _print_json({"error": f"{self.prog}: {message}", "exit_code": EXIT_USER_ERROR})
+            sys.exit(EXIT_USER_ERROR)
+        super().error(message)
+
+
+def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, dest: str,
+                     **kwargs) -> None:
+    """Accept `old` as a hidden spelling of `new` (same dest), with a note when used."""
+    parser.add_argument(old, dest=dest, action=_Deprecated, new=new, help=argparse.SUPPRESS,
+                        **kwargs)
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True,
+                   help: str = "run folder (its newest valid checkpoint), a checkpoint_* "
+                               "folder, or a run URI") -> None:
+    """--checkpoint and --device, shared by every tool that loads a trained hash function."""
+    parser.add_argument("--checkpoint", required=required, metavar="RUN|CKPT", help=help)
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="torch device of the streams: cpu, cuda, cuda:N (default: cpu)")
+
+
+def add_encoder_arg(parser: argparse.ArgumentParser, what: str = "query encoder") -> None:
+    parser.add_argument("--encoder", choices=ENCODERS,
+                        help=f"{what}: sign(f), sign(g) or sign(f+g) (default: fg with two "
+                             "streams, else f)")
+
+
+def add_batch_size_arg(parser: argparse.ArgumentParser, old: str | None = None) -> None:
+    parser.add_argument("--batch-size", type=int, metavar="N", dest="batch_size",
+                        help="images per forward pass (default: the run's eval.batch_size)")
+    if old:
+        deprecated_alias(parser, old, "--batch-size", "batch_size", type=int)
+
+
+def add_output_args(parser: argparse.ArgumentParser, json_help: str,
+                    quiet_help: str = "no progress bar or timing lines (notes about the input "
+                                      "are still printed)") -> None:
+    parser.add_argument("--quiet", action="store_true", help=quiet_help)
+    parser.add_argument("--json", action="store_true",
+                        help=json_help + "; errors are JSON on stdout too (exit code 2)")
+
+
+def device_arg(text: str):
+    """A torch device that exists on this machine (ArgumentTypeError otherwise)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
+    return device
+
+
+def resolve_device(text: str):
+    """--device checked once the tool needs the network (torch is imported only then)."""
+    try:
+        return device_arg(text)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--device: {e}") from None
+
+
+def check_at_least(option: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{option}: must be >= {low}, got {value}")
 
 
 def split_overrides(extra: list[str]) -> list[str]:
@@ -31,53 +177,115 @@ def split_overrides(extra: list[str]) -> list[str]:
     return out
 
 
-def config_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description,
-        epilog="Any config key can be overridden: --objective.gamma=200 train.outer_iters=5",
+def config_parser(description: str, prog: str | None = None) -> ToolParser:
+    parser = ToolParser(
+        prog=prog, description=description,
+        epilog="Any config key can be overridden: --objective.gamma=200 train.outer_iters=5 "
+               "(every key: python -m dadh_dist config --list)",
     )
     parser.add_argument("--config", help="TOML config file (defaults < file < overrides)")
     return parser
 
 
-def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple:
-    """(args, Config) from the command line."""
+def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None,
+                 flag_overrides: Callable[[argparse.Namespace], list[str]] | None = None,
+                 ) -> tuple:
+    """(args, Config) from the command line; `flag_overrides` turns flags such as --name into
+    dotted overrides, applied after the ones written out."""
     args, extra = parser.parse_known_args(argv)
-    cfg = config_mod.load(args.config, split_overrides(extra))
+    overrides = split_overrides(extra) + (flag_overrides(args) if flag_overrides else [])
+    cfg = config_mod.load(args.config, overrides)
     return args, cfg
 
 
-def run_main(body: Callable[[], int | None]) -> int:
-    """Run an entry point; user mistakes print one line and exit 2, never a traceback; a run
-    that Ray Train gave up on (lost workers or nodes) prints one line and exits 1."""
-    from dadh_dist.checkpoint import CheckpointError
-    from dadh_dist.codesfile import CodesError
-    from dadh_dist.data import DataError
-    from dadh_dist.driver import RunFailed
-    from dadh_dist.export import ExportError
-    from dadh_dist.loop import NonFiniteLoss
-    from dadh_dist.storage import StorageError
+# ------------------------------------------------------------------------------ running a tool
 
+
+def _print_json(payload: dict) -> None:
+    print(json.dumps(payload), flush=True)
+
+
+def wants_json(argv: list[str] | None) -> bool:
+    return "--json" in (sys.argv[1:] if argv is None else argv)
+
+
+def _exit_code(e: BaseException) -> int | None:
+    if isinstance(e, FileNotFoundError):
+        return EXIT_USER_ERROR
+    for cls in type(e).__mro__:
+        if cls.__module__.startswith("dadh_dist"):
+            if cls.__name__ in USER_ERRORS:
+                return EXIT_USER_ERROR
+            if cls.__name__ in RUN_ERRORS:
+                return EXIT_RUN_FAILED
+    return None
+
+
+def fail(message: str, code: int, as_json: bool, problems: list[str] | None = None) -> int:
+    """Report an error: `error: ...` on stderr, or one JSON object on stdout."""
+    if as_json:
+        payload = {"error": message, "exit_code": code}
+        if problems:
+            payload["problems"] = problems
+        _print_json(payload)
+    else:
+        for line in problems or []:
+            print(f"error: {line}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_main(body: Callable[[], int | None], as_json: bool = False) -> int:
+    """Run an entry point; user mistakes print one line and exit 2, never a traceback; a run
+    that Ray Train gave up on (lost workers or nodes) prints one line and exits 1. With
+    `as_json` the error is a JSON object on stdout instead."""
     try:
         return body() or 0
-    except (ConfigError, DataError, CheckpointError, CodesError, FileNotFoundError,
-            StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except (RunFailed, NonFiniteLoss, ExportError) as e:  # NonFiniteLoss: a run in this process
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return fail("interrupted", 130, as_json)
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None:
+            raise
+        summary = getattr(e, "summary", None)  # several problems: each, then the summary
+        if summary is not None and len(e.problems) > 1:
+            return fail(summary, code, as_json, [str(p) for p in e.problems])
+        return fail(str(e), code, as_json)
+
+
+class Notes:
+    """Lines the user should read about the input: `note: ...` on stderr as they come, and
+    kept for a JSON result."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------------------------- train
 
 
 def train_main(argv: list[str] | None = None) -> int:
     parser = config_parser("Train DADH hash functions (Ray Train, or in-process with "
                            "scaling.use_ray=false).")
+    parser.add_argument("--name", help="run name, the same as log.name=NAME; the same name "
+                        "resumes the run (default: derived from the config)")
+    parser.add_argument("--batch-size", type=int, metavar="N", dest="batch_size",
+                        help="global mini-batch, split over the workers (train.batch_size=N)")
+
+    def flags(args) -> list[str]:
+        out = []
+        if args.name is not None:
+            out.append(f"log.name={json.dumps(args.name)}")
+        if args.batch_size is not None:
+            out.append(f"train.batch_size={args.batch_size}")
+        return out
 
     def body() -> int:
-        _, cfg = parse_config(parser, argv)
+        _, cfg = parse_config(parser, argv, flags)
         from dadh_dist import driver
 
         final = driver.run(cfg)
@@ -93,76 +301,80 @@ def train_main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 # Using a trained hash function: evaluate, encode, search, export.
 
-def add_model_args(parser: argparse.ArgumentParser, required: bool = True,
-                   help: str = "run folder (its newest valid checkpoint) or a checkpoint_* folder",
-                   ) -> None:
-    """--checkpoint and --device, shared by every tool that loads a trained hash function."""
-    parser.add_argument("--checkpoint", required=required, help=help)
-    parser.add_argument("--device", default="cpu", type=device_arg,
-                        help="torch device of the streams: cpu, cuda, cuda:N (default: cpu)")
-
-
-def device_arg(text: str):
-    """A torch device that exists on this machine (argparse type: a bad one is a usage error)."""
-    import torch
-
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
-    elif device.type != "cpu":
-        raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
-    return device
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(
+    parser = ToolParser(description=(
         "Evaluate a trained run (asymmetric protocol: queries encoded by the network, database = "
-        "learned B): metrics.json, PR and P@N plots, example retrievals, report.md, TensorBoard."))
+        "learned B): metrics.json, PR and P@N plots, example retrievals, report.md, TensorBoard. "
+        "Warns when the codes have collapsed (few distinct codes, or mAP at chance level)."))
     add_model_args(parser)
-    parser.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint>_<split>; "
-                        "for a run URI the local mirror's, then sent to the URI)")
-    parser.add_argument("--encoders", help="query encoders, comma-separated among f,g,fg "
-                        "(default: the run's eval.encoders)")
+    parser.add_argument("--out", metavar="FOLDER", help="output FOLDER (default: "
+                        "<run>/eval/<checkpoint>_<split>; for a run URI the local mirror's, "
+                        "then sent to the URI)")
+    parser.add_argument("--encoders", "--encoder", dest="encoders", metavar="E[,E...]",
+                        help="query encoders, comma-separated among f,g,fg (default: the run's "
+                             "eval.encoders)")
     parser.add_argument("--split", default="query", choices=("query", "validation"),
                         help="query images to rank the database with (default: query)")
-    parser.add_argument("--topk", type=int, help="cut-off of mAP@k (default: the run's "
-                        "eval.topk, or 1000 when that is 0; 0 = mAP@all only)")
+    parser.add_argument("--topk", "-k", type=int, metavar="N",
+                        help="cut-off of mAP@k (default: the run's eval.topk, or 1000 when that "
+                             "is 0; 0 = mAP@all only; above the database size it equals mAP@all, "
+                             "and a note says so)")
+    add_batch_size_arg(parser)
     parser.add_argument("--examples", type=int, default=6,
                         help="example queries drawn in examples.png (0 = no picture)")
     parser.add_argument("--no-tensorboard", action="store_true", help="skip the tb/ events")
+    add_output_args(parser, "print the metrics, warnings and written paths as JSON",
+                    quiet_help="print only the report's path and warnings, not the table")
 
     def body() -> int:
         args = parser.parse_args(argv)
-        from pathlib import Path
-
+        check_at_least("--topk", args.topk, 0)
+        check_at_least("--examples", args.examples, 0)
+        check_at_least("--batch-size", args.batch_size, 1)
+        encoders = None
+        if args.encoders:
+            encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
+            bad = [e for e in encoders if e not in ENCODERS]
+            if bad or not encoders:
+                raise ConfigError(f"--encoders: {args.encoders!r}: name some of f, g, fg, "
+                                  "comma-separated")
+        device = resolve_device(args.device)
         from dadh_dist import inference, report, storage
 
-        for option, value in (("--topk", args.topk), ("--examples", args.examples)):
-            if value is not None and value < 0:
-                raise ConfigError(f"{option}: must be >= 0, got {value}")
-        hf, dataset = inference.load_with_data(args.checkpoint, args.device)
-        encoders = [e.strip() for e in args.encoders.split(",")] if args.encoders else None
-        ev = report.evaluate(hf, dataset, encoders, args.split, args.topk)
+        notes = Notes()
+        hf, dataset = inference.load_with_data(args.checkpoint, device)
+        n = len(dataset.database)
+        if args.topk is not None and args.topk > n:
+            notes(f"--topk {args.topk} is more than the {n} database codes: "
+                  f"mAP@{args.topk} is mAP@all")
+        ev = report.evaluate(hf, dataset, encoders, args.split, args.topk,
+                             batch_size=args.batch_size)
         out = (Path(args.out) if args.out
                else hf.run_folder / "eval" / f"{hf.checkpoint.name}_{args.split}")
         paths = report.write(out, ev, hf, dataset, args.examples, not args.no_tensorboard)
-        for e in ev.encoders:
-            print(f"{report.NAMES[e]:>10}: " + ", ".join(
-                f"{title} {ev.metrics[f'{key}_{e}']:.4f}" for title, key in ev.table()))
-        print(f"report: {paths['report.md']}")
+        for e, line in ev.warnings.items():
+            print(f"warning: {report.NAMES[e]}: {line}", file=sys.stderr)
+        published = None
         if storage.is_uri(args.checkpoint) and not args.out:
             # a remote run's evaluation goes next to it, like a local run's
-            target = storage.join(_run_of(args.checkpoint), "eval", out.name)
-            storage.Publisher(out, target)()
-            print(f"published: {storage.redact(target)}")
+            published = storage.join(_run_of(args.checkpoint), "eval", out.name)
+            storage.Publisher(out, published)()
+        if args.json:
+            _print_json({"out": str(out), "report": str(paths["report.md"]),
+                         "metrics": ev.metrics, "warnings": ev.warnings, "notes": notes.lines,
+                         **({"published": storage.redact(published)} if published else {})})
+            return 0
+        if not args.quiet:
+            for e in ev.encoders:
+                print(f"{report.NAMES[e]:>10}: " + ", ".join(
+                    f"{title} {ev.metrics[f'{key}_{e}']:.4f}" for title, key in ev.table()))
+        print(f"report: {paths['report.md']}")
+        if published:
+            print(f"published: {storage.redact(published)}")
         return 0
 
-    return run_main(body)
+    return run_main(body, wants_json(argv))
 
 
 def _run_of(uri: str) -> str:
@@ -174,9 +386,11 @@ def _run_of(uri: str) -> str:
 
 
 def encode_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(
+    parser = ToolParser(description=(
         "Encode images with a trained hash function into a Parquet codes file (id, packed code; "
-        "bits, encoder, model hash and config as metadata)."))
+        "bits, encoder, model hash and config as metadata). Every unreadable image is listed "
+        "before the tool fails; skipped non-image files and converted or resized images are "
+        "noted on stderr."))
     add_model_args(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="image folder, list file (path per line), folder of "
@@ -186,119 +400,171 @@ def encode_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parquet-split", choices=("query", "validation", "database"),
                         help="with a Parquet --images folder: keep only this split's rows")
     parser.add_argument("--learned", action="store_true",
-                        help="with --split database: write the learned codes B, not the network's")
-    parser.add_argument("--encoder", choices=("f", "g", "fg"),
-                        help="query encoder (default: fg with two streams, else f)")
-    parser.add_argument("--out", required=True, help="codes file to write (.parquet)")
-    parser.add_argument("--batch", type=int, help="images per forward pass (default: the run's "
-                        "eval.batch_size)")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
+                        help="with --split database: write the learned codes B, not the "
+                             "network's (no image is read)")
+    add_encoder_arg(parser)
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="codes FILE to write (.parquet)")
+    add_batch_size_arg(parser, old="--batch")
+    add_output_args(parser, "print what was written as JSON")
 
     def body() -> int:
         args = parser.parse_args(argv)
+        check_at_least("--batch-size", args.batch_size, 1)
+        device = resolve_device(args.device)
         import time
 
         from dadh_dist import codesfile, inference
 
-        if args.batch is not None and args.batch < 1:
-            raise ConfigError(f"--batch: must be >= 1, got {args.batch}")
         codesfile.check_writable(args.out)  # before the encoding, not after it
-        hf = inference.load(args.checkpoint, args.device)
+        notes = Notes()
+        hf = inference.load(args.checkpoint, device)
         t0 = time.perf_counter()
         split = args.parquet_split if args.images else args.split
         codes = inference.encode_to_codes(hf, args.images, split, args.encoder, args.learned,
-                                          args.batch, not args.quiet)
+                                          args.batch_size, not (args.quiet or args.json),
+                                          note=notes)
         seconds = time.perf_counter() - t0
         path = codesfile.write(args.out, codes)
+        read = 0 if args.learned else len(codes)
+        if args.json:
+            _print_json({"out": str(path), "codes": len(codes), "bits": codes.bits,
+                         "encoder": codes.encoder, "model_sha256": codes.model_sha256,
+                         "images_read": read, "seconds": seconds, "notes": notes.lines})
+            return 0
+        how = ("the run's learned codes B, no image read" if args.learned
+               else f"{read} images read and encoded")
+        timing = "" if args.quiet else f" in {seconds:.2f} s"
         print(f"wrote {len(codes)} codes ({codes.bits} bits, encoder {codes.encoder}, model "
-              f"{codes.model_sha256[:12]}) to {path}; {seconds:.2f} s with reading the images")
+              f"{codes.model_sha256[:12]}) to {path}: {how}{timing}")
         return 0
 
-    return run_main(body)
+    return run_main(body, wants_json(argv))
 
 
 def search_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(
+    parser = ToolParser(description=(
         "Top-k Hamming search: query codes, or images encoded with --checkpoint, against a "
         "database codes file."))
     add_model_args(parser, required=False,
                    help="run or checkpoint folder that encodes query images")
-    parser.add_argument("--database", required=True, help="database codes file (.parquet)")
+    parser.add_argument("--database", required=True, metavar="FILE",
+                        help="database codes file (.parquet)")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--query", help="codes file, or images (folder, list file, Parquet "
                        "shards, one image) encoded with --checkpoint")
     query.add_argument("--split", choices=("query", "validation", "database"),
                        help="a split of the run's own dataset as queries (needs --checkpoint)")
-    parser.add_argument("--encoder", choices=("f", "g", "fg"),
-                        help="query encoder for images (default: fg with two streams, else f)")
-    parser.add_argument("-k", "--k", type=int, default=10, help="results per query (10)")
+    add_encoder_arg(parser, "query encoder for images")
+    parser.add_argument("--topk", "-k", type=int, default=10, dest="topk", metavar="N",
+                        help="results per query (default: 10); above the database size every "
+                             "code is returned and a note says so")
+    deprecated_alias(parser, "--k", "--topk/-k", "topk", type=int)
+    add_batch_size_arg(parser)
     parser.add_argument("--backend", choices=("packed", "faiss"), default="packed",
                         help="packed XOR + popcount (default) or faiss IndexBinaryFlat")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--quiet", action="store_true", help="no progress or timing lines")
+    parser.add_argument("--out", metavar="FILE",
+                        help="write the results (table, or JSON with --json) to this FILE "
+                             "instead of stdout")
+    add_output_args(parser, "print the results as JSON instead of a table")
 
     def body() -> int:
         args = parser.parse_args(argv)
+        check_at_least("--topk", args.topk, 1)
+        check_at_least("--batch-size", args.batch_size, 1)
         import os
 
-        from dadh_dist import codesfile
+        from dadh_dist import codesfile, probe
 
+        notes = Notes()
+        probe.check_codes_file(args.database)
         database = codesfile.read(args.database)
         if len(database) == 0:
             raise codesfile.CodesError(f"{database.name}: the database holds no codes")
-        if args.query is not None and codesfile.is_codes_file(args.query):
+        kind = probe.IMAGES  # --split: the run's own images
+        if args.query is not None:
+            if not Path(args.query).exists():
+                raise FileNotFoundError(f"{args.query}: no such codes file or images")
+            kind = probe.query_kind(args.query)
+        if kind == probe.CODES:
             queries = codesfile.read(args.query)
         else:  # images: the network is needed only here
             from dadh_dist import inference
 
-            queries = inference.query_codes_from(args.query, args.checkpoint, args.encoder,
-                                                 args.split, args.device, not args.quiet)
-        result = codesfile.search(queries, database, args.k, args.backend)
+            device = resolve_device(args.device)
+            queries = inference.query_codes_from(
+                args.query, args.checkpoint, args.encoder, args.split, device,
+                not (args.quiet or args.json), args.batch_size, note=notes)
+        if args.topk > len(database):
+            notes(f"-k {args.topk} is more than the {len(database)} codes in {database.name}: "
+                  f"each query gets all {len(database)}")
+        result = codesfile.search(queries, database, args.topk, args.backend)
         if not args.quiet:
             print(f"searched {len(queries)} queries against {len(database)} codes in "
                   f"{result.seconds * 1e3:.1f} ms ({args.backend})", file=sys.stderr)
-
-        text = result.to_json(database) if args.json else result.table()
+        if args.json:
+            payload = json.loads(result.to_json(database))
+            payload.update(k_requested=args.topk, notes=notes.lines)
+            text = json.dumps(payload)
+        else:
+            text = result.table()
+        if args.out:
+            try:
+                Path(args.out).write_text(text + "\n")
+            except OSError as e:
+                raise ConfigError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+            if not args.quiet:
+                print(f"results: {args.out}", file=sys.stderr)
+            return 0
         try:
             print(text, flush=True)
         except BrokenPipeError:  # the reader (e.g. `head`) stopped early: not a search error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
-    return run_main(body)
+    return run_main(body, wants_json(argv))
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(
+    parser = ToolParser(description=(
         "Export a trained hash function: a torch.export program (uint8 images -> int8 ±1 codes, "
         "dynamic batch) plus the streams' state_dicts."))
     add_model_args(parser)
-    parser.add_argument("--encoder", choices=("f", "g", "fg"),
-                        help="what the program computes (default: fg with two streams, else f)")
-    parser.add_argument("--out", help="output folder (default: <run>/export/<checkpoint>_<enc>)")
+    add_encoder_arg(parser, "what the program computes")
+    parser.add_argument("--out", metavar="FOLDER",
+                        help="output FOLDER (default: <run>/export/<checkpoint>_<encoder>)")
+    add_output_args(parser, "print the written paths as JSON",
+                    quiet_help="print only the program's path")
 
     def body() -> int:
         args = parser.parse_args(argv)
-        from pathlib import Path
-
+        device = resolve_device(args.device)
         from dadh_dist import export, inference
 
-        hf = inference.load(args.checkpoint, args.device)
+        hf = inference.load(args.checkpoint, device)
         encoder = hf.check_encoder(args.encoder or hf.default_encoder)
         out = (Path(args.out) if args.out
                else hf.run_folder / "export" / f"{hf.checkpoint.name}_{encoder}")
         paths = export.export(hf, encoder, out)
+        if args.json:
+            _print_json({"encoder": encoder, "bits": hf.bits,
+                         **{k: str(v) for k, v in paths.items()}})
+            return 0
         print(f"program: {paths['program']} (uint8 (N, {hf.channels}, {hf.image_size}, "
               f"{hf.image_size}) -> int8 ±1 (N, {hf.bits}); round trip checked)")
-        print(f"weights: {paths['weights']}")
-        print(f"metadata: {paths['metadata']}")
+        if not args.quiet:
+            print(f"weights: {paths['weights']}")
+            print(f"metadata: {paths['metadata']}")
         return 0
 
-    return run_main(body)
+    return run_main(body, wants_json(argv))
+
+
+# --------------------------------------------------------------------------------- tune, quality
 
 
 def tune_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         description="Sweep DADH hyper-parameters with Ray Tune: every trial is a full training "
                     "run, ranked on validation mAP; rerunning an interrupted sweep resumes it.",
         epilog="Extra section.key=value arguments override the base training config "
@@ -335,7 +601,7 @@ def _comma_list(item: type):
 
 
 def quality_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         description="Train every (method, bits, seed) cell of the retrieval-quality table as an "
                     "in-process run and print the Markdown table (finished runs are reused).",
         epilog="Extra section.key=value arguments apply to every run (the shared budget), "
@@ -349,7 +615,8 @@ def quality_main(argv: list[str] | None = None) -> int:
                         help="comma-separated code lengths, e.g. 12,24,32,48")
     parser.add_argument("--seeds", type=_comma_list(int), default=[0],
                         help="comma-separated training seeds, e.g. 0,1,2")
-    parser.add_argument("--out", default="runs/quality", help="folder of the runs and the table")
+    parser.add_argument("--out", default="runs/quality", metavar="FOLDER",
+                        help="FOLDER of the runs and the table (default: runs/quality)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0 = CPUs / parallel)")
@@ -360,7 +627,6 @@ def quality_main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         import os
-        from pathlib import Path
 
         from dadh_dist import quality
 

@@ -11,17 +11,21 @@ equals the one the run reported.
 
 Images to encode come from an `ImageSource`: a folder of image files, a list file, a folder of
 Parquet shards (`data.dataset_to_parquet`), one image file, or one split of the run's own
-dataset. Sources are decoded chunk by chunk, so memory does not grow with their size.
+dataset. Sources are decoded chunk by chunk, so memory does not grow with their size. Nothing
+is adapted silently: files of a folder that are not images, and images converted to the model's
+channels or resized to its side, are told through a `note` callback; unreadable images are all
+collected and reported together (`BadImages`), never one per run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import sys
-import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,7 @@ from dadh_dist import config as config_mod
 from dadh_dist.config import Config, ConfigError
 from dadh_dist.data import DataError, Dataset, load_dataset
 from dadh_dist.data.images import DECODE_ERRORS, run_chunked
+from dadh_dist.data.problems import Problem
 from dadh_dist.models import HashStream, build_streams
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -198,14 +203,77 @@ def model_sha256(f: torch.nn.Module, g: torch.nn.Module | None = None) -> str:
 # ------------------------------------------------------------------------------- image sources
 
 
+Note = Callable[[str], None]
+"""Receives one line the user should read (a file skipped, images converted); no "note: "."""
+
+
+def _ignore(_: str) -> None:
+    pass
+
+
+class BadImages(DataError):
+    """Images that could not be read, all of them: `problems` holds one per image."""
+
+    def __init__(self, problems: list[str], total: int):
+        lines = [str(p) for p in problems]
+        if len(lines) == 1:
+            text = f"{lines[0]} (nothing was written)"
+        else:
+            text = (f"{len(lines)} of {total} images could not be read, nothing was written: "
+                    f"{lines[0]} and {len(lines) - 1} more")
+        super().__init__(text, [Problem("", line, skippable=True) for line in lines])
+        self.total = total
+
+    @property
+    def summary(self) -> str:
+        """The line that follows the list of problems on a console."""
+        return (f"{len(self.problems)} of {self.total} images could not be read (listed above); "
+                "nothing was written")
+
+
+@dataclass
+class Adaptations:
+    """How decoded images were brought to the model's geometry, counted over a source."""
+
+    converted: Counter = field(default_factory=Counter)
+    """PIL mode of the file -> images converted from it to the model's channels."""
+    resized: Counter = field(default_factory=Counter)
+    """(width, height) of the file -> images resized from it."""
+
+    def record(self, mode: str, size: tuple[int, int], channels: int, side: int) -> None:
+        if mode != ("L" if channels == 1 else "RGB"):
+            self.converted[mode] += 1
+        if size != (side, side):
+            self.resized[size] += 1
+
+    def lines(self, channels: int, side: int) -> list[str]:
+        out = []
+        if self.converted:
+            modes = ", ".join(f"{m}: {c}" for m, c in self.converted.most_common())
+            target = "grayscale (the model takes 1 channel)" if channels == 1 else \
+                "RGB (the model takes 3 channels)"
+            out.append(f"converted {sum(self.converted.values())} image(s) ({modes}) to {target}")
+        if self.resized:
+            common = self.resized.most_common(3)
+            sizes = ", ".join(f"{w}x{h}: {c}" for (w, h), c in common)
+            more = f" and {len(self.resized) - 3} other sizes" if len(self.resized) > 3 else ""
+            out.append(f"resized {sum(self.resized.values())} image(s) to {side}x{side} px "
+                       f"(bilinear; from {sizes}{more})")
+        return out
+
+
 @dataclass
 class ImageSource:
-    """Images to encode: ids (N,) and read(start, stop) -> uint8 (stop - start, C, S, S)."""
+    """Images to encode: ids (N,) and read(start, stop) -> uint8 (stop - start, C, S, S).
+
+    `read` decodes a whole range before it fails, so that a `BadImages` it raises names every
+    unreadable image of the range, not the first."""
 
     description: str
     ids: np.ndarray
     read: Callable[[int, int], np.ndarray]
     labels: np.ndarray | None = None
+    adapted: Adaptations = field(default_factory=Adaptations)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -214,8 +282,15 @@ class ImageSource:
 def decode(src: Path | bytes, channels: int, size: int, where: str) -> np.ndarray:
     """One image as the model sees it: (channels, size, size) uint8, gray or RGB, bilinear resize
     (the resampling of the file-based training sources)."""
+    return decode_noting(src, channels, size, where)[0]
+
+
+def decode_noting(src: Path | bytes, channels: int, size: int, where: str
+                  ) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """`decode`, plus the file's own PIL mode and (width, height), to say what was adapted."""
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+            mode, original = img.mode, img.size
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
@@ -224,27 +299,41 @@ def decode(src: Path | bytes, channels: int, size: int, where: str) -> np.ndarra
         raise DataError(f"{where}: image not found") from None
     except DECODE_ERRORS as e:
         raise DataError(f"{where}: unreadable image ({e})") from None
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)), mode, original
 
 
 def _decoded_source(description: str, ids, fetch: Callable[[int], Path | bytes],
                     where: Callable[[int], str], channels: int, size: int) -> ImageSource:
+    adapted = Adaptations()
+
     def read(start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, channels, size, size), np.uint8)
+        seen: list = [None] * (stop - start)  # (mode, size) or the problem, per image
 
         def fill(i: int) -> None:
-            out[i] = decode(fetch(start + i), channels, size, where(start + i))
+            try:
+                out[i], mode, original = decode_noting(fetch(start + i), channels, size,
+                                                       where(start + i))
+                seen[i] = (mode, original)
+            except DataError as e:
+                seen[i] = str(e)
 
         run_chunked(stop - start, fill)
+        problems = [s for s in seen if isinstance(s, str)]
+        if problems:
+            raise BadImages(problems, stop - start)
+        for mode, original in seen:
+            adapted.record(mode, original, channels, size)
         return out
 
-    return ImageSource(description, np.asarray(ids), read)
+    return ImageSource(description, np.asarray(ids), read, adapted=adapted)
 
 
 def open_source(path: str | Path | None, hf: HashFunction, split: str | None = None,
-                dataset: Dataset | None = None) -> ImageSource:
+                dataset: Dataset | None = None, note: Note = _ignore) -> ImageSource:
     """Images from `path` (folder, list file, Parquet shard folder or file, one image), or the
-    run's own `split` when path is None. For Parquet, `split` keeps only that split's rows."""
+    run's own `split` when path is None. For Parquet, `split` keeps only that split's rows.
+    Files of a folder that are not images (by suffix) are skipped, and `note` says so."""
     c, s = hf.channels, hf.image_size
     if path is None:
         if split not in SPLITS:
@@ -262,10 +351,16 @@ def open_source(path: str | Path | None, hf: HashFunction, split: str | None = N
     if p.is_dir() and any(p.glob("*.parquet")):
         return _parquet_source(sorted(p.glob("*.parquet")), split, c, s)
     if p.is_dir():
-        files = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES
-                       and q.is_file())
+        every = sorted(q for q in p.rglob("*") if q.is_file())
+        files = [q for q in every if q.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise DataError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        others = [q for q in every if q.suffix.lower() not in IMAGE_SUFFIXES]
+        if others:
+            kinds = Counter(q.suffix.lower() or "(no suffix)" for q in others)
+            shown = ", ".join(q.relative_to(p).as_posix() for q in others[:3])
+            note(f"skipped {len(others)} file(s) in {p} that are not images by their suffix "
+                 f"({', '.join(f'{k}: {c}' for k, c in kinds.most_common())}), e.g. {shown}")
         ids = [q.relative_to(p).as_posix() for q in files]
         return _decoded_source(f"{len(files)} images in {p}", np.array(ids, dtype=object),
                                lambda i: files[i], lambda i: str(files[i]), c, s)
@@ -315,6 +410,7 @@ def _parquet_source(shards: list[Path], split: str | None, channels: int,
         raise DataError(f"{shards[0].parent}: ids repeat across rows; pick one split "
                         "(encode.py --parquet-split)")
     cache: dict[int, list[bytes]] = {}
+    adapted = Adaptations()
 
     def blobs(k: int) -> list[bytes]:
         if k not in cache:
@@ -327,64 +423,75 @@ def _parquet_source(shards: list[Path], split: str | None, channels: int,
 
     def read(start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, channels, size, size), np.uint8)
+        problems, seen = [], []
         for i in range(start, stop):  # shard by shard: rows of one shard are contiguous
             k, r = rows[i]
             blob = blobs(k)[r]
             where = f"{shards[k]}: row {r}"
             if blob is None:
-                raise DataError(f"{where}: image is null")
-            out[i - start] = decode(blob, channels, size, where)
+                problems.append(f"{where}: image is null")
+                continue
+            try:
+                out[i - start], mode, original = decode_noting(blob, channels, size, where)
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            seen.append((mode, original))
+        if problems:
+            raise BadImages(problems, stop - start)
+        for mode, original in seen:
+            adapted.record(mode, original, channels, size)
         return out
 
     what = f"{split} rows of " if split else ""
-    return ImageSource(f"{len(rows)} {what}{len(shards)} Parquet shard(s)", all_ids, read)
+    return ImageSource(f"{len(rows)} {what}{len(shards)} Parquet shard(s)", all_ids, read,
+                       adapted=adapted)
 
 
 # ------------------------------------------------------------------------------------- encoding
 
 
-class Progress:
-    """A progress line on stderr: rewritten in place on a terminal, every 10% otherwise."""
+def progress_bar(total: int, what: str, enabled: bool = True, stream=None):
+    """A tqdm bar on stderr (count, rate, ETA); off when `enabled` is false or the stream is not
+    a terminal, so logs and pipes get no carriage-return noise."""
+    from tqdm import tqdm
 
-    def __init__(self, total: int, what: str, enabled: bool = True, stream=sys.stderr):
-        self.total, self.what, self.enabled, self.stream = total, what, enabled, stream
-        self.start = time.perf_counter()
-        self.tty = enabled and stream.isatty()
-        self.next_mark = 0.1
-
-    def rate(self, done: int) -> float:
-        return done / max(time.perf_counter() - self.start, 1e-9)
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        frac = done / max(self.total, 1)
-        line = f"{self.what}: {done}/{self.total} ({100 * frac:.0f}%), {self.rate(done):.0f} img/s"
-        if self.tty:
-            print("\r" + line, end="", file=self.stream, flush=True)
-        elif frac >= self.next_mark or done == self.total:
-            print(line, file=self.stream, flush=True)
-            while self.next_mark <= frac:
-                self.next_mark += 0.1
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=self.stream, flush=True)
+    stream = sys.stderr if stream is None else stream
+    on = enabled and hasattr(stream, "isatty") and stream.isatty()
+    size: dict = {"dynamic_ncols": True}
+    try:  # a terminal that reports no size (a bare pty) would get no bar at all
+        if on and os.get_terminal_size(stream.fileno()).columns == 0:
+            size = {"ncols": 80, "nrows": 24}
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pass
+    return tqdm(total=total, desc=what, unit="img", file=stream, disable=not on,
+                mininterval=0.25, **size)
 
 
 def encode_source(hf: HashFunction, source: ImageSource, encoder: str, batch: int | None = None,
                   progress: bool = True) -> np.ndarray:
-    """int8 ±1 codes (N, k) of every image of `source`, decoded and encoded chunk by chunk."""
+    """int8 ±1 codes (N, k) of every image of `source`, decoded and encoded chunk by chunk.
+
+    After the first unreadable image the rest is only decoded, not encoded, so that the
+    `BadImages` raised at the end lists every unreadable image of the source."""
     hf.check_encoder(encoder)
     batch = batch or hf.cfg.eval.batch_size
     chunk = 8 * batch  # a multiple of the batch: the same forward passes as one big call
     out = np.empty((len(source), hf.bits), np.int8)
-    bar = Progress(len(source), f"encoding {source.description}", progress)
-    for start in range(0, len(source), chunk):
-        stop = min(start + chunk, len(source))
-        out[start:stop] = hf.codes(source.read(start, stop), encoder, batch)
-        bar.update(stop)
-    bar.close()
+    problems: list[str] = []
+    with progress_bar(len(source), f"encoding {source.description}", progress) as bar:
+        for start in range(0, len(source), chunk):
+            stop = min(start + chunk, len(source))
+            try:
+                images = source.read(start, stop)
+            except BadImages as e:
+                problems.extend(str(q) for q in e.problems)
+            else:
+                if not problems:
+                    out[start:stop] = hf.codes(images, encoder, batch)
+            bar.update(stop - start)
+    if problems:
+        raise BadImages(problems, len(source))
     return out
 
 
@@ -396,8 +503,9 @@ def codes_meta(hf: HashFunction, encoder: str, source: str) -> dict:
 
 def encode_to_codes(hf: HashFunction, images: str | Path | None, split: str | None,
                     encoder: str | None, learned: bool = False, batch: int | None = None,
-                    progress: bool = True) -> codesfile.Codes:
-    """Codes of a source (see `open_source`); `learned` takes the run's B for its database."""
+                    progress: bool = True, note: Note = _ignore) -> codesfile.Codes:
+    """Codes of a source (see `open_source`); `learned` takes the run's B for its database
+    (no image is read then). `note` hears what was skipped or adapted on the way."""
     if learned:
         if images is not None or split not in (None, "database"):
             raise ConfigError("--learned: the learned codes B exist only for the run's database "
@@ -409,10 +517,12 @@ def encode_to_codes(hf: HashFunction, images: str | Path | None, split: str | No
         return codesfile.Codes.from_pm1(ds.database.ids, hf.B,
                                         **codes_meta(hf, "B", f"{ds.name} database split (B)"))
     encoder = hf.check_encoder(encoder or hf.default_encoder)
-    source = open_source(images, hf, split)
+    source = open_source(images, hf, split, note=note)
     if len(source) == 0:
         raise DataError(f"{images or split}: no images to encode")
     codes = encode_source(hf, source, encoder, batch, progress)
+    for line in source.adapted.lines(hf.channels, hf.image_size):
+        note(line)
     return codesfile.Codes.from_pm1(source.ids, codes,
                                     **codes_meta(hf, encoder, source.description))
 
@@ -420,16 +530,20 @@ def encode_to_codes(hf: HashFunction, images: str | Path | None, split: str | No
 # -------------------------------------------------------------------------------------- search
 
 
-def query_codes_from(path: str | Path, checkpoint: str | Path | None, encoder: str | None,
-                     split: str | None, device: str = "cpu",
-                     progress: bool = True) -> codesfile.Codes:
-    """Query codes from a codes file, or from images encoded with `checkpoint`."""
+def query_codes_from(path: str | Path | None, checkpoint: str | Path | None,
+                     encoder: str | None, split: str | None, device: str = "cpu",
+                     progress: bool = True, batch: int | None = None,
+                     note: Note = _ignore) -> codesfile.Codes:
+    """Query codes from a codes file, or from images encoded with `checkpoint`; a file that is
+    neither (empty, corrupt Parquet) is a CodesError saying so."""
+    from dadh_dist import probe
+
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such codes file or images")
-    if path is not None and codesfile.is_codes_file(path):
+    if path is not None and probe.query_kind(path) == probe.CODES:
         return codesfile.read(path)
     if checkpoint is None:
         raise ConfigError(f"--checkpoint: {path or '--split'} holds images, not codes; name the "
                           "run or checkpoint that encodes them")
     hf = load(checkpoint, device)
-    return encode_to_codes(hf, path, split, encoder, progress=progress)
+    return encode_to_codes(hf, path, split, encoder, batch=batch, progress=progress, note=note)

@@ -9,7 +9,13 @@ number the training run reports in `final_metrics.json`. `write` puts next to ea
     precision_at_n.png    precision of the first N retrieved
     examples.png          example queries and their top-10 database images (wrong ones in red)
     report.md             a short Markdown summary that links the figures
-    tb/                   the same scalars, figures and report for TensorBoard
+    tb/                   the same scalars, figures and report for TensorBoard (tags
+                          eval_<split>/<metric>, eval_<split>/pr_curve, .../precision_at_n,
+                          .../examples, .../report)
+
+A hash function whose codes collapsed (fewer distinct query codes than classes, or mAP within
+`health.CHANCE_MARGIN` of the chance level) is not a finished result: `evaluate` records a
+warning per query encoder, and the report, metrics.json and the console show it.
 
 Figures are drawn with matplotlib's object API on the Agg canvas: no display and no pyplot state.
 """
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dadh_dist import codesfile, loop, retrieval
+from dadh_dist import codesfile, health, loop, retrieval
 from dadh_dist.data import Dataset
 from dadh_dist.inference import HashFunction
 
@@ -51,6 +57,11 @@ class Evaluation:
     by_labels: dict[str, list[dict]] = field(default_factory=dict)
     """Multi-label data only: encoder -> one row per number of labels a query carries
     ({"labels", "queries", "map", "p_at_n"}; map is mAP@topk, mAP@all when topk is 0)."""
+    warnings: dict[str, str] = field(default_factory=dict)
+    """encoder -> one line from `health.collapse_warning`, for the encoders whose codes
+    collapsed."""
+    health: dict = field(default_factory=dict)
+    """What the warnings are judged on: chance-level mAP and distinct code counts."""
 
     def table(self) -> list[tuple[str, str]]:
         """(column title, metric key without the encoder suffix), in report order."""
@@ -67,8 +78,9 @@ class Evaluation:
 
 def evaluate(hf: HashFunction, dataset: Dataset, encoders: list[str] | None = None,
              split: str = "query", topk: int | None = None,
-             precision_at: int | None = None) -> Evaluation:
-    """Every metric of one query split against the learned database codes B, per encoder."""
+             precision_at: int | None = None, batch_size: int | None = None) -> Evaluation:
+    """Every metric of one query split against the learned database codes B, per encoder, and a
+    collapse warning for each encoder whose codes collapsed."""
     encoders = list(encoders or [e for e in hf.cfg.eval.encoders if e in hf.encoders])
     for e in encoders:
         hf.check_encoder(e, "--encoders")
@@ -80,8 +92,11 @@ def evaluate(hf: HashFunction, dataset: Dataset, encoders: list[str] | None = No
             f"{len(db)} images (did the data change since training?)")
     if topk is None:  # eval.topk = 0 means mAP@all for the run; a report still shows mAP@k
         topk = hf.cfg.eval.topk or min(DEFAULT_TOPK, len(db))
-    outputs = hf.outputs(queries.images, encoders)
+    outputs = hf.outputs(queries.images, encoders, batch_size)
     ev = Evaluation(split, encoders, {}, topk, precision_at)
+    ev.health = {"chance_map": health.chance_map(queries.labels, db.labels),
+                 "distinct_database_codes": health.distinct_codes(hf.B),
+                 "distinct_query_codes": {}}
     n = len(db)
     ns = sorted({N for N in P_AT_N_GRID if N < n} | {n})
     for e in encoders:
@@ -97,6 +112,11 @@ def evaluate(hf: HashFunction, dataset: Dataset, encoders: list[str] | None = No
         ev.pr[e] = retrieval.precision_recall_curve(*args)
         ev.p_at_n[e] = retrieval.precision_at_n(*args, ns)
         ev.query_codes[e] = q
+        ev.health["distinct_query_codes"][e] = health.distinct_codes(q)
+        warning = health.collapse_warning(q, hf.B, queries.labels, db.labels,
+                                          ev.metrics[f"map_all_{e}"])
+        if warning:
+            ev.warnings[e] = warning
         if dataset.multi_label:
             ev.by_labels[e] = by_label_count(per["ap_topk"], per["p_at_n"], queries.labels)
     return ev
@@ -218,6 +238,7 @@ def markdown(ev: Evaluation, hf: HashFunction, dataset: Dataset, reported: dict[
         f"{len(dataset.database)} ({'multi' if dataset.multi_label else 'single'}-label)",
         f"- codes: {hf.bits} bits; database = the learned B, queries = the network; ranking by "
         "Hamming distance, ties in database order (tie-aware mAP averages over tie orders)",
+        *_health_line(ev),
         "",
         "| query encoder | " + " | ".join(title for title, _ in cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -226,6 +247,9 @@ def markdown(ev: Evaluation, hf: HashFunction, dataset: Dataset, reported: dict[
         values = " | ".join(f"{ev.metrics[f'{key}_{e}']:.4f}" for _, key in cols)
         lines.append(f"| {NAMES[e]} | {values} |")
     lines += ["", f"Best query encoder by mAP@all: **{NAMES[ev.best()]}**.", ""]
+    for e, warning in ev.warnings.items():
+        lines += [f"> **Warning** ({NAMES[e]}): {warning}. These numbers describe a hash "
+                  "function that did not learn; do not compare them with other runs.", ""]
     if ev.by_labels:
         k = f"mAP@{ev.topk}" if ev.topk else "mAP@all"
         lines += [f"By the number of labels a query carries ({k} / P@{ev.precision_at}):", "",
@@ -242,6 +266,15 @@ def markdown(ev: Evaluation, hf: HashFunction, dataset: Dataset, reported: dict[
                   f"({len(reported)} metrics, largest difference {gap:.2e}).", ""]
     lines += [f"![{title}]({name})" for title, name in figures.items()]
     return "\n".join(lines) + "\n"
+
+
+def _health_line(ev: Evaluation) -> list[str]:
+    if not ev.health:
+        return []
+    counts = ", ".join(f"{NAMES[e]} {c}" for e, c in ev.health["distinct_query_codes"].items())
+    return [f"- health: {ev.health['distinct_database_codes']} distinct database codes; "
+            f"distinct query codes {counts}; a random ranking's mAP is "
+            f"{ev.health['chance_map']:.4f}"]
 
 
 def write(out: str | Path, ev: Evaluation, hf: HashFunction, dataset: Dataset,
@@ -271,17 +304,22 @@ def write(out: str | Path, ev: Evaluation, hf: HashFunction, dataset: Dataset,
                        "p_at_n": {str(N): v for N, v in ev.p_at_n[e].items()}}
                    for e in ev.encoders},
         "run_reported": reported,
+        "warnings": ev.warnings, "health": ev.health,
     }
     if ev.by_labels:
         payload["by_label_count"] = ev.by_labels
     paths["metrics.json"] = out / "metrics.json"
     paths["metrics.json"].write_text(json.dumps(payload, indent=1, allow_nan=False))
     if tensorboard:
-        paths["tb"] = _tensorboard(out / "tb", ev, hf.t, {t: f for t, (_, f) in figs.items()}, md)
+        # tags: the file names without .png, nothing to quote in a TensorBoard filter
+        paths["tb"] = _tensorboard(out / "tb", ev, hf.t,
+                                   {name.removesuffix(".png"): f for name, f in figs.values()}, md)
     return paths
 
 
 def _tensorboard(folder: Path, ev: Evaluation, step: int, figures: dict, md: str) -> Path:
+    """Scalars eval_<split>/<metric>, figures eval_<split>/<tag> (tag: pr_curve, precision_at_n,
+    examples) and the report as text."""
     import matplotlib
 
     matplotlib.use("Agg")  # tensorboard renders through pyplot's module; never open a window
@@ -292,8 +330,8 @@ def _tensorboard(folder: Path, ev: Evaluation, step: int, figures: dict, md: str
         for key, value in ev.metrics.items():
             if math.isfinite(value):
                 writer.add_scalar(f"eval_{ev.split}/{key}", value, step)
-        for title, fig in figures.items():
-            writer.add_figure(f"eval_{ev.split}/{title}", fig, step, close=False)
+        for tag, fig in figures.items():
+            writer.add_figure(f"eval_{ev.split}/{tag}", fig, step, close=False)
         writer.add_text(f"eval_{ev.split}/report", md, step)
     finally:
         writer.close()

@@ -1,4 +1,5 @@
-"""Evaluate a trained run: metrics JSON, PR and P@N plots, example retrievals, Markdown report.
+"""Evaluate a trained run: metrics JSON, PR and P@N plots, example retrievals, Markdown report
+(--out is a folder).
 
     python jobs/evaluate.py --checkpoint runs/fashion_mnist_32bit_1a2b3c4d
     python jobs/evaluate.py --checkpoint runs/<run>/checkpoint_000010 --encoders fg --out eval/
@@ -9,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dadh_dist.cli import evaluate_main  # noqa: E402
+from dadh_dist.cli import evaluate_main  # noqa: E402  (argparse first; torch after parsing)
 
 if __name__ == "__main__":
     sys.exit(evaluate_main())

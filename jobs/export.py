@@ -1,4 +1,4 @@
-"""Export a trained hash function as a torch.export program plus state_dicts.
+"""Export a trained hash function as a torch.export program plus state_dicts (--out is a folder).
 
     python jobs/export.py --checkpoint runs/<run> --encoder fg --out exported/
     # then: torch.export.load("exported/hash_fg.pt2").module()(uint8_images) -> int8 ±1 codes
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dadh_dist.cli import export_main  # noqa: E402
+from dadh_dist.cli import export_main  # noqa: E402  (argparse first; torch after parsing)
 
 if __name__ == "__main__":
     sys.exit(export_main())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dadh_dist.cli import quality_main  # noqa: E402
+from dadh_dist.cli import quality_main  # noqa: E402  (argparse first; torch after parsing)
 
 if __name__ == "__main__":
     sys.exit(quality_main())

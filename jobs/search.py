@@ -1,4 +1,4 @@
-"""Top-k Hamming search against a database codes file (table or --json).
+"""Top-k Hamming search against a database codes file (table or --json; --out is a file).
 
     python jobs/search.py --database db.parquet --query q.parquet -k 10
     python jobs/search.py --database db.parquet --query photos/ --checkpoint runs/<run> --json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dadh_dist.cli import search_main  # noqa: E402
+from dadh_dist.cli import search_main  # noqa: E402  (argparse first; torch after parsing)
 
 if __name__ == "__main__":
     sys.exit(search_main())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dadh_dist.cli import tune_main  # noqa: E402
+from dadh_dist.cli import tune_main  # noqa: E402  (argparse first; torch after parsing)
 
 if __name__ == "__main__":
     sys.exit(tune_main())

@@ -1,9 +1,9 @@
 """Using a trained hash function: evaluate, encode, search, export, and their user errors.
 
-One debug run (digits, 16 bits, two outer iterations) is trained once for the module. Two outer
-iterations leave the network's sign pattern almost constant over the images, which would let an
-encoder that mixes up images pass; `centred` therefore re-centres each stream's hash layer on the
-database features (bias = -W·mean feature), so that codes depend on the image.
+One debug run (digits, 16 bits, configs/debug_cpu.toml) is trained once for the module. However
+short the debug budget, `centred` re-centres each stream's hash layer on the database features
+(bias = -W·mean feature), so that the codes depend on the image and an encoder that mixes up
+images cannot pass; `collapsed` is its opposite, a checkpoint whose every code is the same.
 """
 
 from __future__ import annotations
@@ -58,6 +58,23 @@ def centred(run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def collapsed(run, tmp_path_factory) -> Path:
+    """A checkpoint of the run whose streams give every image the same code (hash layers
+    zeroed but for a fixed bias)."""
+    hf = inference.load(run)
+    state, manifest = ckpt.load(hf.checkpoint)
+    for name in ("f", "g"):
+        stream = getattr(hf, name)
+        with torch.no_grad():
+            stream.head.weight.zero_()
+            stream.head.bias.copy_(torch.linspace(-1, 1, hf.bits))
+        state[name] = stream.state_dict()
+    folder = tmp_path_factory.mktemp("collapsed") / "checkpoint_000002"
+    ckpt.save(folder, state, hf.cfg.to_toml(), manifest["fingerprint"])
+    return folder
+
+
+@pytest.fixture(scope="module")
 def loaded(centred):
     return inference.load_with_data(centred)
 
@@ -99,19 +116,21 @@ def test_evaluate_writes_report_and_reproduces_final_metrics(run, tmp_path):
         assert pr["recall"][-1] == pytest.approx(1.0)  # radius k retrieves the whole database
         # at N = n every query retrieves the whole database: precision = its class's share
         assert pr["p_at_n"]["1597"] == pytest.approx(pr["precision"][-1])
-    assert result["run_reported"] and result["t"] == 2
+    assert result["run_reported"] and result["t"] == final["outer_iters"]
     md = (out / "report.md").read_text()
     assert "agrees with the run's own `final_metrics.json`" in md
     assert "| sign(f+g) |" in md and "](examples.png)" in md
     acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
     acc.Reload()
     scalar = acc.Scalars("eval_query/map_all_fg")[0]
-    assert (scalar.step, scalar.value) == (2, pytest.approx(final["map_all_fg"]))
-    assert {"eval_query/precision–recall", "eval_query/precision@N",
-            "eval_query/example retrievals"} <= set(acc.Tags()["images"])
+    assert (scalar.step, scalar.value) == (final["outer_iters"],
+                                           pytest.approx(final["map_all_fg"]))
+    images = set(acc.Tags()["images"])
+    assert {"eval_query/pr_curve", "eval_query/precision_at_n", "eval_query/examples"} <= images
+    assert all(" " not in tag and "–" not in tag for tag in images | set(acc.Tags()["scalars"]))
 
 
-def test_evaluate_script_reports_map_at_1000_by_default(run, tmp_path):
+def test_evaluate_script_reports_map_at_1000_by_default(run, collapsed, tmp_path):
     out = tmp_path / "eval"
     proc = _cli("evaluate", "--checkpoint", str(run), "--out", str(out), "--examples", "0",
                 "--no-tensorboard")
@@ -124,7 +143,14 @@ def test_evaluate_script_reports_map_at_1000_by_default(run, tmp_path):
         want = retrieval.mean_average_precision(q, hf.B, ds.query.labels, ds.database.labels,
                                                 topk=1000)
         assert m[f"map_at_1000_{e}"] == pytest.approx(want, abs=1e-9)
-        assert m[f"map_at_1000_{e}"] != pytest.approx(m[f"map_all_{e}"], abs=1e-6)
+    # a cut-off, not mAP@all renamed: a well-trained stream may rank all of its class first,
+    # where the two agree; on the collapsed checkpoint, whose ties span the database, they differ
+    hf_c, _ = inference.load_with_data(collapsed)
+    ev = report.evaluate(hf_c, ds, ["fg"])
+    want = retrieval.mean_average_precision(ev.query_codes["fg"], hf_c.B, ds.query.labels,
+                                            ds.database.labels, topk=1000)
+    assert ev.metrics["map_at_1000_fg"] == pytest.approx(want, abs=1e-9)
+    assert ev.metrics["map_at_1000_fg"] != pytest.approx(ev.metrics["map_all_fg"], abs=1e-6)
     assert "mAP@1000" in proc.stdout
 
 
@@ -195,7 +221,7 @@ def test_encode_sources_agree_with_the_network(loaded, centred, tmp_path):
 
     def encode(name: str, *args: str) -> codesfile.Codes:
         out = tmp_path / f"{name}.parquet"
-        argv = ["--checkpoint", str(centred), "--out", str(out), "--quiet", "--batch", "16"]
+        argv = ["--checkpoint", str(centred), "--out", str(out), "--quiet", "--batch-size", "16"]
         assert cli.encode_main([*argv, *args]) == 0
         return codesfile.read(out)
 
@@ -223,29 +249,65 @@ def test_encode_sources_agree_with_the_network(loaded, centred, tmp_path):
     np.testing.assert_array_equal(learned.ids, ds.database.ids)
 
 
-def test_encode_script_shows_progress(centred, loaded, tmp_path):
+def test_encode_shows_a_progress_bar_on_a_terminal_only(centred, loaded, tmp_path, capsys):
+    import pty
+    import threading
+
     hf, ds = loaded
-    n = len(ds.database)  # 1,597 images in chunks of 8 batches: 13 chunks, a line per tenth
-    proc = _cli("encode", "--checkpoint", str(centred), "--split", "database", "--batch", "16",
-                "--out", str(tmp_path / "db.parquet"))
-    assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("encoding")]
-    assert 5 <= len(lines) <= 11 and lines[-1].split(": ")[1].startswith(f"{n}/{n} (100%)")
-    assert lines[-1].endswith("img/s")
+    n = len(ds.database)
+    primary, replica = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(primary, 4096)
+            except OSError:  # the replica side closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "encode.py"), "--checkpoint", str(centred),
+         "--split", "database", "--batch-size", "16", "--out", str(tmp_path / "db.parquet")],
+        stdout=subprocess.PIPE, stderr=replica, text=True, timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    os.close(replica)
+    reader.join(10)
+    os.close(primary)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, shown
+    assert f"{n}/{n}" in shown and "img/s" in shown and "<00:00" in shown  # count, rate, ETA
+    assert "\r" in shown  # rewritten in place
+
+    # stderr not a terminal (here: pytest's capture), or --quiet: no bar at all
+    for extra in ([], ["--quiet"]):
+        capsys.readouterr()
+        assert cli.encode_main(["--checkpoint", str(centred), "--split", "query", "--out",
+                                str(tmp_path / "q.parquet"), *extra]) == 0
+        captured = capsys.readouterr()
+        assert "encoding" not in captured.err and "img/s" not in captured.err
+        assert captured.out.startswith(f"wrote {len(ds.query)} codes")
+        assert ("images read and encoded in" in captured.out) == (extra == [])
 
 
-def test_progress_marks_every_tenth_off_a_terminal():
-    stream = io.StringIO()
-    bar = inference.Progress(200, "encoding x", stream=stream)
-    for done in range(0, 201, 7):
-        bar.update(done)
-    bar.update(200)
-    bar.close()
-    shown = [int(line.split(": ")[1].split("/")[0]) for line in stream.getvalue().splitlines()]
-    assert shown == [21, 42, 63, 84, 105, 126, 140, 161, 182, 200]
-    quiet = io.StringIO()
-    inference.Progress(10, "x", enabled=False, stream=quiet).update(10)
-    assert quiet.getvalue() == ""
+def test_progress_bar_has_rate_and_eta_and_is_off_without_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, enabled, drawn in ((Terminal(), True, True), (io.StringIO(), True, False),
+                                   (Terminal(), False, False)):
+        with inference.progress_bar(200, "encoding x", enabled, stream) as bar:
+            for _ in range(4):
+                bar.update(50)
+        text = stream.getvalue()
+        assert bool(text) == drawn, (type(stream).__name__, enabled)
+        if drawn:
+            assert "encoding x" in text and "200/200" in text and "img/s" in text
 
 
 def test_codes_file_round_trip_odd_bits_and_string_ids(tmp_path):
@@ -458,3 +520,162 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(case, process, loaded,
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert str(bad) in lines[0]
     assert not (tmp_path / "c.parquet").exists()
+
+
+# --------------------------------------------------------------------------- honest messages
+
+
+def test_encode_lists_every_unreadable_image_and_notes_what_it_skips_or_adapts(
+        centred, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    gen = np.random.default_rng(4)
+    Image.fromarray(gen.integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(gen.integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / "b.png")
+    Image.fromarray(gen.integers(0, 255, (16, 12, 3), dtype=np.uint8)).save(folder / "c.png")
+    (folder / "notes.txt").write_text("not an image")
+    bad = [folder / "d_broken.png", folder / "e_empty.jpg"]
+    bad[0].write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    bad[1].write_bytes(b"")
+    out = tmp_path / "c.parquet"
+    argv = ["--checkpoint", str(centred), "--images", str(folder), "--out", str(out), "--quiet"]
+
+    assert cli.encode_main(argv) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err.splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert [line.split(": ")[1] for line in errors[:-1]] == [str(b) for b in bad]
+    assert errors[-1] == ("error: 2 of 5 images could not be read (listed above); nothing was "
+                          "written")
+    assert any(line.startswith("note: skipped 1 file(s)") and "notes.txt" in line for line in err)
+    assert not out.exists() and "Traceback" not in "\n".join(err)
+
+    # the same as JSON: one object on stdout naming both files, exit 2
+    assert cli.encode_main([*argv, "--json"]) == cli.EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert payload["exit_code"] == 2 and payload["error"].startswith("2 of 5 images")
+    assert [p.split(": ")[0] for p in payload["problems"]] == [str(b) for b in bad]
+
+    for b in bad:
+        b.unlink()
+    assert cli.encode_main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["codes"] == result["images_read"] == 3 and result["out"] == str(out)
+    assert result["notes"][1:] == [
+        "converted 1 image(s) (RGB: 1) to grayscale (the model takes 1 channel)",
+        "resized 1 image(s) to 8x8 px (bilinear; from 12x16: 1)"]
+    assert codesfile.read(out).ids.tolist() == ["a.png", "b.png", "c.png"]
+
+
+def test_encode_learned_says_it_read_no_image(centred, tmp_path, capsys):
+    assert cli.encode_main(["--checkpoint", str(centred), "--split", "database", "--learned",
+                            "--out", str(tmp_path / "db.parquet")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "the run's learned codes B, no image read" in line and "reading" not in line
+
+
+def test_deprecated_spellings_still_work_with_a_note(centred, loaded, tmp_path, capsys):
+    hf, ds = loaded
+    db = tmp_path / "db.parquet"
+    assert cli.encode_main(["--checkpoint", str(centred), "--split", "database", "--out",
+                            str(db), "--batch", "7", "--quiet"]) == 0
+    assert "note: --batch is deprecated, use --batch-size" in capsys.readouterr().err
+    np.testing.assert_array_equal(codesfile.read(db).pm1(), hf.codes(ds.database.images, "fg"))
+    assert cli.search_main(["--database", str(db), "--query", str(db), "--k", "3", "--json",
+                            "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "note: --k is deprecated, use --topk/-k" in captured.err
+    assert json.loads(captured.out)["k"] == 3
+
+
+def test_search_names_an_empty_or_corrupt_query_file_for_what_it_is(tmp_path, capsys):
+    db = _write_codes(tmp_path / "db.parquet", 16, 50, "ab" * 32)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(db.read_bytes()[:-20])
+    other = tmp_path / "table.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1, 2]}), other)
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    cases = {empty: "empty file (0 bytes)", truncated: "corrupt Parquet file",
+             other: "neither codes-file metadata nor an image column (columns: x)"}
+    for query, says in cases.items():
+        assert cli.search_main(["--database", str(db), "--query", str(query)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {query}: ") and says in err, err
+        assert "holds images" not in err and "\n" not in err
+    assert cli.search_main(["--database", str(empty), "--query", str(db)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {empty}: empty file (0 bytes), not a "
+                                               "codes file")
+
+
+def test_search_notes_a_k_above_the_database_size(tmp_path, capsys):
+    db = _write_codes(tmp_path / "db.parquet", 16, 50, "ab" * 32)
+    q = _write_codes(tmp_path / "q.parquet", 16, 4, "ab" * 32)
+    assert cli.search_main(["--database", str(db), "--query", str(q), "-k", "500", "--json"]) == 0
+    captured = capsys.readouterr()
+    note = f"note: -k 500 is more than the 50 codes in {db}: each query gets all 50"
+    assert note in captured.err.splitlines()
+    payload = json.loads(captured.out)
+    assert (payload["k"], payload["k_requested"]) == (50, 500)
+    assert payload["notes"] == [note.removeprefix("note: ")]
+    assert all(len(r["ids"]) == 50 for r in payload["results"])
+    assert cli.search_main(["--database", str(db), "--query", str(q), "-k", "50"]) == 0
+    assert "note:" not in capsys.readouterr().err  # exactly the database size: nothing to say
+
+
+def test_search_writes_its_results_to_out(tmp_path, capsys):
+    db = _write_codes(tmp_path / "db.parquet", 16, 20, "ab" * 32)
+    out = tmp_path / "results.json"
+    assert cli.search_main(["--database", str(db), "--query", str(db), "-k", "2", "--json",
+                            "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    results = json.loads(out.read_text())["results"]
+    assert [r["ids"][0] for r in results] == list(range(20))  # each code finds itself first
+
+
+def test_evaluate_warns_when_codes_collapse_and_not_otherwise(run, collapsed, tmp_path, capsys):
+    common = ["--examples", "0", "--no-tensorboard", "--json"]
+    assert cli.evaluate_main(["--checkpoint", str(collapsed), "--out", str(tmp_path / "bad"),
+                              *common]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert set(result["warnings"]) == set(ENCODERS)
+    for e in ENCODERS:
+        assert result["warnings"][e].startswith("codes collapsed: 1 distinct query code(s)")
+        assert f"warning: {report.NAMES[e]}: codes collapsed" in captured.err
+    saved = json.loads((tmp_path / "bad" / "metrics.json").read_text())
+    assert saved["warnings"] == result["warnings"]
+    assert saved["health"]["distinct_query_codes"] == {e: 1 for e in ENCODERS}
+    md = (tmp_path / "bad" / "report.md").read_text()
+    assert "> **Warning** (sign(f+g)): codes collapsed" in md
+
+    # the trained run: no warning, and a --topk above the database size is noted
+    assert cli.evaluate_main(["--checkpoint", str(run), "--out", str(tmp_path / "good"),
+                              "--topk", "5000", *common]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["warnings"] == {} and "warning" not in captured.err
+    assert result["notes"] == ["--topk 5000 is more than the 1597 database codes: mAP@5000 is "
+                               "mAP@all"]
+    m = result["metrics"]
+    assert m["map_at_5000_fg"] == pytest.approx(m["map_all_fg"], abs=1e-12)
+    health = json.loads((tmp_path / "good" / "metrics.json").read_text())["health"]
+    assert health["chance_map"] == pytest.approx(0.1, abs=0.02)  # digits: ten balanced classes
+    assert min(health["distinct_query_codes"].values()) > 10
+
+
+def test_json_errors_of_model_tools_are_json_on_stdout(tmp_path, capsys):
+    missing = tmp_path / "no_run"
+    for main in (cli.evaluate_main, cli.export_main):
+        assert main(["--checkpoint", str(missing), "--json"]) == cli.EXIT_USER_ERROR
+        captured = capsys.readouterr()
+        assert captured.err == ""
+        assert json.loads(captured.out) == {
+            "error": f"{missing}: no such run or checkpoint folder", "exit_code": 2}
+    assert cli.encode_main(["--checkpoint", str(missing), "--split", "query", "--out",
+                            str(tmp_path / "x.parquet"), "--device", "gpu", "--json"]) == 2
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["error"].startswith("--device: 'gpu' is not a torch device")

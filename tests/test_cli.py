@@ -1,0 +1,198 @@
+"""The tools' shared command line without a trained run: --help and --version before any heavy
+import, one flag vocabulary, JSON errors, and the generated table of config keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dadh_dist import cli, config, config_doc, package_version
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = ("train", "tune", "evaluate", "encode", "search", "export", "quality")
+HEAVY = ("torch", "numpy", "ray", "pyarrow", "PIL", "matplotlib")
+
+# One interpreter per tool: run it as a script with --help, then --version, and report what
+# it printed and which heavy modules had been imported by then.
+_PROBE = """
+import contextlib, io, json, runpy, sys
+out, target, args = {}, sys.argv[1], sys.argv[2:]
+for flag in ("--help", "--version"):
+    sys.argv = [target, *args, flag]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__") if sys.argv[0].endswith(".py") \\
+                else runpy.run_module("dadh_dist", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            out[flag + " exit"] = e.code
+    out[flag] = buf.getvalue()
+out["heavy"] = sorted(m for m in @HEAVY@ if m in sys.modules)
+print(json.dumps(out))
+""".replace("@HEAVY@", repr(HEAVY))
+
+
+def _probe(target: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _PROBE, target, *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def probes() -> dict[str, dict]:
+    found = {job: _probe(str(ROOT / "jobs" / f"{job}.py")) for job in JOBS}
+    found["python -m dadh_dist"] = _probe("dadh_dist")
+    found["python -m dadh_dist config"] = _probe("dadh_dist", "config")
+    return found
+
+
+def test_help_and_version_import_no_heavy_module(probes):
+    for tool, p in probes.items():
+        assert p["--help exit"] == 0 and p["--help"].startswith("usage: "), tool
+        assert p["heavy"] == [], f"{tool} --help imported {p['heavy']}"
+        assert p["--version exit"] == 0, tool
+        assert p["--version"].strip().endswith(f" {package_version()}"), (tool, p["--version"])
+
+
+def test_every_tool_speaks_the_same_flags(probes):
+    def flags(job: str) -> set[str]:
+        return {word.strip(",[]") for word in probes[job]["--help"].split()
+                if word.lstrip("[").startswith("-")}
+
+    model_tools = ("evaluate", "encode", "search", "export")
+    for job in model_tools:
+        assert {"--checkpoint", "--device", "--json", "--quiet", "--out"} <= flags(job), job
+    for job in ("encode", "search", "export"):
+        assert "--encoder" in flags(job) and "--encoders" not in flags(job), job
+    assert {"--encoders", "--encoder"} <= flags("evaluate")  # several accepted, both spellings
+    for job in ("evaluate", "search"):
+        assert {"--topk", "-k"} <= flags(job), job
+    for job in ("evaluate", "encode", "search", "train"):
+        assert "--batch-size" in flags(job), job
+    assert {"--name", "--config"} <= flags("train") and "--name" in flags("tune")
+    # old spellings work but are not advertised
+    assert "--batch" not in flags("encode") and "--k" not in flags("search")
+    # --out says per tool whether it names a file or a folder
+    for job, kind in (("encode", "FILE"), ("search", "FILE"), ("evaluate", "FOLDER"),
+                      ("export", "FOLDER"), ("quality", "FOLDER")):
+        assert f"--out {kind}" in probes[job]["--help"], job
+
+
+def test_json_usage_error_is_json_on_stdout(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.search_main(["--json", "--database", "db.parquet", "--query", "q.parquet",
+                         "-k", "many"])
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert payload["exit_code"] == 2 and "-k" in payload["error"] and "many" in payload["error"]
+    assert captured.err == ""
+
+
+def test_json_user_error_is_json_on_stdout(tmp_path, capsys):
+    missing = tmp_path / "nope.parquet"
+    code = cli.search_main(["--database", str(missing), "--query", str(missing), "--json"])
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_USER_ERROR and captured.err == ""
+    payload = json.loads(captured.out)
+    assert payload == {"error": f"{missing}: codes file not found", "exit_code": 2}
+    # the same mistake without --json: one line on stderr, nothing on stdout
+    assert cli.search_main(["--database", str(missing), "--query", str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"error: {missing}: codes file not found\n"
+
+
+def test_errors_are_classified_without_importing_their_modules():
+    class RunFailed(RuntimeError):  # a class of ours is known by its name along the MRO
+        __module__ = "dadh_dist.driver"
+
+    class Unrelated(ValueError):
+        pass
+
+    assert cli._exit_code(config.ConfigError("x")) == cli.EXIT_USER_ERROR
+    assert cli._exit_code(FileNotFoundError("x")) == cli.EXIT_USER_ERROR
+    assert cli._exit_code(RunFailed("x")) == cli.EXIT_RUN_FAILED
+    assert cli._exit_code(Unrelated("x")) is None  # a bug stays a traceback
+    with pytest.raises(Unrelated):
+        cli.run_main(lambda: (_ for _ in ()).throw(Unrelated("boom")))
+
+
+def test_train_name_flag_is_log_name(tmp_path):
+    parser = cli.config_parser("x")
+    parser.add_argument("--name")
+    _, cfg = cli.parse_config(parser, ["--config", str(ROOT / "configs" / "debug_cpu.toml"),
+                                       "log.name=old", "--name", "new run"],
+                              lambda a: [f"log.name={json.dumps(a.name)}"])
+    assert cfg.log.name == "new run"
+
+
+# ------------------------------------------------------------------------------ config table
+
+
+def test_config_table_lists_every_key_its_default_and_docstring():
+    keys = config_doc.keys()
+    defaults = config.Config().to_dict()
+    assert [k.name for k in keys] == [f"{s}.{f}" for s in defaults for f in defaults[s]]
+    for k in keys:
+        section, name = k.name.split(".")
+        assert tomllib.loads(f"v = {k.default}")["v"] == defaults[section][name], k
+        assert k.doc != config_doc.UNDOCUMENTED, f"{k.name}: no docstring in config.py"
+    table = config_doc.markdown().splitlines()
+    assert len(table) == 2 + len(keys)
+    gamma = next(line for line in table if line.startswith("| `objective.gamma` |"))
+    assert gamma.split(" | ")[1:3] == ["float", "`2000.0`"]
+    # a docstring holding '|' must not split its cell
+    assert all(line.count(" | ") == 3 for line in table[2:])
+
+
+def test_field_docs_reads_the_string_after_each_field():
+    source = '''
+@dataclass
+class A:
+    x: int = 1
+    """First line,
+    second line | with a pipe."""
+    y: str = ""
+    z: float = 0.0
+    """Zed."""
+'''
+    assert config_doc.field_docs(source) == {
+        "A": {"x": "First line, second line | with a pipe.", "z": "Zed."}}
+
+
+def test_readme_carries_the_current_config_table():
+    readme = (ROOT / "README.md").read_text()
+    assert config_doc.block_in(readme) == config_doc.markdown(), (
+        "README.md's config table is stale: run python -m dadh_dist config --update-readme")
+
+
+def test_update_readme_rewrites_only_the_block(tmp_path):
+    doc = tmp_path / "README.md"
+    doc.write_text(f"intro\n{config_doc.BEGIN}\n| old |\n{config_doc.END}\noutro\n")
+    assert config_doc.update(doc) is True
+    text = doc.read_text()
+    assert text.startswith(f"intro\n{config_doc.BEGIN}\n| key | type |")
+    assert text.endswith(f"{config_doc.END}\noutro\n")
+    assert config_doc.block_in(text) == config_doc.markdown()
+    assert config_doc.update(doc) is False
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no config table markers"):
+        config_doc.update(doc)
+
+
+def test_config_command_prints_the_resolved_config(capsys):
+    from dadh_dist.__main__ import main
+
+    assert main(["config", "--config", str(ROOT / "configs" / "debug_cpu.toml"),
+                 "train.outer_iters=7"]) == 0
+    resolved = tomllib.loads(capsys.readouterr().out)
+    assert resolved["train"]["outer_iters"] == 7 and resolved["data"]["source"] == "digits"
+    assert config.from_dict(resolved).train.outer_iters == 7
+    assert main(["config", "nope.key=1"]) == cli.EXIT_USER_ERROR
+    assert "nope.key" in capsys.readouterr().err
