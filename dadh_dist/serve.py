@@ -42,6 +42,7 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -750,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve_forever(options: Options) -> int:
     """Start Ray (in-process, on loopback, unless RAY_ADDRESS names a cluster) and Serve, run
-    the application until Ctrl-C, then shut both down."""
+    the application until Ctrl-C or SIGTERM, then shut both down."""
     import ray
     from ray import serve
 
@@ -776,6 +777,9 @@ def serve_forever(options: Options) -> int:
             print(f"error: the service did not start ({first})", file=sys.stderr)
             return 1
         url = f"http://{options.host}:{options.port}"
+        # a service manager's stop shuts down as Ctrl-C does; set after ray.init, whose own
+        # SIGTERM handler would abort the process
+        signal.signal(signal.SIGTERM, _interrupt)
         print(f"serving {summary} on {url} with {options.replicas} replica(s): POST "
               f"{url}/search, POST {url}/encode, GET {url}/info, GET {url}/healthz; Ctrl-C "
               "stops", flush=True)
@@ -788,6 +792,10 @@ def serve_forever(options: Options) -> int:
         serve.shutdown()
         if own_ray:
             ray.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _check_port(host: str, port: int) -> None:
