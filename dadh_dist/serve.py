@@ -65,6 +65,7 @@ BATCH_HEADER = "x-dadh-batch-images"
 """Response header: how many images the forward pass that encoded this request held."""
 ROUTES = {"search": "POST", "encode": "POST", "info": "GET", "healthz": "GET"}
 FILE_FIELDS = ("image", "images", "file", "files")
+_RANGE_ROWS = 1 << 22  # database rows a faiss range search may return at once (all ties)
 
 logger = logging.getLogger("dadh_dist.serve")
 
@@ -334,19 +335,24 @@ class Index:
         if self._faiss is None:
             return codesfile.topk(query_packed, self.packed, k, self.bits, "packed")
         q = np.ascontiguousarray(query_packed)
+        index = np.empty((len(q), k), np.int64)
+        out = np.empty((len(q), k), np.int32)
+        rows = max(1, _RANGE_ROWS // len(self))  # queries per range search: bounds its answer
+        for s in range(0, len(q), rows):
+            self._faiss_block(q[s:s + rows], k, index[s:s + rows], out[s:s + rows])
+        return index, out
+
+    def _faiss_block(self, q: np.ndarray, k: int, index: np.ndarray, out: np.ndarray) -> None:
         kth, _ = self._faiss.search(q, k)
         kth = kth[:, -1].astype(np.int64)
         # every row within the k-th distance, then the stable order (distance, index) of them
         lims, dist, ids = self._faiss.range_search(q, int(kth.max()) + 1)
-        index = np.empty((len(q), k), np.int64)
-        out = np.empty((len(q), k), np.int32)
         for row in range(len(q)):
             d = dist[lims[row]:lims[row + 1]].astype(np.int64)
             i = ids[lims[row]:lims[row + 1]].astype(np.int64)
             keep = d <= kth[row]
             order = np.lexsort((i[keep], d[keep]))[:k]
             index[row], out[row] = i[keep][order], d[keep][order]
-        return index, out
 
 
 # --------------------------------------------------------------------------------------- requests
@@ -675,6 +681,8 @@ def _build(options: Options) -> tuple[object, str]:
 
     model = load_model(options.checkpoint, options.encoder, "cpu")
     database = load_database(options, model)
+    if "://" not in options.checkpoint:  # replicas need not share the driver's folder
+        options = dataclasses.replace(options, checkpoint=str(model.path.resolve()))
     backend = resolve_backend(options.backend, database.bits)
     summary = (f"{model.path} ({model.bits} bits, encoder {model.encoder}, model "
                f"{model.model_sha256[:12]}) against {len(database)} database codes ({backend})")

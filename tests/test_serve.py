@@ -293,6 +293,31 @@ def test_the_serve_run_builder_takes_string_arguments(run):
     assert isinstance(deployment_app, Application)
 
 
+def test_faiss_index_takes_ties_in_database_order_as_the_packed_kernel(monkeypatch):
+    pytest.importorskip("faiss")
+    gen = np.random.default_rng(3)
+    codes = np.where(gen.random((3000, 16)) < 0.5, -1, 1).astype(np.int8)
+    codes[1000:2000] = codes[0]  # a thousand-way tie
+    database = codesfile.Codes.from_pm1(np.arange(3000) * 7, codes, encoder="B",
+                                        model_sha256="0" * 64)
+    q = database.packed[::97]
+    want = codesfile.topk(q, database.packed, 40, 16, "packed")
+    monkeypatch.setattr(serving, "_RANGE_ROWS", 7000)  # range searches of two queries at a time
+    for backend in ("faiss", "packed"):
+        index = serving.Index(database, backend)
+        assert index.backend == backend
+        for k in (1, 40):
+            got = index.topk(q, k)
+            np.testing.assert_array_equal(got[0], want[0][:, :k])
+            np.testing.assert_array_equal(got[1], want[1][:, :k])
+    assert serving.Index(database, "auto").backend == "faiss"
+    odd = codesfile.Codes.from_pm1(np.arange(5), codes[:5, :12], encoder="B",
+                                   model_sha256="0" * 64)
+    assert serving.Index(odd, "auto").backend == "packed"
+    with pytest.raises(config.ConfigError, match="multiple of 8"):
+        serving.Index(odd, "faiss")
+
+
 def _has_faiss() -> bool:
     try:
         import faiss  # noqa: F401
