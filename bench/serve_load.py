@@ -3,9 +3,10 @@
     python bench/serve_load.py [--checkpoint runs/<run>] [--requests 2000] [--clients 16]
     python bench/serve_load.py --quick          # a smoke run: 200 requests, 4 clients
 
-Without --checkpoint a short debug run (configs/debug_cpu.toml, one outer iteration) is trained
-into a temporary folder first. The queries are images of the run's query and validation splits
-as PNG files, one image per request, reused in turn (request i sends image i % pool).
+Without --checkpoint the debug run (configs/debug_cpu.toml; one short outer iteration with
+--quick) is trained into a temporary folder first. The queries are images of the run's query
+and validation splits as PNG files, one image per request, reused in turn (request i sends
+image i % pool).
 
 Measured, on the same requests:
 
@@ -43,13 +44,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_debug_run(folder: Path) -> Path:
+def train_debug_run(folder: Path, quick: bool) -> Path:
+    """configs/debug_cpu.toml as it is (codes that learned: ties as a trained model has them),
+    or one short outer iteration with --quick."""
     from dadh_dist import config, driver
 
+    short = ["train.outer_iters=1", "train.inner_epochs=1", "train.num_samples=256"]
     cfg = config.load(REPO / "configs" / "debug_cpu.toml", [
         "scaling.use_ray=false", f"log.run_dir={json.dumps(str(folder))}", "log.name=serve_load",
-        "log.tensorboard=false", "train.outer_iters=1", "train.inner_epochs=1",
-        "train.num_samples=256"])
+        "log.tensorboard=false", *(short if quick else [])])
     return Path(driver.run_local(cfg)["run_dir"])
 
 
@@ -149,7 +152,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         tmp = Path(tmp)
-        run = Path(args.checkpoint) if args.checkpoint else train_debug_run(tmp / "runs")
+        run = (Path(args.checkpoint) if args.checkpoint
+               else train_debug_run(tmp / "runs", args.quick))
         pool = query_pool(run)
         names = [f"r{i:05d}.png" for i in range(args.requests)]
         blobs = [pool[i % len(pool)] for i in range(args.requests)]
