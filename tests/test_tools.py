@@ -578,7 +578,7 @@ def test_deprecated_spellings_still_work_with_a_note(centred, loaded, tmp_path, 
     hf, ds = loaded
     db = tmp_path / "db.parquet"
     assert cli.encode_main(["--checkpoint", str(centred), "--split", "database", "--out",
-                            str(db), "--batch", "7", "--quiet"]) == 0
+                            str(db), "--batch", "50", "--quiet"]) == 0
     assert "note: --batch is deprecated, use --batch-size" in capsys.readouterr().err
     np.testing.assert_array_equal(codesfile.read(db).pm1(), hf.codes(ds.database.images, "fg"))
     assert cli.search_main(["--database", str(db), "--query", str(db), "--k", "3", "--json",
