@@ -2,7 +2,16 @@
 
     python jobs/serve.py --checkpoint runs/<run>                 # http://127.0.0.1:8000
     curl -F image=@cat.png 'http://127.0.0.1:8000/search?k=5'
-    serve run dadh_dist.serve:app checkpoint=runs/<run> replicas=2   # or a Serve config file
+    serve run dadh_dist.serve:app checkpoint=runs/<run> replicas=2
+
+or `serve run` / `serve deploy` of a Serve config file:
+
+    http_options: {host: 127.0.0.1, port: 8000}
+    applications:
+      - name: dadh
+        route_prefix: /
+        import_path: dadh_dist.serve:app
+        args: {checkpoint: runs/<run>, database: db.parquet, replicas: 2, max_images: 16}
 
 Endpoints (JSON answers):
 
@@ -794,6 +803,9 @@ def serve_forever(options: Options) -> int:
         # a service manager's stop shuts down as Ctrl-C does; set after ray.init, whose own
         # SIGTERM handler would abort the process
         signal.signal(signal.SIGTERM, _interrupt)
+        if options.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"note: listening on {options.host}, so other machines can reach the service; "
+                  "it has no authentication of its own", file=sys.stderr)
         print(f"serving {summary} on {url} with {options.replicas} replica(s): POST "
               f"{url}/search, POST {url}/encode, GET {url}/info, GET {url}/healthz; Ctrl-C "
               "stops", flush=True)

@@ -292,6 +292,19 @@ def test_an_export_serves_the_checkpoints_codes_and_database(run, queries, tmp_p
         serving.load_model(tmp_path / "export", "fg")
 
 
+def test_resize_takes_any_geometry_as_jobs_search_decodes_it(run):
+    hf = inference.load(run)
+    options = serving.Options(checkpoint=str(run), resize=True)
+    model = serving.load_model(run)
+    service = serving.Service(options, serving.load_database(options, model), model)
+    gen = np.random.default_rng(4)
+    blob = _png(gen.integers(0, 256, (20, 13, 3), dtype=np.uint8))  # colour, 13x20 px
+    status, doc = service.handle("POST", "/encode", blob, "image/png")
+    assert status == 200, doc
+    want = hf.codes(inference.decode(blob, 1, 8, "x")[None], "fg")[0]
+    assert doc["results"][0]["code"] == "".join("1" if v > 0 else "0" for v in want)
+
+
 def test_the_serve_run_builder_takes_string_arguments(run):
     options = serving.Options.from_args({"checkpoint": str(run), "replicas": "2",
                                          "max-images": "4", "resize": "true"})
