@@ -151,7 +151,7 @@ class ScalingConfig:
     use_gpu: bool = False
     """One GPU per worker."""
     cpus_per_worker: float = 2.0
-    """CPUs reserved per worker."""
+    """CPUs reserved per worker; also torch's thread count per worker (and in-process)."""
     use_ray: bool = True
     """Run under Ray Train; False runs the same loop in this process without Ray (1 worker)."""
     max_failures: int = 0

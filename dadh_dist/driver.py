@@ -8,6 +8,7 @@ newest valid checkpoint; a different config under the same name is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,6 +105,25 @@ def _refuse_changed(cfg: Config, saved: Path, where: str) -> None:
 # Without Ray: the same loop in this process.
 
 
+def worker_threads(cfg: Config) -> int:
+    """torch's intra-op threads of one worker: its CPUs. In-process runs use the same count as
+    a Ray worker: the thread count changes the order of float sums in convolutions, so 1 process
+    and W workers give the same B only when each runs with the same number of threads."""
+    return max(1, round(cfg.scaling.cpus_per_worker))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_local(cfg: Config, dataset=None) -> dict:
     from dadh_dist import loop
 
@@ -121,7 +141,8 @@ def run_local(cfg: Config, dataset=None) -> dict:
 
     env = loop.WorkerEnv(report=report, resume_from=resume, run_dir=folder, dataset=dataset,
                          publish=storage.Publisher(folder, uri) if uri else None)
-    final = loop.train(cfg, env)
+    with torch_threads(worker_threads(cfg)):
+        final = loop.train(cfg, env)
     final["run_dir"] = storage.redact(uri) if uri else str(folder)
     return final
 
@@ -168,7 +189,7 @@ def ray_worker(config: dict) -> None:
     cfg = config_mod.from_dict(config["config"])
     os.environ.update(config.get("env", {}))
     _quiet_report_log()
-    torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
+    torch.set_num_threads(worker_threads(cfg))
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -18,6 +18,7 @@ many, following torch's setting when torch is loaded (a worker that ran
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 
@@ -25,6 +26,13 @@ import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.core.extending import intrinsic
+
+# numba's own thread pool, not its OpenMP layer: once numba's OpenMP runtime has started in a
+# process, torch's CPU kernels (which run on OpenMP too) give other float results at one thread,
+# so a run resumed in a fresh process would leave the straight run's path (measured: the losses
+# differ from the fourth mini-batch on). A user's NUMBA_THREADING_LAYER still wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 # ------------------------------------------------------------------------------------ threads
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import codes, faults, retrieval
+from dadh_dist import codes, faults, health, retrieval
 from dadh_dist import objective as obj
 from dadh_dist.config import Config
 from dadh_dist.data import Dataset, load_dataset
@@ -195,6 +195,11 @@ def evaluate(
         out[f"p_at_{cfg.eval.precision_at}_{enc}"] = float(gathered[:, 2].mean())
         if with_curves:  # over every query, as with one worker: all workers gather the codes
             every = c.all_gather_rows(torch.from_numpy(q).float()).to(torch.int8).numpy()
+            out[f"distinct_query_codes_{enc}"] = health.distinct_codes(every)
+            warning = health.collapse_warning(every, db_codes, split.labels, db_labels,
+                                              out[f"map_all_{enc}"])
+            if warning:
+                out[f"_warning_{enc}"] = warning
             if c.rank == 0:
                 out[f"_pr_{enc}"] = retrieval.precision_recall_curve(
                     every, db_codes, split.labels, db_labels)
@@ -392,6 +397,7 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         + (f"; {data.skipped} bad images skipped" if getattr(data, "skipped", 0) else ""))
     wall0 = time.time()
     metrics: dict = {}
+    warnings: dict[str, str] = {}
     T = cfg.train.outer_iters
     resumed_at = t_start
     if t_start >= T:  # already finished: report the final state once more
@@ -426,6 +432,10 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
                 curve = test.pop(f"_pr_{enc}", None)
                 if curve is not None:
                     monitor.pr_curve(t + 1, f"test_{enc}", *curve)
+                warning = test.pop(f"_warning_{enc}", None)
+                if warning:
+                    warnings[enc] = warning
+                    monitor.progress(f"WARNING: encoder {enc}: {warning}")
             metrics.update({f"test/{k}": v for k, v in test.items()})
         metrics["time/wall_s"] = time.time() - wall0
         monitor.scalars(t + 1, {k: v for k, v in metrics.items() if k != "t"})
@@ -452,6 +462,10 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
                  resumed_at=resumed_at,
                  workers=c.world_size, database=n, queries=int(data.query.labels.shape[0]))
     final.update({k: v for k, v in metrics.items() if k.startswith("val/")})
+    final.update(chance_map=health.chance_map(data.query.labels, data.database.labels),
+                 distinct_database_codes=health.distinct_codes(B.numpy()))
+    if warnings:
+        final["warnings"] = {enc: w for enc, w in sorted(warnings.items())}
     monitor.write_json("final_metrics.json", final)
     monitor.close()
     if rank0 and env.publish is not None:

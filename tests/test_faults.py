@@ -13,6 +13,7 @@ import pytest
 import torch
 from _checkpoints import assert_same_state, flip_byte
 from _gloo import run_workers
+from _nontrivial import assert_learned
 from torch.multiprocessing import ProcessExitedException
 
 from dadh_dist import checkpoint as ckpt
@@ -143,6 +144,7 @@ def straight(tmp_path_factory):
     cfg = config.load(DEBUG, ["scaling.use_ray=false", "train.outer_iters=3",
                               f"log.run_dir={json.dumps(str(tmp))}", "log.name=s"])
     final = driver.run_local(cfg)
+    assert_learned(final)
     state, _ = ckpt.load(ckpt.latest_valid(tmp / "s"))
     return final, state
 

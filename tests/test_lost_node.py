@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from _gloo import run_workers
+from _nontrivial import assert_learned
 from _ray_nodes import (
     ROOT,
     kill_session,
@@ -68,6 +69,7 @@ def _two_workers_until(rank, world, run_dir, stop_after):
 
 def test_checkpoint_of_two_workers_resumed_by_one_equals_one_worker_run(tmp_path):
     straight = driver.run_local(_cfg(tmp_path, "w1"))
+    assert_learned(straight)
     run_workers(_two_workers_until, 2, str(tmp_path), 1, timeout_s=60)
     first = ckpt.latest_valid(tmp_path / "w2")
     state, _ = ckpt.load(first)
@@ -177,6 +179,7 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_other(head, second_node, t
     # the same B rule after the shrink: what one uninterrupted process computes
     straight = driver.run_local(_cfg(tmp_path, "straight", "train.outer_iters=4",
                                      "train.eval_every=0"))
+    assert_learned(straight)
     assert torch.equal(B, ckpt.load(ckpt.latest_valid(tmp_path / "straight"))[0]["B"])
     assert final["map_all_fg"] == pytest.approx(straight["map_all_fg"], abs=1e-12)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import _s3
 import pytest
 import torch
+from _nontrivial import assert_learned
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, driver, storage
@@ -50,6 +51,7 @@ def reference(tmp_path_factory):
     """One uninterrupted in-process run (1 worker): the result both Ray runs must reproduce."""
     tmp = tmp_path_factory.mktemp("ref")
     final = driver.run_local(_cfg(tmp, "ref", "scaling.use_ray=false"))
+    assert_learned(final)
     return final, _B(tmp / "ref")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _checkpoints import assert_same_state, flip_byte
+from _nontrivial import assert_learned
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, driver
@@ -59,6 +60,7 @@ def test_stopped_run_resumes_by_name_and_matches_uninterrupted(tmp_path):
     assert a["opt_g"]["state"], "stream g's optimiser holds no moments to compare"
     assert_same_state(a, b)
     m1 = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
+    assert_learned(m1)
     m2 = json.loads((tmp_path / "resumed" / "final_metrics.json").read_text())
     for key in ("map_all_f", "map_all_g", "map_all_fg"):
         assert m1[key] == m2[key]

@@ -1,0 +1,55 @@
+"""Collapse checks: hand-computed cases, and a collapsed run that says so."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dadh_dist import config, driver, health
+
+DEBUG = Path(__file__).resolve().parents[1] / "configs" / "debug_cpu.toml"
+
+
+def test_chance_map_is_the_relevant_fraction_per_query():
+    db = np.array([[1, 0], [1, 0], [0, 1], [1, 1]])
+    q = np.array([[1, 0], [0, 1], [0, 0]])  # relevant 3/4, 2/4; the last has none: left out
+    assert health.chance_map(q, db) == pytest.approx((0.75 + 0.5) / 2)
+
+
+def test_distinct_codes_counts_rows():
+    codes = np.array([[1, -1], [1, -1], [-1, -1]], np.int8)
+    assert health.distinct_codes(codes) == 2
+    assert health.distinct_codes(codes[:0]) == 0
+
+
+def test_collapse_warning_names_each_reason_and_passes_healthy_codes():
+    labels = np.eye(3, dtype=np.int8).repeat(4, 0)  # 3 classes, 4 items each
+    healthy = np.array([[1, 1], [1, -1], [-1, 1]], np.int8).repeat(4, 0)
+    assert health.collapse_warning(healthy, healthy, labels, labels, 0.9) is None
+    same = np.ones((12, 2), np.int8)
+    got = health.collapse_warning(same, healthy, labels, labels, 0.34)
+    assert got.startswith("codes collapsed: 1 distinct query code(s) for 3 classes")
+    assert "mAP 0.340 is at the chance level 0.333" in got
+    assert "database" not in got
+    assert "2 distinct database code(s)" in health.collapse_warning(
+        healthy, healthy[[0, 4] * 6], labels, labels, None)
+
+
+def test_collapsed_run_warns_in_log_and_final_metrics(tmp_path, capsys):
+    # the old debug settings: plain CNN, gamma 2000, one short epoch; every query one code
+    cfg = config.load(DEBUG, ["scaling.use_ray=false", "model.norm=none",
+                              "objective.gamma=2000", "train.inner_epochs=1",
+                              "train.outer_iters=2", "train.num_samples=256",
+                              "log.tensorboard=false", f"log.run_dir={json.dumps(str(tmp_path))}",
+                              "log.name=c"])
+    final = driver.run_local(cfg)
+    out = capsys.readouterr().out
+    assert final["warnings"], final
+    saved = json.loads((tmp_path / "c" / "final_metrics.json").read_text())
+    assert saved["warnings"] == final["warnings"]
+    for enc, warning in final["warnings"].items():
+        assert f"WARNING: encoder {enc}: {warning}" in out
+    assert final["chance_map"] == pytest.approx(0.1, abs=0.01)
