@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from contextlib import contextmanager
 
 import numba
@@ -45,17 +46,28 @@ def default_threads() -> int:
     return max(1, min(int(wanted), limit))
 
 
+# One kernel call at a time per process. The workqueue layer aborts the whole process when two
+# Python threads launch parallel kernels at once (a threaded caller: a service, a sweep running
+# cells in threads); a second caller waits here instead. With a threadsafe layer the wait costs
+# nothing that oversubscribing the same cores would not.
+_LAUNCH = threading.RLock()
+
+
 @contextmanager
 def threads(count: int | None = None):
-    """Run the kernels inside on `count` threads (None: `default_threads()`), then restore."""
+    """Run the kernels inside on `count` threads (None: `default_threads()`), then restore.
+
+    Every caller of a parallel kernel goes through here: it also holds the launch lock.
+    """
     count = default_threads() if count is None else max(1, min(int(count),
                                                                numba.config.NUMBA_NUM_THREADS))
-    before = numba.get_num_threads()
-    numba.set_num_threads(count)
-    try:
-        yield count
-    finally:
-        numba.set_num_threads(before)
+    with _LAUNCH:
+        before = numba.get_num_threads()
+        numba.set_num_threads(count)
+        try:
+            yield count
+        finally:
+            numba.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------- DCC

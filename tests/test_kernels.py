@@ -173,3 +173,46 @@ def test_topk_all_equal_distances_and_threads():
     many = codesfile.topk(retrieval.pack_codes(q), retrieval.pack_codes(db), 20, 24)
     for a, b in zip(one, many):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------- threading
+
+CONCURRENT = """
+import threading
+import numpy as np
+import torch
+from dadh_dist import codes, codesfile, retrieval
+rng = np.random.default_rng(0)
+q = np.sign(rng.standard_normal((16, 64)))
+db = np.sign(rng.standard_normal((20000, 64)))
+y = np.eye(3)[rng.integers(0, 3, 20016)]
+B = torch.zeros(5000, 64, dtype=torch.int8)
+H = torch.eye(64, dtype=torch.float64)
+Q = torch.from_numpy(rng.standard_normal((5000, 64)))
+calls = [lambda: codesfile.topk(retrieval.pack_codes(q), retrieval.pack_codes(db), 10, 64)[0],
+         lambda: retrieval.average_precision(q, db, y[:16], y[16:]),
+         lambda: codes.dcc(B, H, Q, 1.0).numpy()]
+first = [f() for f in calls]
+bad = []
+def work(u):
+    for _ in range(15):
+        for f, ref in zip(calls, first):
+            if not np.array_equal(f(), ref):
+                bad.append(u)
+threads = [threading.Thread(target=work, args=(u,)) for u in range(3)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("bad", len(bad))
+"""
+
+
+def test_kernels_called_from_several_python_threads():
+    """numba's workqueue layer aborts the process on concurrent launches; `kernels.threads`
+    serialises them. Run in a child so that a regression kills the child, not the test run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", CONCURRENT], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["bad", "0"]
