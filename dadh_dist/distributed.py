@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -32,6 +33,20 @@ class ReplicaMismatch(RuntimeError):
     """Workers that must hold identical state do not."""
 
 
+@dataclass(frozen=True)
+class StreamGroup:
+    """This worker's half of a stream-parallel run."""
+
+    stream: str
+    """The stream this worker trains: f or g."""
+    process_group: object
+    """torch.distributed group of the workers training the same stream (DDP runs over it)."""
+    size: int
+    """Workers per stream (W/2)."""
+    leaders: dict
+    """The lowest rank of each stream's half: the source its weights are shared from."""
+
+
 class LocalCollectives:
     """One process: every collective is the identity."""
 
@@ -52,6 +67,12 @@ class LocalCollectives:
 
     def check_identical(self, what: str, t: torch.Tensor) -> int:
         return tensor_checksum(t)
+
+    def broadcast_object(self, obj, src: int = 0):
+        return obj
+
+    def stream_group(self):
+        raise RuntimeError("scaling.stream_parallel needs a process group of >= 2 workers")
 
 
 class TorchCollectives:
@@ -89,6 +110,23 @@ class TorchCollectives:
     def barrier(self) -> None:
         dist.barrier()
 
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank `src`'s `obj` (picklable; tensors travel by value) on every rank."""
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, device=self.device)
+        return box[0]
+
+    def stream_group(self) -> StreamGroup:
+        """Split the workers in two halves for stream-parallel training: ranks [0, W/2) train f,
+        ranks [W/2, W) train g, each half with a process group of its own for DDP. Every rank
+        creates both groups (torch requires it), in the same order."""
+        half = self.world_size // 2
+        groups = {"f": dist.new_group(list(range(half))),
+                  "g": dist.new_group(list(range(half, self.world_size)))}
+        stream = "f" if self.rank < half else "g"
+        return StreamGroup(stream=stream, process_group=groups[stream], size=half,
+                           leaders={"f": 0, "g": half})
+
     def check_identical(self, what: str, t: torch.Tensor) -> int:
         """Compare a checksum of `t` across ranks; raise ReplicaMismatch on any difference."""
         mine = tensor_checksum(t)
@@ -115,12 +153,18 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP around a stream when a process group is up; the module itself otherwise."""
-    if not is_initialized() or dist.get_world_size() == 1:
+def wrap_ddp(module: torch.nn.Module, device: torch.device,
+             group: StreamGroup | None = None) -> torch.nn.Module:
+    """DDP around a stream when a process group is up (over `group`'s half of the workers in a
+    stream-parallel run, else over all); the module itself when that group has one worker."""
+    if not is_initialized():
+        return module
+    size = group.size if group is not None else dist.get_world_size()
+    if size == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    pg = group.process_group if group is not None else None
     if device.type == "cuda":
-        return DistributedDataParallel(module, device_ids=[device.index])
-    return DistributedDataParallel(module)
+        return DistributedDataParallel(module, device_ids=[device.index], process_group=pg)
+    return DistributedDataParallel(module, process_group=pg)

@@ -199,19 +199,8 @@ def ray_worker(config: dict) -> None:
         torch.backends.cudnn.allow_tf32 = fast
     uri = config.get("run_uri")
     run_dir = storage.mirror_dir(uri) if uri else Path(config["run_dir"])
-    resume = None
-    if config.get("resume_from"):
-        resume = (storage.fetch_checkpoint(config["resume_from"],
-                                           run_dir / storage.split(config["resume_from"])[1])
-                  if uri else Path(config["resume_from"]))
-    restored = ray.train.get_checkpoint()  # set after a worker-group restart
-    own_copy = None
-    if restored is not None:
-        with restored.as_directory() as d:
-            resume = restart_checkpoint(Path(d), run_dir, uri)
-            if resume == Path(d):
-                # as_directory may hand out a temporary copy; keep our own until it is loaded
-                resume = own_copy = _copy_for_resume(Path(d))
+    collectives = TorchCollectives(device if cfg.scaling.use_gpu else None)
+    resume, own_copy = agreed_resume(collectives, ray.train.get_checkpoint(), run_dir, uri)
 
     def report(metrics: dict, staged: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(staged)) if staged else None
@@ -221,7 +210,7 @@ def ray_worker(config: dict) -> None:
     if uri and ray.train.get_context().get_world_rank() == 0:
         publish = storage.Publisher(run_dir, uri)
     env = loop.WorkerEnv(
-        collectives=TorchCollectives(device if cfg.scaling.use_gpu else None),
+        collectives=collectives,
         device=device,
         report=report,
         resume_from=resume,
@@ -235,17 +224,62 @@ def ray_worker(config: dict) -> None:
             shutil.rmtree(own_copy.parent, ignore_errors=True)
 
 
-def restart_checkpoint(restored: Path, run_dir: Path, uri: str | None) -> Path | None:
-    """Where a restarted worker group resumes: `restored` (the checkpoint Ray hands back) when
-    it verifies, else the newest valid checkpoint of the run (Ray keeps two), else None (start
-    over). For a remote run, `run_dir` is its mirror and the fallback a verified copy there."""
-    try:
-        ckpt.verify(restored)
+def agreed_resume(c, restored, run_dir: Path, uri: str | None) -> tuple[Path | None, Path | None]:
+    """The checkpoint every worker of a (re)started group resumes from: rank 0 picks it, by
+    `restart_checkpoint`, from what Ray hands back (`restored`, a ray.train.Checkpoint or None)
+    and the run's storage, and broadcasts its name; each worker then opens that one. Returns
+    (checkpoint or None, a private copy to delete after loading or None).
+
+    Ray registers a checkpoint only once every worker's report of it has reached its controller,
+    so after a lost worker it may hand back an older one, or none: the run's storage holds the
+    newest (report returns only after the upload), and a resume never starts over while a valid
+    checkpoint exists.
+    """
+    with (restored.as_directory() if restored is not None else contextlib.nullcontext()) as d:
+        ray_copy = Path(d) if d is not None else None
+        choice = None
+        if c.rank == 0:
+            chosen = restart_checkpoint(ray_copy, run_dir, uri)
+            if chosen is not None:
+                choice = ("ray" if chosen == ray_copy else "run", chosen.name)
+        choice = c.broadcast_object(choice)
+        if choice is None:
+            return None, None
+        kind, name = choice
+        if kind == "ray":
+            if ray_copy is None:
+                raise ckpt.CheckpointError(
+                    f"worker {c.rank}: rank 0 resumes from Ray's checkpoint {name} but Ray "
+                    "handed this worker none")
+            # as_directory may hand out a temporary copy; keep our own until it is loaded
+            own = _copy_for_resume(ray_copy)
+            return own, own
+    if uri is None:
+        return run_dir / name, None
+    return storage.fetch_checkpoint(storage.join(uri, name), run_dir / name), None
+
+
+def restart_checkpoint(restored: Path | None, run_dir: Path, uri: str | None) -> Path | None:
+    """The newest checkpoint that verifies among `restored` (what Ray hands back, or None) and
+    the run's own (in the run folder, or for a remote run a verified copy in its mirror
+    `run_dir`); None when there is none (start over). On a tie the run's own copy wins: every
+    worker can open it."""
+    ray_t = -1
+    if restored is not None:
+        try:
+            ray_t = ckpt.verify(restored)["t"]
+        except ckpt.CheckpointError as e:
+            print(f"warning: {e}; looking for the run's newest valid checkpoint", flush=True)
+    stored = newest_checkpoint(run_dir, uri)
+    stored_t = ckpt.verify(stored)["t"] if stored is not None else -1
+    if ray_t > stored_t:
         return restored
-    except ckpt.CheckpointError as e:
-        fallback = newest_checkpoint(run_dir, uri)
-        print(f"warning: {e}; resuming from {fallback or 'the start'}", flush=True)
-        return fallback
+    if stored is None:
+        print("warning: no valid checkpoint; resuming from the start", flush=True)
+    elif 0 <= ray_t < stored_t:
+        print(f"note: Ray handed back checkpoint t={ray_t}; the run holds a newer one, "
+              f"{stored.name} (t={stored_t}): resuming from that", flush=True)
+    return stored
 
 
 def _quiet_report_log() -> None:
@@ -281,7 +315,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
                  dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None):
+def build_trainer(cfg: Config, folder: Path, callbacks=None):
     """The TorchTrainer for one run (used by `run_ray` and by each Tune trial).
 
     Failures (DESIGN §3): a lost worker restarts the group from the last checkpoint, at most
@@ -299,14 +333,12 @@ def build_trainer(cfg: Config, folder: Path, resume: Path | None, callbacks=None
     os.environ[START_TIMEOUT_ENV] = repr(float(s.start_timeout_s))
     uri = run_uri(cfg)
     if uri is None:
-        where = {"run_dir": str(folder), "resume_from": str(resume) if resume else None,
-                 "storage_path": str(folder.parent)}
+        where = {"run_dir": str(folder), "storage_path": str(folder.parent)}
     else:
         # Workers may sit on other machines: they fetch the checkpoint from the URI themselves,
         # and Ray Train stores checkpoints through the filesystem the URI names.
         fs, runs_path = storage.resolve(cfg.log.run_dir)
-        where = {"run_uri": uri, "resume_from": storage.join(uri, resume.name) if resume else None,
-                 "storage_path": runs_path, "storage_filesystem": fs}
+        where = {"run_uri": uri, "storage_path": runs_path, "storage_filesystem": fs}
     return TorchTrainer(
         train_loop_per_worker=ray_worker,
         train_loop_config={
@@ -348,10 +380,10 @@ def run_ray(cfg: Config) -> dict:
     import ray.train
 
     check_data_here(cfg)
-    folder, resume = prepare_run(cfg)
+    folder, _ = prepare_run(cfg)  # the workers find the checkpoint to resume from themselves
     ensure_ray()
     try:
-        build_trainer(cfg, folder, resume).fit()
+        build_trainer(cfg, folder).fit()
     except ray.train.TrainingFailedError as e:
         raise RunFailed(failure_message(cfg, folder, e)) from e
     uri = run_uri(cfg)

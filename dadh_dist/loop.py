@@ -33,7 +33,7 @@ from dadh_dist import codes, faults, health, retrieval
 from dadh_dist import objective as obj
 from dadh_dist.config import Config
 from dadh_dist.data import Dataset, load_dataset
-from dadh_dist.distributed import LocalCollectives, even_split, wrap_ddp
+from dadh_dist.distributed import LocalCollectives, StreamGroup, even_split, wrap_ddp
 from dadh_dist.models import build_streams
 from dadh_dist.monitor import Monitor
 
@@ -77,8 +77,10 @@ def sample_omega(seed: int, t: int, n: int, m: int) -> torch.Tensor:
 class Streams:
     """f and g with their DDP wrappers, optimisers and schedulers."""
 
-    def __init__(self, cfg: Config, data: Dataset, device: torch.device):
+    def __init__(self, cfg: Config, data: Dataset, device: torch.device,
+                 group: StreamGroup | None = None):
         m = cfg.model
+        self.group = group  # stream-parallel: the half of the workers this one trains with
         self.f, self.g = build_streams(
             cfg.objective.bits, data.channels, data.image_size, m.backbone, m.width,
             m.input_size, m.pretrained_path, cfg.objective.two_streams, cfg.train.seed, m.norm,
@@ -90,8 +92,12 @@ class Streams:
             self.f.to(memory_format=torch.channels_last)
             if self.g is not None:
                 self.g.to(memory_format=torch.channels_last)
-        self.f_train = wrap_ddp(self.f, device)
-        self.g_train = wrap_ddp(self.g, device) if self.g is not None else None
+        # every worker holds both streams (evaluation, checkpoints); a stream-parallel worker
+        # trains only its half's, under DDP within that half
+        self.trains_f = group is None or group.stream == "f"
+        self.trains_g = self.g is not None and (group is None or group.stream == "g")
+        self.f_train = wrap_ddp(self.f, device, group) if self.trains_f else None
+        self.g_train = wrap_ddp(self.g, device, group) if self.trains_g else None
         o = cfg.optim
         self.opt_f = self._optimizer(self.f, o.lr_f, cfg)
         self.opt_g = self._optimizer(self.g, o.lr_g, cfg) if self.g is not None else None
@@ -131,6 +137,22 @@ class Streams:
             self.g.load_state_dict(state["g"])
             self.opt_g.load_state_dict(state["opt_g"])
             self.sched_g.load_state_dict(state["sched_g"])
+
+    def share(self, c) -> None:
+        """Stream-parallel: after an outer iteration's steps, each half's stream (weights and
+        optimiser state) goes from its leader to every worker, so all hold the identical pair,
+        as in a run that trains both streams everywhere. Schedulers step on every worker alike."""
+        if self.group is None:
+            return
+        for name in ("f", "g"):
+            module, opt = getattr(self, name), getattr(self, f"opt_{name}")
+            src = self.group.leaders[name]
+            mine = {"model": module.state_dict(), "opt": opt.state_dict()} if c.rank == src \
+                else None
+            state = c.broadcast_object(mine, src=src)
+            if self.group.stream != name:
+                module.load_state_dict(state["model"])
+                opt.load_state_dict(state["opt"])
 
     def lrs(self) -> dict[str, float]:
         out = {"lr/f": self.opt_f.param_groups[0]["lr"]}
@@ -246,6 +268,10 @@ def train_streams(
     G = (encode_sharded(streams.g, images, env, cfg.eval.batch_size, amp).to(dev)
          if streams.g is not None else None)
     m, bsz = omega.shape[0], tr.batch_size
+    group = streams.group
+    # the workers a global mini-batch is split over: all of them, or this stream's half
+    share_world = group.size if group is not None else c.world_size
+    share_rank = c.rank - group.leaders[group.stream] if group is not None else c.rank
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     skipped = 0
@@ -256,45 +282,63 @@ def train_streams(
             seed_for(tr.seed, 2, t, epoch)))
         for start in range(0, m, bsz):
             batch = perm[start : start + bsz]  # Ω positions of the global mini-batch
-            rows = batch[even_split(batch.shape[0], c.world_size, c.rank)]
+            rows = batch[even_split(batch.shape[0], share_world, share_rank)]
             rows_dev = rows.to(dev)
             x = images[rows].to(dev, non_blocking=True)
             with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
-                F_M = streams.f_train(x).float()
-                G_M = streams.g_train(x).float() if streams.g is not None else None
+                F_M = streams.f_train(x).float() if streams.trains_f else None
+                G_M = streams.g_train(x).float() if streams.trains_g else None
             if steps + skipped == 0 and faults.armed("nan", t, c.rank):
-                F_M = F_M * float("nan")
-            loss_f, terms_f = obj.stream_loss(F_M, G, S01[rows_dev] if G is not None else None,
-                                              B_omega[rows_dev], stats, rows_dev, weights,
-                                              batch.shape[0])
-            loss = loss_f
-            terms = {f"{k}_f": v for k, v in terms_f.items()}
+                if F_M is not None:
+                    F_M = F_M * float("nan")
+                else:
+                    G_M = G_M * float("nan")
+            # each stream's loss against the other's buffer from before this step: f's and g's
+            # steps are independent, which is what lets two worker halves take them at once
+            loss = torch.zeros((), device=dev)
+            terms: dict[str, torch.Tensor] = {}
+            if F_M is not None:
+                loss_f, terms_f = obj.stream_loss(
+                    F_M, G, S01[rows_dev] if G is not None else None, B_omega[rows_dev], stats,
+                    rows_dev, weights, batch.shape[0])
+                loss = loss + loss_f
+                terms.update({f"{k}_f": v for k, v in terms_f.items()})
             if G_M is not None:
                 loss_g, terms_g = obj.stream_loss(G_M, F, S01[rows_dev], B_omega[rows_dev],
                                                   stats, rows_dev, weights, batch.shape[0])
                 loss = loss + loss_g
                 terms.update({f"{k}_g": v for k, v in terms_g.items()})
+            if group is not None:  # the other half's terms count as zero here (summed below)
+                for k in list(terms):
+                    other = k[:-1] + ("g" if k.endswith("_f") else "f")
+                    terms.setdefault(other, torch.zeros_like(terms[k]))
             skip = tr.nonfinite == "skip" and skipped < tr.max_skipped
             if not _check_finite(terms, t, steps + skipped, c, skip_allowed=skip):
                 # every worker drops this mini-batch: no update, F/G rows keep their values
                 skipped += 1
                 continue
-            streams.opt_f.zero_grad(set_to_none=True)
-            if streams.opt_g is not None:
-                streams.opt_g.zero_grad(set_to_none=True)
-            # DDP averages gradients over workers; each share is already divided by the global
-            # batch size, so scaling by W makes the average equal the one-process gradient.
-            (loss * c.world_size).backward()
-            streams.opt_f.step()
-            if streams.opt_g is not None:
-                streams.opt_g.step()
-            F[batch] = c.all_gather_rows(F_M.detach())
-            if G is not None:
-                G[batch] = c.all_gather_rows(G_M.detach())
+            trained = [o for o, on in ((streams.opt_f, streams.trains_f),
+                                       (streams.opt_g, streams.trains_g)) if on]
+            for opt in trained:
+                opt.zero_grad(set_to_none=True)
+            # DDP averages gradients over the share's workers; each share is already divided by
+            # the global batch size, so scaling by their count makes the average equal the
+            # one-process gradient.
+            (loss * share_world).backward()
+            for opt in trained:
+                opt.step()
+            if group is None:
+                F[batch] = c.all_gather_rows(F_M.detach())
+                if G is not None:
+                    G[batch] = c.all_gather_rows(G_M.detach())
+            else:  # rank order: f's half's rows of the batch, then g's half's
+                both = c.all_gather_rows((F_M if F_M is not None else G_M).detach())
+                F[batch], G[batch] = both[: batch.shape[0]], both[batch.shape[0] :]
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
             steps += 1
             seen += batch.shape[0]
+    streams.share(c)
     seconds = time.time() - t0
     keys = sorted(sums)
     totals = c.all_reduce_sum(torch.stack([sums[k] for k in keys])) if keys else []
@@ -373,7 +417,13 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     rank0 = c.rank == 0
     data = env.dataset if env.dataset is not None else load_dataset(cfg.data)
     monitor = Monitor(env.run_dir, rank0, cfg.log.tensorboard, cfg.to_toml())
-    streams = Streams(cfg, data, env.device)
+    group = None
+    if cfg.scaling.stream_parallel:
+        if c.world_size < 2 or c.world_size % 2:
+            raise RuntimeError(f"scaling.stream_parallel: {c.world_size} worker(s) started; "
+                               "it needs an even number >= 2")
+        group = c.stream_group()
+    streams = Streams(cfg, data, env.device, group)
     n = data.database.labels.shape[0]
     m = min(cfg.train.num_samples, n)
     B = initial_codes(cfg, n)
@@ -394,6 +444,7 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     monitor.progress(
         f"{data.name}: {data.query.labels.shape[0]} queries, {data.validation.labels.shape[0]} "
         f"validation, {n} database; {cfg.objective.bits} bits; {c.world_size} worker(s)"
+        + (f" (stream-parallel: {group.size} per stream)" if group is not None else "")
         + (f"; {data.skipped} bad images skipped" if getattr(data, "skipped", 0) else ""))
     wall0 = time.time()
     metrics: dict = {}

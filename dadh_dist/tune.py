@@ -489,8 +489,8 @@ def trial_main(params: dict, sweep: dict) -> None:
     trial = f"trial_{tune.get_context().get_trial_id()}"
     cfg = trial_config(base, params, sweep["folder"], trial, sweep["cpus_per_worker"])
     # An interrupted trial reopens its run folder and resumes from its last checkpoint.
-    folder, resume = driver.prepare_run(cfg)
-    driver.build_trainer(cfg, folder, resume, callbacks=[TuneReportCallback()]).fit()
+    folder, _ = driver.prepare_run(cfg)
+    driver.build_trainer(cfg, folder, callbacks=[TuneReportCallback()]).fit()
 
 
 def _live_placement_groups() -> set[str]:

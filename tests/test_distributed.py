@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _checkpoints import assert_same_state
 from _gloo import run_workers
 from _nontrivial import assert_learned
 
@@ -24,12 +25,13 @@ def _cfg(extra=()):
     return config.load(DEBUG, OVERRIDES + list(extra))
 
 
-def _worker(rank, world, out_dir, extra):
+def _worker(rank, world, out_dir, extra, stream_parallel=False):
     from dadh_dist.distributed import TorchCollectives
 
     cfg = _cfg(extra)
     # the in-process config forbids several workers; the loop itself does not care
     cfg.scaling.num_workers = world
+    cfg.scaling.stream_parallel = stream_parallel
     out = Path(out_dir)
 
     def report(metrics, staged):
@@ -78,8 +80,8 @@ def _B(folder: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("extra", [
     [],
-    # a database of 1,593 rows: not divisible by 2; Ω of 453 leaves a last batch of 5
-    ["data.database_limit=1593", "train.num_samples=453"],
+    # a database of 1,593 rows: B's row blocks of 797 and 796
+    ["data.database_limit=1593", "train.num_samples=448"],
 ])
 def test_two_workers_equal_one(tmp_path, extra):
     single = _single(tmp_path / "one", extra)
@@ -93,6 +95,48 @@ def test_two_workers_equal_one(tmp_path, extra):
         assert two[0][key] == pytest.approx(single[key], abs=1e-12), key
     # the test PR curves come from every query, not rank 0's share
     assert single["curves"] and two[0]["curves"] == single["curves"]
+
+
+def test_ragged_last_batch_two_workers_within_tolerance(tmp_path):
+    """Ω of 453 leaves a last mini-batch of 5, split 3/2: the convolutions' backward then sums
+    the batch in other blocks than one process does (5 at once), so float rounding differs and
+    B is not bit-identical (measured: 2 of 25,488 bits). The stated tolerance: at most 0.1% of
+    B's bits and 0.01 mAP apart."""
+    extra = ["data.database_limit=1593", "train.num_samples=453"]
+    single = _single(tmp_path / "one", extra)
+    assert_learned(single)
+    (tmp_path / "two").mkdir()
+    run_workers(_worker, 2, str(tmp_path / "two"), extra)
+    two = json.loads((tmp_path / "two" / "final_0.json").read_text())
+    B1, B2 = _B(tmp_path / "one"), _B(tmp_path / "two")
+    assert float((B1 != B2).float().mean()) <= 1e-3
+    for key in ("map_all_f", "map_all_g", "map_all_fg"):
+        assert two[key] == pytest.approx(single[key], abs=0.01), key
+
+
+@pytest.mark.parametrize("world,extra", [
+    (2, []),
+    (2, ["objective.use_pair=false"]),
+    # two workers per stream: DDP inside each half, a batch of 32 split 16/16 in each
+    (4, ["data.database_limit=1593", "train.num_samples=448"]),
+])
+def test_stream_parallel_equals_one_worker(tmp_path, world, extra):
+    """f on one half of the workers, g on the other: the same B and mAP as one process that
+    trains both streams in turn."""
+    single = _single(tmp_path / "one", extra)
+    assert_learned(single)
+    (tmp_path / "sp").mkdir()
+    run_workers(_worker, world, str(tmp_path / "sp"), extra, True, timeout_s=120)
+    finals = [json.loads((tmp_path / "sp" / f"final_{r}.json").read_text())
+              for r in range(world)]
+    assert torch.equal(_B(tmp_path / "one"), _B(tmp_path / "sp"))
+    for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
+        assert all(f[key] == finals[0][key] for f in finals)
+        assert finals[0][key] == pytest.approx(single[key], abs=1e-12), key
+    state_one = ckpt.load(ckpt.latest_valid(tmp_path / "one"))[0]
+    state_sp = ckpt.load(ckpt.latest_valid(tmp_path / "sp"))[0]
+    assert (state_one.pop("workers"), state_sp.pop("workers")) == (1, world)
+    assert_same_state(state_one, state_sp)  # both streams and both optimisers, on rank 0
 
 
 def test_even_split_covers_without_padding():

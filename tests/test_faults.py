@@ -186,6 +186,10 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     older = _save(run / "checkpoint_2025-01-01_00-00-01.000000", 1)
     newer = _save(run / "checkpoint_2025-01-01_00-00-02.000000", 2)
     assert driver.restart_checkpoint(newer, run, None) == newer
+    # Ray hands back none, or an older one (it registered the newer one too late): the newer
+    assert driver.restart_checkpoint(None, run, None) == newer
+    assert driver.restart_checkpoint(older, run, None) == newer
+    assert "the run holds a newer one, checkpoint_2025-01-01_00-00-02" in capsys.readouterr().out
     flip_byte(newer / ckpt.STATE)
     assert driver.restart_checkpoint(newer, run, None) == older
     assert f"{newer / ckpt.STATE}: contents do not match" in capsys.readouterr().out
@@ -210,6 +214,52 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     mirror = tmp_path / "mirror"
     got = driver.restart_checkpoint(tmp_path / "up2", mirror, uri)
     assert got == mirror / "checkpoint_000001" and _B(got) == 1
+
+
+class _Handed:
+    """What ray.train.get_checkpoint returns: a checkpoint opened with as_directory()."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def as_directory(self):
+        import contextlib
+
+        return contextlib.nullcontext(str(self.folder))
+
+
+def _agree(rank, world, run, handed_by_rank):
+    from dadh_dist.distributed import TorchCollectives
+
+    handed = handed_by_rank[rank]
+    got, own = driver.agreed_resume(TorchCollectives(), _Handed(Path(handed)) if handed else None,
+                                    Path(run), None)
+    (Path(run).parent / f"agreed_{rank}.json").write_text(json.dumps(
+        [str(got) if got else None, _B(got) if got else None, own is not None]))
+    if own is not None:
+        import shutil
+
+        shutil.rmtree(own.parent)
+
+
+def test_restarted_group_agrees_on_the_newest_checkpoint(tmp_path):
+    """Rank 0 decides: with Ray handing back an older checkpoint (rank 0) or none (rank 1) while
+    the run folder holds a newer one, both workers resume from the newer one; with only Ray's
+    copy newer (outside the run folder), each worker opens its own copy of it."""
+    run = tmp_path / "run"
+    _save(run / "checkpoint_2025-01-01_00-00-01.000000", 1)
+    newer = _save(run / "checkpoint_2025-01-01_00-00-02.000000", 2)
+    older_copy = _save(tmp_path / "ray_old", 1)
+
+    def outcome():
+        return [json.loads((tmp_path / f"agreed_{r}.json").read_text()) for r in (0, 1)]
+
+    run_workers(_agree, 2, str(run), [str(older_copy), None], timeout_s=30)
+    assert outcome() == [[str(newer), 2.0, False]] * 2
+    ray_newest = [str(_save(tmp_path / f"ray_{r}", 3)) for r in (0, 1)]
+    run_workers(_agree, 2, str(run), ray_newest, timeout_s=30)
+    assert [o[1:] for o in outcome()] == [[3.0, True]] * 2
+    assert [Path(o[0]).name for o in outcome()] == ["ray_0", "ray_1"]
 
 
 def test_no_checkpoint_is_deleted_before_its_successor_verifies(tmp_path, monkeypatch):
@@ -255,12 +305,12 @@ def test_trainer_passes_collective_timeout_to_torch_config(tmp_path, monkeypatch
     monkeypatch.setenv(driver.START_TIMEOUT_ENV, "0")  # build_trainer sets it; restored after
     cfg = config.load(DEBUG, ["scaling.collective_timeout_s=7",
                               f"log.run_dir={json.dumps(str(tmp_path))}"])
-    trainer = driver.build_trainer(cfg, tmp_path / "r", None)
+    trainer = driver.build_trainer(cfg, tmp_path / "r")
     assert trainer.backend_config.timeout_s == 7
     assert trainer.backend_config.backend == "gloo"
     gpu = driver.build_trainer(config.load(DEBUG, ["scaling.use_gpu=true",
                                                    f"log.run_dir={json.dumps(str(tmp_path))}"]),
-                               tmp_path / "g", None)
+                               tmp_path / "g")
     assert gpu.backend_config.backend == "nccl"
     assert gpu.scaling_config.use_gpu and gpu.scaling_config.num_workers == 1
     assert not ray.is_initialized()
