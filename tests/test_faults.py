@@ -140,10 +140,14 @@ def test_collective_with_dead_peer_fails_within_bound(tmp_path, how):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
+    # a process of the same kind as the restarted ones (jobs/train.py): compared bit for bit
     tmp = tmp_path_factory.mktemp("straight")
-    cfg = config.load(DEBUG, ["scaling.use_ray=false", "train.outer_iters=3",
-                              f"log.run_dir={json.dumps(str(tmp))}", "log.name=s"])
-    final = driver.run_local(cfg)
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(DEBUG),
+                           "scaling.use_ray=false", "train.outer_iters=3",
+                           f"log.run_dir={json.dumps(str(tmp))}", "log.name=s"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    final = json.loads((tmp / "s" / "final_metrics.json").read_text())
     assert_learned(final)
     state, _ = ckpt.load(ckpt.latest_valid(tmp / "s"))
     return final, state

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from _gloo import run_workers
-from _nontrivial import assert_learned
+from _nontrivial import assert_learned, assert_same_run
 from _ray_nodes import (
     ROOT,
     kill_session,
@@ -79,9 +78,7 @@ def test_checkpoint_of_two_workers_resumed_by_one_equals_one_worker_run(tmp_path
     assert (resumed["resumed_at"], resumed["workers"]) == (1, 1)
     B_straight = ckpt.load(ckpt.latest_valid(tmp_path / "w1"))[0]["B"]
     B_resumed = ckpt.load(ckpt.latest_valid(tmp_path / "w2"))[0]["B"]
-    assert torch.equal(B_resumed, B_straight)
-    for key in ("map_all_f", "map_all_g", "map_all_fg"):
-        assert resumed[key] == pytest.approx(straight[key], abs=1e-12), key
+    assert_same_run(B_resumed, B_straight, resumed, straight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +177,8 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_other(head, second_node, t
     straight = driver.run_local(_cfg(tmp_path, "straight", "train.outer_iters=4",
                                      "train.eval_every=0"))
     assert_learned(straight)
-    assert torch.equal(B, ckpt.load(ckpt.latest_valid(tmp_path / "straight"))[0]["B"])
-    assert final["map_all_fg"] == pytest.approx(straight["map_all_fg"], abs=1e-12)
+    assert_same_run(B, ckpt.load(ckpt.latest_valid(tmp_path / "straight"))[0]["B"], final,
+                    straight, keys=("map_all_fg",))
 
 
 def test_fixed_size_run_fails_within_a_bound(head, second_node, tmp_path):

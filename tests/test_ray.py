@@ -8,7 +8,7 @@ from pathlib import Path
 import _s3
 import pytest
 import torch
-from _nontrivial import assert_learned
+from _nontrivial import assert_learned, assert_same_run
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, driver, storage
@@ -58,9 +58,7 @@ def reference(tmp_path_factory):
 def test_ray_two_workers_equal_one_process(tmp_path, ray_local, reference):
     final = driver.run_ray(_cfg(tmp_path, "w2", "scaling.num_workers=2"))
     ref_final, ref_B = reference
-    assert torch.equal(_B(tmp_path / "w2"), ref_B)
-    for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
-        assert final[key] == pytest.approx(ref_final[key], abs=1e-12), key
+    assert_same_run(_B(tmp_path / "w2"), ref_B, final, ref_final)
     assert final["workers"] == 2
 
 
@@ -82,8 +80,7 @@ def test_ray_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, ray_local,
     # or not Ray's controller had registered it before the kill
     assert final["resumed_at"] == 2
     ref_final, ref_B = reference
-    assert torch.equal(_B(tmp_path / "ft"), ref_B)
-    assert final["map_all_fg"] == pytest.approx(ref_final["map_all_fg"], abs=1e-12)
+    assert_same_run(_B(tmp_path / "ft"), ref_B, final, ref_final)
 
 
 def test_ray_run_that_failed_resumes_by_name(tmp_path, ray_local, reference, monkeypatch):
@@ -99,8 +96,7 @@ def test_ray_run_that_failed_resumes_by_name(tmp_path, ray_local, reference, mon
     final = driver.run_ray(cfg)
     assert final["resumed_at"] == 2
     ref_final, ref_B = reference
-    assert torch.equal(_B(tmp_path / "rerun"), ref_B)
-    assert final["map_all_fg"] == pytest.approx(ref_final["map_all_fg"], abs=1e-12)
+    assert_same_run(_B(tmp_path / "rerun"), ref_B, final, ref_final)
 
 
 def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):
@@ -115,11 +111,10 @@ def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):
         run = uri("runs/s3run")
         assert final["run_dir"] == run
         ref_final, ref_B = reference
-        assert final["map_all_fg"] == pytest.approx(ref_final["map_all_fg"], abs=1e-12)
         (t, name), *_ = storage.checkpoints(run)
         assert t == 3
         got = storage.fetch_checkpoint(storage.join(run, name), tmp_path / name)
-        assert torch.equal(ckpt.load(got)[0]["B"], ref_B)
+        assert_same_run(ckpt.load(got)[0]["B"], ref_B, final, ref_final)
         files = [f for f, _ in storage.list_files(run)]
         assert "config.toml" in files and "final_metrics.json" in files
         assert any(f.startswith("tb/events.out.tfevents") for f in files)
