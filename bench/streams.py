@@ -1,0 +1,111 @@
+"""DADH's second stream on its own workers: wall time per outer iteration of ADSH (one stream),
+DADH with both streams on every worker, and DADH stream-parallel, each on W gloo processes.
+
+    python bench/streams.py            # Fashion-MNIST subset, W = 2, 4 outer iterations
+    python bench/streams.py --quick    # digits, a smoke run
+
+The timed span is outer iterations 2..T-1 (train streams + code step; no evaluation until the
+last, which is left out): the time between the first and the last-but-one report. The ratio
+against ADSH measured in the same run is the DESIGN §7 target (DADH stream-parallel <= 1.15x
+ADSH with >= 2 workers). With W = 2 on a 2-core machine each process gets one core: ADSH and
+plain DADH run both workers on one stream's data-parallel halves; stream-parallel runs f on one
+core and g on the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import tempfile
+from pathlib import Path
+
+import _env  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+import torch.multiprocessing as mp
+from _common import table
+
+REPO = Path(__file__).resolve().parent.parent
+
+SETUPS = {
+    "ADSH (f only, DDP over W)": ["objective.two_streams=false", "objective.use_pair=false",
+                                  'eval.encoders=["f"]'],
+    "DADH, both streams on every worker": [],
+    "DADH stream-parallel (f | g)": ["scaling.stream_parallel=true"],
+}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, config_file: str, overrides: list[str],
+            out: str) -> None:
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from dadh_dist import config, loop
+    from dadh_dist.distributed import TorchCollectives, init_process_group_for_test
+
+    torch.set_num_threads(1)
+    init_process_group_for_test(rank, world, port, 600)
+    plain = [o for o in overrides if not o.startswith("scaling.stream_parallel")]
+    cfg = config.load(config_file, plain)
+    cfg.scaling.num_workers = world  # the in-process config forbids several workers
+    cfg.scaling.stream_parallel = len(plain) != len(overrides)
+    stamps: list[float] = []
+    env = loop.WorkerEnv(collectives=TorchCollectives(),
+                         report=lambda metrics, folder: stamps.append(time.perf_counter()))
+    final = loop.train(cfg, env)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"stamps": stamps, "final": final}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(config_file: Path, overrides: list[str], world: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        mp.start_processes(_worker, args=(world, _port(), str(config_file), overrides, str(out)),
+                           nprocs=world, join=True, start_method="spawn")
+        got = json.loads(out.read_text())
+    stamps = got["stamps"]
+    per_iter = (stamps[-2] - stamps[0]) / (len(stamps) - 2)
+    return {"s_per_iter": per_iter, "map": got["final"].get("map_all_fg",
+                                                            got["final"].get("map_all_f"))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="digits, a smoke run")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--iters", type=int, default=4, help="outer iterations (>= 3)")
+    args = p.parse_args()
+    load0 = _env.load_average()
+    if args.quick:
+        config_file = REPO / "configs" / "debug_cpu.toml"
+        common = [f"train.outer_iters={args.iters}", "train.eval_every=0", "log.tensorboard=false",
+                  "scaling.use_ray=false"]
+    else:
+        config_file = REPO / "configs" / "fashion_mnist_32.toml"
+        common = [f"train.outer_iters={args.iters}", "train.eval_every=0", "log.tensorboard=false",
+                  "scaling.use_ray=false", "train.num_samples=2048", "data.database_limit=10000",
+                  "eval.precision_at=100"]
+    results = {name: run(config_file, common + extra, args.workers)
+               for name, extra in SETUPS.items()}
+    base = results["ADSH (f only, DDP over W)"]["s_per_iter"]
+    rows = [(name, r["s_per_iter"], r["s_per_iter"] / base, r["map"])
+            for name, r in results.items()]
+    print(f"# Stream-parallel DADH: s per outer iteration on {args.workers} gloo workers, "
+          f"{config_file.name}\n")
+    print(table(["set-up", "s / outer iteration", "x ADSH", "test mAP@all (fg; f for ADSH)"],
+                rows))
+    print(f"\n- overrides: {' '.join(common)}")
+    _env.print_environment(load0)
+
+
+if __name__ == "__main__":
+    main()
