@@ -75,7 +75,7 @@ def test_finished_cells_are_read_back_not_rerun(tmp_path):
     # the same cell asked for with another budget: an error, never the old numbers
     longer = quality.Plan(DEBUG, tmp_path, overrides=["train.outer_iters=7"])
     row = quality.run_cell(longer, cell, threads=1)
-    assert "metrics" not in row and "another config (train.outer_iters: 2 -> 7)" in row["error"]
+    assert "metrics" not in row and "another config (train.outer_iters: 4 -> 7)" in row["error"]
     missing = quality.run_cell(plan, quality.Cell("dadh", 16, 0), threads=1, train=False)
     assert missing["error"] == "not run yet"
     assert not (tmp_path / "dadh_16b_s0").exists()  # nothing was trained

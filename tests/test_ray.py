@@ -62,6 +62,17 @@ def test_ray_two_workers_equal_one_process(tmp_path, ray_local, reference):
     assert final["workers"] == 2
 
 
+def test_ray_stream_parallel_two_workers(tmp_path, ray_local, reference):
+    """f on worker 0, g on worker 1 (Ray Train, gloo): the run of one process that trains both."""
+    final = driver.run_ray(_cfg(tmp_path, "sp", "scaling.num_workers=2",
+                                "scaling.stream_parallel=true"))
+    ref_final, ref_B = reference
+    assert_same_run(_B(tmp_path / "sp"), ref_B, final, ref_final)
+    assert final["workers"] == 2
+    state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "sp"))
+    assert state["opt_f"]["state"] and state["opt_g"]["state"]  # rank 0 saved g's too
+
+
 # rank 1 dies in outer iteration 3's mini-batch steps, then in its code step, then rank 0 dies
 # between checkpoint 3's files and its manifest: one fault per attempt (each fires once)
 FAULTS = ("streams:2:1", "codes:2:1", "checkpoint:2:0")

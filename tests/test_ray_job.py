@@ -29,7 +29,7 @@ def test_ray_job_submit_on_local_head(tmp_path):
                 [ray_bin(), "job", "submit", "--address", head.dashboard_url,
                  "--working-dir", str(ROOT), "--", "python", "jobs/train.py", "--config",
                  "configs/debug_cpu.toml", f"log.run_dir={json.dumps(str(run_dir))}",
-                 "log.name=submitted"],
+                 "log.name=submitted", "train.outer_iters=2"],
                 capture_output=True, text=True, timeout=400, env=env, cwd=ROOT,
             )
             out = proc.stdout + proc.stderr
