@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from dadh_dist.data import DataError, Dataset, load_dataset
 from dadh_dist.data.images import DECODE_ERRORS, run_chunked
 from dadh_dist.data.problems import Problem
 from dadh_dist.models import HashStream, build_streams
+from dadh_dist.monitor import progress_bar  # noqa: F401  (also used by tests)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
@@ -449,23 +448,6 @@ def _parquet_source(shards: list[Path], split: str | None, channels: int,
 
 
 # ------------------------------------------------------------------------------------- encoding
-
-
-def progress_bar(total: int, what: str, enabled: bool = True, stream=None):
-    """A tqdm bar on stderr (count, rate, ETA); off when `enabled` is false or the stream is not
-    a terminal, so logs and pipes get no carriage-return noise."""
-    from tqdm import tqdm
-
-    stream = sys.stderr if stream is None else stream
-    on = enabled and hasattr(stream, "isatty") and stream.isatty()
-    size: dict = {"dynamic_ncols": True}
-    try:  # a terminal that reports no size (a bare pty) would get no bar at all
-        if on and os.get_terminal_size(stream.fileno()).columns == 0:
-            size = {"ncols": 80, "nrows": 24}
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        pass
-    return tqdm(total=total, desc=what, unit="img", file=stream, disable=not on,
-                mininterval=0.25, **size)
 
 
 def encode_source(hf: HashFunction, source: ImageSource, encoder: str, batch: int | None = None,

@@ -35,7 +35,7 @@ from dadh_dist.config import Config
 from dadh_dist.data import Dataset, load_dataset
 from dadh_dist.distributed import LocalCollectives, StreamGroup, even_split, wrap_ddp
 from dadh_dist.models import build_streams
-from dadh_dist.monitor import Monitor
+from dadh_dist.monitor import Monitor, progress_bar
 
 ENCODERS = ("f", "g", "fg")
 
@@ -277,6 +277,10 @@ def train_streams(
     skipped = 0
     seen = 0
     t0 = time.time()
+    # rate and ETA of this outer iteration's mini-batches, on rank 0's terminal only (a Ray
+    # worker's or a redirected stderr is no terminal: the progress line per iteration remains)
+    bar = progress_bar(tr.inner_epochs * math.ceil(m / bsz), f"iter {t + 1}", c.rank == 0,
+                       unit="batch", leave=False)
     for epoch in range(tr.inner_epochs):
         perm = torch.randperm(m, generator=torch.Generator().manual_seed(
             seed_for(tr.seed, 2, t, epoch)))
@@ -316,6 +320,7 @@ def train_streams(
             if not _check_finite(terms, t, steps + skipped, c, skip_allowed=skip):
                 # every worker drops this mini-batch: no update, F/G rows keep their values
                 skipped += 1
+                bar.update()
                 continue
             trained = [o for o, on in ((streams.opt_f, streams.trains_f),
                                        (streams.opt_g, streams.trains_g)) if on]
@@ -338,6 +343,8 @@ def train_streams(
                 sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
             steps += 1
             seen += batch.shape[0]
+            bar.update()
+    bar.close()
     streams.share(c)
     seconds = time.time() - t0
     keys = sorted(sums)

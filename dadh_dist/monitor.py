@@ -6,7 +6,9 @@ them unconditionally.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,3 +78,21 @@ class Monitor:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def progress_bar(total: int, what: str, enabled: bool = True, stream=None, unit: str = "img",
+                 leave: bool = True):
+    """A tqdm bar on stderr (count, rate, ETA); off when `enabled` is false or the stream is not
+    a terminal, so logs and pipes get no carriage-return noise."""
+    from tqdm import tqdm
+
+    stream = sys.stderr if stream is None else stream
+    on = enabled and hasattr(stream, "isatty") and stream.isatty()
+    size: dict = {"dynamic_ncols": True}
+    try:  # a terminal that reports no size (a bare pty) would get no bar at all
+        if on and os.get_terminal_size(stream.fileno()).columns == 0:
+            size = {"ncols": 80, "nrows": 24}
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pass
+    return tqdm(total=total, desc=what, unit=unit, file=stream, disable=not on,
+                mininterval=0.25, leave=leave, **size)

@@ -41,3 +41,42 @@ def test_train_script_prints_its_run_folder_and_writes_final_metrics(tmp_path):
     assert saved["objective"]["bits"] == 12 and saved["scaling"]["use_ray"] is False
     # --name and --batch-size are log.name and train.batch_size
     assert saved["log"]["name"] == "cli" and saved["train"]["batch_size"] == 16
+
+
+def test_training_shows_per_batch_progress_on_a_terminal_only(tmp_path):
+    import pty
+    import threading
+
+    primary, replica = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(primary, 4096)
+            except OSError:  # the replica side closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    args = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(DEBUG),
+            "scaling.use_ray=false", f"log.run_dir={json.dumps(str(tmp_path))}",
+            "train.outer_iters=1", "log.tensorboard=false"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([*args, "--name", "tty"], stdout=subprocess.PIPE, stderr=replica,
+                          text=True, timeout=300, env=env)
+    os.close(replica)
+    reader.join(10)
+    os.close(primary)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, shown
+    cfg = tomllib.loads(DEBUG.read_text())["train"]
+    total = cfg["inner_epochs"] * -(-cfg["num_samples"] // cfg["batch_size"])
+    assert "iter 1: " in shown and f"/{total}" in shown and "batch/s" in shown, shown[-2000:]
+    assert "\r" in shown  # rewritten in place
+    piped = subprocess.run([*args, "--name", "pipe"], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert piped.returncode == 0 and "batch/s" not in piped.stderr + piped.stdout
