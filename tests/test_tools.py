@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _pty import stderr_on_terminal
 from PIL import Image
 
 from dadh_dist import checkpoint as ckpt
@@ -250,35 +251,12 @@ def test_encode_sources_agree_with_the_network(loaded, centred, tmp_path):
 
 
 def test_encode_shows_a_progress_bar_on_a_terminal_only(centred, loaded, tmp_path, capsys):
-    import pty
-    import threading
-
     hf, ds = loaded
     n = len(ds.database)
-    primary, replica = pty.openpty()
-    chunks: list[bytes] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                data = os.read(primary, 4096)
-            except OSError:  # the replica side closed
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    proc = subprocess.run(
+    proc, shown = stderr_on_terminal(
         [sys.executable, str(ROOT / "jobs" / "encode.py"), "--checkpoint", str(centred),
          "--split", "database", "--batch-size", "16", "--out", str(tmp_path / "db.parquet")],
-        stdout=subprocess.PIPE, stderr=replica, text=True, timeout=120,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    os.close(replica)
-    reader.join(10)
-    os.close(primary)
-    shown = b"".join(chunks).decode(errors="replace")
+        timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, shown
     assert f"{n}/{n}" in shown and "img/s" in shown and "<00:00" in shown  # count, rate, ETA
     assert "\r" in shown  # rewritten in place

@@ -11,6 +11,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from _pty import stderr_on_terminal
+
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug_cpu.toml"
 
@@ -44,34 +46,11 @@ def test_train_script_prints_its_run_folder_and_writes_final_metrics(tmp_path):
 
 
 def test_training_shows_per_batch_progress_on_a_terminal_only(tmp_path):
-    import pty
-    import threading
-
-    primary, replica = pty.openpty()
-    chunks: list[bytes] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                data = os.read(primary, 4096)
-            except OSError:  # the replica side closed
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
     args = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(DEBUG),
             "scaling.use_ray=false", f"log.run_dir={json.dumps(str(tmp_path))}",
             "train.outer_iters=1", "log.tensorboard=false"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([*args, "--name", "tty"], stdout=subprocess.PIPE, stderr=replica,
-                          text=True, timeout=300, env=env)
-    os.close(replica)
-    reader.join(10)
-    os.close(primary)
-    shown = b"".join(chunks).decode(errors="replace")
+    proc, shown = stderr_on_terminal([*args, "--name", "tty"], timeout=300, env=env)
     assert proc.returncode == 0, shown
     cfg = tomllib.loads(DEBUG.read_text())["train"]
     total = cfg["inner_epochs"] * -(-cfg["num_samples"] // cfg["batch_size"])
