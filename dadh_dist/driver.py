@@ -271,7 +271,9 @@ def restart_checkpoint(restored: Path | None, run_dir: Path, uri: str | None) ->
         except ckpt.CheckpointError as e:
             print(f"warning: {e}; looking for the run's newest valid checkpoint", flush=True)
     stored = newest_checkpoint(run_dir, uri)
-    stored_t = ckpt.verify(stored)["t"] if stored is not None else -1
+    # just verified by newest_checkpoint: read its t without hashing the state a second time
+    stored_t = (json.loads((stored / ckpt.MANIFEST).read_text())["t"] if stored is not None
+                else -1)
     if ray_t > stored_t:
         return restored
     if stored is None:
