@@ -47,13 +47,14 @@ def _free_port() -> int:
 def train_debug_run(folder: Path, quick: bool) -> Path:
     """configs/debug_cpu.toml as it is (codes that learned: ties as a trained model has them),
     or one short outer iteration with --quick."""
-    from dadh_dist import config, driver
+    from dadh_dist import config
+    from dadh_dist import run as runner
 
     short = ["train.outer_iters=1", "train.inner_epochs=1", "train.num_samples=256"]
     cfg = config.load(REPO / "configs" / "debug_cpu.toml", [
         "scaling.use_ray=false", f"log.run_dir={json.dumps(str(folder))}", "log.name=serve_load",
         "log.tensorboard=false", *(short if quick else [])])
-    return Path(driver.run_local(cfg)["run_dir"])
+    return Path(runner.run_local(cfg)["run_dir"])
 
 
 def query_pool(run: Path) -> list[bytes]:

@@ -5,8 +5,8 @@
 Runs on CPU (gloo), on the debug config (scikit-learn digits) and on a reduced Fashion-MNIST run,
 each config under five set-ups with the same seed and global batch:
 
-* local, 2 threads / 1 thread: `driver.run_local` (`scaling.use_ray = false`), this process;
-* Ray, 1 worker × 2 CPUs / 1 worker × 1 CPU: `driver.run_ray` (a worker's torch threads follow
+* local, 2 threads / 1 thread: `runner.run_local` (`scaling.use_ray = false`), this process;
+* Ray, 1 worker × 2 CPUs / 1 worker × 1 CPU: `runner.run_ray` (a worker's torch threads follow
   `scaling.cpus_per_worker`);
 * Ray, 2 workers × 1 CPU: DDP over gloo.
 
@@ -36,7 +36,8 @@ from pathlib import Path
 import _env
 from _common import table, verdict
 
-from dadh_dist import config, driver
+from dadh_dist import config
+from dadh_dist import run as runner
 
 TARGET_OVERHEAD = 0.05
 SETUPS = [  # (key, label, overrides)
@@ -70,7 +71,7 @@ def run_one(config_file: Path, overrides: list[str], key: str, root: Path, repea
         print(f"... {name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # the run's progress lines; keep the table
-            final = driver.run_local(cfg) if key.startswith("local") else driver.run_ray(cfg)
+            final = runner.run_local(cfg) if key.startswith("local") else runner.run_ray(cfg)
         end_to_end = time.perf_counter() - t0
         ips = images_per_s(root / name)
         res = {"ips": statistics.mean(ips), "per_iter": ips, "loop_s": final["wall_s"],

@@ -29,11 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dadh_dist import config as config_mod
-from dadh_dist.config import ConfigError
+from dadh_dist.config import ENCODERS, ConfigError
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
-ENCODERS = ("f", "g", "fg")
 
 # Exceptions of ours that are user mistakes (exit 2) or a run that failed (exit 1), matched by
 # class name along the exception's MRO, so that none of their modules (torch behind most of
@@ -159,24 +158,6 @@ def check_at_least(option: str, value: int | None, low: int) -> None:
         raise ConfigError(f"{option}: must be >= {low}, got {value}")
 
 
-def split_overrides(extra: list[str]) -> list[str]:
-    """`--a.b=1`, `a.b=1` and `--a.b 1` all become `a.b=1`."""
-    out, i = [], 0
-    while i < len(extra):
-        item = extra[i]
-        if item.startswith("--") and "=" not in item:
-            if i + 1 >= len(extra):
-                raise ConfigError(f"{item[2:]}: missing value (use {item[2:]}=VALUE)")
-            out.append(f"{item[2:]}={extra[i + 1]}")
-            i += 2
-            continue
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides have the form section.key=value")
-        out.append(item.removeprefix("--"))
-        i += 1
-    return out
-
-
 def config_parser(description: str, prog: str | None = None) -> ToolParser:
     parser = ToolParser(
         prog=prog, description=description,
@@ -193,7 +174,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None,
     """(args, Config) from the command line; `flag_overrides` turns flags such as --name into
     dotted overrides, applied after the ones written out."""
     args, extra = parser.parse_known_args(argv)
-    overrides = split_overrides(extra) + (flag_overrides(args) if flag_overrides else [])
+    overrides = [*extra, *(flag_overrides(args) if flag_overrides else [])]
     cfg = config_mod.load(args.config, overrides)
     return args, cfg
 
@@ -286,9 +267,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         _, cfg = parse_config(parser, argv, flags)
-        from dadh_dist import driver
+        from dadh_dist import run
 
-        final = driver.run(cfg)
+        final = run.run(cfg)
         print(f"run folder: {final['run_dir']}")
         print("final metrics: " + ", ".join(
             f"{k}={v:.4f}" for k, v in sorted(final.items())
@@ -578,7 +559,8 @@ def tune_main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         from dadh_dist import tune
 
-        sweep = tune.load_sweep(args.config, split_overrides(extra), args.num_samples, args.name)
+        sweep = tune.load_sweep(args.config, config_mod.parse_overrides(extra), args.num_samples,
+                                args.name)
         try:
             result = tune.run_sweep(sweep)
         except tune.SweepFailed as e:
@@ -641,8 +623,10 @@ def quality_main(argv: list[str] | None = None) -> int:
             if not sep or method not in quality.METHODS:
                 raise ConfigError(f"--method-override {item!r}: expected METHOD:KEY=VALUE with "
                                   f"METHOD one of {', '.join(quality.METHODS)}")
-            per_method.setdefault(method, []).extend(split_overrides([override]))
-        plan = quality.Plan(args.config, Path(args.out), split_overrides(extra), per_method)
+            per_method.setdefault(method, []).extend(
+                config_mod.override_args(config_mod.parse_overrides([override])))
+        plan = quality.Plan(args.config, Path(args.out),
+                            config_mod.override_args(config_mod.parse_overrides(extra)), per_method)
         cells = [quality.Cell(m, b, s) for b in args.bits for m in args.methods
                  for s in args.seeds]
         for cell in cells:  # every config file and override checked before anything runs

@@ -29,13 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dadh_dist import kernels, retrieval
+from dadh_dist import config, kernels, retrieval
 
 FORMAT = "1"
 KEY = "dadh_dist."
 REQUIRED = ("format", "bits", "encoder", "model_sha256")
 BACKENDS = ("packed", "faiss")
-ENCODERS = ("f", "g", "fg", "B")
+ENCODERS = (*config.ENCODERS, "B")
+"""The query encoders, and B: the learned database codes."""
 
 
 class CodesError(ValueError):

@@ -208,6 +208,14 @@ class Config:
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
 
+    def flat(self) -> dict:
+        """Every option under its dotted key (`"objective.gamma": 200.0`)."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def with_overrides(self, overrides: list[str] | dict) -> Config:
+        """A new, validated Config: this one with dotted overrides applied (the CLI's parser)."""
+        return from_dict(nest({**self.flat(), **parse_overrides(overrides)}))
+
     def differences(self, other: Config) -> list[str]:
         """`section.key: mine -> other's` for every key that differs, log.* aside."""
         a, b = self.to_dict(), other.to_dict()
@@ -224,6 +232,9 @@ class Config:
             d["scaling"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+
+ENCODERS = ("f", "g", "fg")
+"""Query encoders: sign(f), sign(g), sign(f + g) (dadh_dist.encoding)."""
 
 CHOICES = {
     "data.source": ("fashion_mnist", "fashion_mnist_grid", "cifar10", "list", "parquet", "digits"),
@@ -243,7 +254,14 @@ def _section_types(section_cls) -> dict[str, typing.Any]:
     return typing.get_type_hints(section_cls)
 
 
-def _coerce(key: str, value, typ):
+def unknown_key(key: str, name: str, known, known_label: str = "known") -> ConfigError:
+    """`key: unknown key (did you mean x?); known: a, b, c`."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"{key}: unknown key{hint}; {known_label}: {', '.join(known)}")
+
+
+def coerce(key: str, value, typ):
     """Check `value` against the annotated type; ints are accepted where floats are expected."""
     if typ is bool:
         if isinstance(value, bool):
@@ -260,7 +278,7 @@ def _coerce(key: str, value, typ):
     elif typing.get_origin(typ) is list:
         (item,) = typing.get_args(typ)
         if isinstance(value, list):
-            return [_coerce(key, v, item) for v in value]
+            return [coerce(key, v, item) for v in value]
     else:  # pragma: no cover - every field has one of the types above
         raise TypeError(typ)
     name = getattr(typ, "__name__", str(typ))
@@ -287,10 +305,8 @@ def apply(cfg_dict: dict, key: str, value) -> None:
     cls = section_fields[section].default_factory().__class__
     types = _section_types(cls)
     if name not in types:
-        close = difflib.get_close_matches(name, list(types), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"{key}: unknown key{hint}; {section} has: {', '.join(types)}")
-    cfg_dict[section][name] = _coerce(key, value, types[name])
+        raise unknown_key(key, name, types, f"{section} has")
+    cfg_dict[section][name] = coerce(key, value, types[name])
 
 
 def from_dict(d: dict) -> Config:
@@ -322,27 +338,56 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
         raise ConfigError(f"{what} {p}: invalid TOML ({e})") from None
 
 
+def parse_overrides(items: list[str] | dict) -> dict:
+    """The one override parser: `["a.b=1", "--a.b=1", "--a.b", "1"]` (or a dict of dotted keys)
+    to `{"a.b": 1}`. Values are read as TOML (bare words are strings); later items win. Keys are
+    checked for shape here and against the config's sections by `with_overrides`."""
+    if isinstance(items, dict):
+        pairs = list(items.items())
+    else:
+        pairs, i = [], 0
+        while i < len(items):
+            item = items[i]
+            if item.startswith("--") and "=" not in item:
+                if i + 1 >= len(items):
+                    raise ConfigError(f"{item[2:]}: missing value (use {item[2:]}=VALUE)")
+                key, raw, i = item[2:], items[i + 1], i + 2
+            elif "=" not in item:
+                raise ConfigError(f"{item}: overrides have the form section.key=value")
+            else:
+                key, raw = item.removeprefix("--").split("=", 1)
+                i += 1
+            pairs.append((key.strip(), _parse_cli_value(raw.strip())))
+    out = {}
+    for key, value in pairs:
+        if len(key.split(".")) != 2:
+            raise ConfigError(f"{key}: keys have the form section.field (e.g. objective.gamma)")
+        out[key] = value
+    return out
+
+
+def override_args(overrides: dict) -> list[str]:
+    """Parsed overrides back to command-line arguments (`key=<TOML value>`)."""
+    return [f"{k}={_toml_value(v)}" for k, v in overrides.items()]
+
+
+def nest(flat: dict) -> dict:
+    """Dotted keys to TOML-like tables: `{"a.b": 1}` -> `{"a": {"b": 1}}`."""
+    d: dict = {}
+    for key, value in flat.items():
+        section, name = key.split(".", 1)
+        d.setdefault(section, {})[name] = value
+    return d
+
+
 def load(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Resolve defaults < TOML file < overrides (`["objective.gamma=200", ...]` or a dict)."""
     d: dict = read_toml(path) if path else {}
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = []
-        for o in overrides or []:
-            o = o.removeprefix("--")
-            if "=" not in o:
-                raise ConfigError(f"{o}: overrides have the form section.key=value")
-            k, v = o.split("=", 1)
-            items.append((k.strip(), _parse_cli_value(v.strip())))
-    for k, v in items:
-        parts = k.split(".")
-        if len(parts) != 2:
-            raise ConfigError(f"{k}: keys have the form section.field (e.g. objective.gamma)")
-        d.setdefault(parts[0], {})
-        if not isinstance(d[parts[0]], dict):
-            raise ConfigError(f"{parts[0]}: expected a table of keys")
-        d[parts[0]][parts[1]] = v
+    for section, values in nest(parse_overrides(overrides or [])).items():
+        d.setdefault(section, {})
+        if not isinstance(d[section], dict):
+            raise ConfigError(f"{section}: expected a table of keys")
+        d[section].update(values)
     return from_dict(d)
 
 
@@ -353,8 +398,8 @@ def validate(cfg: Config) -> None:
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
     for enc in cfg.eval.encoders:
-        if enc not in ("f", "g", "fg"):
-            raise ConfigError(f"eval.encoders: {enc!r} is not one of f, g, fg")
+        if enc not in ENCODERS:
+            raise ConfigError(f"eval.encoders: {enc!r} is not one of {', '.join(ENCODERS)}")
     if not cfg.eval.encoders:
         raise ConfigError("eval.encoders: name at least one of f, g, fg")
     if not cfg.objective.two_streams and any(e != "f" for e in cfg.eval.encoders):

@@ -10,7 +10,7 @@
 
 The batch dimension is dynamic (any N >= 1); channels and side are fixed to the training
 geometry. The codes are sign(f), sign(g) or sign(f + g) with 0 counted as -1, the rule of
-`loop.query_codes`, and `export` checks the saved program against the checkpoint before it
+`encoding.query_codes`, and `export` checks the saved program against the checkpoint before it
 returns.
 """
 

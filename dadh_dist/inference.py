@@ -6,7 +6,7 @@
     hf.B                                               # learned database codes (n, k)
 
 Query codes are sign(f(x)), sign(g(x)) or sign(f(x) + g(x)) computed exactly as the training
-loop's evaluation computes them (`loop.encode`, `loop.query_codes`), so a metric computed here
+loop's evaluation computes them (`dadh_dist.encoding`), so a metric computed here
 equals the one the run reported.
 
 Images to encode come from an `ImageSource`: a folder of image files, a list file, a folder of
@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import codesfile, loop, storage
+from dadh_dist import codesfile, encoding, storage
 from dadh_dist import config as config_mod
 from dadh_dist.config import Config, ConfigError
 from dadh_dist.data import DataError, Dataset, load_dataset
@@ -74,7 +74,7 @@ class HashFunction:
 
     @property
     def encoders(self) -> tuple[str, ...]:
-        return loop.ENCODERS if self.g is not None else ("f",)
+        return encoding.available(self.g is not None)
 
     @property
     def default_encoder(self) -> str:
@@ -97,14 +97,12 @@ class HashFunction:
             raise ValueError(f"images must be uint8 (N, {self.channels}, H, W), got {x.dtype} "
                              f"{tuple(x.shape)}")
         batch = batch or self.cfg.eval.batch_size
-        needed = {s for e in encoders for s in ("f", "g") if s in e}
-        return {name: loop.encode(getattr(self, name), x, self.device, batch, amp=False)
-                for name in sorted(needed)}
+        return encoding.stream_outputs(self.f, self.g, x, encoders, self.device, batch)
 
     def codes(self, images, encoder: str, batch: int | None = None) -> np.ndarray:
         """int8 ±1 codes (N, k): sign(f), sign(g) or sign(f + g), 0 counted as -1."""
         self.check_encoder(encoder)
-        return loop.query_codes(self.outputs(images, [encoder], batch), encoder)
+        return encoding.query_codes(self.outputs(images, [encoder], batch), encoder)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

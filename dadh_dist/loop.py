@@ -34,10 +34,9 @@ from dadh_dist import objective as obj
 from dadh_dist.config import Config
 from dadh_dist.data import Dataset, load_dataset
 from dadh_dist.distributed import LocalCollectives, StreamGroup, even_split, wrap_ddp
+from dadh_dist.encoding import encode, query_codes, stream_outputs
 from dadh_dist.models import build_streams
 from dadh_dist.monitor import Monitor, progress_bar
-
-ENCODERS = ("f", "g", "fg")
 
 
 @dataclass
@@ -161,33 +160,11 @@ class Streams:
         return out
 
 
-def encode(module, images: torch.Tensor, device, batch: int, amp: bool) -> torch.Tensor:
-    """Real-valued outputs of one stream on uint8 images (N, C, H, W) → (N, k) float32 (CPU)."""
-    outs = []
-    was_training = module.training
-    module.eval()
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-        for start in range(0, images.shape[0], batch):
-            x = images[start : start + batch].to(device, non_blocking=True)
-            outs.append(module(x).float().cpu())
-    module.train(was_training)
-    if not outs:
-        return torch.zeros(0, module.head.out_features)
-    return torch.cat(outs)
-
-
 def encode_sharded(module, images, env: WorkerEnv, batch: int, amp: bool) -> torch.Tensor:
     """Each worker encodes its share of the images; every worker gets all outputs, in order."""
     c = env.collectives
     share = even_split(images.shape[0], c.world_size, c.rank)
     return c.all_gather_rows(encode(module, images[share], env.device, batch, amp))
-
-
-def query_codes(outputs: dict[str, torch.Tensor], encoder: str) -> np.ndarray:
-    """±1 query codes from stream outputs: sign(f), sign(g) or sign(f + g)."""
-    x = outputs["f"] if encoder == "f" else outputs["g"] if encoder == "g" else (
-        outputs["f"] + outputs["g"])
-    return torch.where(x > 0, 1, -1).to(torch.int8).numpy()
 
 
 def evaluate(
@@ -199,9 +176,8 @@ def evaluate(
     share = even_split(split.images.shape[0], c.world_size, c.rank)
     amp = cfg.train.amp == "bf16" and env.device.type == "cuda"
     images = torch.from_numpy(split.images[share])
-    outputs = {"f": encode(streams.f, images, env.device, cfg.eval.batch_size, amp)}
-    if streams.g is not None:
-        outputs["g"] = encode(streams.g, images, env.device, cfg.eval.batch_size, amp)
+    outputs = stream_outputs(streams.f, streams.g, images, cfg.eval.encoders, env.device,
+                             cfg.eval.batch_size, amp)
     out: dict = {}
     for enc in cfg.eval.encoders:
         q = query_codes(outputs, enc)

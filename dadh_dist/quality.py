@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dadh_dist.config import ENCODERS
+
 # Each method is a set of overrides of the same code (DESIGN §2: ADSH and the ablations are
 # configurations, not forks).
 METHODS: dict[str, tuple[str, ...]] = {
@@ -32,7 +34,6 @@ METHODS: dict[str, tuple[str, ...]] = {
     "dadh-no-code": ("objective.use_code=false",),
     "dadh-no-pair": ("objective.use_pair=false",),
 }
-ENCODERS = ("f", "g", "fg")
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "jobs" / "train.py"
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dadh_dist import codesfile, health, loop, retrieval
+from dadh_dist import codesfile, encoding, health, retrieval
 from dadh_dist.data import Dataset
 from dadh_dist.inference import HashFunction
 
@@ -100,7 +100,7 @@ def evaluate(hf: HashFunction, dataset: Dataset, encoders: list[str] | None = No
     n = len(db)
     ns = sorted({N for N in P_AT_N_GRID if N < n} | {n})
     for e in encoders:
-        q = loop.query_codes(outputs, e)
+        q = encoding.query_codes(outputs, e)
         args = (q, hf.B, queries.labels, db.labels)
         per = retrieval.per_query_metrics(*args, topk=topk or None, precision_at=precision_at)
         ev.metrics[f"map_all_{e}"] = float(per["ap_all"].mean())

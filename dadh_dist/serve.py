@@ -63,6 +63,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dadh_dist.config import ENCODERS
+
 if TYPE_CHECKING:
     from dadh_dist.codesfile import Codes
 
@@ -732,7 +734,7 @@ def parser() -> argparse.ArgumentParser:
                    help="run folder (its newest valid checkpoint), checkpoint_* or export folder")
     p.add_argument("--database", help="database codes file (.parquet; default: the run's "
                    "learned B with the database split's ids)")
-    p.add_argument("--encoder", choices=("f", "g", "fg"),
+    p.add_argument("--encoder", choices=ENCODERS,
                    help="query encoder (default: fg with two streams, else f)")
     p.add_argument("--host", default=d.host, help=f"address to listen on ({d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"port ({d.port})")

@@ -5,7 +5,7 @@ keys, the number of trials, the validation metric, the scheduler (ASHA over oute
 default) and the search algorithm (random, or Optuna). See `configs/sweep_debug.toml`.
 
 Three levels are kept apart, as in Ray's Train+Tune examples: `loop.train` runs on each worker,
-`driver.build_trainer` builds one run's `TorchTrainer`, and this module runs the sweep. Each trial
+`run.build_trainer` builds one run's `TorchTrainer`, and this module runs the sweep. Each trial
 is a function that resolves its config with the same override code as the CLI (`config.load`),
 then builds and fits a `TorchTrainer` whose `TuneReportCallback` forwards rank 0's reports to Tune
 (Ray ≥ 2.50, Train V2: `Tuner(TorchTrainer)` no longer works).
@@ -24,14 +24,15 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dadh_dist import config as config_mod
-from dadh_dist import driver
+from dadh_dist import run
 from dadh_dist.config import Config, ConfigError
+from dadh_dist.run.local import check_data_here
+from dadh_dist.run.session import ensure_ray
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("loguniform", "uniform", "choice", "grid")
@@ -250,7 +251,7 @@ def _reported_metrics(cfg: Config) -> list[str]:
     return out
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None,
+def load_sweep(path: str | Path, overrides: dict | list[str] | None = None,
                num_samples: int | None = None, name: str | None = None) -> Sweep:
     """Parse and check a sweep file; `overrides` (dotted `key=value`) apply to the base config
     after the file's own. Every search-space key is tried against the base config here, so a
@@ -279,7 +280,7 @@ def _build_sweep(path: Path, raw: dict, cli_overrides: list[str], num_samples, n
     try:
         base = config_mod.load(base_path, file_overrides)
         if cli_overrides:
-            base = config_mod.load(None, {**_flat_config(base), **_cli_items(cli_overrides)})
+            base = base.with_overrides(cli_overrides)
     except ConfigError as e:
         raise ConfigError(f"overrides: {e}") from None
     space = {
@@ -305,14 +306,6 @@ def _build_sweep(path: Path, raw: dict, cli_overrides: list[str], num_samples, n
 
 def _is_dist(table: dict) -> bool:
     return "kind" in table or not any(isinstance(v, dict) for v in table.values())
-
-
-def _cli_items(overrides: list[str]) -> dict:
-    """Dotted `key=value` strings parsed exactly as the training CLI parses them."""
-    parsed = config_mod.load(None, overrides)  # checks keys and types
-    keys = {o.removeprefix("--").split("=", 1)[0].strip() for o in overrides}
-    flat = _flat_config(parsed)
-    return {k: flat[k] for k in keys}
 
 
 def _absolute_paths(cfg: Config) -> Config:
@@ -437,41 +430,6 @@ def plan_resources(s: Sweep, cluster: dict) -> Resources:
     return Resources(tc, cpw, concurrency, w if sc.use_gpu else 0)
 
 
-def _pin_ray_address() -> None:
-    """Worker-process setup hook: point RAY_ADDRESS at this worker's own cluster.
-
-    Train V2's placement-group cleaner finds the cluster by address autodetection, which fails
-    when another Ray instance runs on the same machine ("Found multiple active Ray instances");
-    the stopped trial's workers then keep their CPUs and the next trial waits forever.
-    """
-    import ray
-
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-
-def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True):
-    """Connect to the cluster (RAY_ADDRESS) or start Ray here on 127.0.0.1, with the dashboard.
-
-    Without the dashboard a trial stopped early leaks its TorchTrainer's placement group and the
-    next trial waits forever (Ray issue 54305), so a Ray without it is refused.
-    """
-    import ray
-
-    if ray.is_initialized():
-        ctx = ray.init(ignore_reinit_error=True)
-    elif os.environ.get("RAY_ADDRESS"):
-        ctx = ray.init(log_to_driver=log_to_driver)
-    else:
-        ctx = ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
-                       dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
-                       runtime_env={"worker_process_setup_hook": _pin_ray_address})
-    if not ctx.dashboard_url:
-        raise ConfigError("ray: this Ray runs without its dashboard; Tune needs it (a trial "
-                          "stopped early otherwise leaks its workers and the sweep hangs). "
-                          "Install ray[default] and start Ray with the dashboard")
-    return ctx
-
-
 # ---------------------------------------------------------------------------------------------
 # Trials
 
@@ -489,8 +447,8 @@ def trial_main(params: dict, sweep: dict) -> None:
     trial = f"trial_{tune.get_context().get_trial_id()}"
     cfg = trial_config(base, params, sweep["folder"], trial, sweep["cpus_per_worker"])
     # An interrupted trial reopens its run folder and resumes from its last checkpoint.
-    folder, _ = driver.prepare_run(cfg)
-    driver.build_trainer(cfg, folder, callbacks=[TuneReportCallback()]).fit()
+    folder, _ = run.prepare_run(cfg)
+    run.build_trainer(cfg, folder, callbacks=[TuneReportCallback()]).fit()
 
 
 def _live_placement_groups() -> set[str]:
@@ -581,8 +539,8 @@ def run_sweep(s: Sweep) -> dict:
     from ray import tune
 
     record = _check_identity(s)
-    driver.check_data_here(s.base)  # not once per trial, after Ray has started
-    ensure_ray()
+    check_data_here(s.base)  # not once per trial, after Ray has started
+    ensure_ray(need_dashboard=True)
     if record is not None:
         res = Resources(**record["resources"])  # a trial's config must not change on resume
     else:

@@ -110,7 +110,7 @@ def test_json_user_error_is_json_on_stdout(tmp_path, capsys):
 
 def test_errors_are_classified_without_importing_their_modules():
     class RunFailed(RuntimeError):  # a class of ours is known by its name along the MRO
-        __module__ = "dadh_dist.driver"
+        __module__ = "dadh_dist.run.ray_train"
 
     class Unrelated(ValueError):
         pass

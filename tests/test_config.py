@@ -135,13 +135,14 @@ def test_shipped_configs_load():
 def test_missing_data_root_is_exit_2_before_ray_starts(tmp_path, monkeypatch, capsys):
     """With scaling.use_ray = true the data is read inside the workers; a missing folder must
     stop the run here first, as a user error naming the key, without starting Ray."""
-    from dadh_dist import cli, driver
+    from dadh_dist import cli
+    from dadh_dist.run import ray_train
 
     def never(*args, **kw):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(driver, "ensure_ray", never)
-    monkeypatch.setattr(driver, "build_trainer", never)
+    monkeypatch.setattr(ray_train, "ensure_ray", never)
+    monkeypatch.setattr(ray_train, "build_trainer", never)
     missing = tmp_path / "no_such_folder"
     code = cli.train_main(["--config", str(ROOT / "configs" / "debug_cpu.toml"),
                            "data.source=fashion_mnist", f"data.root={missing}",

@@ -437,7 +437,7 @@ def test_fashion_pool_reader_matches_idx(tmp_path):
 
 
 def test_check_root_names_the_key_and_path(tmp_path, monkeypatch):
-    """The pre-flight a run makes before starting workers (driver.prepare_run)."""
+    """The pre-flight a run makes before starting workers (dadh_dist.run.prepare_run)."""
     check_root(DataConfig(source="digits", root=str(tmp_path / "ignored")))  # bundled
     fake_cifar(tmp_path / "c")
     check_root(DataConfig(source="cifar10", root=str(tmp_path / "c")))

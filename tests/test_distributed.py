@@ -12,7 +12,8 @@ from _gloo import run_workers
 from _nontrivial import assert_learned, assert_same_run
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import config, driver, loop, monitor
+from dadh_dist import config, loop, monitor
+from dadh_dist import run as runner
 from dadh_dist.distributed import LocalCollectives, even_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def _worker(rank, world, out_dir, extra, stream_parallel=False):
 
     def report(metrics, staged):
         if staged is not None:
-            driver.keep_checkpoint(out, staged)
+            runner.folders.keep_checkpoint(out, staged)
 
     env = loop.WorkerEnv(collectives=TorchCollectives(), report=report,
                          run_dir=out if rank == 0 else None)
@@ -63,10 +64,10 @@ def _single(out: Path, extra=()):
 
     def report(metrics, staged):
         if staged is not None:
-            driver.keep_checkpoint(out, staged)
+            runner.folders.keep_checkpoint(out, staged)
 
     # the workers' thread count (_gloo: 1): it sets the order of the convolutions' float sums
-    with _recording_curves() as curves, driver.torch_threads(1):
+    with _recording_curves() as curves, runner.local.torch_threads(1):
         final = loop.train(cfg, loop.WorkerEnv(collectives=LocalCollectives(), report=report,
                                                run_dir=out))
     return {**final, "curves": curves}

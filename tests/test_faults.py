@@ -17,7 +17,8 @@ from _nontrivial import assert_learned
 from torch.multiprocessing import ProcessExitedException
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import config, driver, loop
+from dadh_dist import config, loop
+from dadh_dist import run as runner
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug_cpu.toml"
@@ -40,7 +41,7 @@ def _faulty_worker(rank, world, out_dir, fault, extra=()):
     def report(metrics, staged):
         skipped.append(metrics.get("train/skipped_batches"))
         if staged is not None:
-            kept.append(driver.keep_checkpoint(out, staged).name)
+            kept.append(runner.folders.keep_checkpoint(out, staged).name)
 
     env = loop.WorkerEnv(collectives=TorchCollectives(), report=report,
                          run_dir=out if rank == 0 else None)
@@ -189,21 +190,21 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     run = tmp_path / "run"  # Ray's names: checkpoint_<time>
     older = _save(run / "checkpoint_2025-01-01_00-00-01.000000", 1)
     newer = _save(run / "checkpoint_2025-01-01_00-00-02.000000", 2)
-    assert driver.restart_checkpoint(newer, run, None) == newer
+    assert runner.resume.restart_checkpoint(newer, run, None) == newer
     # Ray hands back none, or an older one (it registered the newer one too late): the newer
-    assert driver.restart_checkpoint(None, run, None) == newer
-    assert driver.restart_checkpoint(older, run, None) == newer
+    assert runner.resume.restart_checkpoint(None, run, None) == newer
+    assert runner.resume.restart_checkpoint(older, run, None) == newer
     assert "the run holds a newer one, checkpoint_2025-01-01_00-00-02" in capsys.readouterr().out
     flip_byte(newer / ckpt.STATE)
-    assert driver.restart_checkpoint(newer, run, None) == older
+    assert runner.resume.restart_checkpoint(newer, run, None) == older
     assert f"{newer / ckpt.STATE}: contents do not match" in capsys.readouterr().out
     # the copy Ray hands out may sit outside the run folder
     outside = tmp_path / "ray_copy"
     _save(outside, 2)
     (outside / ckpt.MANIFEST).unlink()
-    assert driver.restart_checkpoint(outside, run, None) == older
+    assert runner.resume.restart_checkpoint(outside, run, None) == older
     flip_byte(older / ckpt.STATE)
-    assert driver.restart_checkpoint(newer, run, None) is None  # nothing valid: start over
+    assert runner.resume.restart_checkpoint(newer, run, None) is None  # nothing valid: start over
     assert "resuming from the start" in capsys.readouterr().out
 
     # a remote run: a verified copy of the newest valid remote checkpoint, in the mirror
@@ -216,7 +217,7 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
             flip_byte(local / ckpt.STATE)
         storage.upload_checkpoint(local, storage.join(uri, f"checkpoint_00000{t}"))
     mirror = tmp_path / "mirror"
-    got = driver.restart_checkpoint(tmp_path / "up2", mirror, uri)
+    got = runner.resume.restart_checkpoint(tmp_path / "up2", mirror, uri)
     assert got == mirror / "checkpoint_000001" and _B(got) == 1
 
 
@@ -236,8 +237,8 @@ def _agree(rank, world, run, handed_by_rank):
     from dadh_dist.distributed import TorchCollectives
 
     handed = handed_by_rank[rank]
-    got, own = driver.agreed_resume(TorchCollectives(), _Handed(Path(handed)) if handed else None,
-                                    Path(run), None)
+    got, own = runner.resume.agreed_resume(
+        TorchCollectives(), _Handed(Path(handed)) if handed else None, Path(run), None)
     (Path(run).parent / f"agreed_{rank}.json").write_text(json.dumps(
         [str(got) if got else None, _B(got) if got else None, own is not None]))
     if own is not None:
@@ -270,34 +271,34 @@ def test_no_checkpoint_is_deleted_before_its_successor_verifies(tmp_path, monkey
     run = tmp_path / "run"
     run.mkdir()
     for t in (1, 2):
-        driver.keep_checkpoint(run, _save(tmp_path / f"s{t}", t))
+        runner.folders.keep_checkpoint(run, _save(tmp_path / f"s{t}", t))
     kept = ["checkpoint_000001", "checkpoint_000002"]
     bad = _save(tmp_path / "bad", 3)
     flip_byte(bad / ckpt.STATE)
     with pytest.raises(ckpt.CheckpointError, match="bad/state.pt: contents do not match"):
-        driver.keep_checkpoint(run, bad)
+        runner.folders.keep_checkpoint(run, bad)
     assert sorted(p.name for p in run.iterdir()) == kept
 
     # the staged checkpoint verifies but its copy into the run folder does not
-    copytree = driver.shutil.copytree
+    copytree = runner.folders.shutil.copytree
 
     def truncating_copy(src, dst, **kw):
         copytree(src, dst, **kw)
         state = Path(dst) / ckpt.STATE
         state.write_bytes(state.read_bytes()[:100])
 
-    monkeypatch.setattr(driver.shutil, "copytree", truncating_copy)
+    monkeypatch.setattr(runner.folders.shutil, "copytree", truncating_copy)
     for t in (2, 3):  # checkpoint 2 written again by a restart, and a successor
         with pytest.raises(ckpt.CheckpointError, match="state.pt: contents do not match"):
-            driver.keep_checkpoint(run, _save(tmp_path / f"again{t}", t))
+            runner.folders.keep_checkpoint(run, _save(tmp_path / f"again{t}", t))
         assert sorted(p.name for p in run.iterdir()) == kept
         assert [_B(run / name) for name in kept] == [1, 2]
     monkeypatch.undo()
 
     again = ckpt.save(tmp_path / "new2", {"t": 2, "B": torch.full((4, 2), 20.0)}, "x = 1\n", "fp")
-    assert driver.keep_checkpoint(run, again) == run / "checkpoint_000002"
+    assert runner.folders.keep_checkpoint(run, again) == run / "checkpoint_000002"
     assert _B(run / "checkpoint_000002") == 20  # replaced once the new copy verified
-    driver.keep_checkpoint(run, _save(tmp_path / "s3", 3))
+    runner.folders.keep_checkpoint(run, _save(tmp_path / "s3", 3))
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
 
 
@@ -306,13 +307,14 @@ def test_trainer_passes_collective_timeout_to_torch_config(tmp_path, monkeypatch
     collective for Ray's default of 30 minutes. Built, never fitted: no Ray cluster starts."""
     import ray
 
-    monkeypatch.setenv(driver.START_TIMEOUT_ENV, "0")  # build_trainer sets it; restored after
+    # build_trainer sets it; restored after
+    monkeypatch.setenv(runner.ray_train.START_TIMEOUT_ENV, "0")
     cfg = config.load(DEBUG, ["scaling.collective_timeout_s=7",
                               f"log.run_dir={json.dumps(str(tmp_path))}"])
-    trainer = driver.build_trainer(cfg, tmp_path / "r")
+    trainer = runner.build_trainer(cfg, tmp_path / "r")
     assert trainer.backend_config.timeout_s == 7
     assert trainer.backend_config.backend == "gloo"
-    gpu = driver.build_trainer(config.load(DEBUG, ["scaling.use_gpu=true",
+    gpu = runner.build_trainer(config.load(DEBUG, ["scaling.use_gpu=true",
                                                    f"log.run_dir={json.dumps(str(tmp_path))}"]),
                                tmp_path / "g")
     assert gpu.backend_config.backend == "nccl"

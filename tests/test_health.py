@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dadh_dist import config, driver, health
+from dadh_dist import config, health
+from dadh_dist import run as runner
 
 DEBUG = Path(__file__).resolve().parents[1] / "configs" / "debug_cpu.toml"
 
@@ -45,7 +46,7 @@ def test_collapsed_run_warns_in_log_and_final_metrics(tmp_path, capsys):
                               "train.outer_iters=2", "train.num_samples=256",
                               "log.tensorboard=false", f"log.run_dir={json.dumps(str(tmp_path))}",
                               "log.name=c"])
-    final = driver.run_local(cfg)
+    final = runner.run_local(cfg)
     out = capsys.readouterr().out
     assert final["warnings"], final
     saved = json.loads((tmp_path / "c" / "final_metrics.json").read_text())

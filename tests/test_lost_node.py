@@ -32,7 +32,8 @@ from _ray_nodes import (
 )
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import config, driver, loop
+from dadh_dist import config, loop
+from dadh_dist import run as runner
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ def _two_workers_until(rank, world, run_dir, stop_after):
 
     def report(metrics, staged):
         if staged is not None:
-            driver.keep_checkpoint(folder, staged)
+            runner.folders.keep_checkpoint(folder, staged)
         if metrics["t"] >= stop_after:
             raise _Stop
 
@@ -67,14 +68,14 @@ def _two_workers_until(rank, world, run_dir, stop_after):
 
 
 def test_checkpoint_of_two_workers_resumed_by_one_equals_one_worker_run(tmp_path):
-    straight = driver.run_local(_cfg(tmp_path, "w1"))
+    straight = runner.run_local(_cfg(tmp_path, "w1"))
     assert_learned(straight)
     run_workers(_two_workers_until, 2, str(tmp_path), 1, timeout_s=60)
     first = ckpt.latest_valid(tmp_path / "w2")
     state, _ = ckpt.load(first)
     assert (state["t"], state["workers"]) == (1, 2)
     # the same run (name and config) goes on in one process: resume from the 2-worker checkpoint
-    resumed = driver.run_local(_cfg(tmp_path, "w2"))
+    resumed = runner.run_local(_cfg(tmp_path, "w2"))
     assert (resumed["resumed_at"], resumed["workers"]) == (1, 1)
     B_straight = ckpt.load(ckpt.latest_valid(tmp_path / "w1"))[0]["B"]
     B_resumed = ckpt.load(ckpt.latest_valid(tmp_path / "w2"))[0]["B"]
@@ -174,7 +175,7 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_other(head, second_node, t
     assert B.shape == (final["database"], 16)
     assert set(B.unique().tolist()) == {-1, 1}
     # the same B rule after the shrink: what one uninterrupted process computes
-    straight = driver.run_local(_cfg(tmp_path, "straight", "train.outer_iters=4",
+    straight = runner.run_local(_cfg(tmp_path, "straight", "train.outer_iters=4",
                                      "train.eval_every=0"))
     assert_learned(straight)
     assert_same_run(B, ckpt.load(ckpt.latest_valid(tmp_path / "straight"))[0]["B"], final,

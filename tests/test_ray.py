@@ -11,7 +11,8 @@ import torch
 from _nontrivial import assert_learned, assert_same_run
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import config, driver, storage
+from dadh_dist import config, storage
+from dadh_dist import run as runner
 
 pytestmark = pytest.mark.slow  # starts a Ray cluster
 
@@ -50,13 +51,13 @@ def ray_local():
 def reference(tmp_path_factory):
     """One uninterrupted in-process run (1 worker): the result both Ray runs must reproduce."""
     tmp = tmp_path_factory.mktemp("ref")
-    final = driver.run_local(_cfg(tmp, "ref", "scaling.use_ray=false"))
+    final = runner.run_local(_cfg(tmp, "ref", "scaling.use_ray=false"))
     assert_learned(final)
     return final, _B(tmp / "ref")
 
 
 def test_ray_two_workers_equal_one_process(tmp_path, ray_local, reference):
-    final = driver.run_ray(_cfg(tmp_path, "w2", "scaling.num_workers=2"))
+    final = runner.run_ray(_cfg(tmp_path, "w2", "scaling.num_workers=2"))
     ref_final, ref_B = reference
     assert_same_run(_B(tmp_path / "w2"), ref_B, final, ref_final)
     assert final["workers"] == 2
@@ -64,7 +65,7 @@ def test_ray_two_workers_equal_one_process(tmp_path, ray_local, reference):
 
 def test_ray_stream_parallel_two_workers(tmp_path, ray_local, reference):
     """f on worker 0, g on worker 1 (Ray Train, gloo): the run of one process that trains both."""
-    final = driver.run_ray(_cfg(tmp_path, "sp", "scaling.num_workers=2",
+    final = runner.run_ray(_cfg(tmp_path, "sp", "scaling.num_workers=2",
                                 "scaling.stream_parallel=true"))
     ref_final, ref_B = reference
     assert_same_run(_B(tmp_path / "sp"), ref_B, final, ref_final)
@@ -81,7 +82,7 @@ FAULTS = ("streams:2:1", "codes:2:1", "checkpoint:2:0")
 def test_ray_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, ray_local, reference,
                                                             monkeypatch):
     monkeypatch.setenv("DADH_FAULT", ",".join(f"kill:{f}" for f in FAULTS))
-    final = driver.run_ray(_cfg(tmp_path, "ft", "scaling.num_workers=2",
+    final = runner.run_ray(_cfg(tmp_path, "ft", "scaling.num_workers=2",
                                 f"scaling.max_failures={len(FAULTS)}"))
     for fault in FAULTS:
         marker = ".fault_" + fault.replace(":", "_")
@@ -100,11 +101,11 @@ def test_ray_run_that_failed_resumes_by_name(tmp_path, ray_local, reference, mon
     run."""
     monkeypatch.setenv("DADH_FAULT", "kill:streams:2:1")
     cfg = _cfg(tmp_path, "rerun", "scaling.num_workers=2", "scaling.max_failures=0")
-    with pytest.raises(driver.RunFailed, match="run stopped"):
-        driver.run_ray(cfg)
+    with pytest.raises(runner.RunFailed, match="run stopped"):
+        runner.run_ray(cfg)
     assert (tmp_path / "rerun" / ".fault_streams_2_1").exists(), "the fault never fired"
     assert not (tmp_path / "rerun" / "final_metrics.json").exists()
-    final = driver.run_ray(cfg)
+    final = runner.run_ray(cfg)
     assert final["resumed_at"] == 2
     ref_final, ref_B = reference
     assert_same_run(_B(tmp_path / "rerun"), ref_B, final, ref_final)
@@ -118,7 +119,7 @@ def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     monkeypatch.setenv("DADH_MIRROR_DIR", str(tmp_path / "mirrors"))
     with _s3.bucket() as uri:
-        final = driver.run_ray(_cfg(uri("runs"), "s3run", "scaling.num_workers=2"))
+        final = runner.run_ray(_cfg(uri("runs"), "s3run", "scaling.num_workers=2"))
         run = uri("runs/s3run")
         assert final["run_dir"] == run
         ref_final, ref_B = reference

@@ -14,7 +14,8 @@ from _checkpoints import assert_same_state, flip_byte
 from _nontrivial import assert_learned
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import config, driver
+from dadh_dist import config
+from dadh_dist import run as runner
 from dadh_dist.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,11 +69,11 @@ def test_stopped_run_resumes_by_name_and_matches_uninterrupted(tmp_path):
 
 def test_changed_config_under_same_name_is_refused(tmp_path):
     cfg = config.load(DEBUG, _overrides(tmp_path, "r", "train.outer_iters=1"))
-    driver.run_local(cfg)
+    runner.run_local(cfg)
     changed = config.load(DEBUG, _overrides(tmp_path, "r", "train.outer_iters=1",
                                             "objective.gamma=5"))
     with pytest.raises(ConfigError, match=r"log.name: run 'r' already exists.*objective.gamma"):
-        driver.prepare_run(changed)
+        runner.prepare_run(changed)
     proc = _train_cli(tmp_path, "r", None, "train.outer_iters=1", "objective.gamma=5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "already exists" in proc.stderr
@@ -87,13 +88,13 @@ def test_resume_refuses_a_checkpoint_whose_B_does_not_fit_the_data(tmp_path):
     from dadh_dist.data.base import Split
 
     cfg = config.load(DEBUG, _overrides(tmp_path, "d", "train.outer_iters=1"))
-    driver.run_local(cfg)
+    runner.run_local(cfg)
     data = load_dataset(cfg.data)
     db = data.database
     shrunk = dataclasses.replace(data, database=Split(db.images[1:], db.labels[1:], db.ids[1:]))
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_000001: its B is .* the data "
                                                    r"changed under the run"):
-        driver.run_local(cfg, dataset=shrunk)
+        runner.run_local(cfg, dataset=shrunk)
     assert ckpt.latest_valid(tmp_path / "d").name == "checkpoint_000001"
 
 
@@ -101,7 +102,7 @@ def test_tensorboard_scalars_read_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = config.load(DEBUG, _overrides(tmp_path, "tb"))
-    final = driver.run_local(cfg)
+    final = runner.run_local(cfg)
     acc = EventAccumulator(str(Path(final["run_dir"]) / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -120,7 +121,7 @@ def test_tensorboard_scalars_read_back(tmp_path):
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     cfg = config.load(DEBUG, _overrides(tmp_path, "c"))
-    driver.run_local(cfg)
+    runner.run_local(cfg)
     folder = tmp_path / "c"
     newest = folder / "checkpoint_000003"
     flip_byte(newest / "state.pt")
@@ -138,7 +139,7 @@ def test_resume_by_name_skips_a_damaged_newest_checkpoint(tmp_path, capsys, dama
     with the file named; the run resumed by name continues from the checkpoint before it and
     ends where an uninterrupted run ends."""
     cfg = config.load(DEBUG, _overrides(tmp_path, "c"))
-    driver.run_local(cfg)
+    runner.run_local(cfg)
     folder = tmp_path / "c"
     newest = folder / "checkpoint_000003"
     reference, _ = ckpt.load(newest)
@@ -153,7 +154,7 @@ def test_resume_by_name_skips_a_damaged_newest_checkpoint(tmp_path, capsys, dama
     assert ckpt.latest_valid(folder, warn=warnings.append) == folder / "checkpoint_000002"
     assert len(warnings) == 1 and warnings[0].startswith(f"skipping checkpoint: {refused}")
     capsys.readouterr()
-    final = driver.run_local(cfg)
+    final = runner.run_local(cfg)
     out, err = capsys.readouterr()
     assert refused in err
     assert "resumed from checkpoint_000002 at outer iteration 2" in out

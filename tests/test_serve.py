@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import cli, codesfile, config, driver, export, inference
+from dadh_dist import cli, codesfile, config, export, inference
+from dadh_dist import run as runner
 from dadh_dist import serve as serving
 
 pytestmark = pytest.mark.slow
@@ -59,7 +60,7 @@ def run(tmp_path_factory) -> Path:
     cfg = config.load(DEBUG, ["scaling.use_ray=false", f"log.run_dir={json.dumps(str(tmp))}",
                               "log.name=serve", "log.tensorboard=false", "train.outer_iters=1",
                               "train.inner_epochs=1", "train.num_samples=256"])
-    hf, ds = inference.load_with_data(driver.run_local(cfg)["run_dir"])
+    hf, ds = inference.load_with_data(runner.run_local(cfg)["run_dir"])
     state, manifest = ckpt.load(hf.checkpoint)
     x = torch.from_numpy(ds.database.images)
     with torch.no_grad():

@@ -16,7 +16,8 @@ import torch
 from _s3 import bucket
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import cli, config, driver, inference, storage
+from dadh_dist import cli, config, inference, storage
+from dadh_dist import run as runner
 from dadh_dist.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +62,9 @@ def test_unopenable_uri_is_one_line_error(tmp_path, capsys):
 
 
 def test_remote_run_equals_local_and_resumes_anywhere(tmp_path, s3):
-    local = driver.run_local(config.load(DEBUG, _overrides(tmp_path, "r")))
+    local = runner.run_local(config.load(DEBUG, _overrides(tmp_path, "r")))
     remote_cfg = config.load(DEBUG, _overrides(s3("team/runs"), "r"))
-    remote = driver.run_local(remote_cfg)
+    remote = runner.run_local(remote_cfg)
     run = s3("team/runs/r")
     assert remote["run_dir"] == run
     for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
@@ -80,19 +81,19 @@ def test_remote_run_equals_local_and_resumes_anywhere(tmp_path, s3):
         "map_all_fg"] == remote["map_all_fg"]
 
     # another machine: no mirror at all; the run resumes (here: is already finished) from S3
-    shutil.rmtree(driver.run_folder(remote_cfg))
-    folder, resume = driver.prepare_run(remote_cfg)
+    shutil.rmtree(runner.run_folder(remote_cfg))
+    folder, resume = runner.prepare_run(remote_cfg)
     assert resume == folder / "checkpoint_000003"
     B_local, _ = ckpt.load(tmp_path / "r" / "checkpoint_000003")
     B_remote, _ = ckpt.load(resume)
     assert torch.equal(B_local["B"], B_remote["B"])
-    again = driver.run_local(remote_cfg)
+    again = runner.run_local(remote_cfg)
     assert again["resumed_at"] == 3 and again["map_all_fg"] == remote["map_all_fg"]
 
     changed = config.load(DEBUG, _overrides(s3("team/runs"), "r", "objective.gamma=5"))
     with pytest.raises(ConfigError, match=r"run 'r' already exists in s3://runs/team/runs\?.*"
                                           r"objective.gamma"):
-        driver.prepare_run(changed)
+        runner.prepare_run(changed)
 
     # encode and search straight from the URI: the same codes as from the local run
     images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
@@ -109,7 +110,7 @@ def test_remote_run_equals_local_and_resumes_anywhere(tmp_path, s3):
 
 def test_corrupt_or_half_sent_remote_checkpoint_is_skipped(tmp_path, s3):
     cfg = config.load(DEBUG, _overrides(s3("c"), "c", "train.outer_iters=2"))
-    driver.run_local(cfg)
+    runner.run_local(cfg)
     run = s3("c/c")
     newest = storage.join(run, "checkpoint_000002")
     state = bytearray(storage.read_bytes(storage.join(newest, "state.pt")))
@@ -146,7 +147,7 @@ def test_upload_the_store_did_not_keep_whole_prunes_nothing(tmp_path, s3, monkey
     with pytest.raises(storage.StorageError,
                        match=r"checkpoint_000003/state.pt\?\S*: upload not confirmed \(100 of \d+ "
                              r"bytes\); older checkpoints kept$"):
-        driver.run_local(cfg)
+        runner.run_local(cfg)
     run = s3("u/u")
     # t = 3 would have pruned checkpoint 1 (two are kept): both earlier ones are still there
     assert [t for t, _ in storage.checkpoints(run)] == [3, 2, 1]

@@ -24,13 +24,14 @@ from _pty import stderr_on_terminal
 from PIL import Image
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import cli, codesfile, config, driver, export, inference, loop, report, retrieval
+from dadh_dist import cli, codesfile, config, encoding, export, inference, report, retrieval
+from dadh_dist import run as runner
+from dadh_dist.config import ENCODERS
 from dadh_dist.data import Split, dataset_to_parquet
 from dadh_dist.models import HashStream
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug_cpu.toml"
-ENCODERS = ("f", "g", "fg")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("runs")
     cfg = config.load(DEBUG, ["scaling.use_ray=false", f"log.run_dir={json.dumps(str(tmp))}",
                               "log.name=x"])
-    return Path(driver.run_local(cfg)["run_dir"])
+    return Path(runner.run_local(cfg)["run_dir"])
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_evaluate_script_reports_map_at_1000_by_default(run, collapsed, tmp_path
     hf, ds = inference.load_with_data(run)
     outputs = hf.outputs(ds.query.images, list(ENCODERS))
     for e in ENCODERS:  # the debug config leaves eval.topk at 0: mAP@1000 of 1,597 images
-        q = loop.query_codes(outputs, e)
+        q = encoding.query_codes(outputs, e)
         want = retrieval.mean_average_precision(q, hf.B, ds.query.labels, ds.database.labels,
                                                 topk=1000)
         assert m[f"map_at_1000_{e}"] == pytest.approx(want, abs=1e-9)

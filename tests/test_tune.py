@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dadh_dist import config, driver
+from dadh_dist import config
+from dadh_dist import run as runner
 from dadh_dist import tune as sweep_mod
 from dadh_dist.config import ConfigError
+from dadh_dist.run.session import ensure_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug_cpu.toml"
@@ -86,7 +88,7 @@ def test_trial_config_goes_through_the_cli_override_code(tmp_path):
     cfg = sweep_mod.trial_config(s.base, {"objective.gamma": 321.0, "optim.lr_f": 2e-3},
                                  tmp_path / "sw", "trial_x", 0.5)
     assert (cfg.objective.gamma, cfg.optim.lr_f, cfg.scaling.cpus_per_worker) == (321.0, 2e-3, 0.5)
-    assert driver.run_folder(cfg) == (tmp_path / "sw" / "trial_x").resolve()
+    assert runner.run_folder(cfg) == (tmp_path / "sw" / "trial_x").resolve()
     with pytest.raises(ConfigError, match="optim.lr_f: expected float"):
         sweep_mod.trial_config(s.base, {"optim.lr_f": "fast"}, tmp_path, "t")
 
@@ -222,7 +224,8 @@ def ray_tune():
     import ray
 
     assert not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    ctx = sweep_mod.ensure_ray(num_cpus=2, log_to_driver=False)  # 127.0.0.1, with dashboard
+    # on 127.0.0.1, with the dashboard
+    ctx = ensure_ray(num_cpus=2, log_to_driver=False, need_dashboard=True)
     assert ctx.dashboard_url.startswith("127.0.0.1:")
     try:
         yield
@@ -279,7 +282,7 @@ high = 400
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(saved.scaling.cpus_per_worker)))
     try:
-        final = driver.run_local(config.load(best_path, ["scaling.use_ray=false"]))
+        final = runner.run_local(config.load(best_path, ["scaling.use_ray=false"]))
     finally:
         torch.set_num_threads(threads)
     assert Path(final["run_dir"]).parent == tmp_path / "runs"

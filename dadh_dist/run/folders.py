@@ -1,0 +1,116 @@
+"""Run folders: where a run lives, its saved config, and the checkpoints kept in it.
+
+The run folder is `<log.run_dir>/<run name>`; it holds `config.toml` (the resolved config), the
+checkpoints, TensorBoard events (`tb/`) and `final_metrics.json`. Re-running the same name
+resumes from its newest valid checkpoint; a different config under the same name is refused.
+With log.run_dir a URI the folder here is a local mirror and the run's files live at the URI.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from dadh_dist import checkpoint as ckpt
+from dadh_dist import config as config_mod
+from dadh_dist import storage
+from dadh_dist.config import Config, ConfigError
+
+KEEP_CHECKPOINTS = 2
+
+
+def run_name(cfg: Config) -> str:
+    if cfg.log.name:
+        return cfg.log.name
+    return f"{cfg.data.source}_{cfg.objective.bits}bit_{cfg.fingerprint()[:8]}"
+
+
+def run_uri(cfg: Config) -> str | None:
+    """The run's remote location when log.run_dir is a URI (None for a local run folder)."""
+    if not storage.is_uri(cfg.log.run_dir):
+        return None
+    return storage.join(cfg.log.run_dir, run_name(cfg))
+
+
+def run_folder(cfg: Config) -> Path:
+    """Where this process reads and writes the run: the run folder, or a remote run's mirror."""
+    uri = run_uri(cfg)
+    if uri is not None:
+        return storage.mirror_dir(uri)
+    return Path(cfg.log.run_dir).expanduser().resolve() / run_name(cfg)
+
+
+def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
+    """Create or reopen the run folder; returns (folder, checkpoint to resume from or None).
+
+    For a remote run (log.run_dir a URI) the folder is the local mirror, the saved config is read
+    from and written to the URI, and the checkpoint is a verified local copy of the newest remote
+    one.
+    """
+    folder = run_folder(cfg)
+    uri = run_uri(cfg)
+    saved = folder / "config.toml"
+    if uri is not None:
+        raw = storage.read_bytes(storage.join(uri, "config.toml"))
+        folder.mkdir(parents=True, exist_ok=True)
+        if raw is not None:
+            fetched = folder / ".remote_config.toml"
+            ckpt.write_atomic(fetched, raw)
+            _refuse_changed(cfg, fetched, storage.redact(cfg.log.run_dir))
+        storage.write_bytes(storage.join(uri, "config.toml"), cfg.to_toml().encode())
+        ckpt.write_atomic(saved, cfg.to_toml().encode())
+        return folder, newest_checkpoint(folder, uri)
+    if saved.is_file():
+        _refuse_changed(cfg, saved, str(folder.parent))
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt.write_atomic(saved, cfg.to_toml().encode())
+    return folder, newest_checkpoint(folder, None)
+
+
+def newest_checkpoint(run_dir: Path, uri: str | None) -> Path | None:
+    """The run's newest checkpoint that verifies (None if none): in the run folder, or for a
+    remote run (`run_dir` its mirror) a verified local copy of the remote one."""
+    return storage.latest_valid(uri, run_dir) if uri else ckpt.latest_valid(run_dir)
+
+
+def _refuse_changed(cfg: Config, saved: Path, where: str) -> None:
+    """ConfigError unless the config saved with the run of this name in `where` (the runs'
+    folder or URI) equals `cfg`, log.* aside."""
+    try:
+        old = config_mod.load(saved)
+    except ConfigError as e:
+        raise ConfigError(f"log.name: the saved config of run {run_name(cfg)!r} in {where} is "
+                          f"unreadable ({e})") from None
+    if old.fingerprint() != cfg.fingerprint():
+        changed = old.differences(cfg)[:4] or ["scaling"]
+        raise ConfigError(
+            f"log.name: run {run_name(cfg)!r} already exists in {where} with a "
+            f"different config ({', '.join(changed)}); use another log.name or the same config"
+        )
+
+
+def keep_checkpoint(folder: Path, staged: Path) -> Path:
+    """Copy a staged checkpoint into the run folder. Nothing there is deleted before the copy
+    verifies: neither the older checkpoints nor one of the same t (a restart writing it again)."""
+    manifest = ckpt.verify(staged)
+    dest = folder / f"checkpoint_{manifest['t']:06d}"
+    tmp = folder / f".incoming_{dest.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(staged, tmp)
+    try:
+        ckpt.verify(tmp)
+    except ckpt.CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # a checkpoint of the same t is set aside under a name latest_valid still finds, should we
+    # die before the swap ends, and removed after it
+    old = dest.with_name(f"{dest.name}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    older = sorted(p for p in folder.glob("checkpoint_*") if p.is_dir() and p != dest)
+    for p in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return dest

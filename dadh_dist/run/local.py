@@ -1,0 +1,63 @@
+"""A run without Ray: the same per-worker loop in this process (scaling.use_ray = false)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from dadh_dist import storage
+from dadh_dist.config import Config
+from dadh_dist.run.folders import KEEP_CHECKPOINTS, keep_checkpoint, prepare_run, run_uri
+
+
+def check_data_here(cfg: Config) -> None:
+    """Refuse a missing data folder before any worker starts, where this machine is the one that
+    reads the data (an in-process run, or Ray started here). On a cluster (RAY_ADDRESS) the
+    workers read it on their own nodes, which may see paths this one does not."""
+    from dadh_dist.data import check_root
+
+    if not cfg.scaling.use_ray or not os.environ.get("RAY_ADDRESS"):
+        check_root(cfg.data)
+
+
+def worker_threads(cfg: Config) -> int:
+    """torch's intra-op threads of one worker: its CPUs. In-process runs use the same count as
+    a Ray worker: the thread count changes the order of float sums in convolutions, so 1 process
+    and W workers give the same B only when each runs with the same number of threads."""
+    return max(1, round(cfg.scaling.cpus_per_worker))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_local(cfg: Config, dataset=None) -> dict:
+    from dadh_dist import loop
+
+    if dataset is None:
+        check_data_here(cfg)
+    folder, resume = prepare_run(cfg)
+    uri = run_uri(cfg)
+
+    def report(metrics: dict, staged: Path | None) -> None:
+        if staged is not None:
+            kept = keep_checkpoint(folder, staged)
+            if uri is not None:
+                storage.upload_checkpoint(kept, storage.join(uri, kept.name))
+                storage.prune_checkpoints(uri, KEEP_CHECKPOINTS)
+
+    env = loop.WorkerEnv(report=report, resume_from=resume, run_dir=folder, dataset=dataset,
+                         publish=storage.Publisher(folder, uri) if uri else None)
+    with torch_threads(worker_threads(cfg)):
+        final = loop.train(cfg, env)
+    final["run_dir"] = storage.redact(uri) if uri else str(folder)
+    return final

@@ -1,0 +1,196 @@
+"""A run on Ray Train: the `TorchTrainer` (shared by `run_ray` and each Tune trial) and the
+function each of its workers runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from dadh_dist import checkpoint as ckpt
+from dadh_dist import config as config_mod
+from dadh_dist import storage
+from dadh_dist.config import Config
+from dadh_dist.run.folders import KEEP_CHECKPOINTS, prepare_run, run_name, run_uri
+from dadh_dist.run.local import check_data_here, worker_threads
+from dadh_dist.run.resume import agreed_resume
+from dadh_dist.run.session import ensure_ray
+
+# Ray Train 2.60 reads the worker-group start timeout only from this variable, which it forwards
+# from the driver to its controller.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Ray Train logs every report, with all its metrics, at INFO from a logger named after the
+# source file that reports (not under "ray.train").
+_REPORT_LOGGER_SUFFIX = os.path.join("train", "v2", "_internal", "execution", "context.py")
+
+
+class RunFailed(RuntimeError):
+    """The run stopped: its workers failed, or could not be (re)started, more often than
+    scaling.max_failures allows. The message is one line; the checkpoints stay for a resume."""
+
+
+def ray_worker(config: dict) -> None:
+    """train_loop_per_worker for TorchTrainer: rebuild the Config and run the loop."""
+    import ray.train
+    import torch
+
+    from dadh_dist import loop
+    from dadh_dist.distributed import TorchCollectives
+
+    cfg = config_mod.from_dict(config["config"])
+    os.environ.update(config.get("env", {}))
+    _quiet_report_log()
+    torch.set_num_threads(worker_threads(cfg))
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        fast = cfg.train.tf32
+        torch.backends.cudnn.benchmark = fast
+        torch.backends.cuda.matmul.allow_tf32 = fast
+        torch.backends.cudnn.allow_tf32 = fast
+    uri = config.get("run_uri")
+    run_dir = storage.mirror_dir(uri) if uri else Path(config["run_dir"])
+    collectives = TorchCollectives(device if cfg.scaling.use_gpu else None)
+    resume, own_copy = agreed_resume(collectives, ray.train.get_checkpoint(), run_dir, uri)
+
+    def report(metrics: dict, staged: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(staged)) if staged else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    publish = None
+    if uri and ray.train.get_context().get_world_rank() == 0:
+        publish = storage.Publisher(run_dir, uri)
+    env = loop.WorkerEnv(
+        collectives=collectives,
+        device=device,
+        report=report,
+        resume_from=resume,
+        run_dir=run_dir,
+        publish=publish,
+    )
+    try:
+        loop.train(cfg, env)
+    finally:
+        if own_copy is not None:  # one full checkpoint per worker and restart otherwise
+            shutil.rmtree(own_copy.parent, ignore_errors=True)
+
+
+def _quiet_report_log() -> None:
+    """The loop prints its own progress line: Ray's per-report INFO lines are turned down to
+    warnings (found among the loggers already made, without importing Ray's internals)."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(_REPORT_LOGGER_SUFFIX):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def build_trainer(cfg: Config, folder: Path, callbacks=None):
+    """The TorchTrainer for one run (used by `run_ray` and by each Tune trial).
+
+    Failures (DESIGN §3): a lost worker restarts the group from the last checkpoint, at most
+    scaling.max_failures times. A (re)start whose workers do not get their resources within
+    scaling.start_timeout_s fails too, at most as often again (Ray counts those apart, and by
+    default would retry them forever: a fixed-size run that lost a node would wait for it without
+    end). With scaling.min_workers > 0 the group is elastic: Ray restarts it with as many workers
+    as the cluster holds, down to min_workers, and grows it back when nodes return; each start
+    splits the batch and B's rows over its own worker count.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = cfg.scaling
+    os.environ[START_TIMEOUT_ENV] = repr(float(s.start_timeout_s))
+    uri = run_uri(cfg)
+    if uri is None:
+        where = {"run_dir": str(folder), "storage_path": str(folder.parent)}
+    else:
+        # Workers may sit on other machines: they fetch the checkpoint from the URI themselves,
+        # and Ray Train stores checkpoints through the filesystem the URI names.
+        fs, runs_path = storage.resolve(cfg.log.run_dir)
+        where = {"run_uri": uri, "storage_path": runs_path, "storage_filesystem": fs}
+    return TorchTrainer(
+        train_loop_per_worker=ray_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            **{k: v for k, v in where.items() if not k.startswith("storage_")},
+            # fault-injection switches for tests reach the workers wherever they run
+            "env": {k: v for k, v in os.environ.items() if k.startswith("DADH_FAULT")},
+        },
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo",
+                                 timeout_s=s.collective_timeout_s),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(s.min_workers, s.num_workers) if s.elastic else s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name(cfg),
+            storage_path=where["storage_path"],
+            storage_filesystem=where.get("storage_filesystem"),
+            failure_config=ray.train.FailureConfig(
+                max_failures=s.max_failures, controller_failure_limit=s.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def run_ray(cfg: Config) -> dict:
+    import ray.train
+
+    check_data_here(cfg)
+    folder, _ = prepare_run(cfg)  # the workers find the checkpoint to resume from themselves
+    ensure_ray()
+    try:
+        build_trainer(cfg, folder).fit()
+    except ray.train.TrainingFailedError as e:
+        raise RunFailed(failure_message(cfg, folder, e)) from e
+    uri = run_uri(cfg)
+    if uri is None:
+        final = json.loads((folder / "final_metrics.json").read_text())
+    else:
+        raw = storage.read_bytes(storage.join(uri, "final_metrics.json"))
+        if raw is None:
+            raise storage.StorageError(f"{storage.redact(uri)}: the run finished but its "
+                                       "final_metrics.json never arrived")
+        final = json.loads(raw)
+    final["run_dir"] = storage.redact(uri) if uri else str(folder)
+    return final
+
+
+def failure_message(cfg: Config, folder: Path, error: Exception) -> str:
+    """One line saying why Ray Train gave up, what was tried, and where the work is."""
+    s = cfg.scaling
+    cause = getattr(error, "controller_failure", None)
+    uri = run_uri(cfg)
+    if uri is None:
+        latest = ckpt.latest_valid(folder)
+    else:
+        found = storage.checkpoints(uri)
+        latest = storage.redact(storage.join(uri, found[0][1])) if found else None
+    where = (f"last checkpoint {latest}; rerun the same command to resume" if latest
+             else "no checkpoint was written")
+    if type(cause).__name__ in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):
+        size = f"{s.min_workers}..{s.num_workers}" if s.elastic else f"{s.num_workers}"
+        hint = "" if s.elastic else "; set scaling.min_workers to go on with fewer workers"
+        return (f"run stopped: Ray Train could not (re)start {size} worker(s) within "
+                f"scaling.start_timeout_s={s.start_timeout_s:g} s, {s.max_failures + 1} time(s) "
+                f"(a lost node?){hint}; {where}")
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank, first = min(failures.items(), key=lambda kv: kv[0])
+        what = f"worker {rank}: {_one_line(first)}"
+    else:
+        what = _one_line(cause if cause is not None else error)
+    return (f"run stopped after scaling.max_failures={s.max_failures} restart(s): {what}; "
+            f"{where}")
+
+
+def _one_line(error: BaseException) -> str:
+    """A traceback's last line (the exception), or a message's first line."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
