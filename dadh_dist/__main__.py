@@ -1,5 +1,6 @@
-"""`python -m dadh_dist COMMAND ...`: command-line tools that need no trained run.
+"""`python -m dadh_dist COMMAND ...` (or `dadh COMMAND`): every tool of the project.
 
+    python -m dadh_dist train --config configs/debug_cpu.toml     # = jobs/train.py, dadh-train
     python -m dadh_dist check-data --config configs/debug_cpu.toml [section.key=value ...]
     python -m dadh_dist config --list                 # every config key, default and meaning
     python -m dadh_dist config --config configs/debug_cpu.toml train.outer_iters=5
@@ -64,7 +65,29 @@ def config_main(argv: list[str] | None = None) -> int:
     return run_main(body)
 
 
+def _job(name: str):
+    """A job's main (dadh_dist.cli.<name>_main; serve's lives in dadh_dist.serve), imported
+    only when that command runs."""
+    def main_of_job(argv: list[str]) -> int:
+        if name == "serve":
+            from dadh_dist.serve import main as job_main
+        else:
+            from dadh_dist import cli
+
+            job_main = getattr(cli, f"{name}_main")
+        return job_main(argv)
+    return main_of_job
+
+
 COMMANDS = {
+    "train": (_job("train"), "train a run (as jobs/train.py and dadh-train)"),
+    "tune": (_job("tune"), "sweep config keys with Ray Tune (jobs/tune.py, dadh-tune)"),
+    "evaluate": (_job("evaluate"), "evaluate a trained run (jobs/evaluate.py, dadh-evaluate)"),
+    "encode": (_job("encode"), "encode images to a codes file (jobs/encode.py, dadh-encode)"),
+    "search": (_job("search"), "top-k Hamming search of a codes file (jobs/search.py)"),
+    "export": (_job("export"), "export a run's hash function (jobs/export.py, dadh-export)"),
+    "quality": (_job("quality"), "the retrieval-quality table (jobs/quality.py)"),
+    "serve": (_job("serve"), "serve a trained run on Ray Serve (jobs/serve.py, dadh-serve)"),
     "check-data": (check_data_main, "check the configured dataset and report every problem"),
     "config": (config_main, "print the resolved config, or every key with --list"),
 }
@@ -75,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]][0](argv[1:])
     parser = ToolParser(prog="python -m dadh_dist", description="DADH command-line tools "
-                        "(training and the tools around a trained run are in jobs/).")
+                        "(each also as jobs/<command>.py for `ray job submit`, and as "
+                        "dadh-<command>).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=argparse.ArgumentParser)
     for name, (_, help_text) in COMMANDS.items():

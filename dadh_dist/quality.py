@@ -1,8 +1,8 @@
 """The retrieval-quality table: methods × code lengths × seeds, each a normal training run.
 
-Every cell is `python jobs/train.py --config <config> <method overrides> train.seed=<s>` run
-in-process (no Ray, one worker) as a subprocess, so a row of the table is reproduced by exactly
-the command printed next to it. Runs that already wrote `final_metrics.json` under the same
+Every cell is `python -m dadh_dist train --config <config> <method overrides> train.seed=<s>`
+(the trainer of `jobs/train.py` and `dadh-train`) run in-process (no Ray, one worker) as a
+subprocess, so a row of the table is reproduced by exactly the command printed next to it. Runs that already wrote `final_metrics.json` under the same
 name are read back instead of re-run, so a long table can be built over several sessions; a
 finished run whose saved config differs from the planned one is reported as an error, not
 read back (and an unfinished one is refused by the trainer itself).
@@ -34,7 +34,8 @@ METHODS: dict[str, tuple[str, ...]] = {
     "dadh-no-code": ("objective.use_code=false",),
     "dadh-no-pair": ("objective.use_pair=false",),
 }
-TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "jobs" / "train.py"
+TRAIN = ["-m", "dadh_dist", "train"]
+"""The trainer, as the installed package runs it (no repository layout assumed)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Plan:
 
     def command(self, cell: Cell) -> list[str]:
         """The command line that reproduces the cell (as recorded in rows.json)."""
-        return ["python", "jobs/train.py", "--config", self.config_path(cell),
+        return ["python", *TRAIN, "--config", self.config_path(cell),
                 *self.cell_overrides(cell)]
 
 
@@ -99,7 +100,7 @@ def run_cell(plan: Plan, cell: Cell, threads: int, train: bool = True) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         t0 = time.time()
         with open(log, "w") as fh:
-            rc = subprocess.call([sys.executable, str(TRAIN_SCRIPT), "--config",
+            rc = subprocess.call([sys.executable, *TRAIN, "--config",
                                   plan.config_path(cell), *plan.cell_overrides(cell)], stdout=fh,
                                  stderr=subprocess.STDOUT, env=env)
         row["process_wall_s"] = time.time() - t0

@@ -6,11 +6,8 @@
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dadh_dist.cli import evaluate_main  # noqa: E402  (argparse first; torch after parsing)
+from dadh_dist.cli import evaluate_main  # torch loads only after the arguments parse
 
 if __name__ == "__main__":
     sys.exit(evaluate_main())

@@ -9,11 +9,8 @@ The same application runs under `serve run dadh_dist.serve:app checkpoint=runs/<
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dadh_dist.serve import main  # noqa: E402  (Ray and torch load after the arguments parse)
+from dadh_dist.serve import main  # Ray and torch load only after the arguments parse
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,33 @@
-import sys
-from pathlib import Path
+"""Shared test setup.
 
-sys.path.insert(0, str(Path(__file__).parent))
+Tests run in two pytest-xdist workers (`make test`: `-n 2 --dist loadgroup`). Every test that
+starts Ray (an in-process cluster, `ray start`, Serve, Tune) is in one group, so they run one
+after another in one worker: `ray.init()` joins a cluster that `ray start` left on this
+machine, so two of them at once would meet. The rest, in-process and gloo runs, share the
+other worker.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Ray Train's optional side actors, each one more process to start per run on two cores: the
+# preemption watcher (no preemptible nodes here), the state-actor reconciliation and metrics.
+# The clusters the tests start (in-process and `ray start`) inherit them from this environment.
+for _key in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION",
+             "RAY_TRAIN_METRICS_ENABLED"):
+    os.environ.setdefault(_key, "0")
+# the controller's poll (default 2 s): a finished or failed worker group is seen sooner. The
+# restart tests of test_ray.py keep Ray's default, where the newest-checkpoint rule matters
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+RAY_FILES = {"test_ray.py", "test_lost_node.py", "test_ray_job.py", "test_serve.py",
+             "test_tune.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in RAY_FILES:
+            item.add_marker(pytest.mark.xdist_group("ray"))

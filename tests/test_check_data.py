@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _repo import ROOT as REPO
 from PIL import Image
 from test_data import SPLIT_NAMES, assert_same, fake_fashion, fake_lists, write_idx
 
@@ -29,8 +30,6 @@ from dadh_dist.data import (
 )
 from dadh_dist.data.idx import read_idx
 from dadh_dist.data.splits import one_hot
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def small_dataset() -> Dataset:

@@ -7,13 +7,12 @@ import json
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
+from _repo import DEBUG, ROOT
 
 from dadh_dist import cli, config, config_doc, package_version
 
-ROOT = Path(__file__).resolve().parents[1]
 JOBS = ("train", "tune", "evaluate", "encode", "search", "export", "quality")
 HEAVY = ("torch", "numpy", "ray", "pyarrow", "PIL", "matplotlib")
 
@@ -126,7 +125,7 @@ def test_errors_are_classified_without_importing_their_modules():
 def test_train_name_flag_is_log_name(tmp_path):
     parser = cli.config_parser("x")
     parser.add_argument("--name")
-    _, cfg = cli.parse_config(parser, ["--config", str(ROOT / "configs" / "debug_cpu.toml"),
+    _, cfg = cli.parse_config(parser, ["--config", str(DEBUG),
                                        "log.name=old", "--name", "new run"],
                               lambda a: [f"log.name={json.dumps(a.name)}"])
     assert cfg.log.name == "new run"
@@ -189,7 +188,7 @@ def test_update_readme_rewrites_only_the_block(tmp_path):
 def test_config_command_prints_the_resolved_config(capsys):
     from dadh_dist.__main__ import main
 
-    assert main(["config", "--config", str(ROOT / "configs" / "debug_cpu.toml"),
+    assert main(["config", "--config", str(DEBUG),
                  "train.outer_iters=7"]) == 0
     resolved = tomllib.loads(capsys.readouterr().out)
     assert resolved["train"]["outer_iters"] == 7 and resolved["data"]["source"] == "digits"

@@ -1,13 +1,8 @@
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from _repo import DEBUG, ROOT, job
 
 from dadh_dist import config
 from dadh_dist.config import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_precedence_defaults_file_cli(tmp_path):
@@ -106,10 +101,7 @@ def test_elastic_range_and_start_timeout_leave_the_result_and_run_name_alone():
 
 
 def test_cli_user_error_exit_code_2_no_traceback():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train.py"), "--objective.gamma=-3"],
-        capture_output=True, text=True, timeout=120,
-    )
+    proc = job("train", "--objective.gamma=-3", timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
@@ -117,10 +109,7 @@ def test_cli_user_error_exit_code_2_no_traceback():
 
 
 def test_cli_missing_config_file():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", "nope.toml"],
-        capture_output=True, text=True, timeout=120,
-    )
+    proc = job("train", "--config", "nope.toml", timeout=120)
     assert proc.returncode == 2
     assert "nope.toml does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -144,7 +133,7 @@ def test_missing_data_root_is_exit_2_before_ray_starts(tmp_path, monkeypatch, ca
     monkeypatch.setattr(ray_train, "ensure_ray", never)
     monkeypatch.setattr(ray_train, "build_trainer", never)
     missing = tmp_path / "no_such_folder"
-    code = cli.train_main(["--config", str(ROOT / "configs" / "debug_cpu.toml"),
+    code = cli.train_main(["--config", str(DEBUG),
                            "data.source=fashion_mnist", f"data.root={missing}",
                            f"log.run_dir={tmp_path / 'runs'}", "scaling.use_ray=true"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -155,6 +144,6 @@ def test_missing_data_root_is_exit_2_before_ray_starts(tmp_path, monkeypatch, ca
     # on a cluster the workers read the data on their own nodes: the driver does not judge it
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     with pytest.raises(AssertionError, match="Ray was started"):
-        cli.train_main(["--config", str(ROOT / "configs" / "debug_cpu.toml"),
+        cli.train_main(["--config", str(DEBUG),
                         "data.source=fashion_mnist", f"data.root={missing}",
                         f"log.run_dir={tmp_path / 'runs'}", "scaling.use_ray=true"])

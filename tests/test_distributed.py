@@ -10,14 +10,13 @@ import pytest
 import torch
 from _gloo import run_workers
 from _nontrivial import assert_learned, assert_same_run
+from _repo import DEBUG
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, loop, monitor
 from dadh_dist import run as runner
 from dadh_dist.distributed import LocalCollectives, even_split
 
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "debug_cpu.toml"
 OVERRIDES = ["scaling.use_ray=false", "train.outer_iters=2"]
 
 

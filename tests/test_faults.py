@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,14 +12,12 @@ import torch
 from _checkpoints import assert_same_state, flip_byte
 from _gloo import run_workers
 from _nontrivial import assert_learned
+from _repo import DEBUG, job
 from torch.multiprocessing import ProcessExitedException
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, loop
 from dadh_dist import run as runner
-
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "debug_cpu.toml"
 
 
 def _cfg(extra=()):
@@ -143,10 +139,8 @@ def test_collective_with_dead_peer_fails_within_bound(tmp_path, how):
 def straight(tmp_path_factory):
     # a process of the same kind as the restarted ones (jobs/train.py): compared bit for bit
     tmp = tmp_path_factory.mktemp("straight")
-    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(DEBUG),
-                           "scaling.use_ray=false", "train.outer_iters=3",
-                           f"log.run_dir={json.dumps(str(tmp))}", "log.name=s"],
-                          capture_output=True, text=True, timeout=300)
+    done = job("train", "--config", DEBUG, "scaling.use_ray=false", "train.outer_iters=3",
+               f"log.run_dir={json.dumps(str(tmp))}", "log.name=s")
     assert done.returncode == 0, done.stderr
     final = json.loads((tmp / "s" / "final_metrics.json").read_text())
     assert_learned(final)
@@ -156,15 +150,14 @@ def straight(tmp_path_factory):
 
 @pytest.mark.parametrize("phase", ["codes", "checkpoint"])
 def test_lost_process_restarts_from_last_checkpoint(tmp_path, straight, phase):
-    args = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(DEBUG),
-            "scaling.use_ray=false", "train.outer_iters=3",
+    args = ["--config", DEBUG, "scaling.use_ray=false", "train.outer_iters=3",
             f"log.run_dir={json.dumps(str(tmp_path))}", "log.name=k"]
-    env = {**os.environ, "DADH_FAULT": f"kill:{phase}:1:0"}
-    first = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    env = {"DADH_FAULT": f"kill:{phase}:1:0"}
+    first = job("train", *args, env=env)
     assert first.returncode == 17, first.stderr
     # killed inside iteration 1: only checkpoint 1 exists (a staged checkpoint 2 never landed)
     assert ckpt.latest_valid(tmp_path / "k").name == "checkpoint_000001"
-    second = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    second = job("train", *args, env=env)
     assert second.returncode == 0, second.stderr
     state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "k"))
     ref_final, ref_state = straight

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _repo import DEBUG
 
 from dadh_dist import config, health
 from dadh_dist import run as runner
-
-DEBUG = Path(__file__).resolve().parents[1] / "configs" / "debug_cpu.toml"
 
 
 def test_chance_map_is_the_relevant_fraction_per_query():

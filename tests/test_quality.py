@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from _repo import DEBUG as DEBUG_CONFIG
 
 from dadh_dist import cli, config, quality
 
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = str(ROOT / "configs" / "debug_cpu.toml")
+DEBUG = str(DEBUG_CONFIG)
 
 
 def test_every_method_is_a_valid_configuration_of_the_same_code(tmp_path):
     plan = quality.Plan(DEBUG, tmp_path)
     for method in quality.METHODS:
         cmd = plan.command(quality.Cell(method, 12, 1))
-        assert cmd[:4] == ["python", "jobs/train.py", "--config", DEBUG]
+        assert cmd[:6] == ["python", "-m", "dadh_dist", "train", "--config", DEBUG]
         assert cmd[4:] == plan.cell_overrides(quality.Cell(method, 12, 1))
         cfg = config.load(plan.config_path(quality.Cell(method, 12, 1)), cmd[4:])
         # the debug config says 16 bits: the cell's code length wins
@@ -89,7 +88,7 @@ def test_quality_main_runs_a_real_cell_and_rejects_bad_arguments(tmp_path, capsy
     text = capsys.readouterr().out
     assert "| adsh | 16 | 1 |" in text and "map_at_50 f" in text
     rows = json.loads((out / "rows.json").read_text())
-    assert rows[0]["command"].startswith("python jobs/train.py --config")
+    assert rows[0]["command"].startswith("python -m dadh_dist train --config")
     assert 0.0 <= rows[0]["metrics"]["map_at_50_f"] <= 1.0
     assert cli.quality_main(["--methods", "nope"]) == cli.EXIT_USER_ERROR
     assert cli.quality_main(["--config", DEBUG, "--method-override", "adsh=1"]) == \

@@ -9,6 +9,7 @@ import _s3
 import pytest
 import torch
 from _nontrivial import assert_learned, assert_same_run
+from _repo import DEBUG
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, storage
@@ -16,8 +17,6 @@ from dadh_dist import run as runner
 
 pytestmark = pytest.mark.slow  # starts a Ray cluster
 
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "debug_cpu.toml"
 
 
 def _cfg(run_dir, name, *extra):
@@ -35,9 +34,7 @@ def ray_local():
     import ray
 
     # fake S3 credentials for the remote-storage test: workers inherit the environment Ray
-    # starts with, as they would inherit a node's real credentials. Ray Train's controller polls
-    # at its default interval (2 s, longer than a debug iteration): a restart must still resume
-    # from the newest checkpoint on storage, registered or not
+    # starts with, as they would inherit a node's real credentials
     with _s3.credentials():
         ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
                  log_to_driver=False)
@@ -56,32 +53,20 @@ def reference(tmp_path_factory):
     return final, _B(tmp / "ref")
 
 
-def test_ray_two_workers_equal_one_process(tmp_path, ray_local, reference):
-    final = runner.run_ray(_cfg(tmp_path, "w2", "scaling.num_workers=2"))
-    ref_final, ref_B = reference
-    assert_same_run(_B(tmp_path / "w2"), ref_B, final, ref_final)
-    assert final["workers"] == 2
-
-
-def test_ray_stream_parallel_two_workers(tmp_path, ray_local, reference):
-    """f on worker 0, g on worker 1 (Ray Train, gloo): the run of one process that trains both."""
-    final = runner.run_ray(_cfg(tmp_path, "sp", "scaling.num_workers=2",
-                                "scaling.stream_parallel=true"))
-    ref_final, ref_B = reference
-    assert_same_run(_B(tmp_path / "sp"), ref_B, final, ref_final)
-    assert final["workers"] == 2
-    state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "sp"))
-    assert state["opt_f"]["state"] and state["opt_g"]["state"]  # rank 0 saved g's too
-
-
-# rank 1 dies in outer iteration 3's mini-batch steps, then in its code step, then rank 0 dies
-# between checkpoint 3's files and its manifest: one fault per attempt (each fires once)
-FAULTS = ("streams:2:1", "codes:2:1", "checkpoint:2:0")
+# rank 1 dies in outer iteration 3's mini-batch steps, then rank 0 dies between checkpoint 3's
+# files and its manifest: one fault per attempt (each fires once). A kill inside the code step
+# restarts the same way (test_faults.py kills a process there)
+FAULTS = ("streams:2:1", "checkpoint:2:0")
+# Ray Train's controller polls at its default interval (2 s, longer than a debug iteration; the
+# suite shortens it, conftest.py): a restart must still resume from the newest checkpoint on
+# storage, registered or not
+DEFAULT_POLL = "2.0"
 
 
 def test_ray_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, ray_local, reference,
                                                             monkeypatch):
     monkeypatch.setenv("DADH_FAULT", ",".join(f"kill:{f}" for f in FAULTS))
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_POLL)
     final = runner.run_ray(_cfg(tmp_path, "ft", "scaling.num_workers=2",
                                 f"scaling.max_failures={len(FAULTS)}"))
     for fault in FAULTS:
@@ -95,25 +80,32 @@ def test_ray_worker_killed_mid_run_restarts_from_checkpoint(tmp_path, ray_local,
     assert_same_run(_B(tmp_path / "ft"), ref_B, final, ref_final)
 
 
-def test_ray_run_that_failed_resumes_by_name(tmp_path, ray_local, reference, monkeypatch):
-    """No restarts allowed: a lost worker stops the run; the same command again picks it up from
-    its last checkpoint (the fault's marker keeps it from firing twice) and ends as a straight
-    run."""
+def test_ray_stream_parallel_run_that_failed_resumes_by_name(tmp_path, ray_local, reference,
+                                                             monkeypatch):
+    """Stream-parallel (f on worker 0, g on worker 1, Ray Train, gloo), no restarts allowed: the
+    lost g worker stops the run; the same command again picks it up from its last checkpoint
+    (the fault's marker keeps it from firing twice) and ends as the straight run of one process
+    that trains both streams."""
     monkeypatch.setenv("DADH_FAULT", "kill:streams:2:1")
-    cfg = _cfg(tmp_path, "rerun", "scaling.num_workers=2", "scaling.max_failures=0")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_POLL)
+    cfg = _cfg(tmp_path, "rerun", "scaling.num_workers=2", "scaling.max_failures=0",
+               "scaling.stream_parallel=true")
     with pytest.raises(runner.RunFailed, match="run stopped"):
         runner.run_ray(cfg)
     assert (tmp_path / "rerun" / ".fault_streams_2_1").exists(), "the fault never fired"
     assert not (tmp_path / "rerun" / "final_metrics.json").exists()
     final = runner.run_ray(cfg)
-    assert final["resumed_at"] == 2
+    assert final["resumed_at"] == 2 and final["workers"] == 2
     ref_final, ref_B = reference
     assert_same_run(_B(tmp_path / "rerun"), ref_B, final, ref_final)
+    state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "rerun"))
+    assert state["opt_f"]["state"] and state["opt_g"]["state"]  # rank 0 saved g's too
 
 
 def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):
-    """log.run_dir an s3:// URI: Ray Train stores the checkpoints through the URI's filesystem,
-    rank 0 publishes TensorBoard and metrics, and the result is the local run's."""
+    """Two Ray workers with log.run_dir an s3:// URI: Ray Train stores the checkpoints through
+    the URI's filesystem, rank 0 publishes TensorBoard and metrics, and the result is the one
+    local process's."""
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -121,7 +113,7 @@ def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):
     with _s3.bucket() as uri:
         final = runner.run_ray(_cfg(uri("runs"), "s3run", "scaling.num_workers=2"))
         run = uri("runs/s3run")
-        assert final["run_dir"] == run
+        assert final["run_dir"] == run and final["workers"] == 2
         ref_final, ref_B = reference
         (t, name), *_ = storage.checkpoints(run)
         assert t == 3

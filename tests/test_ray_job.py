@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from _ray_nodes import ray_bin, ray_env, start_head
+from _repo import ROOT
 
 pytestmark = pytest.mark.slow  # starts a Ray cluster
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ray_job_submit_on_local_head(tmp_path):

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from _checkpoints import assert_same_state, flip_byte
 from _nontrivial import assert_learned
+from _repo import DEBUG, job
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config
 from dadh_dist import run as runner
 from dadh_dist.config import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "debug_cpu.toml"
 
 
 def _overrides(run_dir, name, *extra):
@@ -28,12 +23,7 @@ def _overrides(run_dir, name, *extra):
 
 
 def _train_cli(run_dir, name, env_extra=None, *extra):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(DEBUG),
-         *_overrides(run_dir, name, *extra)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+    return job("train", "--config", DEBUG, *_overrides(run_dir, name, *extra), env=env_extra)
 
 
 def _final_B(folder: Path) -> torch.Tensor:

@@ -11,7 +11,6 @@ import base64
 import contextlib
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from _repo import DEBUG, ROOT, job
 from PIL import Image
 
 from dadh_dist import checkpoint as ckpt
@@ -31,8 +31,6 @@ from dadh_dist import serve as serving
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "debug_cpu.toml"
 K = 25
 QUERIES = 12
 MAX_IMAGES = 16
@@ -258,9 +256,7 @@ def test_start_up_refuses_a_database_of_other_bits_or_another_model(run, tmp_pat
         with pytest.raises(codesfile.CodesError, match=needle):
             serving.load_database(serving.Options(checkpoint=str(run), database=str(path)), model)
     # the command line says it in one line and exits 2, before Ray starts
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), "--checkpoint",
-                           str(run), "--database", str(path)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = job("serve", "--checkpoint", run, "--database", path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: made by model 000"), lines

@@ -13,15 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _repo import DEBUG
 from _s3 import bucket
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import cli, config, inference, storage
 from dadh_dist import run as runner
 from dadh_dist.config import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "debug_cpu.toml"
 
 
 def _overrides(run_dir, name, *extra):

@@ -11,9 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from _pty import stderr_on_terminal
+from _repo import DEBUG, job, job_args, job_env
 from PIL import Image
 
 from dadh_dist import checkpoint as ckpt
@@ -29,9 +27,6 @@ from dadh_dist import run as runner
 from dadh_dist.config import ENCODERS
 from dadh_dist.data import Split, dataset_to_parquet
 from dadh_dist.models import HashStream
-
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "debug_cpu.toml"
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +76,6 @@ def loaded(centred):
     return inference.load_with_data(centred)
 
 
-def _cli(job: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), *args],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
 def _brute_force_topk(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Hamming distance from ±1 inner products, ranked by (distance, database index)."""
     d = (q.shape[1] - q.astype(np.int64) @ db.astype(np.int64).T) // 2
@@ -134,7 +123,7 @@ def test_evaluate_writes_report_and_reproduces_final_metrics(run, tmp_path):
 
 def test_evaluate_script_reports_map_at_1000_by_default(run, collapsed, tmp_path):
     out = tmp_path / "eval"
-    proc = _cli("evaluate", "--checkpoint", str(run), "--out", str(out), "--examples", "0",
+    proc = job("evaluate", "--checkpoint", str(run), "--out", str(out), "--examples", "0",
                 "--no-tensorboard")
     assert proc.returncode == 0, proc.stderr
     m = json.loads((out / "metrics.json").read_text())["metrics"]
@@ -255,9 +244,9 @@ def test_encode_shows_a_progress_bar_on_a_terminal_only(centred, loaded, tmp_pat
     hf, ds = loaded
     n = len(ds.database)
     proc, shown = stderr_on_terminal(
-        [sys.executable, str(ROOT / "jobs" / "encode.py"), "--checkpoint", str(centred),
-         "--split", "database", "--batch-size", "16", "--out", str(tmp_path / "db.parquet")],
-        timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        job_args("encode", "--checkpoint", centred, "--split", "database", "--batch-size", "16",
+                 "--out", tmp_path / "db.parquet"),
+        timeout=120, env=job_env())
     assert proc.returncode == 0, shown
     assert f"{n}/{n}" in shown and "img/s" in shown and "<00:00" in shown  # count, rate, ETA
     assert "\r" in shown  # rewritten in place
@@ -393,7 +382,7 @@ def test_faiss_backend_returns_the_packed_distances(loaded, centred, tmp_path, c
 def test_export_round_trip(loaded, centred, tmp_path):
     hf, ds = loaded
     out = tmp_path / "export"
-    proc = _cli("export", "--checkpoint", str(centred), "--encoder", "fg", "--out", str(out))
+    proc = job("export", "--checkpoint", str(centred), "--encoder", "fg", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     program = export.load_program(out / "hash_fg.pt2")
     images = torch.from_numpy(ds.query.images)
@@ -487,7 +476,7 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(case, process, loaded,
         job, args = "encode", ["--checkpoint", str(centred), "--images", str(folder),
                                "--out", str(tmp_path / "c.parquet"), "--quiet"]
     if process:
-        proc = _cli(job, *args)
+        proc = job(job, *args)
         code, stderr = proc.returncode, proc.stderr
     else:
         capsys.readouterr()

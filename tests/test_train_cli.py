@@ -4,26 +4,18 @@ what final_metrics.json holds."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import tomllib
-from pathlib import Path
 
 from _pty import stderr_on_terminal
-
-ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "debug_cpu.toml"
+from _repo import DEBUG, job, job_args, job_env
 
 
 def test_train_script_prints_its_run_folder_and_writes_final_metrics(tmp_path):
     start = time.time()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(DEBUG),
-         "scaling.use_ray=false", f"log.run_dir={json.dumps(str(tmp_path))}", "--name", "cli",
-         "objective.bits=12", "--batch-size", "16"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = job("train", "--config", DEBUG, "scaling.use_ray=false",
+               f"log.run_dir={json.dumps(str(tmp_path))}", "--name", "cli", "objective.bits=12",
+               "--batch-size", "16")
     elapsed = time.time() - start
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "cli"
@@ -46,16 +38,14 @@ def test_train_script_prints_its_run_folder_and_writes_final_metrics(tmp_path):
 
 
 def test_training_shows_per_batch_progress_on_a_terminal_only(tmp_path):
-    args = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(DEBUG),
-            "scaling.use_ray=false", f"log.run_dir={json.dumps(str(tmp_path))}",
+    args = ["--config", DEBUG, "scaling.use_ray=false", f"log.run_dir={json.dumps(str(tmp_path))}",
             "train.outer_iters=1", "log.tensorboard=false"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc, shown = stderr_on_terminal([*args, "--name", "tty"], timeout=300, env=env)
+    proc, shown = stderr_on_terminal(job_args("train", *args, "--name", "tty"), timeout=300,
+                                     env=job_env())
     assert proc.returncode == 0, shown
     cfg = tomllib.loads(DEBUG.read_text())["train"]
     total = cfg["inner_epochs"] * -(-cfg["num_samples"] // cfg["batch_size"])
     assert "iter 1: " in shown and f"/{total}" in shown and "batch/s" in shown, shown[-2000:]
     assert "\r" in shown  # rewritten in place
-    piped = subprocess.run([*args, "--name", "pipe"], capture_output=True, text=True,
-                           timeout=300, env=env)
+    piped = job("train", *args, "--name", "pipe")
     assert piped.returncode == 0 and "batch/s" not in piped.stderr + piped.stdout
