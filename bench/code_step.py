@@ -2,8 +2,8 @@
 
     python bench/code_step.py [--quick]
 
-One code step (DESIGN §2): H = FᵀF + GᵀG, Q = 2ηk·S_Ωᵀ(F + G) + 2γ·(F̄ + Ḡ), then one DCC sweep
-over the k bit columns, from B = 0 (the first outer iteration; `codes.init = "zeros"`).
+One code step (docs/design.md §2): H = FᵀF + GᵀG, Q = 2ηk·S_Ωᵀ(F + G) + 2γ·(F̄ + Ḡ), then one
+DCC sweep over the k bit columns, from B = 0 (the first outer iteration; `codes.init = "zeros"`).
 
 * ours: `codes.code_hessian`, `codes.code_linear` (single-label: S_Ωᵀ·U through per-class sums,
   O(n·c·k); multi-label: S built in blocks of `chunk_rows` rows), `codes.dcc` (the compiled
@@ -103,8 +103,8 @@ def child(spec: dict) -> None:
     if spec["variant"] == "dense":
         Q = dense_linear(Y, omega, F, G, sim, bits)
     else:
-        Q = codes.code_linear(slice(0, n), Y, omega, F, G, sim, GAMMA, ETA, bits,
-                              spec["chunk_rows"])
+        Q = codes.code_linear(slice(0, n), Y, omega, F, G, sim, gamma=GAMMA, eta=ETA, bits=bits,
+                              chunk_rows=spec["chunk_rows"])
     t_linear = time.perf_counter() - t0
     _, hwm_linear = memory_mib()
     out = {"t_linear": t_linear, "rss0": rss0, "hwm_linear": hwm_linear,

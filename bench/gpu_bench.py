@@ -146,7 +146,7 @@ def code_step(Y, omega, F, G, sim, bits: int, device: torch.device, dense: bool)
             Q.index_add_(0, omega, 2.0 * GAMMA * U)
             Q = Q.double()
         else:
-            Q = codes.code_linear(slice(0, n), Y, omega, F, G, sim, GAMMA, ETA, bits)
+            Q = codes.code_linear(slice(0, n), Y, omega, F, G, sim, gamma=GAMMA, eta=ETA, bits=bits)
         H = codes.code_hessian(F, G)
         B = codes.dcc(torch.zeros(n, bits, dtype=torch.int8), H, Q, ETA)
     sync(device)

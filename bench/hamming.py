@@ -1,4 +1,4 @@
-"""Hamming ranking and exact mAP@all at database scale (DESIGN §7, issue 6 item 1).
+"""Hamming ranking and exact mAP@all at database scale (docs/design.md §7, issue 6 item 1).
 
     python bench/hamming.py [--quick]
 

@@ -2,7 +2,7 @@
 
     python bench/net_loss.py [--quick]
 
-L_code = ‖X_M·Bᵀ − k·S_M‖² for a mini-batch M of Ω against all n database codes (DESIGN §2),
+L_code = ‖X_M·Bᵀ − k·S_M‖² for a mini-batch M of Ω against all n database codes (docs/design.md §2),
 forward and backward, single-label data (10 classes), B a ±1 code matrix.
 
 * ours: `objective.code_loss` with `objective.code_stats` (BᵀB, S_Ω·B, Σ S²) computed once per

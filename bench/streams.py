@@ -6,7 +6,7 @@ DADH with both streams on every worker, and DADH stream-parallel, each on W gloo
 
 The timed span is outer iterations 2..T-1 (train streams + code step; no evaluation until the
 last, which is left out): the time between the first and the last-but-one report. The ratio
-against ADSH measured in the same run is the DESIGN §7 target (DADH stream-parallel <= 1.15x
+against ADSH measured in the same run is the docs/design.md §7 target (DADH stream-parallel <= 1.15x
 ADSH with >= 2 workers). With W = 2 on a 2-core machine each process gets one core: ADSH and
 plain DADH run both workers on one stream's data-parallel halves; stream-parallel runs f on one
 core and g on the other.

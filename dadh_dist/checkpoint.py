@@ -1,4 +1,4 @@
-"""Checkpoints with a manifest written last (DESIGN §3).
+"""Checkpoints with a manifest written last (docs/design.md §3).
 
 A checkpoint folder holds `state.pt` (both streams, optimisers, schedulers, B, t; random streams
 are derived from (seed, t, rank), so none is saved),

@@ -1,4 +1,5 @@
-"""The code step: B with the streams fixed, by discrete cyclic coordinate descent (DESIGN §2).
+"""The code step: B with the streams fixed, by discrete cyclic coordinate descent
+(docs/design.md §2).
 
 With F, G (m×k) fixed, γ·L_quant + η·L_code depends on B (n×k, ±1) only through
 
@@ -46,6 +47,7 @@ def code_linear(
     F: torch.Tensor,
     G: torch.Tensor | None,
     sim: SoftSimilarity,
+    *,
     gamma: float,
     eta: float,
     bits: int,

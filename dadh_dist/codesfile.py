@@ -1,4 +1,4 @@
-"""Codes files (Parquet) and top-k Hamming search over them (DESIGN §6).
+"""Codes files (Parquet) and top-k Hamming search over them (docs/design.md §6).
 
 A codes file is one Parquet table, one row per image:
 

@@ -478,7 +478,7 @@ SECRET_HINT = ("give credentials through the environment (for S3: AWS_ACCESS_KEY
 
 def _validate_worker_range(cfg: Config) -> None:
     """An elastic run may use any worker count in min_workers..num_workers; the global batch
-    must split evenly over each of them (DESIGN §3: no padded or repeated rows)."""
+    must split evenly over each of them (docs/design.md §3: no padded or repeated rows)."""
     s, b = cfg.scaling, cfg.train.batch_size
     if s.min_workers > s.num_workers:
         raise ConfigError(
@@ -506,7 +506,7 @@ def _validate_worker_range(cfg: Config) -> None:
 
 
 def _validate_stream_parallel(cfg: Config) -> None:
-    """f and g on two worker groups of W/2 each (DESIGN §3, stream-parallel)."""
+    """f and g on two worker groups of W/2 each (docs/design.md §3, stream-parallel)."""
     s = cfg.scaling
     if not s.stream_parallel:
         return

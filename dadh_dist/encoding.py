@@ -1,6 +1,6 @@
 """Stream outputs to codes: the one definition used by training, evaluation, tools and serving.
 
-A query is encoded by the trained network(s) (DESIGN §2, evaluation): `f` = sign(f(x)),
+A query is encoded by the trained network(s) (docs/design.md §2, evaluation): `f` = sign(f(x)),
 `g` = sign(g(x)), `fg` = sign(f(x) + g(x)). A zero output maps to −1, everywhere. Encoding runs
 in eval mode under no_grad, in batches, on uint8 images; the outputs come back as float32 on
 the CPU whatever the device, so that codes made on a GPU and on a CPU compare bit for bit where

@@ -9,14 +9,21 @@
                               node was started as its own session (`ray start --block` under
                               setsid, as tests/test_lost_node.py does); any other worker ignores it
 
-A fired kill leaves a marker in the run folder, so the restarted worker runs through.
+A fired kill leaves a marker in the run folder, so the restarted worker runs through. The
+training loop reaches these points through one `Faults` object per worker.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 KILL_EXIT_CODE = 17
 
@@ -64,3 +71,34 @@ def maybe_kill_node(t: int, run_dir: Path | None) -> None:
                 (run_dir / f".fault_node_{t}_{sid}").write_text("fired")
             os.killpg(sid, signal.SIGKILL)
             os._exit(KILL_EXIT_CODE)
+
+
+class Faults:
+    """The fault-injection points of one worker, read once from DADH_FAULT. The loop calls each
+    point where its fault would strike; with DADH_FAULT unset every call does nothing."""
+
+    def __init__(self, rank: int, run_dir: Path | None):
+        self.rank, self.run_dir = rank, run_dir
+        self.active = bool(_specs())
+
+    def kill(self, phase: str, t: int) -> None:
+        """Exit here if `kill:<phase>:<t>:<rank>` names this point (streams, codes)."""
+        if self.active:
+            maybe_kill(phase, t, self.rank, self.run_dir)
+
+    def lose_node(self, t: int) -> None:
+        if self.active:
+            maybe_kill_node(t, self.run_dir)
+
+    def poison(self, t: int, X: torch.Tensor) -> torch.Tensor:
+        """The first mini-batch's stream outputs of iteration t, NaN under `nan:<t>:<rank>`."""
+        return X * float("nan") if self.active and armed("nan", t, self.rank) else X
+
+    def flip(self, t: int, B: torch.Tensor) -> None:
+        """One bit of this worker's B flips in place under `flip:<t>:<rank>`."""
+        if self.active and armed("flip", t, self.rank):
+            B[0, 0] = -B[0, 0]
+
+    def during_checkpoint(self, t: int) -> Callable[[], None]:
+        """Called between a checkpoint's files and its manifest (`kill:checkpoint:<t>:<rank>`)."""
+        return functools.partial(self.kill, "checkpoint", t)

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -38,6 +36,8 @@ from dadh_dist import config as config_mod
 from dadh_dist.config import Config, ConfigError
 from dadh_dist.data import DataError, Dataset, load_dataset
 from dadh_dist.data.images import DECODE_ERRORS, run_chunked
+from dadh_dist.data.lists import READ_ERRORS, list_lines
+from dadh_dist.data.parquet import read_columns
 from dadh_dist.data.problems import Problem
 from dadh_dist.models import HashStream, build_streams
 from dadh_dist.monitor import progress_bar  # noqa: F401  (also used by tests)
@@ -150,8 +150,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> HashFunction:
     m, o = cfg.model, cfg.objective
     # Local pretrained weights only matter before training; the checkpoint overwrites them, and
     # the file need not exist where the model is used.
-    f, g = build_streams(o.bits, channels, size, m.backbone, m.width, m.input_size, "",
-                         o.two_streams, cfg.train.seed, m.norm)
+    f, g = build_streams(o.bits, channels, size, backbone=m.backbone, width=m.width,
+                         input_size=m.input_size, two_streams=o.two_streams,
+                         seed=cfg.train.seed, norm=m.norm)
     where = folder / ckpt.STATE
     for name, stream in (("f", f), ("g", g)):
         if stream is None:
@@ -372,10 +373,9 @@ def open_source(path: str | Path | None, hf: HashFunction, split: str | None = N
 def _list_source(file: Path, channels: int, size: int) -> ImageSource:
     """`path [labels...]` per line, paths relative to the list file's folder; labels ignored."""
     try:
-        lines = file.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        entries = [(n, tokens[0]) for n, tokens in list_lines(file)]
+    except READ_ERRORS as e:
         raise DataError(f"{file}: cannot read list file ({e})") from None
-    entries = [(n, line.split()[0]) for n, line in enumerate(lines, 1) if line.split()]
     if not entries:
         raise DataError(f"{file}: list file has no entries")
     root = file.parent
@@ -393,10 +393,7 @@ def _parquet_source(shards: list[Path], split: str | None, channels: int,
     ids: list[np.ndarray] = []
     for k, shard in enumerate(shards):
         columns = ["id"] + (["split"] if split else [])
-        try:
-            table = pq.read_table(shard, columns=columns)
-        except (pa.ArrowException, OSError, KeyError) as e:
-            raise DataError(f"{shard}: unreadable Parquet shard or missing column ({e})") from None
+        table = read_columns(shard, columns)
         keep = np.arange(table.num_rows)
         if split:
             keep = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == split)
@@ -412,10 +409,8 @@ def _parquet_source(shards: list[Path], split: str | None, channels: int,
     def blobs(k: int) -> list[bytes]:
         if k not in cache:
             cache.clear()  # one shard in memory at a time
-            try:
-                cache[k] = pq.read_table(shards[k], columns=["image"]).column("image").to_pylist()
-            except (pa.ArrowException, OSError, KeyError) as e:
-                raise DataError(f"{shards[k]}: cannot read column image ({e})") from None
+            cache[k] = read_columns(shards[k], ["image"], "cannot read column image").column(
+                "image").to_pylist()
         return cache[k]
 
     def read(start: int, stop: int) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The per-worker training function: train streams → update B → evaluate → report/checkpoint.
 
-`train(cfg, env)` runs the alternating optimisation of DESIGN §2 on one worker. Everything that
-differs between one process and a Ray Train worker group arrives in `WorkerEnv`: the collectives,
-the device, how to report (and checkpoint), and which checkpoint to resume from. Every
+`train(cfg, env)` runs the alternating optimisation of docs/design.md §2 on one worker. Everything
+that differs between one process and a Ray Train worker group arrives in `WorkerEnv`: the
+collectives, the device, how to report (and checkpoint), and which checkpoint to resume from. Every
 collective is called on every rank; files are written by rank 0 only.
 
 Per outer iteration t (identical on every worker):
@@ -16,7 +16,6 @@ Per outer iteration t (identical on every worker):
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import tempfile
@@ -81,9 +80,9 @@ class Streams:
         m = cfg.model
         self.group = group  # stream-parallel: the half of the workers this one trains with
         self.f, self.g = build_streams(
-            cfg.objective.bits, data.channels, data.image_size, m.backbone, m.width,
-            m.input_size, m.pretrained_path, cfg.objective.two_streams, cfg.train.seed, m.norm,
-        )
+            cfg.objective.bits, data.channels, data.image_size, backbone=m.backbone,
+            width=m.width, input_size=m.input_size, pretrained_path=m.pretrained_path,
+            two_streams=cfg.objective.two_streams, seed=cfg.train.seed, norm=m.norm)
         self.f.to(device)
         if self.g is not None:
             self.g.to(device)
@@ -152,6 +151,11 @@ class Streams:
             if self.group.stream != name:
                 module.load_state_dict(state["model"])
                 opt.load_state_dict(state["opt"])
+
+    def step_schedulers(self) -> None:
+        self.sched_f.step()
+        if self.sched_g is not None:
+            self.sched_g.step()
 
     def lrs(self) -> dict[str, float]:
         out = {"lr/f": self.opt_f.param_groups[0]["lr"]}
@@ -223,35 +227,35 @@ def _check_finite(terms: dict[str, torch.Tensor], t: int, step: int, c,
         f"(worker {c.rank}'s terms: {detail})")
 
 
-def train_streams(
-    streams: Streams, data: Dataset, omega: torch.Tensor, B: torch.Tensor, cfg: Config,
-    env: WorkerEnv, t: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, obj.SoftSimilarity, dict]:
+@dataclass
+class _Omega:
+    """What the mini-batch steps of one outer iteration share: Ω's images and similarities, and
+    the F/G buffers (m, k) every step refreshes on every worker."""
+
+    images: torch.Tensor
+    """(m, C, H, W) uint8, Ω's images in Ω's order."""
+    sim: obj.SoftSimilarity
+    stats: obj.CodeStats
+    S01: torch.Tensor
+    """(m, m) 0/1 similarity within Ω, for L_pair."""
+    B_omega: torch.Tensor
+    F: torch.Tensor
+    G: torch.Tensor | None
+    share_world: int
+    """Workers a global mini-batch is split over: all of them, or this stream's half."""
+    share_rank: int
+    amp: bool
+    """bf16 autocast (train.amp on a GPU)."""
+
+
+def train_streams(run: _Run, omega: torch.Tensor, t: int, cfg: Config, env: WorkerEnv,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, obj.SoftSimilarity, dict]:
     """T_in epochs over Ω; returns the F, G buffers (m, k), Ω's similarity and the loss terms."""
-    c, dev = env.collectives, env.device
-    o, tr = cfg.objective, cfg.train
-    amp = tr.amp == "bf16" and dev.type == "cuda"
-    Y = torch.from_numpy(data.database.labels)
-    y_omega = Y[omega]
-    sim = obj.make_similarity(o.similarity, y_omega, Y, cfg.codes.chunk_rows)
-    stats = obj.code_stats(B, sim, y_omega, Y, cfg.codes.chunk_rows).to(dev)
-    S01 = obj.similar01(y_omega, y_omega).to(dev)  # (m, m), for L_pair
-    B_omega = B[omega].float().to(dev)
-    images = torch.from_numpy(data.database.images)[omega]  # (m, C, H, W) uint8
-    weights = obj.LossWeights(o.alpha, o.gamma, o.eta, o.use_pair, o.use_quant, o.use_code,
-                              o.pair_norm, o.bits)
-    F = encode_sharded(streams.f, images, env, cfg.eval.batch_size, amp).to(dev)
-    G = (encode_sharded(streams.g, images, env, cfg.eval.batch_size, amp).to(dev)
-         if streams.g is not None else None)
+    c, tr = env.collectives, cfg.train
+    om = _open_omega(run, omega, cfg, env)
     m, bsz = omega.shape[0], tr.batch_size
-    group = streams.group
-    # the workers a global mini-batch is split over: all of them, or this stream's half
-    share_world = group.size if group is not None else c.world_size
-    share_rank = c.rank - group.leaders[group.stream] if group is not None else c.rank
     sums: dict[str, torch.Tensor] = {}
-    steps = 0
-    skipped = 0
-    seen = 0
+    steps = skipped = seen = 0
     t0 = time.time()
     # rate and ETA of this outer iteration's mini-batches, on rank 0's terminal only (a Ray
     # worker's or a redirected stderr is no terminal: the progress line per iteration remains)
@@ -262,101 +266,133 @@ def train_streams(
             seed_for(tr.seed, 2, t, epoch)))
         for start in range(0, m, bsz):
             batch = perm[start : start + bsz]  # Ω positions of the global mini-batch
-            rows = batch[even_split(batch.shape[0], share_world, share_rank)]
-            rows_dev = rows.to(dev)
-            x = images[rows].to(dev, non_blocking=True)
-            with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
-                F_M = streams.f_train(x).float() if streams.trains_f else None
-                G_M = streams.g_train(x).float() if streams.trains_g else None
-            if steps + skipped == 0 and faults.armed("nan", t, c.rank):
-                if F_M is not None:
-                    F_M = F_M * float("nan")
-                else:
-                    G_M = G_M * float("nan")
-            # each stream's loss against the other's buffer from before this step: f's and g's
-            # steps are independent, which is what lets two worker halves take them at once
-            loss = torch.zeros((), device=dev)
-            terms: dict[str, torch.Tensor] = {}
-            if F_M is not None:
-                loss_f, terms_f = obj.stream_loss(
-                    F_M, G, S01[rows_dev] if G is not None else None, B_omega[rows_dev], stats,
-                    rows_dev, weights, batch.shape[0])
-                loss = loss + loss_f
-                terms.update({f"{k}_f": v for k, v in terms_f.items()})
-            if G_M is not None:
-                loss_g, terms_g = obj.stream_loss(G_M, F, S01[rows_dev], B_omega[rows_dev],
-                                                  stats, rows_dev, weights, batch.shape[0])
-                loss = loss + loss_g
-                terms.update({f"{k}_g": v for k, v in terms_g.items()})
-            if group is not None:  # the other half's terms count as zero here (summed below)
-                for k in list(terms):
-                    other = k[:-1] + ("g" if k.endswith("_f") else "f")
-                    terms.setdefault(other, torch.zeros_like(terms[k]))
-            skip = tr.nonfinite == "skip" and skipped < tr.max_skipped
-            if not _check_finite(terms, t, steps + skipped, c, skip_allowed=skip):
-                # every worker drops this mini-batch: no update, F/G rows keep their values
+            skip_allowed = tr.nonfinite == "skip" and skipped < tr.max_skipped
+            terms = _step(run, om, batch, t, steps + skipped, env, skip_allowed)
+            bar.update()
+            if terms is None:  # every worker dropped it: no update, F/G rows keep their values
                 skipped += 1
-                bar.update()
                 continue
-            trained = [o for o, on in ((streams.opt_f, streams.trains_f),
-                                       (streams.opt_g, streams.trains_g)) if on]
-            for opt in trained:
-                opt.zero_grad(set_to_none=True)
-            # DDP averages gradients over the share's workers; each share is already divided by
-            # the global batch size, so scaling by their count makes the average equal the
-            # one-process gradient.
-            (loss * share_world).backward()
-            for opt in trained:
-                opt.step()
-            if group is None:
-                F[batch] = c.all_gather_rows(F_M.detach())
-                if G is not None:
-                    G[batch] = c.all_gather_rows(G_M.detach())
-            else:  # rank order: f's half's rows of the batch, then g's half's
-                both = c.all_gather_rows((F_M if F_M is not None else G_M).detach())
-                F[batch], G[batch] = both[: batch.shape[0]], both[batch.shape[0] :]
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
             steps += 1
             seen += batch.shape[0]
-            bar.update()
     bar.close()
-    streams.share(c)
+    run.streams.share(c)
     seconds = time.time() - t0
     keys = sorted(sums)
     totals = c.all_reduce_sum(torch.stack([sums[k] for k in keys])) if keys else []
     metrics = {f"loss/{k}": float(v) / max(steps, 1) for k, v in zip(keys, totals)}
+    w = run.weights
     metrics["loss/total"] = sum(
-        w * metrics.get(f"loss/{term}_{s}", 0.0)
-        for term, w in (("pair", o.alpha), ("quant", o.gamma), ("code", o.eta))
+        weight * metrics.get(f"loss/{term}_{s}", 0.0)
+        for term, weight in (("pair", w.alpha), ("quant", w.gamma), ("code", w.eta))
         for s in ("f", "g")
     )
-    metrics["perf/images_per_s"] = seen * (2 if G is not None else 1) / max(seconds, 1e-9)
+    metrics["perf/images_per_s"] = seen * (2 if om.G is not None else 1) / max(seconds, 1e-9)
     if tr.nonfinite == "skip":
         metrics["train/skipped_batches"] = float(skipped)
-    return F.float().cpu(), (G.float().cpu() if G is not None else None), sim, metrics
+    return om.F.float().cpu(), (om.G.float().cpu() if om.G is not None else None), om.sim, metrics
 
 
-def update_codes(
-    B: torch.Tensor, F: torch.Tensor, G: torch.Tensor | None, omega: torch.Tensor, sim,
-    data: Dataset, cfg: Config, env: WorkerEnv, t: int,
-) -> tuple[torch.Tensor, dict]:
+def _open_omega(run: _Run, omega: torch.Tensor, cfg: Config, env: WorkerEnv) -> _Omega:
+    """Ω's similarities and code statistics (once per outer iteration, §2: no n×m matrix) and
+    the F/G buffers filled by a forward pass over Ω."""
+    c, dev = env.collectives, env.device
+    amp = cfg.train.amp == "bf16" and dev.type == "cuda"
+    Y = torch.from_numpy(run.data.database.labels)
+    y_omega = Y[omega]
+    sim = obj.make_similarity(cfg.objective.similarity, y_omega, Y, cfg.codes.chunk_rows)
+    images = torch.from_numpy(run.data.database.images)[omega]
+    streams, group = run.streams, run.streams.group
+    F = encode_sharded(streams.f, images, env, cfg.eval.batch_size, amp).to(dev)
+    G = (encode_sharded(streams.g, images, env, cfg.eval.batch_size, amp).to(dev)
+         if streams.g is not None else None)
+    return _Omega(
+        images=images, sim=sim,
+        stats=obj.code_stats(run.B, sim, y_omega, Y, cfg.codes.chunk_rows).to(dev),
+        S01=obj.similar01(y_omega, y_omega).to(dev), B_omega=run.B[omega].float().to(dev),
+        F=F, G=G,
+        share_world=group.size if group is not None else c.world_size,
+        share_rank=c.rank - group.leaders[group.stream] if group is not None else c.rank,
+        amp=amp)
+
+
+def _step(run: _Run, om: _Omega, batch: torch.Tensor, t: int, step: int, env: WorkerEnv,
+          skip_allowed: bool) -> dict[str, torch.Tensor] | None:
+    """One global mini-batch (Ω positions `batch`): this worker's share of the forward pass,
+    each stream's loss, the optimiser steps, and the exchange that refreshes F and G on every
+    worker. Returns the loss terms, or None when every worker dropped a non-finite batch."""
+    c, dev = env.collectives, env.device
+    streams, group = run.streams, run.streams.group
+    rows = batch[even_split(batch.shape[0], om.share_world, om.share_rank)]
+    rows_dev = rows.to(dev)
+    x = om.images[rows].to(dev, non_blocking=True)
+    with torch.autocast(dev.type, torch.bfloat16, enabled=om.amp):
+        F_M = streams.f_train(x).float() if streams.trains_f else None
+        G_M = streams.g_train(x).float() if streams.trains_g else None
+    if step == 0:
+        if F_M is not None:
+            F_M = run.faults.poison(t, F_M)
+        else:
+            G_M = run.faults.poison(t, G_M)
+    # each stream's loss against the other's buffer from before this step: f's and g's steps
+    # are independent, which is what lets two worker halves take them at once
+    loss = torch.zeros((), device=dev)
+    terms: dict[str, torch.Tensor] = {}
+    if F_M is not None:
+        loss_f, terms_f = obj.stream_loss(
+            F_M, om.G, om.S01[rows_dev] if om.G is not None else None, om.B_omega[rows_dev],
+            om.stats, rows_dev, run.weights, batch.shape[0])
+        loss = loss + loss_f
+        terms.update({f"{k}_f": v for k, v in terms_f.items()})
+    if G_M is not None:
+        loss_g, terms_g = obj.stream_loss(G_M, om.F, om.S01[rows_dev], om.B_omega[rows_dev],
+                                          om.stats, rows_dev, run.weights, batch.shape[0])
+        loss = loss + loss_g
+        terms.update({f"{k}_g": v for k, v in terms_g.items()})
+    if group is not None:  # the other half's terms count as zero here (summed over workers)
+        for k in list(terms):
+            other = k[:-1] + ("g" if k.endswith("_f") else "f")
+            terms.setdefault(other, torch.zeros_like(terms[k]))
+    if not _check_finite(terms, t, step, c, skip_allowed=skip_allowed):
+        return None
+    trained = [o for o, on in ((streams.opt_f, streams.trains_f),
+                               (streams.opt_g, streams.trains_g)) if on]
+    for opt in trained:
+        opt.zero_grad(set_to_none=True)
+    # DDP averages gradients over the share's workers; each share is already divided by the
+    # global batch size, so scaling by their count makes the average equal the one-process
+    # gradient.
+    (loss * om.share_world).backward()
+    for opt in trained:
+        opt.step()
+    if group is None:
+        om.F[batch] = c.all_gather_rows(F_M.detach())
+        if om.G is not None:
+            om.G[batch] = c.all_gather_rows(G_M.detach())
+    else:  # rank order: f's half's rows of the batch, then g's half's
+        both = c.all_gather_rows((F_M if F_M is not None else G_M).detach())
+        om.F[batch], om.G[batch] = both[: batch.shape[0]], both[batch.shape[0] :]
+    return terms
+
+
+def update_codes(run: _Run, F: torch.Tensor, G: torch.Tensor | None, omega: torch.Tensor, *,
+                 sim, t: int, cfg: Config, env: WorkerEnv) -> tuple[torch.Tensor, dict]:
     """Each worker solves its block of rows of B (all k bits), then one all-gather."""
     c = env.collectives
-    o = cfg.objective
+    B = run.B
     t0 = time.time()
-    gamma = o.gamma if o.use_quant else 0.0
-    eta = o.eta if o.use_code else 0.0
-    Y = torch.from_numpy(data.database.labels)
+    gamma, eta = run.weights.gamma, run.weights.eta
+    Y = torch.from_numpy(run.data.database.labels)
     n = Y.shape[0]
     rows = even_split(n, c.world_size, c.rank)
     H = codes.code_hessian(F, G)
-    Q = codes.code_linear(rows, Y, omega, F, G, sim, gamma, eta, o.bits, cfg.codes.chunk_rows)
+    Q = codes.code_linear(rows, Y, omega, F, G, sim, gamma=gamma, eta=eta,
+                          bits=cfg.objective.bits, chunk_rows=cfg.codes.chunk_rows)
     block = codes.dcc(B[rows], H, Q, eta, cfg.codes.sweeps)
-    faults.maybe_kill("codes", t, c.rank, env.run_dir)
+    run.faults.kill("codes", t)
     B_new = c.all_gather_rows(block)
-    if faults.armed("flip", t, c.rank):
-        B_new[0, 0] = -B_new[0, 0]
+    run.faults.flip(t, B_new)
     checksum = c.check_identical("B", B_new)
     Bf = B_new.float()
     quant_g = {} if G is None else {"codes/quant_error_g": _quant_error(G)}
@@ -394,12 +430,57 @@ def seed_global_rng(cfg: Config, t: int, rank: int) -> None:
     torch.manual_seed(seed_for(cfg.train.seed, 4, t, rank))
 
 
+@dataclass
+class _Run:
+    """One worker's state of a run, as `_start` opens it."""
+
+    data: Dataset
+    monitor: Monitor
+    streams: Streams
+    weights: obj.LossWeights
+    faults: faults.Faults
+    B: torch.Tensor
+    """(n, k) int8 ±1: every database row's code (the whole matrix on every worker)."""
+    t_start: int
+    """The outer iteration this attempt starts at (> 0: resumed)."""
+
+
 def train(cfg: Config, env: WorkerEnv) -> dict:
-    """Run (or resume) the whole alternating optimisation on this worker; returns metrics."""
+    """Run (or resume) the whole alternating optimisation on this worker; returns metrics.
+
+    Per outer iteration t: sample Ω → train the streams → code step → evaluate → report (and
+    checkpoint). A run that had already finished reports its final state once more.
+    """
     c = env.collectives
-    rank0 = c.rank == 0
+    run = _start(cfg, env)
+    n = run.data.database.labels.shape[0]
+    m = min(cfg.train.num_samples, n)
+    T = cfg.train.outer_iters
+    wall0 = time.time()
+    if run.t_start >= T:
+        metrics = {"t": T, **_evaluate(run, cfg, env, T - 1)}
+        _report(run, cfg, env, T - 1, metrics, wall0, checkpoint=False)
+        return _finish(run, cfg, env, metrics, wall0)
+    for t in range(run.t_start, T):
+        seed_global_rng(cfg, t, c.rank)
+        omega = sample_omega(cfg.train.seed, t, n, m)
+        run.faults.kill("streams", t)
+        run.faults.lose_node(t)
+        F, G, sim, net = train_streams(run, omega, t, cfg, env)
+        run.B, code_metrics = update_codes(run, F, G, omega, sim=sim, t=t, cfg=cfg, env=env)
+        run.streams.step_schedulers()
+        metrics = {"t": t + 1, **net, **code_metrics, **run.streams.lrs(),
+                   **_evaluate(run, cfg, env, t)}
+        _report(run, cfg, env, t, metrics, wall0, checkpoint=(
+            t == T - 1 or (t + 1) % cfg.train.checkpoint_every == 0))
+    return _finish(run, cfg, env, metrics, wall0)
+
+
+def _start(cfg: Config, env: WorkerEnv) -> _Run:
+    """Data, monitor, streams and B of this worker: fresh, or from `env.resume_from`."""
+    c = env.collectives
     data = env.dataset if env.dataset is not None else load_dataset(cfg.data)
-    monitor = Monitor(env.run_dir, rank0, cfg.log.tensorboard, cfg.to_toml())
+    monitor = Monitor(env.run_dir, c.rank == 0, cfg.log.tensorboard, cfg.to_toml())
     group = None
     if cfg.scaling.stream_parallel:
         if c.world_size < 2 or c.world_size % 2:
@@ -408,9 +489,8 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         group = c.stream_group()
     streams = Streams(cfg, data, env.device, group)
     n = data.database.labels.shape[0]
-    m = min(cfg.train.num_samples, n)
     B = initial_codes(cfg, n)
-    t_start = 0  # the outer iteration this attempt starts at (> 0: resumed)
+    t_start = 0
     if env.resume_from is not None:
         state, _ = ckpt.load(env.resume_from)
         if tuple(state["B"].shape) != tuple(B.shape):
@@ -429,80 +509,77 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         f"validation, {n} database; {cfg.objective.bits} bits; {c.world_size} worker(s)"
         + (f" (stream-parallel: {group.size} per stream)" if group is not None else "")
         + (f"; {data.skipped} bad images skipped" if getattr(data, "skipped", 0) else ""))
-    wall0 = time.time()
-    metrics: dict = {}
-    warnings: dict[str, str] = {}
-    T = cfg.train.outer_iters
-    resumed_at = t_start
-    if t_start >= T:  # already finished: report the final state once more
-        t_start = T - 1
-        finished = True
-    else:
-        finished = False
-    for t in range(t_start, T):
-        last = t == T - 1
-        metrics = {"t": t + 1}
-        if not finished:
-            seed_global_rng(cfg, t, c.rank)
-            omega = sample_omega(cfg.train.seed, t, n, m)
-            faults.maybe_kill("streams", t, c.rank, env.run_dir)
-            faults.maybe_kill_node(t, env.run_dir)
-            F, G, sim, net = train_streams(streams, data, omega, B, cfg, env, t)
-            B, code_metrics = update_codes(B, F, G, omega, sim, data, cfg, env, t)
-            streams.sched_f.step()
-            if streams.sched_g is not None:
-                streams.sched_g.step()
-            metrics.update(net)
-            metrics.update(code_metrics)
-            metrics.update(streams.lrs())
-        db_codes = B.numpy()
-        db_labels = data.database.labels
-        if last or (cfg.train.eval_every and (t + 1) % cfg.train.eval_every == 0):
-            val = evaluate(streams, data.validation, db_codes, db_labels, cfg, env)
-            metrics.update({f"val/{k}": v for k, v in val.items()})
-        if last:
-            test = evaluate(streams, data.query, db_codes, db_labels, cfg, env, with_curves=True)
-            for enc in cfg.eval.encoders:
-                curve = test.pop(f"_pr_{enc}", None)
-                if curve is not None:
-                    monitor.pr_curve(t + 1, f"test_{enc}", *curve)
-                warning = test.pop(f"_warning_{enc}", None)
-                if warning:
-                    warnings[enc] = warning
-                    monitor.progress(f"WARNING: encoder {enc}: {warning}")
-            metrics.update({f"test/{k}": v for k, v in test.items()})
-        metrics["time/wall_s"] = time.time() - wall0
-        monitor.scalars(t + 1, {k: v for k, v in metrics.items() if k != "t"})
-        monitor.progress(_progress_line(t + 1, T, metrics))
-        if rank0 and env.publish is not None:
-            env.publish()
-        folder = None
-        save_now = last or (t + 1) % cfg.train.checkpoint_every == 0
-        tmp = None
-        if rank0 and save_now and not finished:
-            tmp = tempfile.TemporaryDirectory(prefix="dadh_ckpt_")
-            state = {"t": t + 1, "B": B, "workers": c.world_size,
-                     "geometry": (data.channels, data.image_size), **streams.state()}
-            folder = ckpt.save(  # a "checkpoint" kill lands between its files and manifest
-                tmp.name, state, cfg.to_toml(), cfg.fingerprint(),
-                functools.partial(faults.maybe_kill, "checkpoint", t, c.rank, env.run_dir))
+    return _Run(data=data, monitor=monitor, streams=streams,
+                weights=obj.LossWeights.from_config(cfg.objective),
+                faults=faults.Faults(c.rank, env.run_dir), B=B, t_start=t_start)
+
+
+def _evaluate(run: _Run, cfg: Config, env: WorkerEnv, t: int) -> dict:
+    """Validation mAP when due; at the last outer iteration also the test split, its PR curves
+    (TensorBoard) and collapse warnings."""
+    last = t == cfg.train.outer_iters - 1
+    out: dict = {}
+    db_codes, db_labels = run.B.numpy(), run.data.database.labels
+    if last or (cfg.train.eval_every and (t + 1) % cfg.train.eval_every == 0):
+        val = evaluate(run.streams, run.data.validation, db_codes, db_labels, cfg, env)
+        out.update({f"val/{k}": v for k, v in val.items()})
+    if last:
+        test = evaluate(run.streams, run.data.query, db_codes, db_labels, cfg, env,
+                        with_curves=True)
+        for enc in cfg.eval.encoders:
+            curve = test.pop(f"_pr_{enc}", None)
+            if curve is not None:
+                run.monitor.pr_curve(t + 1, f"test_{enc}", *curve)
+            warning = test.pop(f"_warning_{enc}", None)
+            if warning:
+                out[f"_warning_{enc}"] = warning
+                run.monitor.progress(f"WARNING: encoder {enc}: {warning}")
+        out.update({f"test/{k}": v for k, v in test.items()})
+    return out
+
+
+def _report(run: _Run, cfg: Config, env: WorkerEnv, t: int, metrics: dict, wall0: float,
+            checkpoint: bool) -> None:
+    """TensorBoard and the progress line (rank 0), then `env.report` on every rank, with
+    rank 0's checkpoint of the state after iteration t when `checkpoint`."""
+    c = env.collectives
+    rank0 = c.rank == 0
+    metrics["time/wall_s"] = time.time() - wall0
+    run.monitor.scalars(t + 1, {k: v for k, v in metrics.items()
+                                if k != "t" and not k.startswith("_")})
+    run.monitor.progress(_progress_line(t + 1, cfg.train.outer_iters, metrics))
+    if rank0 and env.publish is not None:
+        env.publish()
+    if not (rank0 and checkpoint):
+        env.report(_flat(metrics), None)
+        return
+    with tempfile.TemporaryDirectory(prefix="dadh_ckpt_") as tmp:
+        state = {"t": t + 1, "B": run.B, "workers": c.world_size,
+                 "geometry": (run.data.channels, run.data.image_size), **run.streams.state()}
+        folder = ckpt.save(tmp, state, cfg.to_toml(), cfg.fingerprint(),
+                           run.faults.during_checkpoint(t))
         env.report(_flat(metrics), folder)
-        if tmp is not None:
-            tmp.cleanup()
-    final = {
-        k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")
-    }
-    final.update(bits=cfg.objective.bits, wall_s=time.time() - wall0, outer_iters=T,
-                 resumed_at=resumed_at,
-                 workers=c.world_size, database=n, queries=int(data.query.labels.shape[0]))
+
+
+def _finish(run: _Run, cfg: Config, env: WorkerEnv, metrics: dict, wall0: float) -> dict:
+    """final_metrics.json (rank 0) from the last iteration's metrics; returned on every rank."""
+    c = env.collectives
+    data = run.data
+    final = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
+    final.update(bits=cfg.objective.bits, wall_s=time.time() - wall0,
+                 outer_iters=cfg.train.outer_iters, resumed_at=run.t_start,
+                 workers=c.world_size, database=int(data.database.labels.shape[0]),
+                 queries=int(data.query.labels.shape[0]))
     final.update({k: v for k, v in metrics.items() if k.startswith("val/")})
     final.update(chance_map=health.chance_map(data.query.labels, data.database.labels),
-                 distinct_database_codes=health.distinct_codes(B.numpy()))
+                 distinct_database_codes=health.distinct_codes(run.B.numpy()))
+    warnings = {k.removeprefix("_warning_"): v for k, v in sorted(metrics.items())
+                if k.startswith("_warning_")}
     if warnings:
-        final["warnings"] = {enc: w for enc, w in sorted(warnings.items())}
-    monitor.write_json("final_metrics.json", final)
-    monitor.close()
-    if rank0 and env.publish is not None:
+        final["warnings"] = warnings
+    run.monitor.write_json("final_metrics.json", final)
+    run.monitor.close()
+    if c.rank == 0 and env.publish is not None:
         env.publish()
     return final
 

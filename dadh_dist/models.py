@@ -133,12 +133,13 @@ def build_streams(
     bits: int,
     in_channels: int,
     image_size: int,
+    *,
     backbone: str,
     width: int,
-    input_size: int,
-    pretrained_path: str,
-    two_streams: bool,
-    seed: int,
+    input_size: int = 0,
+    pretrained_path: str = "",
+    two_streams: bool = True,
+    seed: int = 0,
     norm: str = "none",
 ) -> tuple[HashStream, HashStream | None]:
     """Two streams with separate weights (f seeded by `seed`, g by `seed + 1`)."""

@@ -1,4 +1,5 @@
-"""Rank-0 side effects of a run: console progress, TensorBoard events, final metrics (DESIGN §8).
+"""Rank-0 side effects of a run: console progress, TensorBoard events, final metrics
+(docs/design.md §8).
 
 Every other rank gets a `Monitor(enabled=False)` whose methods do nothing, so the loop calls
 them unconditionally.

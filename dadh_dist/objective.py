@@ -1,4 +1,4 @@
-"""The DADH objective (DESIGN §2): similarity from labels and the three loss terms.
+"""The DADH objective (docs/design.md §2): similarity from labels and the three loss terms.
 
     J = α·L_pair + γ·L_quant + η·L_code
 
@@ -45,7 +45,7 @@ def is_single_label(labels: torch.Tensor) -> bool:
 
 @dataclass
 class SoftSimilarity:
-    """S = (1 + r)·S01 − r: similar pairs 1, dissimilar −r (DESIGN §2).
+    """S = (1 + r)·S01 − r: similar pairs 1, dissimilar −r (docs/design.md §2).
 
     `r` = #similar / #dissimilar over the sampled m×n block (ADSH's balancing); `pm1`
     similarity is the same form with r = 1.
@@ -195,16 +195,22 @@ def code_loss_naive(
     return ((X_M @ B.float().T - bits * S_M) ** 2).sum()
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossWeights:
+    """The objective's effective weights: a switched-off term (objective.use_*) weighs 0. Used by
+    the network step, the code step and the logged total alike."""
+
     alpha: float
     gamma: float
     eta: float
-    use_pair: bool
-    use_quant: bool
-    use_code: bool
     pair_norm: str
     bits: int
+
+    @classmethod
+    def from_config(cls, o) -> LossWeights:
+        """From an `ObjectiveConfig`: α, γ, η, or 0 where use_pair, use_quant, use_code is off."""
+        return cls(alpha=o.alpha if o.use_pair else 0.0, gamma=o.gamma if o.use_quant else 0.0,
+                   eta=o.eta if o.use_code else 0.0, pair_norm=o.pair_norm, bits=o.bits)
 
 
 def stream_loss(
@@ -226,16 +232,16 @@ def stream_loss(
     n, m = stats.n, (other_buf.shape[0] if other_buf is not None else 0)
     total = X_M.new_zeros(())
     terms: dict[str, torch.Tensor] = {}
-    if w.use_pair and other_buf is not None and w.alpha > 0:
+    if w.alpha > 0 and other_buf is not None:
         denom = batch_total * (m if w.pair_norm == "pairs" else n)
         term = pair_loss(X_M, other_buf, S01_M) / denom
         total = total + w.alpha * term
         terms["pair"] = term.detach()
-    if w.use_quant and w.gamma > 0:
+    if w.gamma > 0:
         term = quant_loss(X_M, B_M) / (batch_total * n)
         total = total + w.gamma * term
         terms["quant"] = term.detach()
-    if w.use_code and w.eta > 0:
+    if w.eta > 0:
         term = code_loss(X_M, stats, rows, w.bits) / (batch_total * n)
         total = total + w.eta * term
         terms["code"] = term.detach()

@@ -2,10 +2,11 @@
 
 Every cell is `python -m dadh_dist train --config <config> <method overrides> train.seed=<s>`
 (the trainer of `jobs/train.py` and `dadh-train`) run in-process (no Ray, one worker) as a
-subprocess, so a row of the table is reproduced by exactly the command printed next to it. Runs that already wrote `final_metrics.json` under the same
-name are read back instead of re-run, so a long table can be built over several sessions; a
-finished run whose saved config differs from the planned one is reported as an error, not
-read back (and an unfinished one is refused by the trainer itself).
+subprocess, so a row of the table is reproduced by exactly the command printed next to it.
+Runs that already wrote `final_metrics.json` under the same name are read back instead of
+re-run, so a long table can be built over several sessions; a finished run whose saved config
+differs from the planned one is reported as an error, not read back (and an unfinished one is
+refused by the trainer itself).
 
 `python jobs/quality.py --config configs/fashion_mnist_{bits}.toml --bits 12,24,32,48` prints
 the Markdown table and writes it, with every run's numbers, next to the runs.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from dadh_dist.config import ENCODERS
 
-# Each method is a set of overrides of the same code (DESIGN §2: ADSH and the ablations are
+# Each method is a set of overrides of the same code (docs/design.md §2: ADSH and the ablations are
 # configurations, not forks).
 METHODS: dict[str, tuple[str, ...]] = {
     "dadh": (),

@@ -1,4 +1,5 @@
-"""Evaluation of a trained run under the asymmetric protocol, with figures and a report (DESIGN §6).
+"""Evaluation of a trained run under the asymmetric protocol, with figures and a report
+(docs/design.md §6).
 
 Database codes are the learned rows of B; queries are encoded by the network (sign of f, g or
 f + g). The ranking is by Hamming distance with ties in database order, so mAP@all here is the

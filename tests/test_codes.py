@@ -45,7 +45,7 @@ def test_objective_matches_J_up_to_constant():
     y, omega, F, G, B0, sim = _problem(n=40, m=10, k=6)
     gamma, eta, k = 3.0, 0.5, 6
     H = codes.code_hessian(F, G)
-    Q = codes.code_linear(slice(None), y, omega, F, G, sim, gamma, eta, k)
+    Q = codes.code_linear(slice(None), y, omega, F, G, sim, gamma=gamma, eta=eta, bits=k)
     S = sim.apply(obj.similar01(y[omega], y).double())
 
     def J(B):
@@ -68,7 +68,7 @@ def test_each_column_update_never_increases_objective(seed):
     y, omega, F, G, B0, sim = _problem(seed=seed)
     eta = 1.5
     H = codes.code_hessian(F, G)
-    Q = codes.code_linear(slice(None), y, omega, F, G, sim, 200.0, eta, 12)
+    Q = codes.code_linear(slice(None), y, omega, F, G, sim, gamma=200.0, eta=eta, bits=12)
     values = [codes.code_objective(B0, H, Q, eta)]
     codes.dcc(B0, H, Q, eta, sweeps=3,
               on_column=lambda c, B: values.append(codes.code_objective(B, H, Q, eta)))
@@ -83,7 +83,7 @@ def test_column_update_is_exact_minimiser():
     y, omega, F, G, B0, sim = _problem(n=6, m=4, k=3, c=2)
     eta = 0.7
     H = codes.code_hessian(F, G)
-    Q = codes.code_linear(slice(None), y, omega, F, G, sim, 5.0, eta, 3)
+    Q = codes.code_linear(slice(None), y, omega, F, G, sim, gamma=5.0, eta=eta, bits=3)
     B1 = codes.dcc(B0, H, Q, eta, sweeps=1, on_column=None)
     # re-run column 0 only by brute force from B0
     best = None
@@ -112,12 +112,13 @@ def test_row_blocks_equal_whole(multi):
     y, omega, F, G, B0, sim = _problem(n=101, multi=multi)
     eta, gamma, k = 1.0, 50.0, 12
     H = codes.code_hessian(F, G)
-    whole = codes.dcc(B0, H, codes.code_linear(slice(None), y, omega, F, G, sim, gamma, eta, k),
-                      eta)
+    Q = codes.code_linear(slice(None), y, omega, F, G, sim, gamma=gamma, eta=eta, bits=k)
+    whole = codes.dcc(B0, H, Q, eta)
     for bounds in ([0, 50, 101], [0, 34, 68, 101], [0, 1, 100, 101]):
         parts = []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            Q = codes.code_linear(slice(a, b), y, omega, F, G, sim, gamma, eta, k, chunk_rows=9)
+            Q = codes.code_linear(slice(a, b), y, omega, F, G, sim, gamma=gamma, eta=eta, bits=k,
+                                   chunk_rows=9)
             parts.append(codes.dcc(B0[a:b], H, Q, eta))
         assert torch.equal(torch.cat(parts), whole)
 

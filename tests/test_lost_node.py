@@ -1,9 +1,11 @@
-"""Lost node (DESIGN §3): a two-node Ray cluster on this machine, one training worker on each
-node, and the second node killed whole (raylet, agents, worker) at a known outer iteration.
+"""Lost node (docs/design.md §3): a two-node Ray cluster on this machine, one training worker on
+each node, and the second node killed whole (raylet, agents, worker) at a known outer iteration.
 
 - With an elastic range (scaling.min_workers=1, num_workers=2) the run goes on with the worker
   left, from its last checkpoint, and finishes: the same algorithm, B's rows split over 1 worker.
 - With a fixed size (2 workers) it stops within a bound, with one clear line, never hangs.
+
+Before any node joins, `ray job submit` runs jobs/train.py on the head as a user would.
 
 One head for the module and a fresh second node per test, 1 CPU each: with 1 CPU per worker the
 two workers of a group land one per node. The first test shows the resize on gloo without Ray:
@@ -24,6 +26,7 @@ from _gloo import run_workers
 from _nontrivial import assert_learned, assert_same_run
 from _ray_nodes import (
     kill_session,
+    ray_bin,
     ray_env,
     start_head,
     start_worker_node,
@@ -86,16 +89,48 @@ def test_checkpoint_of_two_workers_resumed_by_one_equals_one_worker_run(tmp_path
 
 
 @pytest.fixture(scope="module")
-def head():
+def head_node():
     """The head (1 CPU). Its GCS declares a silent node dead after 3 missed 1 s health checks
     instead of Ray's default of about 15 s, to keep the tests short."""
     env = ray_env(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
     node, address = start_head(1, env)
+    node.address = address
     try:
         node.wait_started()
-        yield address
+        yield node
     finally:
         node.kill()
+
+
+@pytest.fixture(scope="module")
+def head(head_node) -> str:
+    """The head's GCS address."""
+    return head_node.address
+
+
+def test_ray_job_submit_to_the_head(head_node, tmp_path):
+    """`ray job submit --working-dir .` of jobs/train.py, as a user submits to a cluster (the
+    head alone: its 1 CPU holds the run's one worker)."""
+    env = ray_env()
+    run_dir = tmp_path / "runs"
+    for _ in range(12):  # the head's job agent can take a while to come up on a busy box
+        proc = subprocess.run(
+            [ray_bin(), "job", "submit", "--address", head_node.dashboard_url,
+             "--working-dir", str(ROOT), "--", "python", "jobs/train.py", "--config",
+             "configs/debug_cpu.toml", f"log.run_dir={json.dumps(str(run_dir))}",
+             "log.name=submitted", "train.outer_iters=2"],
+            capture_output=True, text=True, timeout=400, env=env, cwd=ROOT,
+        )
+        out = proc.stdout + proc.stderr
+        if "No available agent" not in out:
+            break
+        time.sleep(5)
+    assert proc.returncode == 0, out[-3000:]
+    assert "succeeded" in out
+    assert out.count("iter 2/2") == 1  # the progress lines reach `ray job logs`, once
+    assert "Reporting training result" not in out  # Ray's per-report INFO line is off
+    metrics = json.loads((run_dir / "submitted" / "final_metrics.json").read_text())
+    assert 0.0 < metrics["map_all_fg"] <= 1.0
 
 
 @pytest.fixture

@@ -109,14 +109,26 @@ def test_stream_loss_switches_and_normalisation():
     X = torch.tanh(torch.randn(4, k, generator=gen))
     other = torch.tanh(torch.randn(m, k, generator=gen))
     s01 = obj.similar01(y[omega][rows], y[omega])
-    w = obj.LossWeights(2.0, 3.0, 5.0, True, True, True, "pairs", k)
+    w = obj.LossWeights(alpha=2.0, gamma=3.0, eta=5.0, pair_norm="pairs", bits=k)
     total, terms = obj.stream_loss(X, other, s01, B[omega][rows], stats, rows, w, batch_total=4)
     assert float(terms["pair"]) == pytest.approx(float(obj.pair_loss(X, other, s01)) / (4 * m))
     assert float(terms["quant"]) == pytest.approx(float(obj.quant_loss(X, B[rows])) / (4 * n))
     assert float(terms["code"]) == pytest.approx(float(obj.code_loss(X, stats, rows, k)) / (4 * n))
     expect = 2 * terms["pair"] + 3 * terms["quant"] + 5 * terms["code"]
     assert float(total) == pytest.approx(float(expect))
-    w_off = obj.LossWeights(2.0, 3.0, 5.0, False, True, False, "shared", k)
+    # L_pair and L_code switched off
+    w_off = obj.LossWeights(alpha=0.0, gamma=3.0, eta=0.0, pair_norm="shared", bits=k)
     total_off, terms_off = obj.stream_loss(X, other, s01, B[rows], stats, rows, w_off, 4)
     assert set(terms_off) == {"quant"}
     assert float(total_off) == pytest.approx(3 * float(terms["quant"]))
+
+
+def test_effective_weights_are_resolved_once_from_the_switches():
+    from dadh_dist.config import ObjectiveConfig
+
+    on = obj.LossWeights.from_config(ObjectiveConfig(alpha=2.0, gamma=3.0, eta=5.0, bits=12))
+    assert (on.alpha, on.gamma, on.eta, on.bits) == (2.0, 3.0, 5.0, 12)
+    off = obj.LossWeights.from_config(ObjectiveConfig(alpha=2.0, gamma=3.0, eta=5.0,
+                                                      use_pair=False, use_code=False))
+    assert (off.alpha, off.gamma, off.eta) == (0.0, 3.0, 0.0)
+    assert obj.LossWeights.from_config(ObjectiveConfig(use_quant=False)).gamma == 0.0

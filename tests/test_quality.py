@@ -17,8 +17,8 @@ def test_every_method_is_a_valid_configuration_of_the_same_code(tmp_path):
     for method in quality.METHODS:
         cmd = plan.command(quality.Cell(method, 12, 1))
         assert cmd[:6] == ["python", "-m", "dadh_dist", "train", "--config", DEBUG]
-        assert cmd[4:] == plan.cell_overrides(quality.Cell(method, 12, 1))
-        cfg = config.load(plan.config_path(quality.Cell(method, 12, 1)), cmd[4:])
+        assert cmd[6:] == plan.cell_overrides(quality.Cell(method, 12, 1))
+        cfg = config.load(plan.config_path(quality.Cell(method, 12, 1)), cmd[6:])
         # the debug config says 16 bits: the cell's code length wins
         assert cfg.train.seed == 1 and not cfg.scaling.use_ray and cfg.objective.bits == 12
         o = cfg.objective

@@ -452,7 +452,7 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(case, process, loaded,
     hf, _ = loaded
     db = _write_codes(tmp_path / "db.parquet", 16, 50, hf.model_sha256)
     q = _write_codes(tmp_path / "q.parquet", 16, 4, hf.model_sha256)
-    job, args = "search", ["--database", str(db), "--query", str(q)]
+    tool, args = "search", ["--database", str(db), "--query", str(q)]
     if case == "bits":
         bad = _write_codes(tmp_path / "q8.parquet", 8, 4, hf.model_sha256)
         args[3] = str(bad)
@@ -465,7 +465,7 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(case, process, loaded,
     elif case == "out_is_folder":  # refused before anything is encoded
         bad = tmp_path / "taken"
         bad.mkdir()
-        job, args = "encode", ["--checkpoint", str(centred), "--split", "query", "--out",
+        tool, args = "encode", ["--checkpoint", str(centred), "--split", "query", "--out",
                                str(bad), "--quiet"]
     else:
         folder = tmp_path / "imgs"
@@ -473,14 +473,14 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(case, process, loaded,
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "ok.png")
         bad = folder / "broken.png"
         bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-        job, args = "encode", ["--checkpoint", str(centred), "--images", str(folder),
+        tool, args = "encode", ["--checkpoint", str(centred), "--images", str(folder),
                                "--out", str(tmp_path / "c.parquet"), "--quiet"]
     if process:
-        proc = job(job, *args)
+        proc = job(tool, *args)
         code, stderr = proc.returncode, proc.stderr
     else:
         capsys.readouterr()
-        code = getattr(cli, f"{job}_main")(args)
+        code = getattr(cli, f"{tool}_main")(args)
         stderr = capsys.readouterr().err
     assert code == 2, stderr
     assert "Traceback" not in stderr

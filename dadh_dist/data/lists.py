@@ -40,18 +40,26 @@ class Entries:
                        self.ids[rows], self.lines[rows])
 
 
+READ_ERRORS = (OSError, UnicodeDecodeError)
+
+
+def list_lines(file: Path) -> list[tuple[int, list[str]]]:
+    """(1-based line number, tokens) of every non-blank line of a list file (`path [labels]`);
+    the file's read errors (READ_ERRORS) reach the caller. Training and encoding both read
+    list files through it."""
+    return [(n, line.split()) for n, line in enumerate(file.read_text().splitlines(), 1)
+            if line.split()]
+
+
 def parse_list(file: Path, width: LabelWidth, problems: Problems) -> Entries:
     """Every well-formed line of `file`; each malformed one is recorded as a problem."""
     try:
-        text = file.read_text()
-    except (OSError, UnicodeDecodeError) as e:
+        numbered, readable = list_lines(file), True
+    except READ_ERRORS as e:
         problems.add(file, f"cannot read list file ({e})")
-        text = None
+        numbered, readable = [], False
     paths, rows, lines = [], [], []
-    for lineno, line in enumerate((text or "").splitlines(), start=1):
-        tokens = line.split()
-        if not tokens:
-            continue
+    for lineno, tokens in numbered:
         where, labels = f"{file}:{lineno}", tokens[1:]
         if width.n < 0:
             if not labels:
@@ -69,7 +77,7 @@ def parse_list(file: Path, width: LabelWidth, problems: Problems) -> Entries:
         rows.append([t == "1" for t in labels])
         lines.append(lineno)
     n = len(paths)
-    if n == 0 and text is not None:
+    if n == 0 and readable:
         problems.add(file, "list file has no usable entries")
     return Entries(file, paths, np.array(rows, np.uint8).reshape(n, max(width.n, 0)),
                    np.arange(n, dtype=np.int64), np.array(lines, np.int64))

@@ -97,6 +97,16 @@ class _Shard:
     metadata: dict
 
 
+def read_columns(path: Path, columns: list[str], what: str = "") -> pa.Table:
+    """Some columns of one shard (encoding reads ids first, images one shard at a time);
+    a DataError naming the shard when it is unreadable or lacks a column."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError, KeyError) as e:
+        raise DataError(f"{path}: {what or 'unreadable Parquet shard or missing column'} "
+                        f"({e})") from None
+
+
 def _read_shard(path: Path, width: LabelWidth, problems: Problems) -> _Shard | None:
     """Read and check one shard: None if it is unreadable, malformed as a whole, or has no rows;
     otherwise its well-formed rows, each malformed row being recorded as a problem."""

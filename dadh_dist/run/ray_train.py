@@ -89,7 +89,7 @@ def _quiet_report_log() -> None:
 def build_trainer(cfg: Config, folder: Path, callbacks=None):
     """The TorchTrainer for one run (used by `run_ray` and by each Tune trial).
 
-    Failures (DESIGN §3): a lost worker restarts the group from the last checkpoint, at most
+    Failures (docs/design.md §3): a lost worker restarts the group from the last checkpoint, at most
     scaling.max_failures times. A (re)start whose workers do not get their resources within
     scaling.start_timeout_s fails too, at most as often again (Ray counts those apart, and by
     default would retry them forever: a fixed-size run that lost a node would wait for it without

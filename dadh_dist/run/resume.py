@@ -1,4 +1,4 @@
-"""Which checkpoint a restarted Ray Train group resumes from (DESIGN §3, checkpoints).
+"""Which checkpoint a restarted Ray Train group resumes from (docs/design.md §3, checkpoints).
 
 A fresh start resumes from the run folder's newest valid checkpoint (`folders.prepare_run`).
 A restarted group has two candidates, the checkpoint Ray hands back and the run's own storage;
