@@ -256,6 +256,8 @@ def train_main(argv: list[str] | None = None) -> int:
                         "resumes the run (default: derived from the config)")
     parser.add_argument("--batch-size", type=int, metavar="N", dest="batch_size",
                         help="global mini-batch, split over the workers (train.batch_size=N)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no per-batch progress bar (the line per outer iteration remains)")
 
     def flags(args) -> list[str]:
         out = []
@@ -266,10 +268,10 @@ def train_main(argv: list[str] | None = None) -> int:
         return out
 
     def body() -> int:
-        _, cfg = parse_config(parser, argv, flags)
+        args, cfg = parse_config(parser, argv, flags)
         from dadh_dist import run
 
-        final = run.run(cfg)
+        final = run.run(cfg, progress=not args.quiet)
         print(f"run folder: {final['run_dir']}")
         print("final metrics: " + ", ".join(
             f"{k}={v:.4f}" for k, v in sorted(final.items())

@@ -145,7 +145,7 @@ class ScalingConfig:
     """Ray Train workers (each runs both streams under DDP); the most an elastic run uses."""
     stream_parallel: bool = False
     """Train f on one half of the workers and g on the other (DDP inside each half), so the
-    second stream costs no wall time; needs an even num_workers >= 2 and two streams."""
+    streams' steps run at once; needs an even num_workers >= 2 and two streams."""
     min_workers: int = 0
     """Fewest workers an elastic run may shrink to after losing nodes (0 = fixed size)."""
     use_gpu: bool = False

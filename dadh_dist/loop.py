@@ -54,6 +54,8 @@ class WorkerEnv:
     publish: Callable[[], object] | None = None
     """Rank 0 calls it after every outer iteration and at the end: sends run_dir's new files on
     to a remote run folder (storage.Publisher)."""
+    progress: bool = True
+    """Rank 0's per-batch progress bar, where stderr is a terminal (train --quiet: off)."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -259,8 +261,8 @@ def train_streams(run: _Run, omega: torch.Tensor, t: int, cfg: Config, env: Work
     t0 = time.time()
     # rate and ETA of this outer iteration's mini-batches, on rank 0's terminal only (a Ray
     # worker's or a redirected stderr is no terminal: the progress line per iteration remains)
-    bar = progress_bar(tr.inner_epochs * math.ceil(m / bsz), f"iter {t + 1}", c.rank == 0,
-                       unit="batch", leave=False)
+    bar = progress_bar(tr.inner_epochs * math.ceil(m / bsz), f"iter {t + 1}",
+                       c.rank == 0 and env.progress, unit="batch", leave=False)
     for epoch in range(tr.inner_epochs):
         perm = torch.randperm(m, generator=torch.Generator().manual_seed(
             seed_for(tr.seed, 2, t, epoch)))

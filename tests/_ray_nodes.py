@@ -138,16 +138,20 @@ WAIT_FOR_NODES = """
 import sys, time, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
 deadline = time.time() + float(sys.argv[3])
-while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[2]):
+while (sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[2])
+       or ray.available_resources().get("CPU", 0) < float(sys.argv[4])):
     if time.time() > deadline:
-        sys.exit(f"fewer than {sys.argv[2]} live nodes after {sys.argv[3]} s")
+        sys.exit(f"fewer than {sys.argv[2]} live nodes or {sys.argv[4]} free CPUs after "
+                 f"{sys.argv[3]} s: {ray.available_resources()}")
     time.sleep(0.5)
 """
 
 
-def wait_for_nodes(address: str, count: int, env: dict, timeout_s: float = 90) -> None:
-    """Return once the cluster has `count` live nodes (a short-lived driver asks the GCS)."""
+def wait_for_nodes(address: str, count: int, env: dict, timeout_s: float = 90,
+                   free_cpus: float = 0) -> None:
+    """Return once the cluster has `count` live nodes and `free_cpus` CPUs no one holds (the
+    workers of an earlier run may still be leaving); a short-lived driver asks the GCS."""
     proc = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address, str(count),
-                           str(timeout_s)], env=env, capture_output=True, text=True,
-                          timeout=timeout_s + 60)
+                           str(timeout_s), str(free_cpus)], env=env, capture_output=True,
+                          text=True, timeout=timeout_s + 60)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -26,6 +26,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 RAY_FILES = {"test_ray.py", "test_lost_node.py", "test_serve.py", "test_tune.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in RAY_FILES:

@@ -77,22 +77,39 @@ def _B(folder: Path) -> torch.Tensor:
     return state["B"]
 
 
-@pytest.mark.parametrize("extra", [
-    [],
-    # a database of 1,593 rows: B's row blocks of 797 and 796
-    ["data.database_limit=1593", "train.num_samples=448"],
-])
-def test_two_workers_equal_one(tmp_path, extra):
-    single = _single(tmp_path / "one", extra)
-    assert_learned(single)
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """single(extra) -> (final metrics, B) of the one-process run, computed once per config for
+    all the tests that compare against it."""
+    done: dict = {}
+
+    def get(extra=()):
+        key = tuple(extra)
+        if key not in done:
+            folder = tmp_path_factory.mktemp("one")
+            final = _single(folder / "run", extra)
+            assert_learned(final)
+            done[key] = final, _B(folder / "run")
+        return done[key]
+
+    return get
+
+
+# a database of 1,593 rows: B's row blocks of 797 and 796 (or 399/398/398/398)
+ODD = ["data.database_limit=1593", "train.num_samples=448"]
+
+
+@pytest.mark.parametrize("extra", [[], ODD])
+def test_two_workers_equal_one(tmp_path, single, extra):
+    one, B1 = single(extra)
     (tmp_path / "two").mkdir()
     run_workers(_worker, 2, str(tmp_path / "two"), extra)
     two = [json.loads((tmp_path / "two" / f"final_{r}.json").read_text()) for r in (0, 1)]
     for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
         assert two[0][key] == two[1][key]
-    assert_same_run(_B(tmp_path / "one"), _B(tmp_path / "two"), single, two[0])
+    assert_same_run(B1, _B(tmp_path / "two"), one, two[0])
     # the test PR curves come from every query, not rank 0's share
-    assert single["curves"] and two[0]["curves"].keys() == single["curves"].keys()
+    assert one["curves"] and two[0]["curves"].keys() == one["curves"].keys()
 
 
 def test_ragged_last_batch_two_workers_within_tolerance(tmp_path):
@@ -116,20 +133,19 @@ def test_ragged_last_batch_two_workers_within_tolerance(tmp_path):
     (2, []),
     (2, ["objective.use_pair=false"]),
     # two workers per stream: DDP inside each half, a batch of 32 split 16/16 in each
-    (4, ["data.database_limit=1593", "train.num_samples=448"]),
+    (4, ODD),
 ])
-def test_stream_parallel_equals_one_worker(tmp_path, world, extra):
+def test_stream_parallel_equals_one_worker(tmp_path, single, world, extra):
     """f on one half of the workers, g on the other: the same B and mAP as one process that
     trains both streams in turn."""
-    single = _single(tmp_path / "one", extra)
-    assert_learned(single)
+    one, B1 = single(extra)
     (tmp_path / "sp").mkdir()
     run_workers(_worker, world, str(tmp_path / "sp"), extra, True, timeout_s=120)
     finals = [json.loads((tmp_path / "sp" / f"final_{r}.json").read_text())
               for r in range(world)]
     for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
         assert all(f[key] == finals[0][key] for f in finals)
-    assert_same_run(_B(tmp_path / "one"), _B(tmp_path / "sp"), single, finals[0])
+    assert_same_run(B1, _B(tmp_path / "sp"), one, finals[0])
     state_sp = ckpt.load(ckpt.latest_valid(tmp_path / "sp"))[0]
     assert state_sp["workers"] == world and state_sp["opt_g"]["state"]
 

@@ -139,7 +139,7 @@ def second_node(head):
     node = start_worker_node(head, 1, env)
     try:
         node.wait_started()
-        wait_for_nodes(head, 2, env)
+        wait_for_nodes(head, 2, env, free_cpus=2)  # both nodes idle: a run starts on both
         yield node
     finally:
         node.kill()

@@ -49,3 +49,9 @@ def test_training_shows_per_batch_progress_on_a_terminal_only(tmp_path):
     assert "\r" in shown  # rewritten in place
     piped = job("train", *args, "--name", "pipe")
     assert piped.returncode == 0 and "batch/s" not in piped.stderr + piped.stdout
+    # --quiet: no bar on a terminal either; the line per outer iteration stays
+    quiet, shown = stderr_on_terminal(
+        job_args("train", *args, "train.num_samples=64", "--name", "quiet", "--quiet"),
+        timeout=300, env=job_env())
+    assert quiet.returncode == 0, shown
+    assert "batch/s" not in shown and "iter 1/1" in quiet.stdout + shown

@@ -19,6 +19,7 @@ __all__ = ["RunFailed", "build_trainer", "prepare_run", "run", "run_folder", "ru
            "run_name", "run_ray", "run_uri"]
 
 
-def run(cfg: Config) -> dict:
-    """Train one run to the end (or resume it) and return its final metrics."""
-    return run_ray(cfg) if cfg.scaling.use_ray else run_local(cfg)
+def run(cfg: Config, progress: bool = True) -> dict:
+    """Train one run to the end (or resume it) and return its final metrics. `progress`: the
+    per-batch bar on this terminal (an in-process run's; Ray workers have no terminal)."""
+    return run_ray(cfg) if cfg.scaling.use_ray else run_local(cfg, progress=progress)

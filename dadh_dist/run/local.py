@@ -40,7 +40,7 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def run_local(cfg: Config, dataset=None) -> dict:
+def run_local(cfg: Config, dataset=None, progress: bool = True) -> dict:
     from dadh_dist import loop
 
     if dataset is None:
@@ -56,7 +56,8 @@ def run_local(cfg: Config, dataset=None) -> dict:
                 storage.prune_checkpoints(uri, KEEP_CHECKPOINTS)
 
     env = loop.WorkerEnv(report=report, resume_from=resume, run_dir=folder, dataset=dataset,
-                         publish=storage.Publisher(folder, uri) if uri else None)
+                         publish=storage.Publisher(folder, uri) if uri else None,
+                         progress=progress)
     with torch_threads(worker_threads(cfg)):
         final = loop.train(cfg, env)
     final["run_dir"] = storage.redact(uri) if uri else str(folder)
