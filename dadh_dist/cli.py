@@ -559,13 +559,13 @@ def tune_main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         args, extra = parser.parse_known_args(argv)
-        from dadh_dist import tune
+        from dadh_dist import sweep as sweeps
 
-        sweep = tune.load_sweep(args.config, config_mod.parse_overrides(extra), args.num_samples,
-                                args.name)
+        sweep = sweeps.load_sweep(args.config, config_mod.parse_overrides(extra),
+                                  args.num_samples, args.name)
         try:
-            result = tune.run_sweep(sweep)
-        except tune.SweepFailed as e:
+            result = sweeps.run_sweep(sweep)
+        except sweeps.SweepFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 130 if result["interrupted"] else 0

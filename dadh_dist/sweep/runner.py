@@ -1,0 +1,149 @@
+"""Running a sweep on Ray Tune (DESIGN §4): the trial function, the Tuner, resume.
+
+Three levels are kept apart, as in Ray's Train+Tune examples: `loop.train` runs on each worker,
+`run.build_trainer` builds one run's `TorchTrainer`, and this module runs the sweep. Each trial
+is a function that resolves its config with the CLI's override code (`trial_config`), then
+builds and fits a `TorchTrainer` whose `TuneReportCallback` forwards rank 0's reports to Tune
+(Ray >= 2.50, Train V2: `Tuner(TorchTrainer)` no longer works).
+"""
+
+from __future__ import annotations
+
+from dadh_dist import config as config_mod
+from dadh_dist import run
+from dadh_dist.run.local import check_data_here
+from dadh_dist.run.session import ensure_ray
+from dadh_dist.sweep.record import check_identity, save_record, saved_resources
+from dadh_dist.sweep.resources import Resources, plan_resources
+from dadh_dist.sweep.results import summarize
+from dadh_dist.sweep.spec import Sweep, absolute_paths, trial_config
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def trial_main(params: dict, sweep: dict) -> None:
+    """Tune's trial function: one full (distributed) training run in `<sweep>/trial_<id>`."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    base = config_mod.from_dict(sweep["base"])
+    trial = f"trial_{tune.get_context().get_trial_id()}"
+    cfg = trial_config(base, params, sweep["folder"], trial, sweep["cpus_per_worker"])
+    # An interrupted trial reopens its run folder and resumes from its last checkpoint.
+    folder, _ = run.prepare_run(cfg)
+    run.build_trainer(cfg, folder, callbacks=[TuneReportCallback()]).fit()
+
+
+def _live_placement_groups() -> set[str]:
+    """Ids of this job's placement groups that still hold resources."""
+    import ray
+    from ray.util import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()
+    return {pid for pid, info in placement_group_table().items()
+            if info["state"] != "REMOVED" and pid.endswith(job)}
+
+
+def _remove_placement_groups(ids: set[str]) -> None:
+    """Free what a Ctrl-C left behind: a trial killed while its TorchTrainer was placing its
+    workers leaves their placement group alive for as long as this job lives (Train's cleaner
+    only knows groups it was told about), and a resumed sweep in this process would wait on it
+    forever. Tune has stopped every trial by now, so every group created since is a leftover."""
+    import ray
+    from ray.util import remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    for pid in sorted(ids):
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pid))))
+
+
+def _search(s: Sweep, res: Resources):
+    """The search algorithm and the Tuner's own concurrency limit (None: the search's)."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    points = [s.base_point()] if s.include_base else None
+    if s.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=s.seed, points_to_evaluate=points), res.concurrency
+    # a SearchAlgorithm, not a Searcher: TuneConfig.max_concurrent_trials would be ignored
+    return BasicVariantGenerator(random_state=s.seed, points_to_evaluate=points,
+                                 max_concurrent=res.concurrency), None
+
+
+def _scheduler(s: Sweep):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if s.scheduler != "asha":
+        return FIFOScheduler()
+    # time_attr t = the loop's outer iteration, which survives a trial's resume;
+    # stop_last_trials=False lets a trial that reaches max_t finish and write its results.
+    return ASHAScheduler(time_attr="t", max_t=s.max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor, stop_last_trials=False)
+
+
+def _make_tuner(s: Sweep, trainable, res: Resources):
+    from ray import tune
+
+    search, limit = _search(s, res)
+    return tune.Tuner(
+        trainable,
+        param_space={k: d.to_tune() for k, d in s.space.items()},
+        tune_config=tune.TuneConfig(
+            metric=s.metric, mode=s.mode, num_samples=s.num_samples, search_alg=search,
+            scheduler=_scheduler(s), max_concurrent_trials=limit,
+            trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str(s.folder)),
+    )
+
+
+def _trainable(s: Sweep, res: Resources):
+    from ray import tune
+
+    payload = {"base": absolute_paths(s.base).to_dict(), "folder": str(s.folder),
+               "cpus_per_worker": res.cpus_per_worker}
+    return tune.with_resources(tune.with_parameters(trial_main, sweep=payload),
+                               {"CPU": res.trial_cpus})
+
+
+def _announce(s: Sweep, res: Resources) -> None:
+    gpus = f" + {res.gpus_per_trial} GPU" if res.gpus_per_trial else ""
+    print(f"sweep {s.name}: {s.expected_trials} trials, {res.concurrency} at a time, "
+          f"{s.base.scaling.num_workers} worker(s) x {res.cpus_per_worker:g} CPU per trial{gpus}; "
+          f"folder {s.folder}", flush=True)
+
+
+def run_sweep(s: Sweep) -> dict:
+    """Run (or resume) the sweep; prints Tune's table and a summary, writes best_config.toml."""
+    import ray
+    from ray import tune
+
+    record = check_identity(s)
+    check_data_here(s.base)  # not once per trial, after Ray has started
+    ensure_ray(need_dashboard=True)
+    if record is not None:
+        res = saved_resources(record)
+    else:
+        res = plan_resources(s, ray.cluster_resources())
+        save_record(s, res)
+    trainable = _trainable(s, res)
+    exp = s.folder / "tune"
+    _announce(s, res)
+    if tune.Tuner.can_restore(exp):
+        print(f"sweep {s.name}: resuming the interrupted sweep in {exp}", flush=True)
+        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True)
+    else:
+        tuner = _make_tuner(s, trainable, res)
+    before = _live_placement_groups()
+    try:
+        results = tuner.fit()
+    finally:
+        _remove_placement_groups(_live_placement_groups() - before)
+    # After Ctrl-C Tune marks the trials it stopped as terminated in memory; the state it saved
+    # (what a rerun restores) still has them pending or running.
+    saved = tune.ExperimentAnalysis(str(exp)).trials
+    finished = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
+    return summarize(s, results, finished)

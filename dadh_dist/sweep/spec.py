@@ -1,0 +1,416 @@
+"""The sweep file (DESIGN §4): its schema, the parsed `Sweep` and its checks.
+
+A sweep file (TOML) names a base training config, the base overrides, a search space over dotted
+keys, the number of trials, the validation metric, the scheduler (ASHA over outer iterations by
+default) and the search algorithm (random, or Optuna). See `configs/sweep_debug.toml`. Every
+check runs here, before Ray starts: a bad key or type fails with its name, not in a trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dadh_dist import config as config_mod
+from dadh_dist.config import Config, ConfigError
+
+KINDS = ("loguniform", "uniform", "choice", "grid")
+SCHEDULERS = ("asha", "none")
+SEARCHES = ("random", "optuna")
+MODES = ("max", "min")
+# Keys the sweep sets itself: where each trial runs, and the resources it is given.
+RESERVED_SECTIONS = ("log", "scaling")
+# Paths a trial must see as the user meant them: Tune runs each trial in its own directory.
+PATH_KEYS = ("data.root", "model.pretrained_path")
+
+
+@dataclass
+class Dist:
+    """One search-space entry: a distribution over the values of one dotted config key."""
+
+    kind: str
+    low: float = 0.0
+    high: float = 0.0
+    values: list = field(default_factory=list)
+
+    def representatives(self) -> list:
+        """Values that stand for the whole range when checking the key up front."""
+        return list(self.values) if self.kind in ("choice", "grid") else [self.low, self.high]
+
+    def contains(self, value) -> bool:
+        if self.kind in ("choice", "grid"):
+            return value in self.values
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.kind == "loguniform":
+            return tune.loguniform(self.low, self.high)
+        if self.kind == "uniform":
+            return tune.uniform(self.low, self.high)
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        return tune.grid_search(list(self.values))
+
+
+@dataclass
+class Sweep:
+    """A parsed, validated sweep file."""
+
+    path: Path
+    name: str
+    base_path: Path
+    base: Config
+    """The base config with the sweep's overrides (and the command line's) applied."""
+    space: dict[str, Dist]
+    num_samples: int = 8
+    metric: str = "val/map_all_fg"
+    mode: str = "max"
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    search: str = "random"
+    max_concurrent_trials: int = 0
+    trial_cpus: float = 0.2
+    seed: int = 0
+    include_base: bool = False
+    """The first trial takes the base config's own values: the default the sweep must beat,
+    measured under the same budget."""
+    max_t: int = 1
+    """Most outer iterations any trial runs (ASHA's horizon)."""
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.base.log.run_dir).expanduser().resolve() / self.name
+
+    @property
+    def expected_trials(self) -> int:
+        grids = [len(d.values) for d in self.space.values() if d.kind == "grid"]
+        return self.num_samples * math.prod(grids)
+
+    def identity(self) -> dict:
+        """Everything that defines the sweep's trials (resources and log excluded)."""
+        return {
+            "base": {k: v for k, v in self.base.flat().items()
+                     if not k.startswith("log.") and k != "scaling.cpus_per_worker"},
+            "space": {k: dataclasses.asdict(d) for k, d in sorted(self.space.items())},
+            "num_samples": self.num_samples, "metric": self.metric, "mode": self.mode,
+            "scheduler": self.scheduler, "grace_period": self.grace_period,
+            "reduction_factor": self.reduction_factor, "search": self.search, "seed": self.seed,
+            # only when set, so that the records of sweeps made before the option still match
+            **({"include_base": True} if self.include_base else {}),
+        }
+
+    def base_point(self) -> dict:
+        """The base config's values of the swept keys."""
+        flat = self.base.flat()
+        return {k: flat[k] for k in self.space}
+
+
+def trial_config(base: Config, params: dict, folder: Path | str, trial: str,
+                 cpus_per_worker: float | None = None) -> Config:
+    """One trial's config: the base plus the trial's parameters, through the CLI's override
+    code, placed in `<folder>/<trial>`."""
+    overrides = {**params, "log.run_dir": str(folder), "log.name": trial}
+    if cpus_per_worker is not None:
+        overrides["scaling.cpus_per_worker"] = cpus_per_worker
+    return base.with_overrides(overrides)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Relative data and weight paths made absolute: a Tune trial runs in its own directory."""
+    flat = cfg.flat()
+    changed = {k: str(Path(flat[k]).expanduser().resolve()) for k in PATH_KEYS
+               if flat[k] and "://" not in flat[k] and not Path(flat[k]).is_absolute()}
+    return cfg.with_overrides(changed) if changed else cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+# the sweep file's keys and their types (tables: overrides, space, asha)
+_TOP = {
+    "name": str, "base": str, "num_samples": int, "metric": str, "mode": str, "scheduler": str,
+    "search": str, "max_concurrent_trials": int, "trial_cpus": float, "seed": int,
+    "include_base": bool, "overrides": dict, "space": dict, "asha": dict,
+}
+# the top-level keys that are Sweep fields of the same name
+_SETTINGS = ("num_samples", "metric", "mode", "scheduler", "search", "max_concurrent_trials",
+             "trial_cpus", "seed", "include_base")
+_ASHA = {"grace_period": int, "reduction_factor": float}
+_DIST = {"kind": str, "low": float, "high": float, "values": list}
+
+
+def load_sweep(path: str | Path, overrides: dict | list[str] | None = None,
+               num_samples: int | None = None, name: str | None = None) -> Sweep:
+    """Parse and check a sweep file; `overrides` (parsed dotted keys, or `key=value` strings)
+    apply to the base config after the file's own. Every search-space key is tried against the
+    base config here, so a bad key or type fails before any trial starts."""
+    p = Path(path)
+    raw = config_mod.read_toml(p, "sweep file")
+    try:
+        return _build_sweep(p.resolve(), raw, overrides or {}, num_samples, name)
+    except ConfigError as e:
+        raise ConfigError(f"{p.name}: {e}") from None
+
+
+def _build_sweep(path: Path, raw: dict, overrides: dict | list[str], num_samples: int | None,
+                 name: str | None) -> Sweep:
+    top = _read_table("", raw, _TOP)
+    if "base" not in top:
+        raise ConfigError("base: missing; name the training config to sweep from")
+    asha = _read_table("asha.", top.get("asha", {}), _ASHA)
+    base_path = _find_base(top["base"], path)
+    s = Sweep(path=path, name=name or top.get("name") or path.stem, base_path=base_path,
+              base=_base_config(base_path, top.get("overrides", {}), overrides),
+              space=_read_space(top.get("space", {})),
+              **{k: top[k] for k in _SETTINGS if k in top}, **asha)
+    if num_samples is not None:
+        s = dataclasses.replace(s, num_samples=num_samples)
+    for check in _CHECKS:
+        check(s)
+    max_t = _max_outer_iters(s)
+    _check_grace_period_fits(s, max_t)
+    return dataclasses.replace(s, max_t=max_t)
+
+
+def _typed(key: str, value, typ):
+    """`config.coerce`, plus the sweep file's own containers: a table, a list of any values."""
+    if typ in (dict, list):
+        if not isinstance(value, typ):
+            raise ConfigError(f"{key}: expected {'table' if typ is dict else 'list'}, "
+                              f"got {value!r}")
+        return value
+    return config_mod.coerce(key, value, typ)
+
+
+def _read_table(prefix: str, table: dict, schema: dict) -> dict:
+    """A table's keys checked against `schema` (name and type), values coerced."""
+    out = {}
+    for k, v in table.items():
+        if k not in schema:
+            raise config_mod.unknown_key(f"{prefix}{k}", k, schema)
+        out[k] = _typed(f"{prefix}{k}", v, schema[k])
+    return out
+
+
+def _flatten(table: dict, prefix: str = "", leaf=lambda v: False) -> dict:
+    """TOML tables to dotted keys: `[overrides.train] outer_iters = 3` and
+    `"train.outer_iters" = 3` both give `train.outer_iters`."""
+    out = {}
+    for k, v in table.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and not leaf(v):
+            out.update(_flatten(v, key, leaf))
+        else:
+            out[key] = v
+    return out
+
+
+def _find_base(raw: str, sweep_path: Path) -> Path:
+    """The base config: an absolute path, next to the sweep file, or under the working
+    directory, in that order."""
+    p = Path(raw).expanduser()
+    candidates = [p] if p.is_absolute() else [sweep_path.parent / p, Path.cwd() / p]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise ConfigError(f"base: config file {raw!r} not found next to {sweep_path} or in the "
+                      f"working directory ({Path.cwd()})")
+
+
+def _base_config(base_path: Path, file_overrides: dict, overrides: dict | list[str]) -> Config:
+    """The base config: its file, then the sweep file's [overrides], then the command line's."""
+    try:
+        base = config_mod.load(base_path, _flatten(file_overrides))
+        extra = config_mod.parse_overrides(overrides)
+        return base.with_overrides(extra) if extra else base
+    except ConfigError as e:
+        raise ConfigError(f"overrides: {e}") from None
+
+
+def _is_dist(table: dict) -> bool:
+    return "kind" in table or not any(isinstance(v, dict) for v in table.values())
+
+
+def _read_space(table: dict) -> dict[str, Dist]:
+    space = {key: _parse_dist(f"space.{key}", spec)
+             for key, spec in _flatten(table, leaf=_is_dist).items()}
+    if not space:
+        raise ConfigError("space: empty; give at least one key, e.g. "
+                          '[space."objective.gamma"] kind = "loguniform" low = 10 high = 1000')
+    return space
+
+
+def _parse_dist(key: str, spec) -> Dist:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{key}: expected a table such as {{kind = \"loguniform\", low = 10, "
+                          f"high = 1000}}, got {spec!r}")
+    for k in spec:
+        if k not in _DIST:
+            raise config_mod.unknown_key(f"{key}.{k}", k, _DIST)
+    if "kind" not in spec:
+        raise ConfigError(f"{key}.kind: missing; one of {', '.join(KINDS)}")
+    kind = _typed(f"{key}.kind", spec["kind"], str)
+    if kind not in KINDS:
+        raise ConfigError(f"{key}.kind: {kind!r} is not one of {', '.join(KINDS)}")
+    if kind in ("choice", "grid"):
+        return _parse_values(key, kind, spec)
+    return _parse_range(key, kind, spec)
+
+
+def _parse_values(key: str, kind: str, spec: dict) -> Dist:
+    extra = sorted(set(spec) - {"kind", "values"})
+    if extra:
+        raise ConfigError(f"{key}.{extra[0]}: not used by kind = {kind!r} (give values)")
+    values = _typed(f"{key}.values", spec.get("values"), list)
+    if not values:
+        raise ConfigError(f"{key}.values: give at least one value")
+    return Dist(kind, values=values)
+
+
+def _parse_range(key: str, kind: str, spec: dict) -> Dist:
+    extra = sorted(set(spec) - {"kind", "low", "high"})
+    if extra:
+        raise ConfigError(f"{key}.{extra[0]}: not used by kind = {kind!r} (give low and high)")
+    for bound in ("low", "high"):
+        if bound not in spec:
+            raise ConfigError(f"{key}.{bound}: missing")
+    low = _typed(f"{key}.low", spec["low"], float)
+    high = _typed(f"{key}.high", spec["high"], float)
+    if not high > low:
+        raise ConfigError(f"{key}.high: must be > low ({low}), got {high}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{key}.low: loguniform needs low > 0, got {low}")
+    return Dist(kind, low=low, high=high)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: each raises a ConfigError naming the key, and changes nothing
+
+
+def _check_name(s: Sweep) -> None:
+    if "/" in s.name or s.name in ("", ".", ".."):
+        raise ConfigError(f"name: {s.name!r} must be a plain folder name")
+
+
+def _check_counts(s: Sweep) -> None:
+    if s.num_samples < 1:
+        raise ConfigError(f"num_samples: must be >= 1, got {s.num_samples}")
+    if s.max_concurrent_trials < 0:
+        raise ConfigError(f"max_concurrent_trials: must be >= 0 (0 = as many as fit), got "
+                          f"{s.max_concurrent_trials}")
+    if not s.trial_cpus > 0:
+        raise ConfigError(f"trial_cpus: must be > 0 (Tune cannot place an empty bundle), got "
+                          f"{s.trial_cpus}")
+
+
+def _check_choices(s: Sweep) -> None:
+    for key, allowed in (("mode", MODES), ("scheduler", SCHEDULERS), ("search", SEARCHES)):
+        if getattr(s, key) not in allowed:
+            raise ConfigError(f"{key}: {getattr(s, key)!r} is not one of {', '.join(allowed)}")
+
+
+def reported_metrics(cfg: Config) -> list[str]:
+    """The validation metrics a run of `cfg` reports after every outer iteration."""
+    out = []
+    for enc in cfg.eval.encoders:
+        out.append(f"val/map_all_{enc}")
+        if cfg.eval.topk:
+            out.append(f"val/map_at_{cfg.eval.topk}_{enc}")
+        out.append(f"val/p_at_{cfg.eval.precision_at}_{enc}")
+    return out
+
+
+def _check_metric(s: Sweep) -> None:
+    if not s.metric.startswith("val/"):
+        raise ConfigError(f"metric: {s.metric!r} is not a validation metric (val/...); trials are "
+                          "selected on held-out validation queries, never on the query set")
+    reported = reported_metrics(s.base)
+    if s.metric not in reported:
+        raise ConfigError(f"metric: {s.metric!r} is not reported by the base config; "
+                          f"one of {', '.join(reported)}")
+
+
+def _check_asha(s: Sweep) -> None:
+    if s.grace_period < 1:
+        raise ConfigError(f"asha.grace_period: must be >= 1, got {s.grace_period}")
+    if not s.reduction_factor > 1:
+        raise ConfigError(f"asha.reduction_factor: must be > 1, got {s.reduction_factor}")
+
+
+def _check_include_base(s: Sweep) -> None:
+    if not s.include_base:
+        return
+    for k, v in s.base_point().items():
+        if s.space[k].kind == "grid":
+            raise ConfigError(f"include_base: space.{k} is a grid (every trial already takes "
+                              "its values); use choice, or drop include_base")
+        if not s.space[k].contains(v):
+            raise ConfigError(f"include_base: the base value of {k} ({v!r}) lies outside "
+                              f"space.{k}")
+
+
+def _check_optuna(s: Sweep) -> None:
+    if s.search != "optuna":
+        return
+    grids = [k for k, d in s.space.items() if d.kind == "grid"]
+    if grids:
+        raise ConfigError(f"space.{grids[0]}: grid needs search = \"random\" (Optuna samples "
+                          "its own points; use choice)")
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("search: optuna is not installed (pip install "
+                          "'dadh_dist[optuna]')") from None
+
+
+def _check_eval_every(cfg: Config, where: str) -> None:
+    if cfg.train.eval_every != 1:
+        raise ConfigError(f"{where}: train.eval_every = {cfg.train.eval_every}; a sweep ranks "
+                          "trials on validation mAP after every outer iteration, set it to 1")
+
+
+def _check_base(s: Sweep) -> None:
+    _check_eval_every(s.base, "overrides")
+
+
+def _check_space_keys(s: Sweep) -> None:
+    defaults = Config().flat()
+    for key, dist in s.space.items():
+        section = key.split(".")[0]
+        if section in RESERVED_SECTIONS:
+            raise ConfigError(f"space.{key}: {section}.* is set by the sweep itself "
+                              "(trial folders and resources); sweep other keys")
+        real = dist.kind in ("loguniform", "uniform")
+        if real and key in defaults and not isinstance(defaults[key], float):
+            raise ConfigError(f"space.{key}: {dist.kind} draws real numbers but {key} is a "
+                              f"{type(defaults[key]).__name__}; use choice or grid")
+
+
+_CHECKS = (_check_name, _check_counts, _check_choices, _check_metric, _check_asha,
+           _check_include_base, _check_optuna, _check_base, _check_space_keys)
+
+
+def _max_outer_iters(s: Sweep) -> int:
+    """The longest trial (ASHA's max_t): every space key's representative values are resolved
+    into a trial config, which is also the check that each value is valid for its key."""
+    horizons = [s.base.train.outer_iters]
+    for key, dist in s.space.items():
+        for value in dist.representatives():
+            try:
+                cfg = trial_config(s.base, {key: value}, s.folder, "check")
+            except ConfigError as e:
+                raise ConfigError(f"space.{key}: {e}") from None
+            _check_eval_every(cfg, f"space.{key}")
+            horizons.append(cfg.train.outer_iters)
+    return max(horizons)
+
+
+def _check_grace_period_fits(s: Sweep, max_t: int) -> None:
+    if s.scheduler == "asha" and s.grace_period > max_t:
+        raise ConfigError(f"asha.grace_period: {s.grace_period} exceeds train.outer_iters "
+                          f"({max_t}); no trial could be stopped early")
