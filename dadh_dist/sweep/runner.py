@@ -116,27 +116,38 @@ def _announce(s: Sweep, res: Resources) -> None:
           f"folder {s.folder}", flush=True)
 
 
+def _resources(s: Sweep, record: dict | None) -> Resources:
+    """A rerun's trials get the first run's resources (a trial's config must not change on
+    resume); a new sweep's are planned from the cluster and recorded."""
+    import ray
+
+    if record is not None:
+        return saved_resources(record)
+    res = plan_resources(s, ray.cluster_resources())
+    save_record(s, res)
+    return res
+
+
+def _new_or_restored_tuner(s: Sweep, trainable, res: Resources):
+    from ray import tune
+
+    exp = s.folder / "tune"
+    if tune.Tuner.can_restore(exp):
+        print(f"sweep {s.name}: resuming the interrupted sweep in {exp}", flush=True)
+        return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True)
+    return _make_tuner(s, trainable, res)
+
+
 def run_sweep(s: Sweep) -> dict:
     """Run (or resume) the sweep; prints Tune's table and a summary, writes best_config.toml."""
-    import ray
     from ray import tune
 
     record = check_identity(s)
     check_data_here(s.base)  # not once per trial, after Ray has started
     ensure_ray(need_dashboard=True)
-    if record is not None:
-        res = saved_resources(record)
-    else:
-        res = plan_resources(s, ray.cluster_resources())
-        save_record(s, res)
-    trainable = _trainable(s, res)
-    exp = s.folder / "tune"
+    res = _resources(s, record)
     _announce(s, res)
-    if tune.Tuner.can_restore(exp):
-        print(f"sweep {s.name}: resuming the interrupted sweep in {exp}", flush=True)
-        tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True)
-    else:
-        tuner = _make_tuner(s, trainable, res)
+    tuner = _new_or_restored_tuner(s, _trainable(s, res), res)
     before = _live_placement_groups()
     try:
         results = tuner.fit()
@@ -144,6 +155,6 @@ def run_sweep(s: Sweep) -> dict:
         _remove_placement_groups(_live_placement_groups() - before)
     # After Ctrl-C Tune marks the trials it stopped as terminated in memory; the state it saved
     # (what a rerun restores) still has them pending or running.
-    saved = tune.ExperimentAnalysis(str(exp)).trials
+    saved = tune.ExperimentAnalysis(str(s.folder / "tune")).trials
     finished = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
     return summarize(s, results, finished)
