@@ -393,7 +393,7 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
 
 def validate(cfg: Config) -> None:
     """Reject impossible values with a message naming the key and what is allowed."""
-    flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
+    flat = cfg.flat()
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")

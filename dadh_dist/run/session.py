@@ -29,11 +29,14 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True,
     """Connect to the cluster (RAY_ADDRESS, as `ray job submit` sets it) or start Ray here.
 
     An already initialised Ray is used as it is. `need_dashboard` refuses a Ray without its
-    dashboard (what Tune needs, see the module docstring). Returns Ray's context.
+    dashboard (what Tune needs, see the module docstring). Returns Ray's context (None when Ray
+    was already initialised and no dashboard check was asked for).
     """
     import ray
 
     if ray.is_initialized():
+        if not need_dashboard:
+            return None  # a second ray.init() would only log that Ray is already running
         ctx = ray.init(ignore_reinit_error=True)
     elif os.environ.get("RAY_ADDRESS"):
         ctx = ray.init(log_to_driver=log_to_driver)
