@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over any dotted config key (DESIGN §4).
+"""Ray Tune sweeps over any dotted config key (docs/design.md §4).
 
     from dadh_dist import sweep
     s = sweep.load_sweep("configs/sweep_debug.toml", ["train.outer_iters=5"])

@@ -1,4 +1,4 @@
-"""`sweep.json` (DESIGN §4): what a sweep is and the resources its trials were given.
+"""`sweep.json` (docs/design.md §4): what a sweep is and the resources its trials were given.
 
 A rerun under the same name must be the same sweep (it resumes it) and gives its trials the
 same resources as the first run, whatever the cluster is now: a trial's config must not change

@@ -1,4 +1,5 @@
-"""What each trial is given (DESIGN §4): trial concurrency and per-worker CPUs from the cluster.
+"""What each trial is given (docs/design.md §4): trial concurrency and per-worker CPUs from
+the cluster.
 
 Tune reserves only the trial function's bundle; each trial's TorchTrainer then asks for its
 workers. Launching more trials than the workers fit would leave them waiting forever, so

@@ -1,5 +1,5 @@
-"""A sweep's results (DESIGN §4): one row per trial, the best trial, the table, and the files
-left behind — `best_config.toml` (runnable with jobs/train.py --config) and `hparams/`
+"""A sweep's results (docs/design.md §4): one row per trial, the best trial, the table, and the
+files left behind — `best_config.toml` (runnable with jobs/train.py --config) and `hparams/`
 (TensorBoard's hparams view of every trial's parameters and validation metric).
 
 Everything here reads Tune's results as plain attributes (`metrics`, `metrics_dataframe`,

@@ -1,4 +1,4 @@
-"""Running a sweep on Ray Tune (DESIGN §4): the trial function, the Tuner, resume.
+"""Running a sweep on Ray Tune (docs/design.md §4): the trial function, the Tuner, resume.
 
 Three levels are kept apart, as in Ray's Train+Tune examples: `loop.train` runs on each worker,
 `run.build_trainer` builds one run's `TorchTrainer`, and this module runs the sweep. Each trial

@@ -1,4 +1,4 @@
-"""The sweep file (DESIGN §4): its schema, the parsed `Sweep` and its checks.
+"""The sweep file (docs/design.md §4): its schema, the parsed `Sweep` and its checks.
 
 A sweep file (TOML) names a base training config, the base overrides, a search space over dotted
 keys, the number of trials, the validation metric, the scheduler (ASHA over outer iterations by
