@@ -21,11 +21,13 @@ solved on its own: workers split the rows and gather the blocks (see `loop.py`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from dadh_dist import kernels
-from dadh_dist.objective import SoftSimilarity, similarity_times
+from dadh_dist.objective import SoftSimilarity, class_similarity_rows, similarity_times
 
 DCC_BLOCK_ROWS = 128  # rows a compiled DCC block holds: B and Q transposed, 2·64 KiB at k = 64
 
@@ -40,6 +42,36 @@ def code_hessian(F: torch.Tensor, G: torch.Tensor | None) -> torch.Tensor:
     return H
 
 
+@dataclass
+class ClassQ:
+    """Rows of Q without the (r, k) matrix, for single-label data (or any data at η = 0):
+
+        Q[i] = class_rows[classes[i]] + Σ_{e: at[e] = i} add[e]
+
+    class_rows: (c, k) float64, 2ηk·(S_Ωᵀ·U) of a row of each class; classes: (r,) int64;
+    at: (e,) int64, ascending, the slice's local rows that are in Ω; add: (e, k) float64, their
+    2γ·U. `dcc` builds each block's rows of Q from these (`kernels.dcc_classes`).
+    """
+
+    class_rows: torch.Tensor
+    classes: torch.Tensor
+    at: torch.Tensor
+    add: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.classes.shape[0], self.class_rows.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        """The (r, k) float64 Q itself, written in one pass (`kernels.class_linear`)."""
+        with kernels.threads():
+            return torch.from_numpy(kernels.class_linear(*self._arrays()))
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return tuple(t.contiguous().numpy() for t in (self.class_rows, self.classes, self.at,
+                                                      self.add))
+
+
 def code_linear(
     rows: slice,
     labels_db: torch.Tensor,
@@ -52,11 +84,66 @@ def code_linear(
     eta: float,
     bits: int,
     chunk_rows: int = 8192,
-) -> torch.Tensor:
+    by_class: bool = False,
+) -> torch.Tensor | ClassQ:
     """Rows `rows` of Q = 2ηk·S_Ωᵀ·(F+G) + 2γ·(F̄+Ḡ)  → (len(rows), k) float64.
 
     labels_db: (n, c); omega: (m,) database indices of Ω; F, G: (m, k).
+
+    On CPU, when the rows and Ω are single-label (one-hot) or η = 0, Q is written by class: the
+    c class rows of S_Ωᵀ·U, a class index a row, the γ term added at the Ω rows, in one pass
+    with no n×k temporaries; `by_class=True` returns that form unwritten (a `ClassQ`, which
+    `dcc` reads block by block, so the code step never holds Q). Multi-label data and other
+    devices take the torch form (`_code_linear_torch`), which gives the same values.
     """
+    start, stop, step = rows.indices(labels_db.shape[0])
+    on_cpu = torch.get_default_device().type == "cpu" and all(
+        t is None or t.device.type == "cpu" for t in (labels_db, omega, F, G))
+    Qc = _by_class(start, stop, labels_db, omega, F, G, sim, gamma, eta, bits) \
+        if on_cpu and step == 1 else None
+    if Qc is None:
+        return _code_linear_torch(rows, labels_db, omega, F, G, sim, gamma, eta, bits, chunk_rows)
+    return Qc if by_class else Qc.dense()
+
+
+def _by_class(start, stop, labels_db, omega, F, G, sim, gamma, eta, bits) -> ClassQ | None:
+    """`code_linear` as a `ClassQ`, or None where some row or Ω row is not one-hot (η > 0).
+
+    The same float operations as `_code_linear_torch`'s single-label path: the class rows
+    scaled by 2ηk (as its gathered rows are), added to 0, then the 2γ·U rows in Ω's order.
+    """
+    U = F.double() if G is None else F.double() + G.double()
+    r, k = stop - start, U.shape[1]
+    if eta > 0:
+        classes, bad = _one_hot_classes(labels_db[start:stop])
+        labels_omega = labels_db[omega]
+        if bad or _one_hot_classes(labels_omega)[1]:
+            return None
+        class_rows = 2.0 * eta * bits * class_similarity_rows(sim, labels_omega, U)
+    else:  # Q has no S term: one zero class row serves every row, whatever the labels
+        classes = torch.zeros(r, dtype=torch.int64)
+        class_rows = torch.zeros(1, k, dtype=torch.float64)
+    if gamma > 0:
+        inside = (omega >= start) & (omega < stop)
+        at, order = torch.sort(omega[inside].long() - start, stable=True)
+        add = (2.0 * gamma * U[inside])[order]
+    else:
+        at, add = torch.zeros(0, dtype=torch.int64), torch.zeros(0, k, dtype=torch.float64)
+    return ClassQ(class_rows.contiguous(), classes, at.contiguous(), add.contiguous())
+
+
+def _one_hot_classes(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(classes (r,) int64, how many rows are not one-hot): `kernels.single_label_classes`."""
+    if labels.dtype == torch.bool:
+        labels = labels.to(torch.uint8)
+    if labels.dtype in (torch.float16, torch.bfloat16):
+        labels = labels.float()  # exact: 0 and 1 stay 0 and 1, other values stay other
+    classes, bad = kernels.single_label_classes(labels.contiguous().numpy())
+    return torch.from_numpy(classes), int(bad)
+
+
+def _code_linear_torch(rows, labels_db, omega, F, G, sim, gamma, eta, bits, chunk_rows):
+    """`code_linear` in torch on the tensors' device (multi-label data; CUDA tensors)."""
     U = F.double() if G is None else F.double() + G.double()
     labels_rows = labels_db[rows]
     Q = torch.zeros(labels_rows.shape[0], U.shape[1], dtype=torch.float64)
@@ -78,7 +165,7 @@ def code_objective(B: torch.Tensor, H: torch.Tensor, Q: torch.Tensor, eta: float
 def dcc(
     B: torch.Tensor,
     H: torch.Tensor,
-    Q: torch.Tensor,
+    Q: torch.Tensor | ClassQ,
     eta: float,
     sweeps: int = 1,
     on_column=None,
@@ -87,27 +174,42 @@ def dcc(
 ) -> torch.Tensor:
     """Discrete cyclic coordinate descent on a block of rows.  → new B block (int8, ±1).
 
-    B: (r, k) previous codes (±1, or 0 before the first step); H: (k, k); Q: (r, k) float64.
-    `on_column(c, B)` is called after each column update (tests check monotonicity with it).
+    B: (r, k) previous codes (±1, or 0 before the first step); H: (k, k); Q: (r, k) float64, or
+    its `ClassQ` form. `on_column(c, B)` is called after each column update (tests check
+    monotonicity with it).
 
-    CPU tensors go to the compiled kernel (`kernels.dcc`: rows in blocks of `block_rows`, blocks
-    in parallel on `kernels.default_threads()` threads); tensors on another device take the
-    torch form below, on that device. Tests hold the kernel bit-identical to the torch form on
-    CPU; a GPU's matmul may sum in another order, so a z within rounding of 0 could differ there.
+    CPU tensors go to the compiled kernel (`kernels.dcc`, or `kernels.dcc_classes` for a
+    `ClassQ`: rows in blocks of `block_rows`, blocks in parallel on `kernels.default_threads()`
+    threads); tensors on another device take the torch form below, on that device. Tests hold
+    the kernels bit-identical to the torch form on CPU; a GPU's matmul may sum in another order,
+    so a z within rounding of 0 could differ there.
     """
-    if any(t.device.type != "cpu" for t in (B, H, Q)):
+    if any(t.device.type != "cpu" for t in (B, H)) or (
+            isinstance(Q, torch.Tensor) and Q.device.type != "cpu"):
+        Q = Q.dense().to(B.device) if isinstance(Q, ClassQ) else Q
         return _dcc_torch(B, H, Q, eta, sweeps, on_column)
+    if tuple(Q.shape) != tuple(B.shape) or tuple(H.shape) != (B.shape[1],) * 2:
+        raise ValueError(f"dcc: B {tuple(B.shape)}, H {tuple(H.shape)}, Q {tuple(Q.shape)}")
     out = B.to(torch.int8).contiguous().clone()
     Hn = H.double().contiguous().numpy()
-    Qn = Q.double().contiguous().numpy()
     k = Hn.shape[0]
+    if isinstance(Q, ClassQ):
+        by_class = Q._arrays()
+
+        def sweep(columns, count):
+            kernels.dcc_classes(out.numpy(), Hn, *by_class, 2.0 * eta, columns, count, block_rows)
+    else:
+        Qn = Q.double().contiguous().numpy()
+
+        def sweep(columns, count):
+            kernels.dcc(out.numpy(), Hn, Qn, 2.0 * eta, columns, count, block_rows)
     with kernels.threads():
         if on_column is None:
-            kernels.dcc(out.numpy(), Hn, Qn, 2.0 * eta, np.arange(k), sweeps, block_rows)
+            sweep(np.arange(k), sweeps)
         else:  # one column a call, so the caller sees B after every update
             for _ in range(sweeps):
                 for c in range(k):
-                    kernels.dcc(out.numpy(), Hn, Qn, 2.0 * eta, np.array([c]), 1, block_rows)
+                    sweep(np.array([c]), 1)
                     on_column(c, out)
     return out
 

@@ -2,6 +2,9 @@
 
 * `dcc`: the DCC sweep of `codes.dcc` over blocks of rows, each block transposed so that a bit
   column of it is contiguous and the block stays in cache over the k column passes.
+  `dcc_classes` is the same sweep reading Q by class (single-label data: a few class rows, a
+  class per row, the Ω rows' additions), so the code step never holds an n×k Q;
+  `class_linear` writes that Q out in one pass, `single_label_classes` finds the classes.
 * `histograms` / `rank_metrics`: per query, a histogram of Hamming distances (k+1 buckets) with
   the relevant count per bucket; then one pass in database order that puts each relevant item at
   its rank (ties in database order) without sorting. mAP@all, mAP@k and P@N come from that pass,
@@ -73,6 +76,33 @@ def threads(count: int | None = None):
 # ---------------------------------------------------------------------------------------- DCC
 
 
+@njit(inline="always")
+def _solve_block(Bt, Qt, Hc, two_eta, columns, sweeps):
+    """The DCC updates of one block in place: Bt, Qt (k, w) the block's B and Q transposed."""
+    k, w = Bt.shape
+    acc = np.empty(w)
+    for _ in range(sweeps):
+        for c in columns:
+            acc[:] = 0.0
+            for j in range(k):
+                h = Hc[c, j]
+                row = Bt[j]
+                for i in range(w):
+                    acc[i] += row[i] * h
+            hcc = Hc[c, c]
+            bc = Bt[c]
+            qc = Qt[c]
+            for i in range(w):
+                prev = bc[i]
+                z = qc[i] - two_eta * (acc[i] - prev * hcc)
+                if z > 0.0:
+                    bc[i] = 1.0
+                elif z < 0.0:
+                    bc[i] = -1.0
+                elif prev == 0.0:
+                    bc[i] = 1.0
+
+
 @njit(parallel=True, cache=True)
 def dcc(B, H, Q, two_eta, columns, sweeps, block):
     """DCC in place on B (r, k) int8: `sweeps` passes over the bit columns `columns`, in order.
@@ -97,30 +127,85 @@ def dcc(B, H, Q, two_eta, columns, sweeps, block):
             for j in range(k):
                 Bt[j, i] = B[s + i, j]
                 Qt[j, i] = Q[s + i, j]
-        acc = np.empty(w)
-        for _ in range(sweeps):
-            for c in columns:
-                acc[:] = 0.0
-                for j in range(k):
-                    h = Hc[c, j]
-                    row = Bt[j]
-                    for i in range(w):
-                        acc[i] += row[i] * h
-                hcc = Hc[c, c]
-                bc = Bt[c]
-                qc = Qt[c]
-                for i in range(w):
-                    prev = bc[i]
-                    z = qc[i] - two_eta * (acc[i] - prev * hcc)
-                    if z > 0.0:
-                        bc[i] = 1.0
-                    elif z < 0.0:
-                        bc[i] = -1.0
-                    elif prev == 0.0:
-                        bc[i] = 1.0
+        _solve_block(Bt, Qt, Hc, two_eta, columns, sweeps)
         for i in range(w):
             for j in range(k):
                 B[s + i, j] = np.int8(Bt[j, i])
+
+
+@njit(parallel=True, cache=True)
+def dcc_classes(B, H, class_rows, classes, at, add, two_eta, columns, sweeps, block):
+    """`dcc` with Q given by class instead of as an (r, k) matrix (`codes.ClassQ`):
+
+        Q[i] = 0 + class_rows[classes[i]], then + add[e] for every e with at[e] = i, in order of e
+
+    class_rows: (c, k) float64; classes: (r,) int64; at: (e,) int64 ascending, in [0, r);
+    add: (e, k) float64. Each block builds its own rows of Q in its transposed buffer, with the
+    same float operations (in the same order) as `class_linear`, so the bits equal those of
+    `dcc` on `class_linear`'s Q, and Q never exists whole.
+    """
+    r, k = B.shape
+    nblocks = (r + block - 1) // block
+    Hc = np.ascontiguousarray(H.T)
+    for b in prange(nblocks):
+        s = b * block
+        w = min(block, r - s)
+        Bt = np.empty((k, w))
+        Qt = np.empty((k, w))
+        for i in range(w):
+            q = class_rows[classes[s + i]]
+            for j in range(k):
+                Bt[j, i] = B[s + i, j]
+                Qt[j, i] = 0.0 + q[j]
+        for e in range(np.searchsorted(at, s), np.searchsorted(at, s + w)):
+            i = at[e] - s
+            for j in range(k):
+                Qt[j, i] += add[e, j]
+        _solve_block(Bt, Qt, Hc, two_eta, columns, sweeps)
+        for i in range(w):
+            for j in range(k):
+                B[s + i, j] = np.int8(Bt[j, i])
+
+
+@njit(parallel=True, cache=True)
+def class_linear(class_rows, classes, at, add):
+    """The (r, k) float64 Q that `dcc_classes` reads, written in one pass (`codes.ClassQ.dense`)."""
+    r, k = classes.shape[0], class_rows.shape[1]
+    Q = np.empty((r, k))
+    for i in prange(r):
+        q = class_rows[classes[i]]
+        for j in range(k):
+            Q[i, j] = 0.0 + q[j]
+    for e in range(at.shape[0]):  # |Ω| rows at most: serial, in order of e
+        for j in range(k):
+            Q[at[e], j] += add[e, j]
+    return Q
+
+
+@njit(cache=True)
+def single_label_classes(labels):
+    """(classes (n,) int64, rows that are not one-hot): classes[i] = where row i's single 1 is.
+
+    A row counts as one-hot when its entries are 0 or 1 with exactly one 1 (then the sum is 1
+    and the 1 is the argmax in any dtype: `objective.is_single_label` and `argmax` agree with
+    this); classes of the other rows are meaningless. One pass, no temporaries.
+    """
+    n, c = labels.shape
+    classes = np.zeros(n, np.int64)
+    bad = 0
+    for i in range(n):
+        ones = 0
+        other = 0
+        for j in range(c):
+            v = labels[i, j]
+            if v == 1:
+                ones += 1
+                classes[i] = j
+            elif v != 0:
+                other += 1
+        if ones != 1 or other != 0:
+            bad += 1
+    return classes, bad
 
 
 # ----------------------------------------------------------------------------------- Hamming

@@ -389,7 +389,7 @@ def update_codes(run: _Run, F: torch.Tensor, G: torch.Tensor | None, omega: torc
     n = Y.shape[0]
     rows = even_split(n, c.world_size, c.rank)
     H = codes.code_hessian(F, G)
-    Q = codes.code_linear(rows, Y, omega, F, G, sim, gamma=gamma, eta=eta,
+    Q = codes.code_linear(rows, Y, omega, F, G, sim, gamma=gamma, eta=eta, by_class=True,
                           bits=cfg.objective.bits, chunk_rows=cfg.codes.chunk_rows)
     block = codes.dcc(B[rows], H, Q, eta, cfg.codes.sweeps)
     run.faults.kill("codes", t)

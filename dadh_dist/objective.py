@@ -97,18 +97,26 @@ def similarity_times(
     Multi-label: S01 is built in blocks of `chunk_rows` rows, so peak memory is chunk_rows × b.
     """
     U = U.to(torch.float64) if U.dtype == torch.float64 else U.float()
-    col_sum = U.sum(0, keepdim=True)  # 1ᵀU: (1, k)
     if is_single_label(labels_rows) and is_single_label(labels_cols):
         # each row's S01·U is its class's sum of U: look it up instead of multiplying (c, k)
-        class_sums = labels_cols.to(U.dtype).T @ U  # (c, k)
-        class_rows = (1.0 + sim.r) * class_sums - sim.r * col_sum
-        return class_rows[labels_rows.argmax(1)]
-    else:
-        s01_u = torch.empty(labels_rows.shape[0], U.shape[1], dtype=U.dtype)
-        for start in range(0, labels_rows.shape[0], chunk_rows):
-            block = similar01(labels_rows[start : start + chunk_rows], labels_cols).to(U.dtype)
-            s01_u[start : start + chunk_rows] = block @ U
-    return (1.0 + sim.r) * s01_u - sim.r * col_sum
+        return class_similarity_rows(sim, labels_cols, U)[labels_rows.argmax(1)]
+    s01_u = torch.empty(labels_rows.shape[0], U.shape[1], dtype=U.dtype)
+    for start in range(0, labels_rows.shape[0], chunk_rows):
+        block = similar01(labels_rows[start : start + chunk_rows], labels_cols).to(U.dtype)
+        s01_u[start : start + chunk_rows] = block @ U
+    return (1.0 + sim.r) * s01_u - sim.r * U.sum(0, keepdim=True)
+
+
+def class_similarity_rows(
+    sim: SoftSimilarity, labels_cols: torch.Tensor, U: torch.Tensor
+) -> torch.Tensor:
+    """(c, k): row y is S(row, cols)·U for every single-label row of class y.
+
+    labels_cols: (b, c) single-label; U: (b, k) float32 or float64. S01·U of such a row is its
+    class's sum of U, Y_colsᵀ·U (c, k), and 1ᵀU (1, k) is the same for every row.
+    """
+    class_sums = labels_cols.to(U.dtype).T @ U
+    return (1.0 + sim.r) * class_sums - sim.r * U.sum(0, keepdim=True)
 
 
 def similarity_sq_row_sums(

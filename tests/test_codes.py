@@ -134,3 +134,108 @@ def test_one_stream_and_switches():
     rest = torch.ones(y.shape[0], dtype=torch.bool)
     rest[omega] = False
     assert torch.equal(B[rest], B0[rest])
+
+
+# ------------------------------------------------------------------ Q by class (single-label)
+
+
+def code_linear_reference(rows, y, omega, F, G, sim, gamma, eta, k):
+    """Q as `code_linear` wrote it before the class form, plainly: zeros, += 2ηk·(S_Ωᵀ·U) rows
+    gathered from the class rows (`similarity_times`), then `index_add_` of 2γ·U at Ω."""
+    U = F.double() if G is None else F.double() + G.double()
+    Q = torch.zeros(y[rows].shape[0], U.shape[1], dtype=torch.float64)
+    if eta > 0:
+        Q += 2.0 * eta * k * obj.similarity_times(sim, y[rows], y[omega], U, chunk_rows=16)
+    if gamma > 0:
+        start, stop, _ = rows.indices(y.shape[0])
+        inside = (omega >= start) & (omega < stop)
+        Q.index_add_(0, omega[inside] - start, 2.0 * gamma * U[inside])
+    return Q
+
+
+def _tie_problem(n, m, k, c, seed, integer):
+    """Single-label, few classes; integer=True: F, G in {-1, 0, 1} and r = 1, so Q and the
+    couplings are integers and many z are exactly 0 (the tie rule decides them)."""
+    y, omega, F, G, B0, sim = _problem(n=n, m=m, k=k, c=c, seed=seed)
+    if integer:
+        gen = torch.Generator().manual_seed(seed + 1)
+        F = torch.randint(-1, 2, F.shape, generator=gen).float()
+        G = torch.randint(-1, 2, G.shape, generator=gen).float()
+        sim = obj.SoftSimilarity(1.0)
+    B0[torch.rand(B0.shape, generator=torch.Generator().manual_seed(seed)) < 0.3] = 0
+    return y, omega, F, G, B0, sim
+
+
+@pytest.mark.parametrize("integer", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_class_Q_is_todays_Q_and_gives_the_same_B(integer, seed):
+    n, k = 300, 16
+    y, omega, F, G, B0, sim = _tie_problem(n, 60, k, 3, seed, integer)
+    ties = 0
+    for rows in (slice(None), slice(0, 128), slice(77, 300), slice(129, 200), slice(5, 5)):
+        start, stop, _ = rows.indices(n)
+        assert ((omega < start) | (omega >= stop)).any() or start == 0 and stop == n
+        for gamma, eta in ((200.0, 1.0), (0.0, 1.0), (3.0, 0.0), (0.0, 0.0), (0.5, 2.5)):
+            for G_ in (G, None):
+                ref = code_linear_reference(rows, y, omega, F, G_, sim, gamma, eta, k)
+                kw = dict(gamma=gamma, eta=eta, bits=k)
+                Qc = codes.code_linear(rows, y, omega, F, G_, sim, by_class=True, **kw)
+                assert isinstance(Qc, codes.ClassQ)
+                assert Qc.shape == tuple(ref.shape)
+                Q = codes.code_linear(rows, y, omega, F, G_, sim, **kw)
+                assert Q.dtype == torch.float64 and torch.equal(Q, ref)
+                assert torch.equal(Qc.dense(), ref)
+                H = codes.code_hessian(F, G_)
+                for sweeps in (1, 2):
+                    want = codes._dcc_torch(B0[rows], H, ref, eta, sweeps, None)
+                    for block in (1, 7, 128):
+                        got = codes.dcc(B0[rows], H, Qc, eta, sweeps, block_rows=block)
+                        assert torch.equal(got, want), (rows, gamma, eta, sweeps, block)
+                Bd = B0[rows].double()
+                ties += int((ref[:, 0] - 2 * eta * (Bd @ H[:, 0] - Bd[:, 0] * H[0, 0]) == 0).sum())
+    if integer:  # the case is meant to exercise the tie rule
+        assert ties > 50
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.int64])
+def test_class_Q_label_dtypes_and_repeated_omega(dtype):
+    y, omega, F, G, B0, sim = _problem(n=90, m=20, k=8, c=4, seed=4)
+    omega = torch.cat([omega, omega[:5]])  # repeated indices add up in Ω's order, as index_add_
+    F, G = torch.cat([F, F[:5] * 0.3]), torch.cat([G, G[:5] * -2.0])
+    y = y.to(dtype)
+    for rows in (slice(None), slice(10, 70)):
+        ref = code_linear_reference(rows, y, omega, F, G, sim, 50.0, 1.0, 8)
+        Qc = codes.code_linear(rows, y, omega, F, G, sim, gamma=50.0, eta=1.0, bits=8,
+                               by_class=True)
+        assert isinstance(Qc, codes.ClassQ) and torch.equal(Qc.dense(), ref)
+        H = codes.code_hessian(F, G)
+        assert torch.equal(codes.dcc(B0[rows], H, Qc, 1.0), codes.dcc(B0[rows], H, ref, 1.0))
+
+
+def test_rows_that_are_not_one_hot_take_the_torch_form():
+    """Multi-label rows, or rows that sum to 1 without being 0/1 (the old path's test was the
+    sum), at η > 0: the torch form, so Q is what it was; at η = 0 the labels do not matter."""
+    y, omega, F, G, _, sim = _problem(n=80, m=20, k=6, c=3, multi=True, seed=5)
+    half = torch.zeros(80, 3)
+    half[torch.arange(80), torch.arange(80) % 3] = 1
+    half[omega[0]] = torch.tensor([0.5, 0.5, 0.0])  # in Ω only
+    half[-1] = torch.tensor([0.25, 0.0, 0.75])  # in the rows only
+    for labels in (y, half):
+        for rows in (slice(None), slice(3, 80)):
+            ref = code_linear_reference(rows, labels, omega, F, G, sim, 9.0, 1.0, 6)
+            Q = codes.code_linear(rows, labels, omega, F, G, sim, gamma=9.0, eta=1.0, bits=6,
+                                  by_class=True)
+            assert isinstance(Q, torch.Tensor) and torch.equal(Q, ref)
+            Qc = codes.code_linear(rows, labels, omega, F, G, sim, gamma=9.0, eta=0.0, bits=6,
+                                   by_class=True)
+            assert isinstance(Qc, codes.ClassQ)
+            assert torch.equal(Qc.dense(), code_linear_reference(rows, labels, omega, F, G, sim,
+                                                                 9.0, 0.0, 6))
+
+
+def test_dcc_checks_shapes():
+    y, omega, F, G, B0, sim = _problem(n=50, m=10, k=6)
+    Qc = codes.code_linear(slice(0, 40), y, omega, F, G, sim, gamma=1.0, eta=1.0, bits=6,
+                           by_class=True)
+    with pytest.raises(ValueError, match="dcc"):
+        codes.dcc(B0, codes.code_hessian(F, G), Qc, 1.0)

@@ -1,8 +1,8 @@
 """The compiled kernels against plain references: bit-identical B, exact histograms and top-k.
 
 The metric kernels (`retrieval.*`) are checked against brute-force references in
-test_retrieval.py; here: the DCC kernel behind `codes.dcc`, the histogram kernel, and the top-k
-kernel behind `codesfile.topk`.
+test_retrieval.py; here: the DCC kernels behind `codes.dcc` (Q given, or built by class), the
+histogram kernel, and the top-k kernel behind `codesfile.topk`.
 """
 
 import numpy as np
@@ -104,6 +104,76 @@ def test_dcc_accepts_float_and_non_contiguous_inputs():
     assert codes.dcc(B[:0], H, Q[:0], 0.7).shape == (0, 8)
 
 
+def class_case(r, k, c, e, seed):
+    """class rows, a class a row, e additions at ascending rows (repeats, both ends) in [0, r)."""
+    rng = np.random.default_rng(seed)
+    class_rows = rng.integers(-3, 4, (c, k)).astype(np.float64) * 2  # integers: ties in z
+    class_rows[0, 0] = -0.0
+    classes = rng.integers(0, c, r).astype(np.int64)
+    at = np.sort(np.concatenate([rng.integers(0, r, e), [0, r - 1, r - 1]])).astype(np.int64)
+    scale = rng.choice([1.0, 0.3], at.size)[:, None]  # some rows' sums round
+    add = rng.integers(-2, 3, (at.size, k)).astype(np.float64) * scale
+    return class_rows, classes, at, add
+
+
+def class_linear_reference(class_rows, classes, at, add):
+    """Q plainly: zeros, += the gathered class rows, then the additions one by one in order."""
+    Q = np.zeros((classes.size, class_rows.shape[1]))
+    Q += class_rows[classes]
+    for e in range(at.size):
+        Q[at[e]] += add[e]
+    return Q
+
+
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_class_linear_and_dcc_classes_match_references(k):
+    class_rows, classes, at, add = class_case(301, k, 3, 40, seed=k)
+    Q = class_linear_reference(class_rows, classes, at, add)
+    with kernels.threads(2):
+        np.testing.assert_array_equal(kernels.class_linear(class_rows, classes, at, add), Q)
+    B, H, _ = random_case(301, k, seed=k, integer=True)
+    Qt = torch.from_numpy(Q)
+    for eta in (0.0, 0.5, 1.0):
+        for sweeps in (1, 3):
+            ref = dcc_reference(B, H, Qt, eta, sweeps)
+            for block in (1, 5, 128, 1000):
+                out = B.numpy().copy()
+                with kernels.threads(2):
+                    kernels.dcc_classes(out, H.numpy(), class_rows, classes, at, add, 2.0 * eta,
+                                        np.arange(k), sweeps, block)
+                np.testing.assert_array_equal(out, ref.numpy(), err_msg=str((eta, sweeps, block)))
+    Bd = B.double()
+    assert (Qt[:, 0] - 2.0 * (Bd @ H[:, 0] - Bd[:, 0] * H[0, 0]) == 0).sum() > 5  # ties
+    none = np.zeros(0, np.int64), np.zeros((0, k))
+    np.testing.assert_array_equal(kernels.class_linear(class_rows, classes, *none),
+                                  class_rows[classes])
+
+
+def single_label_reference(labels):
+    """Rows that are 0/1 with exactly one 1, and the argmax of each (`is_single_label`'s test
+    and `similarity_times`' lookup, restricted to 0/1 rows)."""
+    one_hot = ((labels == 0) | (labels == 1)).all(1) & ((labels == 1).sum(1) == 1)
+    return labels.argmax(1), one_hot
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.float32, np.float64])
+def test_single_label_classes_matches_argmax(dtype):
+    rng = np.random.default_rng(0)
+    labels = np.eye(6, dtype=dtype)[rng.integers(0, 6, 200)]
+    classes, bad = kernels.single_label_classes(labels)
+    ref, one_hot = single_label_reference(labels)
+    assert bad == 0 and one_hot.all()
+    np.testing.assert_array_equal(classes, ref)
+    labels[3] = 0  # no label
+    labels[10, :2] = 1  # two labels
+    labels[20, 5] = 2 if dtype in (np.uint8, np.int64) else 0.5  # sum != 1, or 0/1 broken
+    classes, bad = kernels.single_label_classes(labels)
+    ref, one_hot = single_label_reference(labels)
+    assert bad == int((~one_hot).sum()) == 3
+    np.testing.assert_array_equal(classes[one_hot], ref[one_hot])
+    assert kernels.single_label_classes(labels[:0])[1] == 0
+
+
 # ------------------------------------------------------------------------------- histograms
 
 
@@ -189,9 +259,13 @@ y = np.eye(3)[rng.integers(0, 3, 20016)]
 B = torch.zeros(5000, 64, dtype=torch.int8)
 H = torch.eye(64, dtype=torch.float64)
 Q = torch.from_numpy(rng.standard_normal((5000, 64)))
+Qc = codes.ClassQ(torch.from_numpy(rng.standard_normal((3, 64))),
+                  torch.from_numpy(rng.integers(0, 3, 5000)), torch.arange(0, 5000, 7),
+                  torch.from_numpy(rng.standard_normal((715, 64))))
 calls = [lambda: codesfile.topk(retrieval.pack_codes(q), retrieval.pack_codes(db), 10, 64)[0],
          lambda: retrieval.average_precision(q, db, y[:16], y[16:]),
-         lambda: codes.dcc(B, H, Q, 1.0).numpy()]
+         lambda: codes.dcc(B, H, Q, 1.0).numpy(),
+         lambda: codes.dcc(B, H, Qc, 1.0).numpy(), lambda: Qc.dense().numpy()]
 first = [f() for f in calls]
 bad = []
 def work(u):
