@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dadh_dist import config as config_mod
+from dadh_dist import uris
 from dadh_dist.config import ENCODERS, ConfigError
 
 EXIT_USER_ERROR = 2
@@ -339,14 +340,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         for e, line in ev.warnings.items():
             print(f"warning: {report.NAMES[e]}: {line}", file=sys.stderr)
         published = None
-        if storage.is_uri(args.checkpoint) and not args.out:
+        if uris.is_uri(args.checkpoint) and not args.out:
             # a remote run's evaluation goes next to it, like a local run's
-            published = storage.join(_run_of(args.checkpoint), "eval", out.name)
+            published = uris.join(_run_of(args.checkpoint), "eval", out.name)
             storage.Publisher(out, published)()
         if args.json:
             _print_json({"out": str(out), "report": str(paths["report.md"]),
                          "metrics": ev.metrics, "warnings": ev.warnings, "notes": notes.lines,
-                         **({"published": storage.redact(published)} if published else {})})
+                         **({"published": uris.redact(published)} if published else {})})
             return 0
         if not args.quiet:
             for e in ev.encoders:
@@ -354,7 +355,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                     f"{title} {ev.metrics[f'{key}_{e}']:.4f}" for title, key in ev.table()))
         print(f"report: {paths['report.md']}")
         if published:
-            print(f"published: {storage.redact(published)}")
+            print(f"published: {uris.redact(published)}")
         return 0
 
     return run_main(body, wants_json(argv))
@@ -364,7 +365,7 @@ def _run_of(uri: str) -> str:
     """The run URI of a run or checkpoint URI."""
     from dadh_dist import storage
 
-    parent, name = storage.split(uri)
+    parent, name = uris.split(uri)
     return parent if name.startswith(storage.CHECKPOINT_PREFIX) else uri
 
 

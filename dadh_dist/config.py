@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dadh_dist.uris import SECRET_HINT, carries_secret
+
 
 class ConfigError(ValueError):
     """A user mistake in the configuration (unknown key, wrong type, impossible value)."""
@@ -453,27 +455,11 @@ def validate(cfg: Config) -> None:
                           "trains on the CPU)")
 
 
-def userinfo(uri: str) -> str:
-    """The user-info of a URI ('' if none): everything between '://' and the last '@' before the
-    query string, since a secret may contain '/' (a path holding '@' counts too: safe side)."""
-    rest = str(uri).partition("://")[2].split("?")[0].split("#")[0]
-    return rest.rpartition("@")[0]
-
-
-def carries_secret(uri: str) -> bool:
-    """Whether a URI holds a `user:secret@` part."""
-    return ":" in userinfo(uri)
-
-
 def _validate_run_dir(run_dir: str) -> None:
     """A URI may name a user (`hdfs://user@host`) but not carry a secret: the run's config is
     saved with every run, checkpoint and codes file, and a `key:secret@` would travel with it."""
     if carries_secret(run_dir):
         raise ConfigError(f"log.run_dir: the URI carries a secret (user:secret@); {SECRET_HINT}")
-
-
-SECRET_HINT = ("give credentials through the environment (for S3: AWS_ACCESS_KEY_ID / "
-               "AWS_SECRET_ACCESS_KEY or the node's role), never inside a URI")
 
 
 def _validate_worker_range(cfg: Config) -> None:

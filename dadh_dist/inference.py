@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import codesfile, encoding, storage
+from dadh_dist import codesfile, encoding, storage, uris
 from dadh_dist import config as config_mod
 from dadh_dist.config import Config, ConfigError
 from dadh_dist.data import DataError, Dataset, load_dataset
@@ -108,7 +108,7 @@ class HashFunction:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder as given, or the newest valid one of a run folder; a URI (a remote
     run or checkpoint, see `storage`) is fetched into its local mirror first."""
-    if storage.is_uri(str(path)):
+    if uris.is_uri(str(path)):
         return _fetch_remote(str(path))
     p = Path(path).expanduser()
     if not p.is_dir():
@@ -123,18 +123,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _fetch_remote(uri: str) -> Path:
-    if storage.read_bytes(storage.join(uri, ckpt.MANIFEST)) is not None:  # a checkpoint
-        run_uri, name = storage.split(uri)
+    if uris.read_bytes(uris.join(uri, ckpt.MANIFEST)) is not None:  # a checkpoint
+        run_uri, name = uris.split(uri)
         return storage.fetch_checkpoint(uri, storage.mirror_dir(run_uri) / name)
     mirror = storage.mirror_dir(uri)
     for name in ("config.toml", "final_metrics.json"):
-        raw = storage.read_bytes(storage.join(uri, name))
+        raw = uris.read_bytes(uris.join(uri, name))
         if raw is not None:
             mirror.mkdir(parents=True, exist_ok=True)
             ckpt.write_atomic(mirror / name, raw)
     found = storage.latest_valid(uri, mirror)
     if found is None:
-        raise ckpt.CheckpointError(f"{storage.redact(uri)}: holds no valid checkpoint_* folder "
+        raise ckpt.CheckpointError(f"{uris.redact(uri)}: holds no valid checkpoint_* folder "
                                    "(is it a run of jobs/train.py?)")
     return found
 

@@ -695,9 +695,9 @@ def _build(options: Options) -> tuple[object, str]:
 
     model = load_model(options.checkpoint, options.encoder, "cpu")
     database = load_database(options, model)
-    from dadh_dist import storage
+    from dadh_dist import uris
 
-    if not storage.is_uri(options.checkpoint):  # replicas need not share the driver's cwd
+    if not uris.is_uri(options.checkpoint):  # replicas need not share the driver's cwd
         options = dataclasses.replace(options, checkpoint=str(model.path.resolve()))
     backend = resolve_backend(options.backend, database.bits)
     summary = (f"{model.path} ({model.bits} bits, encoder {model.encoder}, model "

@@ -201,14 +201,14 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     assert "resuming from the start" in capsys.readouterr().out
 
     # a remote run: a verified copy of the newest valid remote checkpoint, in the mirror
-    from dadh_dist import storage
+    from dadh_dist import storage, uris
 
     uri = f"file://{tmp_path / 'remote' / 'run'}"
     for t in (1, 2):
         local = _save(tmp_path / f"up{t}", t)
         if t == 2:
             flip_byte(local / ckpt.STATE)
-        storage.upload_checkpoint(local, storage.join(uri, f"checkpoint_00000{t}"))
+        storage.upload_checkpoint(local, uris.join(uri, f"checkpoint_00000{t}"))
     mirror = tmp_path / "mirror"
     got = runner.resume.restart_checkpoint(tmp_path / "up2", mirror, uri)
     assert got == mirror / "checkpoint_000001" and _B(got) == 1

@@ -5,7 +5,7 @@ each node, and the second node killed whole (raylet, agents, worker) at a known 
   left, from its last checkpoint, and finishes: the same algorithm, B's rows split over 1 worker.
 - With a fixed size (2 workers) it stops within a bound, with one clear line, never hangs.
 
-Before any node joins, `ray job submit` runs jobs/train.py on the head as a user would.
+After them, `ray job submit` runs jobs/train.py on the head as a user would.
 
 One head for the module and a fresh second node per test, 1 CPU each: with 1 CPU per worker the
 two workers of a group land one per node. The first test shows the resize on gloo without Ray:
@@ -106,31 +106,6 @@ def head_node():
 def head(head_node) -> str:
     """The head's GCS address."""
     return head_node.address
-
-
-def test_ray_job_submit_to_the_head(head_node, tmp_path):
-    """`ray job submit --working-dir .` of jobs/train.py, as a user submits to a cluster (the
-    head alone: its 1 CPU holds the run's one worker)."""
-    env = ray_env()
-    run_dir = tmp_path / "runs"
-    for _ in range(12):  # the head's job agent can take a while to come up on a busy box
-        proc = subprocess.run(
-            [ray_bin(), "job", "submit", "--address", head_node.dashboard_url,
-             "--working-dir", str(ROOT), "--", "python", "jobs/train.py", "--config",
-             "configs/debug_cpu.toml", f"log.run_dir={json.dumps(str(run_dir))}",
-             "log.name=submitted", "train.outer_iters=2"],
-            capture_output=True, text=True, timeout=400, env=env, cwd=ROOT,
-        )
-        out = proc.stdout + proc.stderr
-        if "No available agent" not in out:
-            break
-        time.sleep(5)
-    assert proc.returncode == 0, out[-3000:]
-    assert "succeeded" in out
-    assert out.count("iter 2/2") == 1  # the progress lines reach `ray job logs`, once
-    assert "Reporting training result" not in out  # Ray's per-report INFO line is off
-    metrics = json.loads((run_dir / "submitted" / "final_metrics.json").read_text())
-    assert 0.0 < metrics["map_all_fg"] <= 1.0
 
 
 @pytest.fixture
@@ -240,3 +215,33 @@ def test_fixed_size_run_fails_within_a_bound(head, second_node, tmp_path):
     # The restarts wait (max_failures + 1) x start_timeout_s = 10 s for the lost node, detection and
     # teardown take a few more (13 s in all, measured). Ray alone would wait for the node forever.
     assert ended - marker.stat().st_mtime < (max_failures + 1) * start_timeout_s + 30
+
+
+def test_ray_job_submit_to_the_head(head_node, tmp_path):
+    """`ray job submit --working-dir .` of jobs/train.py, as a user submits to a cluster (the
+    head alone: its 1 CPU holds the run's one worker).
+
+    Last in the module: the first Ray Train run on a cluster creates its AutoscalingCoordinator,
+    a detached actor that an elastic run asks how many workers fit, and that refreshes its view
+    of the nodes every 20 s. Created here, before the second node joined, it would tell the
+    elastic test's run that one worker fits, and that run would never reach the second node."""
+    env = ray_env()
+    run_dir = tmp_path / "runs"
+    for _ in range(12):  # the head's job agent can take a while to come up on a busy box
+        proc = subprocess.run(
+            [ray_bin(), "job", "submit", "--address", head_node.dashboard_url,
+             "--working-dir", str(ROOT), "--", "python", "jobs/train.py", "--config",
+             "configs/debug_cpu.toml", f"log.run_dir={json.dumps(str(run_dir))}",
+             "log.name=submitted", "train.outer_iters=2"],
+            capture_output=True, text=True, timeout=400, env=env, cwd=ROOT,
+        )
+        out = proc.stdout + proc.stderr
+        if "No available agent" not in out:
+            break
+        time.sleep(5)
+    assert proc.returncode == 0, out[-3000:]
+    assert "succeeded" in out
+    assert out.count("iter 2/2") == 1  # the progress lines reach `ray job logs`, once
+    assert "Reporting training result" not in out  # Ray's per-report INFO line is off
+    metrics = json.loads((run_dir / "submitted" / "final_metrics.json").read_text())
+    assert 0.0 < metrics["map_all_fg"] <= 1.0

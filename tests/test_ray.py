@@ -12,7 +12,7 @@ from _nontrivial import assert_learned, assert_same_run
 from _repo import DEBUG
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import config, storage
+from dadh_dist import config, storage, uris
 from dadh_dist import run as runner
 
 pytestmark = pytest.mark.slow  # starts a Ray cluster
@@ -117,8 +117,8 @@ def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):
         ref_final, ref_B = reference
         (t, name), *_ = storage.checkpoints(run)
         assert t == 3
-        got = storage.fetch_checkpoint(storage.join(run, name), tmp_path / name)
+        got = storage.fetch_checkpoint(uris.join(run, name), tmp_path / name)
         assert_same_run(ckpt.load(got)[0]["B"], ref_B, final, ref_final)
-        files = [f for f, _ in storage.list_files(run)]
+        files = [f for f, _ in uris.list_files(run)]
         assert "config.toml" in files and "final_metrics.json" in files
         assert any(f.startswith("tb/events.out.tfevents") for f in files)

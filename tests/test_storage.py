@@ -17,7 +17,7 @@ from _repo import DEBUG
 from _s3 import bucket
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import cli, config, inference, storage
+from dadh_dist import cli, config, inference, storage, uris
 from dadh_dist import run as runner
 from dadh_dist.config import ConfigError
 
@@ -39,16 +39,16 @@ def s3(tmp_path_factory):
 
 def test_uri_helpers():
     u = "s3://b/runs?endpoint_override=h:9&scheme=http"
-    assert storage.join(u, "r", "/x/") == "s3://b/runs/r/x?endpoint_override=h:9&scheme=http"
-    assert storage.split(storage.join(u, "r")) == (u, "r")
-    assert storage.redact("s3://key:secret@b/p") == "s3://***@b/p"
-    assert storage.redact("s3://key:se/cret@b/p") == "s3://***@b/p"  # a secret may hold '/'
-    with pytest.raises(storage.StorageError) as e:
-        storage.read_bytes("s3://key:wJal/K7MD@b/p/config.toml")
+    assert uris.join(u, "r", "/x/") == "s3://b/runs/r/x?endpoint_override=h:9&scheme=http"
+    assert uris.split(uris.join(u, "r")) == (u, "r")
+    assert uris.redact("s3://key:secret@b/p") == "s3://***@b/p"
+    assert uris.redact("s3://key:se/cret@b/p") == "s3://***@b/p"  # a secret may hold '/'
+    with pytest.raises(uris.StorageError) as e:
+        uris.read_bytes("s3://key:wJal/K7MD@b/p/config.toml")
     assert "carries a secret" in str(e.value) and "wJal" not in str(e.value)
-    assert storage.is_uri("gs://b") and not storage.is_uri("/tmp/runs")
-    a, b = storage.mirror_dir(storage.join(u, "r")), storage.mirror_dir(storage.join(u, "q"))
-    assert a != b and a.name.startswith("r-") and a == storage.mirror_dir(storage.join(u, "r"))
+    assert uris.is_uri("gs://b") and not uris.is_uri("/tmp/runs")
+    a, b = storage.mirror_dir(uris.join(u, "r")), storage.mirror_dir(uris.join(u, "q"))
+    assert a != b and a.name.startswith("r-") and a == storage.mirror_dir(uris.join(u, "r"))
 
 
 def test_unopenable_uri_is_one_line_error(tmp_path, capsys):
@@ -68,14 +68,14 @@ def test_remote_run_equals_local_and_resumes_anywhere(tmp_path, s3):
     for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
         assert remote[key] == local[key], key
 
-    files = dict(storage.list_files(run))
+    files = dict(uris.list_files(run))
     assert {"config.toml", "final_metrics.json"} <= set(files)
     assert any(f.startswith("tb/events.out.tfevents") for f in files)
     assert not any(f.startswith(".") or "/." in f for f in files), files  # no fault markers
     # the newest KEEP_CHECKPOINTS checkpoints, each complete
     assert [name for _, name in storage.checkpoints(run)] == ["checkpoint_000003",
                                                               "checkpoint_000002"]
-    assert json.loads(storage.read_bytes(storage.join(run, "final_metrics.json")))[
+    assert json.loads(uris.read_bytes(uris.join(run, "final_metrics.json")))[
         "map_all_fg"] == remote["map_all_fg"]
 
     # another machine: no mirror at all; the run resumes (here: is already finished) from S3
@@ -101,7 +101,7 @@ def test_remote_run_equals_local_and_resumes_anywhere(tmp_path, s3):
 
     # evaluate a remote run: its report lands next to the run, as for a local run
     assert cli.evaluate_main(["--checkpoint", run, "--examples", "0", "--no-tensorboard"]) == 0
-    sent = dict(storage.list_files(storage.join(run, "eval")))
+    sent = dict(uris.list_files(uris.join(run, "eval")))
     assert {"checkpoint_000003_query/metrics.json", "checkpoint_000003_query/report.md"} \
         <= set(sent), sent
 
@@ -110,21 +110,21 @@ def test_corrupt_or_half_sent_remote_checkpoint_is_skipped(tmp_path, s3):
     cfg = config.load(DEBUG, _overrides(s3("c"), "c", "train.outer_iters=2"))
     runner.run_local(cfg)
     run = s3("c/c")
-    newest = storage.join(run, "checkpoint_000002")
-    state = bytearray(storage.read_bytes(storage.join(newest, "state.pt")))
+    newest = uris.join(run, "checkpoint_000002")
+    state = bytearray(uris.read_bytes(uris.join(newest, "state.pt")))
     state[len(state) // 2] ^= 0xFF
-    storage.write_bytes(storage.join(newest, "state.pt"), bytes(state))
+    uris.write_bytes(uris.join(newest, "state.pt"), bytes(state))
     warnings = []
     found = storage.latest_valid(run, tmp_path / "m1", warn=warnings.append)
     assert found == tmp_path / "m1" / "checkpoint_000001"
     assert "checkpoint_000002" in warnings[0] and "do not match the manifest" in warnings[0]
 
     # an upload cut short before its manifest: not listed at all
-    storage.write_bytes(storage.join(run, "checkpoint_000009", "state.pt"), b"partial")
+    uris.write_bytes(uris.join(run, "checkpoint_000009", "state.pt"), b"partial")
     assert [t for t, _ in storage.checkpoints(run)] == [2, 1]
     # a manifest whose files never arrived
-    storage.write_bytes(storage.join(run, "checkpoint_000001", "state.pt"), b"")
-    storage.delete_dir(storage.join(run, "checkpoint_000002"))
+    uris.write_bytes(uris.join(run, "checkpoint_000001", "state.pt"), b"")
+    uris.delete_dir(uris.join(run, "checkpoint_000002"))
     warnings.clear()
     assert storage.latest_valid(run, tmp_path / "m2", warn=warnings.append) is None
     assert "checkpoint_000001" in warnings[0]
@@ -132,17 +132,17 @@ def test_corrupt_or_half_sent_remote_checkpoint_is_skipped(tmp_path, s3):
 
 def test_upload_the_store_did_not_keep_whole_prunes_nothing(tmp_path, s3, monkeypatch):
     # a store that acknowledges the third checkpoint's state.pt but keeps a short copy
-    send = storage.upload_file
+    send = uris.upload_file
 
     def short_copy(local: Path, uri: str) -> None:
         if "/checkpoint_000003/state.pt?" in uri:
-            storage.write_bytes(uri, local.read_bytes()[:100])
+            uris.write_bytes(uri, local.read_bytes()[:100])
         else:
             send(local, uri)
 
-    monkeypatch.setattr(storage, "upload_file", short_copy)
+    monkeypatch.setattr(uris, "upload_file", short_copy)
     cfg = config.load(DEBUG, _overrides(s3("u"), "u"))
-    with pytest.raises(storage.StorageError,
+    with pytest.raises(uris.StorageError,
                        match=r"checkpoint_000003/state.pt\?\S*: upload not confirmed \(100 of \d+ "
                              r"bytes\); older checkpoints kept$"):
         runner.run_local(cfg)

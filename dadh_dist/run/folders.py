@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config as config_mod
-from dadh_dist import storage
+from dadh_dist import storage, uris
 from dadh_dist.config import Config, ConfigError
 
 KEEP_CHECKPOINTS = 2
@@ -27,9 +27,9 @@ def run_name(cfg: Config) -> str:
 
 def run_uri(cfg: Config) -> str | None:
     """The run's remote location when log.run_dir is a URI (None for a local run folder)."""
-    if not storage.is_uri(cfg.log.run_dir):
+    if not uris.is_uri(cfg.log.run_dir):
         return None
-    return storage.join(cfg.log.run_dir, run_name(cfg))
+    return uris.join(cfg.log.run_dir, run_name(cfg))
 
 
 def run_folder(cfg: Config) -> Path:
@@ -51,13 +51,13 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
     uri = run_uri(cfg)
     saved = folder / "config.toml"
     if uri is not None:
-        raw = storage.read_bytes(storage.join(uri, "config.toml"))
+        raw = uris.read_bytes(uris.join(uri, "config.toml"))
         folder.mkdir(parents=True, exist_ok=True)
         if raw is not None:
             fetched = folder / ".remote_config.toml"
             ckpt.write_atomic(fetched, raw)
-            _refuse_changed(cfg, fetched, storage.redact(cfg.log.run_dir))
-        storage.write_bytes(storage.join(uri, "config.toml"), cfg.to_toml().encode())
+            _refuse_changed(cfg, fetched, uris.redact(cfg.log.run_dir))
+        uris.write_bytes(uris.join(uri, "config.toml"), cfg.to_toml().encode())
         ckpt.write_atomic(saved, cfg.to_toml().encode())
         return folder, newest_checkpoint(folder, uri)
     if saved.is_file():

@@ -6,7 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from dadh_dist import storage
+from dadh_dist import storage, uris
 from dadh_dist.config import Config
 from dadh_dist.run.folders import KEEP_CHECKPOINTS, keep_checkpoint, prepare_run, run_uri
 
@@ -52,7 +52,7 @@ def run_local(cfg: Config, dataset=None, progress: bool = True) -> dict:
         if staged is not None:
             kept = keep_checkpoint(folder, staged)
             if uri is not None:
-                storage.upload_checkpoint(kept, storage.join(uri, kept.name))
+                storage.upload_checkpoint(kept, uris.join(uri, kept.name))
                 storage.prune_checkpoints(uri, KEEP_CHECKPOINTS)
 
     env = loop.WorkerEnv(report=report, resume_from=resume, run_dir=folder, dataset=dataset,
@@ -60,5 +60,5 @@ def run_local(cfg: Config, dataset=None, progress: bool = True) -> dict:
                          progress=progress)
     with torch_threads(worker_threads(cfg)):
         final = loop.train(cfg, env)
-    final["run_dir"] = storage.redact(uri) if uri else str(folder)
+    final["run_dir"] = uris.redact(uri) if uri else str(folder)
     return final

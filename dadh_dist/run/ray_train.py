@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config as config_mod
-from dadh_dist import storage
+from dadh_dist import storage, uris
 from dadh_dist.config import Config
 from dadh_dist.run.folders import KEEP_CHECKPOINTS, prepare_run, run_name, run_uri
 from dadh_dist.run.local import check_data_here, worker_threads
@@ -108,7 +108,7 @@ def build_trainer(cfg: Config, folder: Path, callbacks=None):
     else:
         # Workers may sit on other machines: they fetch the checkpoint from the URI themselves,
         # and Ray Train stores checkpoints through the filesystem the URI names.
-        fs, runs_path = storage.resolve(cfg.log.run_dir)
+        fs, runs_path = uris.resolve(cfg.log.run_dir)
         where = {"run_uri": uri, "storage_path": runs_path, "storage_filesystem": fs}
     return TorchTrainer(
         train_loop_per_worker=ray_worker,
@@ -151,12 +151,12 @@ def run_ray(cfg: Config) -> dict:
     if uri is None:
         final = json.loads((folder / "final_metrics.json").read_text())
     else:
-        raw = storage.read_bytes(storage.join(uri, "final_metrics.json"))
+        raw = uris.read_bytes(uris.join(uri, "final_metrics.json"))
         if raw is None:
-            raise storage.StorageError(f"{storage.redact(uri)}: the run finished but its "
+            raise uris.StorageError(f"{uris.redact(uri)}: the run finished but its "
                                        "final_metrics.json never arrived")
         final = json.loads(raw)
-    final["run_dir"] = storage.redact(uri) if uri else str(folder)
+    final["run_dir"] = uris.redact(uri) if uri else str(folder)
     return final
 
 
@@ -169,7 +169,7 @@ def failure_message(cfg: Config, folder: Path, error: Exception) -> str:
         latest = ckpt.latest_valid(folder)
     else:
         found = storage.checkpoints(uri)
-        latest = storage.redact(storage.join(uri, found[0][1])) if found else None
+        latest = uris.redact(uris.join(uri, found[0][1])) if found else None
     where = (f"last checkpoint {latest}; rerun the same command to resume" if latest
              else "no checkpoint was written")
     if type(cause).__name__ in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import storage
+from dadh_dist import storage, uris
 from dadh_dist.run.folders import newest_checkpoint
 
 
@@ -49,7 +49,7 @@ def agreed_resume(c, restored, run_dir: Path, uri: str | None) -> tuple[Path | N
             return own, own
     if uri is None:
         return run_dir / name, None
-    return storage.fetch_checkpoint(storage.join(uri, name), run_dir / name), None
+    return storage.fetch_checkpoint(uris.join(uri, name), run_dir / name), None
 
 
 def restart_checkpoint(restored: Path | None, run_dir: Path, uri: str | None) -> Path | None:
