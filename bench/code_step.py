@@ -5,20 +5,27 @@
 One code step (docs/design.md §2): H = FᵀF + GᵀG, Q = 2ηk·S_Ωᵀ(F + G) + 2γ·(F̄ + Ḡ), then one
 DCC sweep over the k bit columns, from B = 0 (the first outer iteration; `codes.init = "zeros"`).
 
-* ours: `codes.code_hessian`, `codes.code_linear` (single-label: S_Ωᵀ·U through per-class sums,
-  O(n·c·k); multi-label: S built in blocks of `chunk_rows` rows), `codes.dcc` (the compiled
-  kernel `kernels.dcc`: rows in blocks, each block transposed, blocks on numba's threads).
-* ours, 1 thread: the same with `torch.set_num_threads(1)`, which the kernel follows.
-* torch DCC: the same Q, then the torch DCC the library used before issue 17 (`codes._dcc_torch`,
-  still its form for CUDA tensors): the baseline of the DCC target.
+* ours: what the training loop runs: `codes.code_hessian`, `codes.code_linear(by_class=True)`
+  (single-label: a `codes.ClassQ`, the c class rows of S_Ωᵀ·U, a class a row and the Ω rows'
+  γ term; the n×k Q is never built) and `codes.dcc` (the compiled `kernels.dcc_classes`: rows
+  in blocks, each block's Q rows built from the classes, each block transposed, blocks on
+  numba's threads).
+* ours, 1 thread: the same with `torch.set_num_threads(1)`, which the kernels follow.
+* ours, Q written: `codes.code_linear` (Q written in one pass, `kernels.class_linear`, what
+  other callers get) + `codes.dcc` on it (`kernels.dcc`).
+* before the Q fix: the torch Q (`codes._code_linear_torch`: the class rows gathered into an
+  n×k matrix, scaled, added to zeros, the γ term by `index_add_`; still the form for CUDA
+  tensors and multi-label data) + the compiled DCC: the library as it was.
+* torch DCC: the written Q, then the torch DCC the library used before issue 17
+  (`codes._dcc_torch`, still its form for CUDA tensors): the baseline of the DCC target.
 * dense: the reference way, written naively below: S_Ω built explicitly as an m×n float32
   matrix from the labels, Q = 2ηk·S_Ωᵀ(F+G) + 2γ·(F̄+Ḡ) with F̄, Ḡ as n×k scatter matrices, and
   the torch DCC: the baseline of the whole-step target.
 
 Every variant runs in a fresh interpreter that reports its own peak resident memory (VmHWM),
 because tracemalloc does not see torch's allocations. B must be identical across variants. The
-kernel's first call (compile, or load from numba's on-disk cache) happens before the clock
-starts; what it costs is measured on its own, in fresh processes with an empty cache and then
+kernels' first calls (compile, or load from numba's on-disk cache) happen before the clock
+starts; what they cost is measured on its own, in fresh processes with an empty cache and then
 with the cache they filled.
 Multi-label part: peak memory of `codes.code_linear` alone at growing n, chunked vs dense.
 """
@@ -85,6 +92,9 @@ def dense_linear(Y, omega, F, G, sim, bits: int):
     return (Q + 2.0 * GAMMA * bar).double()
 
 
+COMPILED = ("ours", "written", "before")  # the variants that run a compiled DCC
+
+
 def child(spec: dict) -> None:
     """Run one variant, save B, print a JSON line with times and memory."""
     import torch
@@ -94,25 +104,31 @@ def child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     Y, omega, F, G, B0, sim = make_inputs(spec["n"], spec["m"], spec["bits"], spec["classes"],
                                           spec["multi"], spec["seed"])
-    compiled = spec["variant"] == "ours"
-    if compiled and not spec["linear_only"]:  # the kernel's first call (cache load) before the
-        codes.dcc(B0[:4], codes.code_hessian(F, G), torch.ones(4, spec["bits"]), ETA)  # clock
+    variant, bits, n = spec["variant"], spec["bits"], spec["n"]
+    kw = dict(gamma=GAMMA, eta=ETA, bits=bits, chunk_rows=spec["chunk_rows"])
+    if variant in COMPILED and not spec["linear_only"]:  # the kernels' first calls (cache
+        H = codes.code_hessian(F, G)  # loads) before the clock
+        for by_class in (True, False):
+            codes.dcc(B0[:4], H, codes.code_linear(slice(0, 4), Y, omega, F, G, sim,
+                                                   by_class=by_class, **kw), ETA)
     rss0, _ = memory_mib()
-    bits, n = spec["bits"], spec["n"]
     t0 = time.perf_counter()
-    if spec["variant"] == "dense":
+    if variant == "dense":
         Q = dense_linear(Y, omega, F, G, sim, bits)
+    elif variant == "before":
+        Q = codes._code_linear_torch(slice(0, n), Y, omega, F, G, sim, GAMMA, ETA, bits,
+                                     spec["chunk_rows"])
     else:
-        Q = codes.code_linear(slice(0, n), Y, omega, F, G, sim, gamma=GAMMA, eta=ETA, bits=bits,
-                              chunk_rows=spec["chunk_rows"])
+        Q = codes.code_linear(slice(0, n), Y, omega, F, G, sim, by_class=variant == "ours", **kw)
     t_linear = time.perf_counter() - t0
     _, hwm_linear = memory_mib()
-    out = {"t_linear": t_linear, "rss0": rss0, "hwm_linear": hwm_linear,
-           "q_mib": Q.numel() * Q.element_size() / 2**20}
+    out = {"t_linear": t_linear, "rss0": rss0, "hwm_linear": hwm_linear}
+    if isinstance(Q, torch.Tensor):
+        out["q_mib"] = Q.numel() * Q.element_size() / 2**20
     if not spec["linear_only"]:
         t1 = time.perf_counter()
         H = codes.code_hessian(F, G)
-        if compiled:
+        if variant in COMPILED:
             B = codes.dcc(B0, H, Q, ETA, block_rows=spec["dcc_block"])
         else:
             B = codes._dcc_torch(B0, H, Q, ETA, 1, None)
@@ -164,13 +180,19 @@ def main() -> None:
         res["B"] = np.load(spec["out"])
         return res
 
-    cold, cached = first_call_seconds(
-        "import torch\nfrom dadh_dist import codes\n"
-        "B, H, Q = torch.zeros(8, 64, dtype=torch.int8), torch.eye(64, dtype=torch.float64), "
-        "torch.ones(8, 64, dtype=torch.float64)\n"
-        "t0 = time.perf_counter()\ncodes.dcc(B, H, Q, 1.0)\nseconds = time.perf_counter() - t0")
+    probe = ("import torch\nfrom dadh_dist import codes, objective\n"
+             "Y = torch.eye(3, dtype=torch.uint8)[torch.arange(8) % 3]\n"
+             "F = torch.ones(4, 64)\nomega = torch.arange(4)\n"
+             "sim = objective.SoftSimilarity(0.5)\n"
+             "B, H = torch.zeros(8, 64, dtype=torch.int8), torch.eye(64, dtype=torch.float64)\n"
+             "t0 = time.perf_counter()\n"
+             "Q = codes.code_linear(slice(0, 8), Y, omega, F, F, sim, gamma=1.0, eta=1.0, bits=64,"
+             " by_class={})\ncodes.dcc(B, H, Q, 1.0)\nseconds = time.perf_counter() - t0")
+    first = {by_class: first_call_seconds(probe.format(by_class)) for by_class in (True, False)}
     single = {"ours": variant("ours", n=args.n, multi=False)}
     single["ours1"] = variant("ours", n=args.n, multi=False, threads=1)
+    single["written"] = variant("written", n=args.n, multi=False)
+    single["before"] = variant("before", n=args.n, multi=False)
     single["torch"] = variant("torch", n=args.n, multi=False)
     if not args.skip_dense_single:
         single["dense"] = variant("dense", n=args.n, multi=False)
@@ -179,10 +201,12 @@ def main() -> None:
     ref = single[ref_key]
     rows = []
     labels = {"dense": "dense S_Ω (m×n float32) + torch DCC (baseline)",
-              "torch": "factored S + torch DCC (before issue 17; DCC baseline)",
-              "ours": f"ours: factored S + compiled DCC, {args.threads} threads",
+              "torch": "factored S, Q written + torch DCC (DCC baseline)",
+              "before": "before the Q fix: torch Q (n×k gather) + compiled DCC",
+              "written": f"ours, Q written (`code_linear`) + compiled DCC, {args.threads} threads",
+              "ours": f"ours: Q by class, fused into the compiled DCC, {args.threads} threads",
               "ours1": "ours, 1 thread"}
-    for key in ("dense", "torch", "ours", "ours1"):
+    for key in ("dense", "torch", "before", "written", "ours", "ours1"):
         if key not in single:
             continue
         r = single[key]
@@ -194,7 +218,7 @@ def main() -> None:
                    if d else "(no dense run)")
         row.append(ratio(single["torch"]["t_dcc"], r["t_dcc"]))
         row.append("" if key == ref_key else differ)
-        if key.startswith("ours"):
+        if key in ("written", "ours", "ours1"):
             ok = (differ == 0 and single["torch"]["t_dcc"] / r["t_dcc"] >= TARGET_DCC
                   and (d is None or d["t_total"] / r["t_total"] >= TARGET_SPEEDUP))
             row.append(verdict(ok) if d else verdict(ok) + " (DCC only)")
@@ -222,9 +246,14 @@ def main() -> None:
                  f"bits ≠ {'dense' if 'dense' in single else 'torch DCC'}",
                  "targets: total ≥ 20×, DCC ≥ 5×, same B"], rows))
     print()
-    print(f"- compiled DCC, first call in a fresh process: {cold:.2f} s with an empty numba cache "
-          f"(the compile), {cached:.3f} s once the cache exists (`cache=True`); not in the times "
-          "above.")
+    print("- Q s: ours builds the `ClassQ` only (no n×k Q); its DCC s builds each block's Q rows.")
+    for by_class, what in ((True, "`code_linear(by_class=True)` + `dcc` (the classes, "
+                                  "`dcc_classes`)"),
+                           (False, "`code_linear` + `dcc` (the classes, `class_linear`, `dcc`)")):
+        cold, cached = first[by_class]
+        print(f"- first call in a fresh process of {what}: {cold:.2f} s with an empty numba "
+              f"cache (the compile), {cached:.3f} s once the cache exists (`cache=True`); not in "
+              "the times above.")
     print(f"# Multi-label Q (`codes.code_linear`, chunk_rows = {args.chunk_rows:,}): memory as n "
           f"grows (m = {args.m:,}, k = {args.bits}, 1-3 of 10 labels a row)\n")
     print(table(["n", "variant", "Q s", "Q size MiB", "peak − inputs MiB", "scratch beyond Q MiB",
