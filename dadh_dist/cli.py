@@ -13,7 +13,8 @@ The flags the tools share, with one meaning each:
     --batch-size N          images per forward pass (train: the global mini-batch)
     --out PATH              a FILE for encode and search, a FOLDER for evaluate, export, quality
     --quiet                 no progress bar or timing lines (notes about the input remain)
-    --json                  the result as JSON on stdout, and errors as JSON on stdout too
+    --json                  the result as one JSON object on stdout, errors too (non-zero exit);
+                            everything else a tool prints goes to stderr
     --name NAME             run or sweep name (train: the same as log.name=NAME)
     --version               the package version
 
@@ -23,7 +24,9 @@ Old spellings (`encode --batch`, `search --k`) still work and print a one-line n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +42,7 @@ EXIT_RUN_FAILED = 1
 # class name along the exception's MRO, so that none of their modules (torch behind most of
 # them) is imported just to be able to catch it.
 USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "CodesError", "StorageError")
-RUN_ERRORS = ("RunFailed", "NonFiniteLoss", "ExportError")
+RUN_ERRORS = ("RunFailed", "NonFiniteLoss", "ExportError", "SweepFailed")
 
 
 # ----------------------------------------------------------------------------------- the parser
@@ -121,11 +124,14 @@ def add_batch_size_arg(parser: argparse.ArgumentParser, old: str | None = None) 
 
 
 def add_output_args(parser: argparse.ArgumentParser, json_help: str,
-                    quiet_help: str = "no progress bar or timing lines (notes about the input "
-                                      "are still printed)") -> None:
-    parser.add_argument("--quiet", action="store_true", help=quiet_help)
+                    quiet_help: str | None = "no progress bar or timing lines (notes about the "
+                                             "input are still printed)") -> None:
+    """--quiet (unless `quiet_help` is None) and --json."""
+    if quiet_help is not None:
+        parser.add_argument("--quiet", action="store_true", help=quiet_help)
     parser.add_argument("--json", action="store_true",
-                        help=json_help + "; errors are JSON on stdout too (exit code 2)")
+                        help=json_help + "; errors are JSON on stdout too, with a non-zero "
+                             "exit code (2: a mistake in the input)")
 
 
 def device_arg(text: str):
@@ -189,6 +195,23 @@ def _print_json(payload: dict) -> None:
 
 def wants_json(argv: list[str] | None) -> bool:
     return "--json" in (sys.argv[1:] if argv is None else argv)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send what is written to stdout inside the block to stderr: our prints, and writes to
+    file descriptor 1 by libraries and child processes (Ray Tune's progress tables, forwarded
+    worker logs), so that a --json tool's stdout holds its JSON object alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _exit_code(e: BaseException) -> int | None:
@@ -557,6 +580,10 @@ def tune_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="sweep TOML file (configs/sweep_*.toml)")
     parser.add_argument("--name", help="sweep name (default: the file's name key or stem)")
     parser.add_argument("--num-samples", type=int, help="trials to sample (overrides the file)")
+    # no --quiet: what a sweep prints while it runs is Ray Tune's own progress table
+    add_output_args(parser, "print every trial (parameters, metrics), the best trial and "
+                    "best_config.toml's path as JSON; Tune's progress goes to stderr",
+                    quiet_help=None)
 
     def body() -> int:
         args, extra = parser.parse_known_args(argv)
@@ -564,14 +591,30 @@ def tune_main(argv: list[str] | None = None) -> int:
 
         sweep = sweeps.load_sweep(args.config, config_mod.parse_overrides(extra),
                                   args.num_samples, args.name)
-        try:
-            result = sweeps.run_sweep(sweep)
-        except sweeps.SweepFailed as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 130 if result["interrupted"] else 0
+        if not args.json:
+            return 130 if sweeps.run_sweep(sweep)["interrupted"] else 0
+        ray_was_up = _ray_is_up()
+        with stdout_to_stderr():
+            try:
+                result = sweeps.run_sweep(sweep)
+            finally:
+                # a Ray started here stops before the JSON is printed, so that no worker log
+                # line it still forwards can follow the JSON on stdout
+                if not ray_was_up and _ray_is_up():
+                    sys.modules["ray"].shutdown()
+        if result["interrupted"]:
+            result.update(error=f"sweep {result['sweep']} interrupted after "
+                                f"{result['finished']}/{result['expected']} trials; rerun the "
+                                "same command to resume it", exit_code=130)
+        _print_json(result)
+        return result.get("exit_code", 0)
 
-    return run_main(body)
+    return run_main(body, wants_json(argv))
+
+
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")  # never imported: not started either
+    return ray is not None and ray.is_initialized()
 
 
 def _comma_list(item: type):
@@ -608,7 +651,11 @@ def quality_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method-override", action="append", default=[], metavar="M:KEY=VALUE",
                         help="override for one method only, e.g. adsh:train.outer_iters=20")
     parser.add_argument("--table-only", action="store_true",
-                        help="train nothing: tabulate the cells that already finished")
+                        help="train nothing: tabulate the cells that already finished (no "
+                             "file is written)")
+    add_output_args(parser, "print every cell's row (command, metrics or error), the Markdown "
+                    "table and its path as JSON; the line per cell goes to stderr",
+                    quiet_help="no line per cell as it finishes: only the table")
 
     def body() -> int:
         import os
@@ -635,13 +682,27 @@ def quality_main(argv: list[str] | None = None) -> int:
         for cell in cells:  # every config file and override checked before anything runs
             config_mod.load(plan.config_path(cell), plan.cell_overrides(cell))
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
-        rows = quality.run_plan(plan, cells, args.parallel, threads, train=not args.table_only)
-        if args.table_only:
-            print(quality.table(rows), end="")
-            return 0
-        path = quality.write(plan, rows)
-        print(path.read_text(), end="")
-        print(f"table: {path}")
-        return 1 if any("error" in r for r in rows) else 0
 
-    return run_main(body)
+        def progress(line: str) -> None:  # a cell's line as it finishes
+            if not args.quiet:
+                print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+        rows = quality.run_plan(plan, cells, args.parallel, threads, progress,
+                                train=not args.table_only)
+        path = None if args.table_only else quality.write(plan, rows)
+        failed = 0 if args.table_only else sum("error" in r for r in rows)
+        if args.json:
+            payload = {"out": str(plan.out), "table": str(path) if path else None,
+                       "markdown": quality.table(rows), "rows": rows}
+            if failed:
+                payload.update(error=f"{failed} of {len(rows)} cells failed (see their rows' "
+                                     "error)", exit_code=EXIT_RUN_FAILED)
+            _print_json(payload)
+        elif path is None:
+            print(quality.table(rows), end="")
+        else:
+            print(path.read_text(), end="")
+            print(f"table: {path}")
+        return EXIT_RUN_FAILED if failed else 0
+
+    return run_main(body, wants_json(argv))

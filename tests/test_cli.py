@@ -67,6 +67,7 @@ def test_every_tool_speaks_the_same_flags(probes):
     model_tools = ("evaluate", "encode", "search", "export")
     for job in model_tools:
         assert {"--checkpoint", "--device", "--json", "--quiet", "--out"} <= flags(job), job
+    assert {"--json", "--quiet"} <= flags("quality") and "--json" in flags("tune")
     for job in ("encode", "search", "export"):
         assert "--encoder" in flags(job) and "--encoders" not in flags(job), job
     assert {"--encoders", "--encoder"} <= flags("evaluate")  # several accepted, both spellings
@@ -107,6 +108,43 @@ def test_json_user_error_is_json_on_stdout(tmp_path, capsys):
     assert captured.out == "" and captured.err == f"error: {missing}: codes file not found\n"
 
 
+@pytest.mark.parametrize("main,argv,where", [
+    (cli.tune_main, [], "--config"),  # required
+    (cli.quality_main, ["--parallel", "two"], "--parallel"),
+])
+def test_tune_and_quality_usage_errors_are_json_with_json(capsys, main, argv, where):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--json"])
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert exit_info.value.code == payload["exit_code"] == cli.EXIT_USER_ERROR
+    assert where in payload["error"] and captured.err == ""
+
+
+def test_quality_user_errors_are_json_with_json(capsys):
+    assert cli.quality_main(["--methods", "dadh,nope", "--json"]) == cli.EXIT_USER_ERROR
+    assert json.loads(capsys.readouterr().out) == {
+        "error": "--methods: unknown nope; known: dadh, adsh, dadh-no-code, dadh-no-pair",
+        "exit_code": 2}
+    assert cli.quality_main(["--config", str(DEBUG), "--bits", "16", "objective.gama=3",
+                             "--json"]) == cli.EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    assert "objective.gama" in json.loads(captured.out)["error"] and captured.err == ""
+
+
+def test_stdout_to_stderr_moves_prints_and_file_descriptor_writes(capfd):
+    import os
+
+    print("before")
+    with cli.stdout_to_stderr():
+        print("a print")
+        os.write(1, b"a write to fd 1\n")  # what Ray Tune and child processes do
+    print("after")
+    captured = capfd.readouterr()
+    assert captured.out == "before\nafter\n"
+    assert captured.err == "a print\na write to fd 1\n"
+
+
 def test_errors_are_classified_without_importing_their_modules():
     class RunFailed(RuntimeError):  # a class of ours is known by its name along the MRO
         __module__ = "dadh_dist.run.ray_train"
@@ -117,6 +155,9 @@ def test_errors_are_classified_without_importing_their_modules():
     assert cli._exit_code(config.ConfigError("x")) == cli.EXIT_USER_ERROR
     assert cli._exit_code(FileNotFoundError("x")) == cli.EXIT_USER_ERROR
     assert cli._exit_code(RunFailed("x")) == cli.EXIT_RUN_FAILED
+    from dadh_dist.sweep.results import SweepFailed  # light: no Ray
+
+    assert cli._exit_code(SweepFailed("x")) == cli.EXIT_RUN_FAILED
     assert cli._exit_code(Unrelated("x")) is None  # a bug stays a traceback
     with pytest.raises(Unrelated):
         cli.run_main(lambda: (_ for _ in ()).throw(Unrelated("boom")))

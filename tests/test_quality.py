@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 from _repo import DEBUG as DEBUG_CONFIG
@@ -61,14 +62,19 @@ def test_topk_protocols_report_map_at_k():
     assert "map_at_1000 f" in text and "| 0.900 | 0.800 | 0.850 | 0.500 (f) |" in text
 
 
+def _finish(plan: quality.Plan, cell: quality.Cell, **metrics) -> None:
+    """Leave the cell as a finished run leaves it: its final metrics and the config it ran."""
+    done = quality.metrics_path(plan, cell)
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"wall_s": 1.0, **metrics}))
+    planned = config.load(plan.config_path(cell), plan.cell_overrides(cell))
+    (done.parent / "config.toml").write_text(planned.to_toml())
+
+
 def test_finished_cells_are_read_back_not_rerun(tmp_path):
     cell = quality.Cell("adsh", 16, 0)
     plan = quality.Plan(DEBUG, tmp_path)
-    done = quality.metrics_path(plan, cell)
-    done.parent.mkdir(parents=True)
-    done.write_text(json.dumps({"map_all_f": 0.5, "wall_s": 1.0}))
-    planned = config.load(plan.config_path(cell), plan.cell_overrides(cell))
-    (done.parent / "config.toml").write_text(planned.to_toml())
+    _finish(plan, cell, map_all_f=0.5)
     row = quality.run_cell(plan, cell, threads=1)
     assert row["metrics"]["map_all_f"] == 0.5 and "process_wall_s" not in row
     # the same cell asked for with another budget: an error, never the old numbers
@@ -96,3 +102,43 @@ def test_quality_main_runs_a_real_cell_and_rejects_bad_arguments(tmp_path, capsy
     assert cli.quality_main(["--config", DEBUG, "--bits", "16", "objective.gama=3"]) == \
         cli.EXIT_USER_ERROR
     assert "objective.gama" in capsys.readouterr().err
+
+
+def test_table_only_json_and_quiet_on_finished_cells(tmp_path, capsys):
+    plan = quality.Plan(DEBUG, tmp_path)
+    _finish(plan, quality.Cell("adsh", 16, 0), map_all_f=0.5, p_at_1000_f=0.25)
+    argv = ["--config", DEBUG, "--methods", "adsh,dadh", "--bits", "16", "--out", str(tmp_path),
+            "--table-only"]
+    assert cli.quality_main([*argv, "--json"]) == 0  # a cell not run yet is no failure here
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert (payload["out"], payload["table"]) == (str(tmp_path), None)  # --table-only writes none
+    adsh, dadh = payload["rows"]
+    assert (adsh["method"], adsh["metrics"]["map_all_f"]) == ("adsh", 0.5)
+    assert adsh["command"] == shlex.join(plan.command(quality.Cell("adsh", 16, 0)))
+    assert (dadh["method"], dadh["error"]) == ("dadh", "not run yet")
+    assert "| adsh | 16 | 1 | 0.500 | — | — | 0.250 (f) | 1 |" in payload["markdown"]
+    # the line per cell went to stderr
+    assert captured.err.splitlines() == ["adsh_16b_s0: map_all_f=0.5000, wall 1s",
+                                         "dadh_16b_s0: not run yet"]
+    assert cli.quality_main([*argv, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == payload["markdown"] and captured.err == ""
+    assert not (tmp_path / "table.md").exists()
+
+
+def test_failed_cells_are_a_json_result_with_exit_1(tmp_path, capsys, monkeypatch):
+    rows = [_row("adsh", 16, 0, map_all_f=0.5, p_at_1000_f=0.25),
+            {"method": "dadh", "bits": 16, "seed": 0, "error": "exit 1: boom (log: x.log)"}]
+    monkeypatch.setattr(quality, "run_plan", lambda *args, **kwargs: rows)  # no training
+    argv = ["--config", DEBUG, "--methods", "adsh,dadh", "--bits", "16", "--out", str(tmp_path)]
+    assert cli.quality_main([*argv, "--json"]) == cli.EXIT_RUN_FAILED
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["exit_code"] == 1
+    assert payload["error"] == "1 of 2 cells failed (see their rows' error)"
+    assert payload["rows"] == rows and payload["table"] == str(tmp_path / "table.md")
+    assert (tmp_path / "table.md").read_text() == payload["markdown"]
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+    # without --json: the same exit code, the table and its path on stdout
+    assert cli.quality_main(argv) == cli.EXIT_RUN_FAILED
+    assert capsys.readouterr().out == payload["markdown"] + f"table: {tmp_path / 'table.md'}\n"

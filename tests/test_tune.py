@@ -19,7 +19,7 @@ import pytest
 import torch
 from _repo import DEBUG, ROOT, job_args
 
-from dadh_dist import config, sweep
+from dadh_dist import cli, config, sweep
 from dadh_dist import run as runner
 from dadh_dist.config import ConfigError
 from dadh_dist.run.session import ensure_ray
@@ -306,6 +306,11 @@ def test_results_rows_best_trial_and_files(tmp_path):
     (s.folder / "trial_a" / "config.toml").write_text(trial.to_toml())
     out = sweep.summarize(s, grid, finished=5)
     assert out["best"]["trial"] == "trial_a" and not out["interrupted"]
+    # what tune --json prints: plain data, the counts the table's header line gives
+    assert json.loads(json.dumps(out)) == out
+    assert (out["sweep"], out["metric"], out["mode"]) == ("sweep", "val/map_all_fg", "max")
+    assert (out["finished"], out["expected"], out["failed"]) == (5, 5, 2)
+    assert out["rows"] == rows and out["best_config"] == str(s.folder / "best_config.toml")
     text = Path(out["best_config"]).read_text()
     assert text.startswith("# Best trial of sweep 'sweep' (trial_a): objective.gamma = 100\n"
                            "# val/map_all_fg = 0.6000 after 3 outer iterations.\n")
@@ -323,6 +328,43 @@ def test_results_rows_best_trial_and_files(tmp_path):
     stopped = _Grid([_result(s, "trial_b", 500.0, [0.7, 0.9])])
     with pytest.raises(sweep.SweepFailed, match=r"no trial completed all 3 outer iterations"):
         sweep.summarize(dataclasses.replace(s, num_samples=1), stopped, finished=1)
+
+
+def test_tune_json_prints_the_results_alone_on_stdout(tmp_path, monkeypatch, capfd):
+    path = _write(tmp_path, GOOD)
+    argv = ["--config", str(path), f"log.run_dir={json.dumps(str(tmp_path / 'runs'))}", "--json"]
+
+    def interrupted(s):  # what run_sweep returns after a Ctrl-C during the second trial
+        print("Tune's progress table")
+        os.write(1, b"a worker's log line, forwarded by Ray\n")
+        return sweep.summarize(s, _Grid([_result(s, "trial_a", 100.0, [0.3, 0.6, 0.65])]),
+                               finished=1)
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    assert cli.tune_main(argv) == 130
+    captured = capfd.readouterr()
+    payload = json.loads(captured.out)  # one object and nothing else
+    assert payload["interrupted"] and payload["exit_code"] == 130
+    assert payload["error"] == ("sweep sweep interrupted after 1/2 trials; rerun the same "
+                                "command to resume it")
+    assert [(r["trial"], r["params"], r["iters"], r["val"], r["val_best"])
+            for r in payload["rows"]] == [("trial_a", {"objective.gamma": 100.0}, 3, 0.65, 0.65)]
+    assert payload["best"] is None and payload["best_config"] is None
+    assert payload["folder"] == str(tmp_path / "runs" / "sweep")
+    assert "Tune's progress table\na worker's log line, forwarded by Ray\n" in captured.err
+    assert "trial_a" in captured.err  # the summary table, as without --json
+
+    def failed(s):
+        raise sweep.SweepFailed("sweep sweep: no trial completed all 3 outer iterations")
+
+    monkeypatch.setattr(sweep, "run_sweep", failed)
+    assert cli.tune_main(argv) == cli.EXIT_RUN_FAILED
+    assert json.loads(capfd.readouterr().out) == {
+        "error": "sweep sweep: no trial completed all 3 outer iterations", "exit_code": 1}
+    assert cli.tune_main(argv[:-1]) == cli.EXIT_RUN_FAILED
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == (
+        "error: sweep sweep: no trial completed all 3 outer iterations\n")
 
 
 # ---------------------------------------------------------------------------------------------

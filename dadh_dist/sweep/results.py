@@ -119,15 +119,17 @@ def write_hparams(s: Sweep, rows: list[dict]) -> Path:
 def summarize(s: Sweep, results, finished: int) -> dict:
     """Print the sweep's table and, once every trial has finished, write its hparams and best
     config. `results`: Tune's ResultGrid (any iterable of results with `num_errors`);
-    `finished`: trials Tune's saved state holds as done."""
+    `finished`: trials Tune's saved state holds as done. Returns the results as plain data
+    (what `tune --json` prints): the rows, the best row, best_config.toml's path."""
     rows = trial_rows(s, results)
     interrupted = finished < s.expected_trials
     best = None if interrupted else best_row(s, rows)
     print(f"\nsweep {s.name}: {finished}/{s.expected_trials} trials finished"
           + (f", {results.num_errors} failed" if results.num_errors else ""))
     print(format_table(s, rows, best), flush=True)
-    out = {"folder": str(s.folder), "rows": rows, "interrupted": interrupted, "best": best,
-           "best_config": None}
+    out = {"sweep": s.name, "folder": str(s.folder), "metric": s.metric, "mode": s.mode,
+           "finished": finished, "expected": s.expected_trials, "failed": results.num_errors,
+           "interrupted": interrupted, "rows": rows, "best": best, "best_config": None}
     if interrupted:
         print(f"sweep {s.name} interrupted; rerun the same command to resume it", flush=True)
         return out
