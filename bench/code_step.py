@@ -13,9 +13,9 @@ DCC sweep over the k bit columns, from B = 0 (the first outer iteration; `codes.
 * ours, 1 thread: the same with `torch.set_num_threads(1)`, which the kernels follow.
 * ours, Q written: `codes.code_linear` (Q written in one pass, `kernels.class_linear`, what
   other callers get) + `codes.dcc` on it (`kernels.dcc`).
-* before the Q fix: the torch Q (`codes._code_linear_torch`: the class rows gathered into an
-  n×k matrix, scaled, added to zeros, the γ term by `index_add_`; still the form for CUDA
-  tensors and multi-label data) + the compiled DCC: the library as it was.
+* before the Q fix: the torch Q the library had before `codes.ClassQ`, written out below (the
+  class rows gathered into an n×k matrix, scaled into another, added to zeros, the γ term by
+  `index_add_`) + the compiled DCC: the library as it was.
 * torch DCC: the written Q, then the torch DCC the library used before issue 17
   (`codes._dcc_torch`, still its form for CUDA tensors): the baseline of the DCC target.
 * dense: the reference way, written naively below: S_Ω built explicitly as an m×n float32
@@ -95,6 +95,20 @@ def dense_linear(Y, omega, F, G, sim, bits: int):
 COMPILED = ("ours", "written", "before")  # the variants that run a compiled DCC
 
 
+def gathered_linear(Y, omega, F, G, sim, bits: int):
+    """Q as `codes.code_linear` computed it for single-label data before `codes.ClassQ`."""
+    import torch
+
+    from dadh_dist import objective
+
+    U = F.double() + G.double()
+    assert objective.is_single_label(Y) and objective.is_single_label(Y[omega])  # its test
+    Q = torch.zeros(Y.shape[0], bits, dtype=torch.float64)
+    Q += 2.0 * ETA * bits * objective.class_similarity_rows(sim, Y[omega], U)[Y.argmax(1)]
+    Q.index_add_(0, omega, 2.0 * GAMMA * U)
+    return Q
+
+
 def child(spec: dict) -> None:
     """Run one variant, save B, print a JSON line with times and memory."""
     import torch
@@ -116,8 +130,7 @@ def child(spec: dict) -> None:
     if variant == "dense":
         Q = dense_linear(Y, omega, F, G, sim, bits)
     elif variant == "before":
-        Q = codes._code_linear_torch(slice(0, n), Y, omega, F, G, sim, GAMMA, ETA, bits,
-                                     spec["chunk_rows"])
+        Q = gathered_linear(Y, omega, F, G, sim, bits)
     else:
         Q = codes.code_linear(slice(0, n), Y, omega, F, G, sim, by_class=variant == "ours", **kw)
     t_linear = time.perf_counter() - t0

@@ -146,9 +146,11 @@ def _code_linear_torch(rows, labels_db, omega, F, G, sim, gamma, eta, bits, chun
     """`code_linear` in torch on the tensors' device (multi-label data; CUDA tensors)."""
     U = F.double() if G is None else F.double() + G.double()
     labels_rows = labels_db[rows]
-    Q = torch.zeros(labels_rows.shape[0], U.shape[1], dtype=torch.float64)
-    if eta > 0:
-        Q += 2.0 * eta * bits * similarity_times(sim, labels_rows, labels_db[omega], U, chunk_rows)
+    Q = (torch.empty if eta > 0 else torch.zeros)(labels_rows.shape[0], U.shape[1],
+                                                  dtype=torch.float64)
+    if eta > 0:  # in place: Q's own memory and one chunk, no n×k temporaries (note 4 of §2)
+        similarity_times(sim, labels_rows, labels_db[omega], U, chunk_rows, out=Q)
+        Q.mul_(2.0 * eta * bits)
     if gamma > 0:
         start, stop, _ = rows.indices(labels_db.shape[0])
         inside = (omega >= start) & (omega < stop)

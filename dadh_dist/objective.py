@@ -90,21 +90,25 @@ def similarity_times(
     labels_cols: torch.Tensor,
     U: torch.Tensor,
     chunk_rows: int = 8192,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """S(rows, cols) · U  for S = (1+r)·S01 − r.  labels_rows (a, c), labels_cols (b, c), U (b, k).
 
     Single-label: S01 = Y_rows·Y_colsᵀ, so S01·U = Y_rows·(Y_colsᵀ·U) in O((a + b)·c·k).
     Multi-label: S01 is built in blocks of `chunk_rows` rows, so peak memory is chunk_rows × b.
+    out: an (a, k) tensor of U's dtype to write the result into, in place (no a×k temporaries).
     """
     U = U.to(torch.float64) if U.dtype == torch.float64 else U.float()
+    if out is None:
+        out = torch.empty(labels_rows.shape[0], U.shape[1], dtype=U.dtype)
     if is_single_label(labels_rows) and is_single_label(labels_cols):
         # each row's S01·U is its class's sum of U: look it up instead of multiplying (c, k)
-        return class_similarity_rows(sim, labels_cols, U)[labels_rows.argmax(1)]
-    s01_u = torch.empty(labels_rows.shape[0], U.shape[1], dtype=U.dtype)
+        return torch.index_select(class_similarity_rows(sim, labels_cols, U), 0,
+                                  labels_rows.argmax(1), out=out)
     for start in range(0, labels_rows.shape[0], chunk_rows):
         block = similar01(labels_rows[start : start + chunk_rows], labels_cols).to(U.dtype)
-        s01_u[start : start + chunk_rows] = block @ U
-    return (1.0 + sim.r) * s01_u - sim.r * U.sum(0, keepdim=True)
+        out[start : start + chunk_rows] = block @ U
+    return out.mul_(1.0 + sim.r).sub_(sim.r * U.sum(0, keepdim=True))
 
 
 def class_similarity_rows(

@@ -140,12 +140,20 @@ def test_one_stream_and_switches():
 
 
 def code_linear_reference(rows, y, omega, F, G, sim, gamma, eta, k):
-    """Q as `code_linear` wrote it before the class form, plainly: zeros, += 2ηk·(S_Ωᵀ·U) rows
-    gathered from the class rows (`similarity_times`), then `index_add_` of 2γ·U at Ω."""
+    """Q as `code_linear` wrote it before the class form and the in-place writes, plainly:
+    zeros, += 2ηk·(S_Ωᵀ·U) (single-label: the class rows gathered; multi-label: the affine of
+    S01·U), then `index_add_` of 2γ·U at Ω."""
     U = F.double() if G is None else F.double() + G.double()
-    Q = torch.zeros(y[rows].shape[0], U.shape[1], dtype=torch.float64)
+    y_rows, y_omega = y[rows], y[omega]
+    Q = torch.zeros(y_rows.shape[0], U.shape[1], dtype=torch.float64)
     if eta > 0:
-        Q += 2.0 * eta * k * obj.similarity_times(sim, y[rows], y[omega], U, chunk_rows=16)
+        col_sum = U.sum(0, keepdim=True)
+        if obj.is_single_label(y_rows) and obj.is_single_label(y_omega):
+            class_rows = (1.0 + sim.r) * (y_omega.double().T @ U) - sim.r * col_sum
+            s_u = class_rows[y_rows.argmax(1)]
+        else:
+            s_u = (1.0 + sim.r) * (obj.similar01(y_rows, y_omega).double() @ U) - sim.r * col_sum
+        Q += 2.0 * eta * k * s_u
     if gamma > 0:
         start, stop, _ = rows.indices(y.shape[0])
         inside = (omega >= start) & (omega < stop)
@@ -226,6 +234,9 @@ def test_rows_that_are_not_one_hot_take_the_torch_form():
             Q = codes.code_linear(rows, labels, omega, F, G, sim, gamma=9.0, eta=1.0, bits=6,
                                   by_class=True)
             assert isinstance(Q, torch.Tensor) and torch.equal(Q, ref)
+            for chunk in (1, 7):  # the chunks write Q in place
+                assert torch.equal(codes.code_linear(rows, labels, omega, F, G, sim, gamma=9.0,
+                                                     eta=1.0, bits=6, chunk_rows=chunk), ref)
             Qc = codes.code_linear(rows, labels, omega, F, G, sim, gamma=9.0, eta=0.0, bits=6,
                                    by_class=True)
             assert isinstance(Qc, codes.ClassQ)
