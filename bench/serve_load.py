@@ -150,6 +150,7 @@ def main() -> None:
 
     from dadh_dist import cli
     from dadh_dist import serve as serving
+    from dadh_dist.run.session import loopback_only
 
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         tmp = Path(tmp)
@@ -176,6 +177,7 @@ def main() -> None:
 
         port = _free_port()
         options = serving.Options(checkpoint=str(run), port=port, replicas=args.replicas)
+        loopback_only()
         ray.init(num_cpus=args.cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                  log_to_driver=False)
         try:

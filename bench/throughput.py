@@ -38,6 +38,7 @@ from _common import table, verdict
 
 from dadh_dist import config
 from dadh_dist import run as runner
+from dadh_dist.run.session import loopback_only
 
 TARGET_OVERHEAD = 0.05
 SETUPS = [  # (key, label, overrides)
@@ -145,6 +146,7 @@ def main() -> None:
         args.repeat, keys = 1, {"local1", "ray1x1", "ray2x1"}
     load0 = _env.load_average()
     root = Path(tempfile.mkdtemp(prefix="dadh_bench_tp_"))
+    loopback_only()
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=False)
     sections = []

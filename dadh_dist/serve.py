@@ -786,6 +786,9 @@ def serve_forever(options: Options) -> int:
     own_ray = not ray.is_initialized()
     if own_ray and not os.environ.get("RAY_ADDRESS"):
         _check_port(options.host, options.port)
+        from dadh_dist.run.session import loopback_only
+
+        loopback_only()  # Ray's own servers; the HTTP proxy listens on --host
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
         need, have = options.replicas * options.cpus_per_replica, ray.cluster_resources()["CPU"]
         if need > have:

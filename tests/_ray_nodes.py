@@ -1,6 +1,13 @@
 """Ray nodes on this machine for tests: `ray start --block`, each node in a Unix session of its
 own, so that a test can kill exactly one node, and tears every node down by its session.
 
+Every node, and every driver given `ray_env()`, listens on 127.0.0.1 only: Ray swaps a loopback
+`--node-ip-address` for the machine's routable address unless it runs in its single-machine mode
+(`session.SINGLE_MACHINE_ENV` = 0, see `session.loopback_only`), and in that mode `ray start
+--address` refuses to add a node. A second node is therefore started by `JOIN_ON_LOOPBACK`, which
+lifts that refusal and keeps 127.0.0.1 as the node's address, for the `ray start` process only;
+the node's own processes inherit the single-machine mode.
+
 Never `ray stop`: it stops every Ray on the machine, including other people's.
 """
 
@@ -17,6 +24,8 @@ from pathlib import Path
 
 from _repo import ROOT
 
+from dadh_dist.run.session import SINGLE_MACHINE_ENV
+
 
 def ray_bin() -> str:
     """The `ray` command of this interpreter (the one on PATH as a fallback)."""
@@ -26,10 +35,25 @@ def ray_bin() -> str:
 
 def ray_env(**extra: str) -> dict:
     """Environment for nodes and drivers: token auth (the cluster's default) and the repo importable
-    by workers, whatever node they run on; never an inherited RAY_ADDRESS."""
+    by workers, whatever node they run on; never an inherited RAY_ADDRESS. A node is started with
+    RAY_ADDRESS set to its own cluster, which its worker processes inherit: Ray Train's
+    placement-group cleaner finds its cluster by address autodetection, which fails while another
+    Ray runs on this machine (see `session._pin_ray_address`)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**env, "RAY_AUTH_MODE": "token", "PYTHONPATH": path, **extra}
+    return {**env, "RAY_AUTH_MODE": "token", "PYTHONPATH": path, SINGLE_MACHINE_ENV: "0", **extra}
+
+
+JOIN_ON_LOOPBACK = """
+import sys
+import ray._private.ray_constants as constants
+import ray._private.services as services
+from ray.scripts.scripts import main
+constants.ENABLE_RAY_CLUSTER = True  # the worker-node check of `ray start`
+services.resolve_ip_for_localhost = lambda host: host  # --node-ip-address=127.0.0.1 stays
+sys.argv[0] = "ray"
+sys.exit(main())
+"""
 
 
 def session_pids(sid: int) -> list[int]:
@@ -83,7 +107,7 @@ class Node:
     dashboard_url = ""
     """A head's dashboard (`ray job submit --address`); set by start_head."""
 
-    def __init__(self, args: list[str], env: dict, num_cpus: int):
+    def __init__(self, args: list[str], env: dict, num_cpus: int, ray: list[str] | None = None):
         self.temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")  # short: socket paths
         self.log = Path(self.temp_dir) / "ray_start.log"
         ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
@@ -91,7 +115,7 @@ class Node:
                  "--object-manager-port"]
         self._out = open(self.log, "w")
         self.proc = subprocess.Popen(
-            [ray_bin(), "start", "--block", "--node-ip-address=127.0.0.1",
+            [*(ray or [ray_bin()]), "start", "--block", "--node-ip-address=127.0.0.1",
              f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
              *[f"{p}={n}" for p, n in zip(ports, free_ports(len(ports)))], *args],
             env=env, cwd=ROOT, start_new_session=True, stdout=self._out, stderr=subprocess.STDOUT,
@@ -125,13 +149,14 @@ def start_head(num_cpus: int, env: dict) -> tuple[Node, str]:
     port, dashboard, client = free_ports(3)
     head = Node(["--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                  f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}"],
-                env, num_cpus)
+                {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, num_cpus)
     head.dashboard_url = f"http://127.0.0.1:{dashboard}"
     return head, f"127.0.0.1:{port}"
 
 
 def start_worker_node(address: str, num_cpus: int, env: dict) -> Node:
-    return Node([f"--address={address}"], env, num_cpus)
+    return Node([f"--address={address}"], {**env, "RAY_ADDRESS": address}, num_cpus,
+                ray=[sys.executable, "-c", JOIN_ON_LOOPBACK])
 
 
 WAIT_FOR_NODES = """
@@ -155,3 +180,51 @@ def wait_for_nodes(address: str, count: int, env: dict, timeout_s: float = 90,
                            str(timeout_s), str(free_cpus)], env=env, capture_output=True,
                           text=True, timeout=timeout_s + 60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(c for c in children.get(pid, []) if c not in found)
+    return found
+
+
+# local addresses in /proc/net/tcp{,6} (hex, as the kernel writes them) that are loopback
+_LOOPBACK = ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+
+
+def listening_beyond_loopback(root: int) -> list[str]:
+    """'address:port (command)' of every TCP socket that the processes under `root` (itself,
+    its children, theirs...) listen on at an address other than 127.0.0.1 / ::1."""
+    owner: dict[str, int] = {}
+    for pid in _descendants(root):
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        owner.update({link[8:-1]: pid for link in links if link.startswith("socket:[")})
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            address, port = local.split(":")
+            if state == "0A" and inode in owner and address not in _LOOPBACK:
+                try:
+                    command = Path(f"/proc/{owner[inode]}/cmdline").read_bytes().split(b"\0")[0]
+                except OSError:
+                    command = b"?"
+                if len(address) == 8:  # IPv4, in the kernel's byte order
+                    address = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                found.append(f"{address}:{int(port, 16)} ({command.decode()})")
+    return found

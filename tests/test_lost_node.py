@@ -26,6 +26,7 @@ from _gloo import run_workers
 from _nontrivial import assert_learned, assert_same_run
 from _ray_nodes import (
     kill_session,
+    listening_beyond_loopback,
     ray_bin,
     ray_env,
     start_head,
@@ -109,12 +110,14 @@ def head(head_node) -> str:
 
 
 @pytest.fixture
-def second_node(head):
+def second_node(head_node):
     env = ray_env()
-    node = start_worker_node(head, 1, env)
+    node = start_worker_node(head_node.address, 1, env)
     try:
         node.wait_started()
-        wait_for_nodes(head, 2, env, free_cpus=2)  # both nodes idle: a run starts on both
+        wait_for_nodes(head_node.address, 2, env, free_cpus=2)  # both idle: a run starts on both
+        # both nodes on 127.0.0.1 only (_ray_nodes: nodes and drivers in Ray's single-machine mode)
+        assert listening_beyond_loopback(head_node.sid) + listening_beyond_loopback(node.sid) == []
         yield node
     finally:
         node.kill()

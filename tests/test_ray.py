@@ -14,6 +14,7 @@ from _repo import DEBUG
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, storage, uris
 from dadh_dist import run as runner
+from dadh_dist.run.session import ensure_ray
 
 pytestmark = pytest.mark.slow  # starts a Ray cluster
 
@@ -36,8 +37,9 @@ def ray_local():
     # fake S3 credentials for the remote-storage test: workers inherit the environment Ray
     # starts with, as they would inherit a node's real credentials
     with _s3.credentials():
-        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False)
+        # as jobs/train.py starts it: on loopback, each worker pinned to this cluster (other Ray
+        # instances run on this machine at the same time, see conftest.py)
+        ensure_ray(num_cpus=2, log_to_driver=False)
         try:
             yield
         finally:

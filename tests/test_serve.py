@@ -28,6 +28,7 @@ from dadh_dist import checkpoint as ckpt
 from dadh_dist import cli, codesfile, config, export, inference
 from dadh_dist import run as runner
 from dadh_dist import serve as serving
+from dadh_dist.run.session import loopback_only
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +114,7 @@ def service(run):
     port = _free_port()
     options = serving.Options(checkpoint=str(run), port=port, replicas=2,
                               max_images=MAX_IMAGES, max_body_bytes=MAX_BODY, batch_wait_s=0.05)
+    loopback_only()
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=False)
     try:

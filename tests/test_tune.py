@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _ray_nodes import listening_beyond_loopback
 from _repo import DEBUG, ROOT, job_args
 
 from dadh_dist import cli, config, sweep
@@ -383,6 +384,15 @@ def ray_tune():
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_started_here_listens_on_loopback_only(ray_tune):
+    """What `ensure_ray` starts (GCS, raylet, agents, dashboard, workers) listens on 127.0.0.1."""
+    import ray
+
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert listening_beyond_loopback(os.getpid()) == []
 
 
 @pytest.mark.slow

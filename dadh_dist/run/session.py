@@ -1,8 +1,8 @@
 """The one place that connects to Ray or starts it here (training runs, sweeps, serving).
 
-Started here, Ray listens on 127.0.0.1 only and runs its dashboard: Ray Train's placement-group
-cleaner polls the state API the dashboard serves (without it, it warns every few seconds), and a
-Tune trial stopped early leaks its placement group without it (Ray issue 54305).
+Started here, Ray listens on 127.0.0.1 only (`loopback_only`) and runs its dashboard: Ray Train's
+placement-group cleaner polls the state API the dashboard serves (without it, it warns every few
+seconds), and a Tune trial stopped early leaks its placement group without it (Ray issue 54305).
 """
 
 from __future__ import annotations
@@ -10,6 +10,25 @@ from __future__ import annotations
 import os
 
 from dadh_dist.config import ConfigError
+
+# Ray's single-machine mode (its default on macOS and Windows), switched on by this variable = 0
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """Make the Ray this process starts next listen on 127.0.0.1 only.
+
+    `ray.init(_node_ip_address="127.0.0.1")` alone does not do it: Ray swaps a loopback address
+    for the machine's routable one (`services.resolve_ip_for_localhost`), and its servers then
+    listen on that address or on every interface. In Ray's single-machine mode the node's
+    address stays 127.0.0.1 and every server binds there; no other node can join, which is what
+    a Ray started in-process is for. Ray reads the variable when it is imported, so the constant
+    is also set on a Ray already imported; the processes it starts inherit the variable.
+    """
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _pin_ray_address() -> None:
@@ -41,6 +60,7 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True,
     elif os.environ.get("RAY_ADDRESS"):
         ctx = ray.init(log_to_driver=log_to_driver)
     else:
+        loopback_only()
         ctx = ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
                        dashboard_host="127.0.0.1", log_to_driver=log_to_driver,
                        runtime_env={"worker_process_setup_hook": _pin_ray_address})
