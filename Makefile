@@ -27,8 +27,8 @@ data:
 demo: install data
 	$(PY) jobs/train.py $(if $(DATA_ROOT),data.root=$(DATA_ROOT))
 
-# three pytest-xdist workers: the tests that start Ray run in two groups (tests/conftest.py)
-# (tests/conftest.py), everything else in both
+# three pytest-xdist workers: the tests that start Ray run in two groups, one worker each, the
+# rest wherever a worker is free (tests/conftest.py)
 test: install data
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 3 --dist loadgroup
