@@ -27,11 +27,11 @@ data:
 demo: install data
 	$(PY) jobs/train.py $(if $(DATA_ROOT),data.root=$(DATA_ROOT))
 
-# three pytest-xdist workers: the tests that start Ray run in two groups, one worker each, the
-# rest wherever a worker is free (tests/conftest.py)
+# two pytest-xdist workers: the tests that start Ray run one after another in one of them
+# (tests/conftest.py), everything else in both
 test: install data
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 3 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint:
 	$(PY) -m ruff check .
