@@ -14,6 +14,7 @@ Never `ray stop`: it stops every Ray on the machine, including other people's.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -33,15 +34,23 @@ def ray_bin() -> str:
     return str(path) if path.exists() else shutil.which("ray")
 
 
+# The token of the clusters these tests start, in their environment only: `ray start` in token
+# mode refuses to start without one, and a fresh machine has no ~/.ray/auth_token (which an
+# in-process `ray.init` would create, and which these tests neither need nor write)
+TOKEN = secrets.token_hex(32)
+
+
 def ray_env(**extra: str) -> dict:
-    """Environment for nodes and drivers: token auth (the cluster's default) and the repo importable
-    by workers, whatever node they run on; never an inherited RAY_ADDRESS. A node is started with
+    """Environment for nodes and drivers: token auth (the cluster's default, with this session's
+    own token) and the repo importable by workers, whatever node they run on; never an inherited
+    RAY_ADDRESS. A node is started with
     RAY_ADDRESS set to its own cluster, which its worker processes inherit: Ray Train's
     placement-group cleaner finds its cluster by address autodetection, which fails while another
     Ray runs on this machine (see `session._pin_ray_address`)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**env, "RAY_AUTH_MODE": "token", "PYTHONPATH": path, SINGLE_MACHINE_ENV: "0", **extra}
+    return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "PYTHONPATH": path,
+            SINGLE_MACHINE_ENV: "0", **extra}
 
 
 JOIN_ON_LOOPBACK = """
