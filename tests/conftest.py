@@ -1,7 +1,8 @@
 """Shared test setup.
 
 Tests run in two pytest-xdist workers (`make test`: `-n 2 --dist loadgroup`). Every test that
-starts Ray (an in-process cluster, `ray start` nodes, Serve, Tune) is in one group, so they run
+starts Ray (an in-process cluster, `ray start` nodes, Serve, Tune: those that use a fixture of
+RAY_FIXTURES) is in one group, so they run
 one after another in one worker while the other takes the rest (in-process and gloo runs). Two
 Ray clusters at once on two cores were measured slower, not faster: the suite took 651 and 703 s
 on three workers with the Ray tests in two concurrent groups, against 535 and 604 s this way, and
@@ -24,14 +25,20 @@ for _key in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_STATE_ACTO
 # restart tests of test_ray.py keep Ray's default, where the newest-checkpoint rule matters
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
-RAY_FILES = {"test_ray.py", "test_lost_node.py", "test_serve.py", "test_tune.py"}
+# the fixtures that start Ray (an in-process cluster, `ray start` nodes, Serve): a test that uses
+# one joins the Ray group; the other tests of the same files (parsing, gloo runs, Serve's handler
+# without a server) run in either worker
+RAY_FIXTURES = {"ray_local", "head_node", "second_node", "ray_tune", "service"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
 def pytest_collection_modifyitems(config, items):
+    def starts_ray(item) -> bool:
+        return bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
+
     for item in items:
-        if item.path.name in RAY_FILES:
+        if starts_ray(item):
             item.add_marker(pytest.mark.xdist_group("ray"))
     # the Ray group is the longest unit of work: first, so that one worker starts on it while
     # the other takes the rest (the order within each file stays as written)
-    items.sort(key=lambda item: item.path.name not in RAY_FILES)
+    items.sort(key=lambda item: not starts_ray(item))
