@@ -43,8 +43,8 @@ TOKEN = secrets.token_hex(32)
 def ray_env(**extra: str) -> dict:
     """Environment for nodes and drivers: token auth (the cluster's default, with this session's
     own token) and the repo importable by workers, whatever node they run on; never an inherited
-    RAY_ADDRESS. A node is started with
-    RAY_ADDRESS set to its own cluster, which its worker processes inherit: Ray Train's
+    RAY_ADDRESS. A node is started with RAY_ADDRESS set to its own cluster, which its worker
+    processes inherit: Ray Train's
     placement-group cleaner finds its cluster by address autodetection, which fails while another
     Ray runs on this machine (see `session._pin_ray_address`)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -2,8 +2,8 @@
 
 Tests run in two pytest-xdist workers (`make test`: `-n 2 --dist loadgroup`). Every test that
 starts Ray (an in-process cluster, `ray start` nodes, Serve, Tune: those that use a fixture of
-RAY_FIXTURES) is in one group, so they run
-one after another in one worker while the other takes the rest (in-process and gloo runs). Two
+RAY_FIXTURES) is in one group, so they run one after another in one worker while the other
+takes the rest (in-process and gloo runs). Two
 Ray clusters at once on two cores were measured slower, not faster: the suite took 651 and 703 s
 on three workers with the Ray tests in two concurrent groups, against 535 and 604 s this way, and
 the killed-worker test alone went from ~90 s to 300 s.
@@ -26,9 +26,9 @@ for _key in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_STATE_ACTO
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 # the fixtures that start Ray (an in-process cluster, `ray start` nodes, Serve): a test that uses
-# one joins the Ray group; the other tests of the same files (parsing, gloo runs, Serve's handler
-# without a server) run in either worker
-RAY_FIXTURES = {"ray_local", "head_node", "second_node", "ray_tune", "service"}
+# one, directly or through another fixture, joins the Ray group; the other tests of the same
+# files (parsing, gloo runs, Serve's handler without a server) run in either worker
+RAY_FIXTURES = {"ray_local", "head_node", "ray_tune", "service"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
