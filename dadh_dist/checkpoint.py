@@ -1,10 +1,14 @@
 """Checkpoints with a manifest written last (docs/design.md §3).
 
-A checkpoint folder holds `state.pt` (both streams, optimisers, schedulers, B, t; random streams
-are derived from (seed, t, rank), so none is saved),
-`config.toml` (the resolved config) and `manifest.json`, written last, with the SHA-256 of every
-file. A folder whose manifest is missing, unreadable or does not match its files is refused
-with a message naming the file; `latest_valid` then falls back to the previous checkpoint.
+A checkpoint folder holds `state.pt` (both streams, optimisers, schedulers, t; random streams
+are derived from (seed, t, rank), so none is saved), `config.toml` (the resolved config), one
+file of B's rows per worker, `codes_<start>_<stop>.npy` (int8 ±1, each written by the worker that
+holds those rows: Ray merges every worker's files into one checkpoint folder), and
+`manifest.json`, written last by rank 0, with the SHA-256 of every file, every block's included
+(the workers send rank 0 their blocks' digests), and the blocks' row ranges. A folder whose
+manifest is missing, unreadable or does not match its files (a block missing included) is
+refused with a message naming the file; `latest_valid` then falls back to the previous
+checkpoint. Checkpoints of format 1 hold the whole B inside state.pt and still load.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 STATE = "state.pt"
 CONFIG = "config.toml"
-FORMAT = 1
+FORMAT = 2
+BLOCK = "codes_{start:012d}_{stop:012d}.npy"
 
 
 class CheckpointError(RuntimeError):
@@ -46,10 +51,28 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def save_block(folder: str | Path, start: int, stop: int, B_rows) -> tuple[str, str]:
+    """Write one worker's rows [start, stop) of B (int8 (stop - start, k)) into `folder`;
+    returns (file name, SHA-256) for rank 0's manifest."""
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = BLOCK.format(start=start, stop=stop)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(np.asarray(B_rows, dtype=np.int8)), allow_pickle=False)
+    write_atomic(folder / name, buf.getvalue())
+    return name, _sha256(folder / name)
+
+
 def save(folder: str | Path, state: dict, config_toml: str, fingerprint: str,
-         before_manifest: Callable[[], None] | None = None) -> Path:
-    """Write state and config, then the manifest that vouches for them (`before_manifest`: a
-    fault-injection hook, called when the files are written but not yet vouched for)."""
+         before_manifest: Callable[[], None] | None = None,
+         blocks: list[tuple[int, int, str, str]] | None = None,
+         shape: tuple[int, int] | None = None) -> Path:
+    """Write state and config, then the manifest that vouches for them and for every block of B
+    (`blocks`: (start, stop, file, SHA-256) of each worker's `save_block`, in row order;
+    `shape`: B's (n, k)). `before_manifest`: a fault-injection hook, called when the files are
+    written but not yet vouched for."""
     import torch  # here, not at the top: the CLI's error handling imports this module
 
     folder = Path(folder)
@@ -60,12 +83,18 @@ def save(folder: str | Path, state: dict, config_toml: str, fingerprint: str,
     write_atomic(folder / CONFIG, config_toml.encode())
     if before_manifest is not None:
         before_manifest()
-    manifest = {
-        "format": FORMAT,
-        "t": int(state["t"]),
-        "fingerprint": fingerprint,
-        "files": {name: _sha256(folder / name) for name in (STATE, CONFIG)},
-    }
+    files = {name: _sha256(folder / name) for name in (STATE, CONFIG)}
+    manifest = {"format": FORMAT, "t": int(state["t"]), "fingerprint": fingerprint}
+    if blocks is not None:
+        at = 0
+        for start, stop, name, digest in blocks:
+            if start != at:
+                raise ValueError(f"blocks of B must tile the rows in order: {start} after {at}")
+            at = stop
+            files[name] = digest
+        manifest["codes"] = {"shape": [int(v) for v in shape],
+                             "blocks": [[int(a), int(b), name] for a, b, name, _ in blocks]}
+    manifest["files"] = files
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     return folder
 
@@ -91,8 +120,10 @@ def verify(folder: str | Path) -> dict:
     return manifest
 
 
-def load(folder: str | Path, map_location="cpu") -> tuple[dict, dict]:
-    """(state, manifest) of a verified checkpoint."""
+def load(folder: str | Path, map_location="cpu", codes: bool = True) -> tuple[dict, dict]:
+    """(state, manifest) of a verified checkpoint; state["B"] is the whole (n, k) B, assembled
+    from its blocks, unless `codes` is False (a worker that reads only its rows: `load_rows`;
+    a format-1 state.pt holds the whole B whatever `codes` says)."""
     import torch
 
     manifest = verify(folder)
@@ -102,7 +133,43 @@ def load(folder: str | Path, map_location="cpu") -> tuple[dict, dict]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{Path(folder) / STATE}: holds more than tensors and plain values "
                               f"({str(e).strip().splitlines()[0]})") from None
+    if codes and "codes" in manifest:
+        n = codes_shape(manifest, state)[0]
+        state["B"] = load_rows(folder, manifest, state, 0, n)
     return state, manifest
+
+
+def codes_shape(manifest: dict, state: dict | None = None) -> tuple[int, int]:
+    """B's (n, k) in a checkpoint (format 2: the manifest; format 1: state.pt's B)."""
+    if "codes" in manifest:
+        return tuple(int(v) for v in manifest["codes"]["shape"])
+    return tuple(state["B"].shape)
+
+
+def load_rows(folder: str | Path, manifest: dict, state: dict | None, start: int, stop: int):
+    """Rows [start, stop) of a checkpoint's B as an int8 tensor, reading only the blocks that
+    overlap them (memory-mapped), whatever split wrote them. `state`: format 1's state.pt."""
+    import numpy as np
+    import torch
+
+    if "codes" not in manifest:  # format 1: the whole B inside state.pt
+        return state["B"][start:stop].to(torch.int8).clone()
+    n, k = codes_shape(manifest)
+    out = np.empty((stop - start, k), np.int8)
+    for a, b, name in manifest["codes"]["blocks"]:
+        lo, hi = max(a, start), min(b, stop)
+        if lo >= hi:
+            continue
+        path = Path(folder) / name
+        try:
+            rows = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not a block of codes ({e})") from None
+        if rows.shape != (b - a, k) or rows.dtype != np.int8:
+            raise CheckpointError(f"{path}: holds {rows.dtype} {rows.shape}, the manifest says "
+                                  f"int8 {(b - a, k)}")
+        out[lo - start : hi - start] = rows[lo - a : hi - a]
+    return torch.from_numpy(out)
 
 
 def latest_valid(run_folder: str | Path, warn=None) -> Path | None:

@@ -88,7 +88,34 @@ def code_linear(
 ) -> torch.Tensor | ClassQ:
     """Rows `rows` of Q = 2ηk·S_Ωᵀ·(F+G) + 2γ·(F̄+Ḡ)  → (len(rows), k) float64.
 
-    labels_db: (n, c); omega: (m,) database indices of Ω; F, G: (m, k).
+    labels_db: (n, c); omega: (m,) database indices of Ω; F, G: (m, k). The same as
+    `code_linear_rows` with the rows' and Ω's labels taken from labels_db.
+    """
+    start, stop, step = rows.indices(labels_db.shape[0])
+    if step != 1:
+        raise ValueError(f"code_linear: rows must be contiguous, got step {step}")
+    return code_linear_rows(start, labels_db[start:stop], omega, labels_db[omega], F, G, sim,
+                            gamma=gamma, eta=eta, bits=bits, chunk_rows=chunk_rows,
+                            by_class=by_class)
+
+
+def code_linear_rows(
+    start: int,
+    labels_rows: torch.Tensor,
+    omega: torch.Tensor,
+    labels_omega: torch.Tensor,
+    F: torch.Tensor,
+    G: torch.Tensor | None,
+    sim: SoftSimilarity,
+    *,
+    gamma: float,
+    eta: float,
+    bits: int,
+    chunk_rows: int = 8192,
+    by_class: bool = False,
+) -> torch.Tensor | ClassQ:
+    """Rows [start, start + r) of Q from those rows' labels (r, c) and Ω's (m, c) alone: what a
+    worker holding one block of the database needs (`blocks.solve`).  → (r, k) float64.
 
     On CPU, when the rows and Ω are single-label (one-hot) or η = 0, Q is written by class: the
     c class rows of S_Ωᵀ·U, a class index a row, the γ term added at the Ω rows, in one pass
@@ -96,18 +123,20 @@ def code_linear(
     `dcc` reads block by block, so the code step never holds Q). Multi-label data and other
     devices take the torch form (`_code_linear_torch`), which gives the same values.
     """
-    start, stop, step = rows.indices(labels_db.shape[0])
+    stop = start + labels_rows.shape[0]
     on_cpu = torch.get_default_device().type == "cpu" and all(
-        t is None or t.device.type == "cpu" for t in (labels_db, omega, F, G))
-    Qc = _by_class(start, stop, labels_db, omega, F, G, sim, gamma, eta, bits) \
-        if on_cpu and step == 1 else None
+        t is None or t.device.type == "cpu" for t in (labels_rows, omega, F, G))
+    Qc = _by_class(start, stop, labels_rows, labels_omega, omega, F, G, sim, gamma, eta, bits) \
+        if on_cpu else None
     if Qc is None:
-        return _code_linear_torch(rows, labels_db, omega, F, G, sim, gamma, eta, bits, chunk_rows)
+        return _code_linear_torch(start, labels_rows, labels_omega, omega, F, G, sim, gamma,
+                                  eta, bits, chunk_rows)
     return Qc if by_class else Qc.dense()
 
 
-def _by_class(start, stop, labels_db, omega, F, G, sim, gamma, eta, bits) -> ClassQ | None:
-    """`code_linear` as a `ClassQ`, or None where some row or Ω row is not one-hot (η > 0).
+def _by_class(start, stop, labels_rows, labels_omega, omega, F, G, sim, gamma, eta, bits,
+              ) -> ClassQ | None:
+    """`code_linear_rows` as a `ClassQ`, or None where some row or Ω row is not one-hot (η > 0).
 
     The same float operations as `_code_linear_torch`'s single-label path: the class rows
     scaled by 2ηk (as its gathered rows are), added to 0, then the 2γ·U rows in Ω's order.
@@ -115,8 +144,7 @@ def _by_class(start, stop, labels_db, omega, F, G, sim, gamma, eta, bits) -> Cla
     U = F.double() if G is None else F.double() + G.double()
     r, k = stop - start, U.shape[1]
     if eta > 0:
-        classes, bad = _one_hot_classes(labels_db[start:stop])
-        labels_omega = labels_db[omega]
+        classes, bad = _one_hot_classes(labels_rows)
         if bad or _one_hot_classes(labels_omega)[1]:
             return None
         class_rows = 2.0 * eta * bits * class_similarity_rows(sim, labels_omega, U)
@@ -142,17 +170,17 @@ def _one_hot_classes(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(classes), int(bad)
 
 
-def _code_linear_torch(rows, labels_db, omega, F, G, sim, gamma, eta, bits, chunk_rows):
-    """`code_linear` in torch on the tensors' device (multi-label data; CUDA tensors)."""
+def _code_linear_torch(start, labels_rows, labels_omega, omega, F, G, sim, gamma, eta, bits,
+                       chunk_rows):
+    """`code_linear_rows` in torch on the tensors' device (multi-label data; CUDA tensors)."""
     U = F.double() if G is None else F.double() + G.double()
-    labels_rows = labels_db[rows]
     Q = (torch.empty if eta > 0 else torch.zeros)(labels_rows.shape[0], U.shape[1],
                                                   dtype=torch.float64)
     if eta > 0:  # in place: Q's own memory and one chunk, no n×k temporaries (note 4 of §2)
-        similarity_times(sim, labels_rows, labels_db[omega], U, chunk_rows, out=Q)
+        similarity_times(sim, labels_rows, labels_omega, U, chunk_rows, out=Q)
         Q.mul_(2.0 * eta * bits)
     if gamma > 0:
-        start, stop, _ = rows.indices(labels_db.shape[0])
+        stop = start + labels_rows.shape[0]
         inside = (omega >= start) & (omega < stop)
         Q.index_add_(0, omega[inside] - start, 2.0 * gamma * U[inside])
     return Q

@@ -39,24 +39,31 @@ def chance_map(query_labels: np.ndarray, db_labels: np.ndarray) -> float:
     return float((relevant[has] / d.shape[0]).mean())
 
 
-def collapse_warning(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
-                     db_labels: np.ndarray, map_value: float | None) -> str | None:
+def collapse_warning(query_codes: np.ndarray, db_codes: np.ndarray | None,
+                     query_labels: np.ndarray, db_labels: np.ndarray | None,
+                     map_value: float | None, *, db_distinct: int | None = None,
+                     db_rows: int | None = None, chance: float | None = None) -> str | None:
     """One line describing a collapse, or None when the codes look healthy.
 
     Collapsed when the queries share fewer distinct codes than there are classes among them
     (a hash function that cannot tell the classes apart), when the database codes do, or when
-    mAP is within CHANCE_MARGIN of the chance level computed from the labels.
+    mAP is within CHANCE_MARGIN of the chance level computed from the labels. A caller that holds
+    only part of the database (a sharded evaluation) passes its distinct count, row count and
+    chance level instead of `db_codes` and `db_labels`.
     """
     reasons = []
     classes = int((np.asarray(query_labels).sum(0) > 0).sum())
     floor = max(2, classes)
-    nq, ndb = distinct_codes(query_codes), distinct_codes(db_codes)
+    nq = distinct_codes(query_codes)
+    ndb = distinct_codes(db_codes) if db_distinct is None else db_distinct
+    rows = db_codes.shape[0] if db_rows is None else db_rows
     if query_codes.shape[0] >= floor and nq < floor:
         reasons.append(f"{nq} distinct query code(s) for {classes} classes")
-    if db_codes.shape[0] >= floor and ndb < floor:
+    if rows >= floor and ndb < floor:
         reasons.append(f"{ndb} distinct database code(s) for {classes} classes")
     if map_value is not None:
-        chance = chance_map(query_labels, db_labels)
+        if chance is None:
+            chance = chance_map(query_labels, db_labels)
         if map_value <= chance + CHANCE_MARGIN:
             reasons.append(f"mAP {map_value:.3f} is at the chance level {chance:.3f}")
     if not reasons:

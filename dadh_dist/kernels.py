@@ -367,6 +367,64 @@ def rank_metrics(q_words, db_words, single, q_cls, db_cls, q_lab, db_lab, bucket
 
 
 @njit(parallel=True, cache=True)
+def block_rank_sums(q_words, db_words, single, q_cls, db_cls, q_lab, db_lab, buckets,
+                    items_before, hits_before, limit, ns, scratch):
+    """`rank_metrics` for one block of a database split into consecutive row blocks: (nq,
+    3 + len(ns)) float64 per query, the block's share of Σ hits/position over all relevant
+    items, of the same sum over those at positions <= `limit`, the count of those, and for each
+    N of `ns` the relevant items among the first N of the whole ranking.
+
+    items_before, hits_before: (nq, buckets) int64, for each distance d the items (relevant
+    items) that rank before this block's first item at d: every block's items at distances < d
+    and the earlier blocks' items at d (ties follow database order, and blocks are in database
+    order). With them, pass 2 of `rank_metrics` gives every item its position in the whole
+    ranking, so the blocks' shares add up to the single-process sums (`retrieval`).
+    """
+    nq, n = q_words.shape[0], db_words.shape[0]
+    chunks = scratch.shape[0]
+    out = np.zeros((nq, 3 + ns.shape[0]))
+    for c in prange(chunks):
+        lo, hi = _span(c, chunks, nq)
+        key = scratch[c]
+        for i in range(lo, hi):
+            _keys(q_words[i], db_words, single, q_cls[i], db_cls, q_lab[i], db_lab, key)
+            h = _count_keys(key, n, buckets)
+            seen = np.empty(2 * buckets, np.int64)
+            total = 0
+            for d in range(buckets):
+                seen[2 * d] = (hits_before[i, d] << 32) + items_before[i, d]
+                total += h[2 * d + 1]
+            if total == 0:
+                continue
+            packed = np.empty(total + 1, np.int64)
+            m = 0
+            for j in range(n):
+                kj = np.int64(key[j])
+                rel = kj & 1
+                v = seen[kj - rel] + 1 + (rel << 32)
+                seen[kj - rel] = v
+                packed[m] = v
+                m += rel
+            s_all, c_all, s_lim, c_lim, m_lim = 0.0, 0.0, 0.0, 0.0, 0
+            found = np.zeros(ns.shape[0], np.int64)
+            for t in range(total):
+                p = packed[t] & 0xFFFFFFFF
+                x = (packed[t] >> 32) / p
+                s_all, c_all = _add(s_all, c_all, x)
+                if p <= limit:
+                    s_lim, c_lim = _add(s_lim, c_lim, x)
+                    m_lim += 1
+                for u in range(ns.shape[0]):
+                    found[u] += p <= ns[u]
+            out[i, 0] = s_all + c_all
+            out[i, 1] = s_lim + c_lim
+            out[i, 2] = m_lim
+            for u in range(ns.shape[0]):
+                out[i, 3 + u] = found[u]
+    return out
+
+
+@njit(parallel=True, cache=True)
 def topk(q_words, db_words, k, buckets, scratch):
     """(indices, distances), each (nq, k): the first k of each query's ranking (k <= n).
 

@@ -9,9 +9,11 @@ Per outer iteration t (identical on every worker):
   1. Ω_t: m database indices, a pure function of (seed, t).
   2. The F/G buffers are filled by a forward pass over Ω, then T_in epochs of mini-batch steps
      update both streams (DDP averages the gradients) and all-gather the batch outputs.
-  3. The code step solves B's rows block by block (one block per worker) and all-gathers them;
-     a checksum of B is compared across workers.
-  4. Validation (and, at the end, test) mAP, sharded by queries and gathered per query.
+  3. The code step: each worker holds only its block of B's rows (`blocks`) and solves it; no
+     rows of B are exchanged. The code step's inputs are compared across workers, and each
+     block is re-hashed before it is used again (a block changed in memory stops the run).
+  4. Validation (and, at the end, test) mAP, sharded by database rows: per-block distance
+     histograms are gathered, so every worker ranks all queries against its own block.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dadh_dist import blocks, faults, health, retrieval
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import codes, faults, health, retrieval
 from dadh_dist import objective as obj
 from dadh_dist.config import Config
 from dadh_dist.data import Dataset, load_dataset
@@ -174,39 +176,52 @@ def encode_sharded(module, images, env: WorkerEnv, batch: int, amp: bool) -> tor
 
 
 def evaluate(
-    streams: Streams, split, db_codes: np.ndarray, db_labels: np.ndarray, cfg: Config,
+    streams: Streams, split, block: blocks.Block, labels_rows: np.ndarray, cfg: Config,
     env: WorkerEnv, with_curves: bool = False,
 ) -> dict:
-    """mAP@all (and @k), P@N per encoder; queries are sharded across workers."""
+    """mAP@all (and @k), P@N per encoder, sharded by database rows: each worker encodes a share
+    of the queries, every worker ranks all of them against its own block of B, and per-block
+    distance histograms and partial AP sums combine into the single-process values
+    (`retrieval.block_histograms`, docs/design.md §3.8)."""
     c = env.collectives
     share = even_split(split.images.shape[0], c.world_size, c.rank)
     amp = cfg.train.amp == "bf16" and env.device.type == "cuda"
     images = torch.from_numpy(split.images[share])
     outputs = stream_outputs(streams.f, streams.g, images, cfg.eval.encoders, env.device,
                              cfg.eval.batch_size, amp)
+    B_rows, n = block.B.numpy(), block.n
+    limit = cfg.eval.topk or None
+    db_distinct = blocks.distinct_codes(c, block)[0] if with_curves else None
     out: dict = {}
     for enc in cfg.eval.encoders:
-        q = query_codes(outputs, enc)
-        per = retrieval.per_query_metrics(
-            q, db_codes, split.labels[share], db_labels, topk=cfg.eval.topk or None,
-            precision_at=cfg.eval.precision_at,
-        )
-        stacked = torch.from_numpy(np.stack([per["ap_all"], per["ap_topk"], per["p_at_n"]], 1))
-        gathered = c.all_gather_rows(stacked.double()).numpy()
-        out[f"map_all_{enc}"] = float(gathered[:, 0].mean())
+        mine = torch.from_numpy(query_codes(outputs, enc)).float()
+        q = c.all_gather_rows(mine).to(torch.int8).numpy()  # every query, on every worker
+        hist = retrieval.block_histograms(q, B_rows, split.labels, labels_rows,
+                                          single=block.single)
+        every = c.all_gather_rows(torch.from_numpy(hist).unsqueeze(0)).numpy()
+        items_before, hits_before = retrieval.block_offsets(every, c.rank)
+        partial = retrieval.block_rank_sums(
+            q, B_rows, split.labels, labels_rows, items_before, hits_before,
+            limit=limit, ns=[cfg.eval.precision_at], single=block.single)
+        summed = c.all_reduce_sum(torch.from_numpy(partial)).numpy()
+        per = retrieval.combine_rank_sums(summed, every, n, cfg.eval.precision_at, limit)
+        out[f"map_all_{enc}"] = float(per["ap_all"].mean())
         if cfg.eval.topk:
-            out[f"map_at_{cfg.eval.topk}_{enc}"] = float(gathered[:, 1].mean())
-        out[f"p_at_{cfg.eval.precision_at}_{enc}"] = float(gathered[:, 2].mean())
-        if with_curves:  # over every query, as with one worker: all workers gather the codes
-            every = c.all_gather_rows(torch.from_numpy(q).float()).to(torch.int8).numpy()
-            out[f"distinct_query_codes_{enc}"] = health.distinct_codes(every)
-            warning = health.collapse_warning(every, db_codes, split.labels, db_labels,
-                                              out[f"map_all_{enc}"])
+            out[f"map_at_{cfg.eval.topk}_{enc}"] = float(per["ap_topk"].mean())
+        out[f"p_at_{cfg.eval.precision_at}_{enc}"] = float(per["p_at_n"].mean())
+        if with_curves:
+            counts, hits = every[:, :, 0].sum(0), every[:, :, 1].sum(0)
+            out[f"distinct_query_codes_{enc}"] = health.distinct_codes(q)
+            relevant = hits.sum(1)  # chance level: the relevant fraction of the database
+            has = relevant > 0
+            chance = float((relevant[has] / n).mean()) if has.any() else 0.0
+            warning = health.collapse_warning(q, None, split.labels, None,
+                                              out[f"map_all_{enc}"], db_distinct=db_distinct,
+                                              db_rows=n, chance=chance)
             if warning:
                 out[f"_warning_{enc}"] = warning
             if c.rank == 0:
-                out[f"_pr_{enc}"] = retrieval.precision_recall_curve(
-                    every, db_codes, split.labels, db_labels)
+                out[f"_pr_{enc}"] = retrieval.precision_recall_from_histograms(counts, hits)
     return out
 
 
@@ -254,7 +269,7 @@ def train_streams(run: _Run, omega: torch.Tensor, t: int, cfg: Config, env: Work
                   ) -> tuple[torch.Tensor, torch.Tensor | None, obj.SoftSimilarity, dict]:
     """T_in epochs over Ω; returns the F, G buffers (m, k), Ω's similarity and the loss terms."""
     c, tr = env.collectives, cfg.train
-    om = _open_omega(run, omega, cfg, env)
+    om = _open_omega(run, omega, t, cfg, env)
     m, bsz = omega.shape[0], tr.batch_size
     sums: dict[str, torch.Tensor] = {}
     steps = skipped = seen = 0
@@ -296,14 +311,17 @@ def train_streams(run: _Run, omega: torch.Tensor, t: int, cfg: Config, env: Work
     return om.F.float().cpu(), (om.G.float().cpu() if om.G is not None else None), om.sim, metrics
 
 
-def _open_omega(run: _Run, omega: torch.Tensor, cfg: Config, env: WorkerEnv) -> _Omega:
+def _open_omega(run: _Run, omega: torch.Tensor, t: int, cfg: Config, env: WorkerEnv,
+                ) -> _Omega:
     """Ω's similarities and code statistics (once per outer iteration, §2: no n×m matrix) and
     the F/G buffers filled by a forward pass over Ω."""
     c, dev = env.collectives, env.device
     amp = cfg.train.amp == "bf16" and dev.type == "cuda"
-    Y = torch.from_numpy(run.data.database.labels)
-    y_omega = Y[omega]
-    sim = obj.make_similarity(cfg.objective.similarity, y_omega, Y, cfg.codes.chunk_rows)
+    y_omega = torch.from_numpy(run.data.database.labels[omega.numpy()])
+    # B's statistics from every block (one all-reduce; nothing of size n leaves a worker)
+    blocks.verify(c, run.block, f"before outer iteration {t}")
+    stats, sim = blocks.code_stats(c, run.block, cfg.objective.similarity, y_omega,
+                                   run.labels_rows, cfg.codes.chunk_rows)
     images = torch.from_numpy(run.data.database.images)[omega]
     streams, group = run.streams, run.streams.group
     F = encode_sharded(streams.f, images, env, cfg.eval.batch_size, amp).to(dev)
@@ -311,8 +329,8 @@ def _open_omega(run: _Run, omega: torch.Tensor, cfg: Config, env: WorkerEnv) -> 
          if streams.g is not None else None)
     return _Omega(
         images=images, sim=sim,
-        stats=obj.code_stats(run.B, sim, y_omega, Y, cfg.codes.chunk_rows).to(dev),
-        S01=obj.similar01(y_omega, y_omega).to(dev), B_omega=run.B[omega].float().to(dev),
+        stats=stats.to(dev), S01=obj.similar01(y_omega, y_omega).to(dev),
+        B_omega=blocks.gather_rows(c, run.block, omega).float().to(dev),
         F=F, G=G,
         share_world=group.size if group is not None else c.world_size,
         share_rank=c.rank - group.leaders[group.stream] if group is not None else c.rank,
@@ -379,33 +397,27 @@ def _step(run: _Run, om: _Omega, batch: torch.Tensor, t: int, step: int, env: Wo
 
 
 def update_codes(run: _Run, F: torch.Tensor, G: torch.Tensor | None, omega: torch.Tensor, *,
-                 sim, t: int, cfg: Config, env: WorkerEnv) -> tuple[torch.Tensor, dict]:
-    """Each worker solves its block of rows of B (all k bits), then one all-gather."""
+                 sim, t: int, cfg: Config, env: WorkerEnv) -> dict:
+    """Each worker solves its own block of B's rows (all k bits) and keeps it: no gather."""
     c = env.collectives
-    B = run.B
     t0 = time.time()
-    gamma, eta = run.weights.gamma, run.weights.eta
-    Y = torch.from_numpy(run.data.database.labels)
-    n = Y.shape[0]
-    rows = even_split(n, c.world_size, c.rank)
-    H = codes.code_hessian(F, G)
-    Q = codes.code_linear(rows, Y, omega, F, G, sim, gamma=gamma, eta=eta, by_class=True,
-                          bits=cfg.objective.bits, chunk_rows=cfg.codes.chunk_rows)
-    block = codes.dcc(B[rows], H, Q, eta, cfg.codes.sweeps)
+    # the block follows from these and the block's previous rows: all workers must agree on them
+    inputs = [F.flatten(), omega.to(F.dtype), torch.tensor([sim.r], dtype=F.dtype)]
+    if G is not None:
+        inputs.insert(1, G.flatten())
+    c.check_identical("the code step's inputs (F, G, Ω, r)", torch.cat(inputs))
+    labels_omega = torch.from_numpy(run.data.database.labels[omega.numpy()])
+    w = run.weights
+    B_new = blocks.solve(run.block, F, G, omega, labels_omega, run.labels_rows, sim,
+                         gamma=w.gamma, eta=w.eta, bits=cfg.objective.bits,
+                         sweeps=cfg.codes.sweeps, chunk_rows=cfg.codes.chunk_rows)
     run.faults.kill("codes", t)
-    B_new = c.all_gather_rows(block)
-    run.faults.flip(t, B_new)
-    checksum = c.check_identical("B", B_new)
-    Bf = B_new.float()
+    metrics = blocks.update(c, run.block, B_new)
+    run.faults.flip(t, run.block.B)
     quant_g = {} if G is None else {"codes/quant_error_g": _quant_error(G)}
-    return B_new, {
-        "codes/flipped": float((B_new != B).float().mean()),
-        "codes/bit_balance": float(Bf.mean(0).abs().mean()),
-        "codes/seconds": time.time() - t0,
-        "codes/quant_error": _quant_error(F),  # stream f's (ADSH has only f)
-        **quant_g,
-        "codes/checksum": float(checksum % 1_000_000_007),
-    }
+    return {**metrics, "codes/seconds": time.time() - t0,
+            "codes/quant_error": _quant_error(F),  # stream f's (ADSH has only f)
+            **quant_g}
 
 
 def _quant_error(X: torch.Tensor) -> float:
@@ -413,12 +425,24 @@ def _quant_error(X: torch.Tensor) -> float:
     return float(((torch.sign(X) - X) ** 2).mean())
 
 
-def initial_codes(cfg: Config, n: int) -> torch.Tensor:
-    if cfg.codes.init == "random":
-        gen = torch.Generator().manual_seed(seed_for(cfg.train.seed, 3))
-        return torch.where(torch.rand(n, cfg.objective.bits, generator=gen) < 0.5, -1, 1).to(
-            torch.int8)
-    return torch.zeros(n, cfg.objective.bits, dtype=torch.int8)
+INIT_CHUNK = 1 << 16
+"""Rows per random stream of codes.init = random: a row's code depends on (seed, its chunk),
+not on which worker draws it."""
+
+
+def initial_rows(cfg: Config, rows: slice) -> torch.Tensor:
+    """The initial codes of rows [start, stop): zeros, or ±1 drawn chunk by chunk."""
+    start, stop = rows.start, rows.stop
+    k = cfg.objective.bits
+    if cfg.codes.init != "random":
+        return torch.zeros(stop - start, k, dtype=torch.int8)
+    out = torch.empty(stop - start, k, dtype=torch.int8)
+    for chunk in range(start // INIT_CHUNK, -(-stop // INIT_CHUNK)):
+        gen = torch.Generator().manual_seed(seed_for(cfg.train.seed, 3, chunk))
+        drawn = torch.where(torch.rand(INIT_CHUNK, k, generator=gen) < 0.5, -1, 1).to(torch.int8)
+        lo, hi = max(start, chunk * INIT_CHUNK), min(stop, (chunk + 1) * INIT_CHUNK)
+        out[lo - start : hi - start] = drawn[lo - chunk * INIT_CHUNK : hi - chunk * INIT_CHUNK]
+    return out
 
 
 def seed_global_rng(cfg: Config, t: int, rank: int) -> None:
@@ -441,8 +465,10 @@ class _Run:
     streams: Streams
     weights: obj.LossWeights
     faults: faults.Faults
-    B: torch.Tensor
-    """(n, k) int8 ±1: every database row's code (the whole matrix on every worker)."""
+    block: blocks.Block
+    """This worker's rows of B (n, k): the only codes it holds."""
+    labels_rows: torch.Tensor
+    """(rows, c) the database labels of the block's rows."""
     t_start: int
     """The outer iteration this attempt starts at (> 0: resumed)."""
 
@@ -469,7 +495,7 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         run.faults.kill("streams", t)
         run.faults.lose_node(t)
         F, G, sim, net = train_streams(run, omega, t, cfg, env)
-        run.B, code_metrics = update_codes(run, F, G, omega, sim=sim, t=t, cfg=cfg, env=env)
+        code_metrics = update_codes(run, F, G, omega, sim=sim, t=t, cfg=cfg, env=env)
         run.streams.step_schedulers()
         metrics = {"t": t + 1, **net, **code_metrics, **run.streams.lrs(),
                    **_evaluate(run, cfg, env, t)}
@@ -491,21 +517,28 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
         group = c.stream_group()
     streams = Streams(cfg, data, env.device, group)
     n = data.database.labels.shape[0]
-    B = initial_codes(cfg, n)
+    rows = blocks.block_rows(n, c)
     t_start = 0
     if env.resume_from is not None:
-        state, _ = ckpt.load(env.resume_from)
-        if tuple(state["B"].shape) != tuple(B.shape):
+        state, manifest = ckpt.load(env.resume_from, codes=False)
+        shape = ckpt.codes_shape(manifest, state)
+        if tuple(shape) != (n, cfg.objective.bits):
             raise ckpt.CheckpointError(
-                f"{env.resume_from}: its B is {tuple(state['B'].shape)} but this run's database "
-                f"and bits give {tuple(B.shape)}; the data changed under the run (use another "
+                f"{env.resume_from}: its B is {tuple(shape)} but this run's database and bits "
+                f"give {(n, cfg.objective.bits)}; the data changed under the run (use another "
                 "log.name)")
         streams.load(state)
-        B = state["B"]  # (n, k), the whole matrix: its row blocks follow the current W
+        # this worker's rows, from whichever blocks the writing run's split put them in
+        B_rows = ckpt.load_rows(env.resume_from, manifest, state, rows.start, rows.stop)
         t_start = int(state["t"])
         monitor.progress(
             f"resumed from {env.resume_from.name} at outer iteration {t_start} (written by "
             f"{state.get('workers', '?')} worker(s)), now {c.world_size} worker(s)")
+        del state
+    else:
+        B_rows = initial_rows(cfg, rows)
+    labels_rows = torch.from_numpy(data.database.labels[rows])
+    block = blocks.open_block(c, B_rows, rows, n, labels_rows)
     monitor.progress(
         f"{data.name}: {data.query.labels.shape[0]} queries, {data.validation.labels.shape[0]} "
         f"validation, {n} database; {cfg.objective.bits} bits; {c.world_size} worker(s)"
@@ -513,7 +546,8 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
         + (f"; {data.skipped} bad images skipped" if getattr(data, "skipped", 0) else ""))
     return _Run(data=data, monitor=monitor, streams=streams,
                 weights=obj.LossWeights.from_config(cfg.objective),
-                faults=faults.Faults(c.rank, env.run_dir), B=B, t_start=t_start)
+                faults=faults.Faults(c.rank, env.run_dir), block=block,
+                labels_rows=labels_rows, t_start=t_start)
 
 
 def _evaluate(run: _Run, cfg: Config, env: WorkerEnv, t: int) -> dict:
@@ -521,12 +555,15 @@ def _evaluate(run: _Run, cfg: Config, env: WorkerEnv, t: int) -> dict:
     (TensorBoard) and collapse warnings."""
     last = t == cfg.train.outer_iters - 1
     out: dict = {}
-    db_codes, db_labels = run.B.numpy(), run.data.database.labels
-    if last or (cfg.train.eval_every and (t + 1) % cfg.train.eval_every == 0):
-        val = evaluate(run.streams, run.data.validation, db_codes, db_labels, cfg, env)
-        out.update({f"val/{k}": v for k, v in val.items()})
+    due = cfg.train.eval_every and (t + 1) % cfg.train.eval_every == 0
+    if not (last or due):
+        return out
+    blocks.verify(env.collectives, run.block, f"before evaluating outer iteration {t + 1}")
+    labels_rows = run.labels_rows.numpy()
+    val = evaluate(run.streams, run.data.validation, run.block, labels_rows, cfg, env)
+    out.update({f"val/{k}": v for k, v in val.items()})
     if last:
-        test = evaluate(run.streams, run.data.query, db_codes, db_labels, cfg, env,
+        test = evaluate(run.streams, run.data.query, run.block, labels_rows, cfg, env,
                         with_curves=True)
         for enc in cfg.eval.encoders:
             curve = test.pop(f"_pr_{enc}", None)
@@ -552,15 +589,28 @@ def _report(run: _Run, cfg: Config, env: WorkerEnv, t: int, metrics: dict, wall0
     run.monitor.progress(_progress_line(t + 1, cfg.train.outer_iters, metrics))
     if rank0 and env.publish is not None:
         env.publish()
-    if not (rank0 and checkpoint):
+    if not checkpoint:
         env.report(_flat(metrics), None)
         return
+    blocks.verify(c, run.block, f"before the checkpoint of outer iteration {t + 1}")
+    block = run.block
     with tempfile.TemporaryDirectory(prefix="dadh_ckpt_") as tmp:
-        state = {"t": t + 1, "B": run.B, "workers": c.world_size,
-                 "geometry": (run.data.channels, run.data.image_size), **run.streams.state()}
-        folder = ckpt.save(tmp, state, cfg.to_toml(), cfg.fingerprint(),
-                           run.faults.during_checkpoint(t))
-        env.report(_flat(metrics), folder)
+        # every worker writes its own rows of B; rank 0 writes the rest and the manifest
+        # covering every block; Ray merges the workers' folders into one checkpoint
+        _, digest = ckpt.save_block(tmp, block.start, block.stop, block.B.numpy())
+        words = np.frombuffer(bytes.fromhex(digest), dtype=np.int64)
+        mine = torch.tensor([[block.start, block.stop, *words.tolist()]], dtype=torch.int64)
+        every = c.all_gather_rows(mine).numpy()
+        if rank0:
+            listed = [(int(r[0]), int(r[1]), ckpt.BLOCK.format(start=int(r[0]), stop=int(r[1])),
+                       r[2:].astype(np.int64).tobytes().hex()) for r in every]
+            state = {"t": t + 1, "workers": c.world_size,
+                     "geometry": (run.data.channels, run.data.image_size),
+                     **run.streams.state()}
+            ckpt.save(tmp, state, cfg.to_toml(), cfg.fingerprint(),
+                      run.faults.during_checkpoint(t), blocks=listed,
+                      shape=(block.n, cfg.objective.bits))
+        env.report(_flat(metrics), Path(tmp))
 
 
 def _finish(run: _Run, cfg: Config, env: WorkerEnv, metrics: dict, wall0: float) -> dict:
@@ -573,8 +623,11 @@ def _finish(run: _Run, cfg: Config, env: WorkerEnv, metrics: dict, wall0: float)
                  workers=c.world_size, database=int(data.database.labels.shape[0]),
                  queries=int(data.query.labels.shape[0]))
     final.update({k: v for k, v in metrics.items() if k.startswith("val/")})
+    distinct, exact = blocks.distinct_codes(c, run.block)
     final.update(chance_map=health.chance_map(data.query.labels, data.database.labels),
-                 distinct_database_codes=health.distinct_codes(run.B.numpy()))
+                 distinct_database_codes=distinct)
+    if not exact:
+        final["distinct_database_codes_is_lower_bound"] = True
     warnings = {k.removeprefix("_warning_"): v for k, v in sorted(metrics.items())
                 if k.startswith("_warning_")}
     if warnings:

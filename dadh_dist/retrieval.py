@@ -7,8 +7,8 @@ distance is XOR + popcount (`np.bitwise_count`), never a float product.
 Ranking rule (every metric except the tie-aware AP): the database sorted by Hamming distance to
 the query, ties in database order (index ascending). Relevant: shares at least one label with the
 query; labels are 0/1 rows (a value > 0 is a label). Every metric is computed per query first, so
-a query's value depends on its own row only: the distributed evaluation shards the queries and
-gathers the per-query values.
+a query's value depends on its own row only. A database split into row blocks (one per worker)
+gives the same values without any worker holding it whole: see `block_histograms` below.
 
 Speed: the metrics never materialise a distance row. Compiled kernels (`kernels`) compute,
 per query, a histogram of the k+1 possible distances with the relevant count per distance (XOR +
@@ -139,7 +139,11 @@ class _Problem:
     relevant iff the AND is non-zero. The unused pair is a one-byte placeholder per row.
     """
 
-    def __init__(self, query_codes, database_codes, query_labels, database_labels):
+    def __init__(self, query_codes, database_codes, query_labels, database_labels, *,
+                 single: bool | None = None, block: bool = False):
+        """single: None to decide from these labels; a block of a split database passes what
+        every block agreed (the database is single-label only if every block is). block: the
+        database is one block of a larger one, and may be empty."""
         qc, dc = np.asarray(query_codes), np.asarray(database_codes)
         ql, dl = np.asarray(query_labels), np.asarray(database_labels)
         for name, a in [("query_codes", qc), ("database_codes", dc), ("query_labels", ql),
@@ -153,13 +157,14 @@ class _Problem:
         if len(qc) != len(ql) or len(dc) != len(dl):
             raise ValueError(f"codes and labels disagree on row counts: queries {len(qc)} vs "
                              f"{len(ql)}, database {len(dc)} vs {len(dl)}")
-        if len(dc) == 0:
+        if len(dc) == 0 and not block:
             raise ValueError("the database is empty")
         self.bits, self.nq, self.n = qc.shape[1], len(qc), len(dc)
         self.q_words = _words(pack_codes(qc))
         self.db_words = _words(pack_codes(dc))
         ql, dl = ql > 0, dl > 0
-        self.single = bool((ql.sum(1) == 1).all() and (dl.sum(1) == 1).all())
+        db_single = bool((dl.sum(1) == 1).all()) if single is None else bool(single)
+        self.single = bool((ql.sum(1) == 1).all()) and db_single
         if self.single:  # one label a row: compare class ids, one byte an item
             dtype = np.uint8 if ql.shape[1] <= 256 else np.int32
             self.q_cls, self.db_cls = ql.argmax(1).astype(dtype), dl.argmax(1).astype(dtype)
@@ -175,7 +180,7 @@ class _Problem:
     def _scratch(self, threads: int) -> np.ndarray:
         """One key row (2·distance + relevant, n items) per parallel chunk of queries."""
         dtype = np.uint8 if 2 * self.bits + 1 <= 255 else np.uint16
-        return np.empty((max(1, min(threads, self.nq)), self.n), dtype)
+        return np.empty((max(1, min(threads, self.nq)), max(1, self.n)), dtype)
 
     def histograms(self, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
         """(counts, hits), each (nq, k+1) int64: items and relevant items at each distance."""
@@ -284,7 +289,13 @@ def precision_recall_curve(query_codes, database_codes, query_labels, database_l
     averaged over all queries.
     """
     p = _Problem(query_codes, database_codes, query_labels, database_labels)
-    counts, hits = p.histograms(threads)
+    return precision_recall_from_histograms(*p.histograms(threads))
+
+
+def precision_recall_from_histograms(counts: np.ndarray, hits: np.ndarray,
+                                     ) -> tuple[np.ndarray, np.ndarray]:
+    """`precision_recall_curve` from per-query distance histograms (nq, k+1): items and relevant
+    items at each distance (`block_histograms` summed over the blocks)."""
     within, hits = np.cumsum(counts, 1), np.cumsum(hits, 1)
     precision = hits / np.maximum(within, 1)  # hits = 0 wherever within = 0
     total = hits[:, -1:]
@@ -335,3 +346,89 @@ def per_query_metrics(query_codes, database_codes, query_labels, database_labels
     values = p.rank_metrics(_cutoff(topk, p.n), [precision_at], threads)
     return {"ap_all": values[:, 0], "ap_topk": values[:, 1],
             "p_at_n": values[:, 2] / min(precision_at, p.n)}
+
+
+# --------------------------------------------------------------- a database split into blocks
+#
+# Blocks are consecutive row ranges of the database, in order (worker r holds rows
+# [start_r, stop_r)). The ranking of a query over the whole database follows from each block's
+# histogram (items, relevant items) per distance: an item of block b at distance d has every
+# block's items at distances < d and blocks 0..b-1's items at d before it, then its own block's
+# items at d in database order. So each block places its relevant items at their positions in
+# the whole ranking and sums its share of AP; the shares add up to the single-process values
+# (AP to rounding: each block's share is a compensated sum, and the W shares are added once).
+#
+#     hist = block_histograms(q, B_b, q_labels, labels_b, single=...)   # (nq, 2, k+1), each b
+#     every = gather(hist)                                              # (W, nq, 2, k+1)
+#     before = block_offsets(every, b)
+#     shares = block_rank_sums(q, B_b, ..., *before, limit=..., ns=[N]) # (nq, 3 + len(ns))
+#     per_query = combine_rank_sums(Σ_b shares, every, n, N, limit)
+
+
+def block_histograms(query_codes, block_codes, query_labels, block_labels, *, single: bool,
+                     threads: int | None = None) -> np.ndarray:
+    """(nq, 2, k+1) int64: per query, [0] the block's items and [1] its relevant items at each
+    Hamming distance. single: every database row of every block has one label (the blocks'
+    agreement; the queries are checked here). An empty block gives zeros."""
+    p = _Problem(query_codes, block_codes, query_labels, block_labels, single=single, block=True)
+    if p.n == 0:
+        return np.zeros((p.nq, 2, p.bits + 1), np.int64)
+    with kernels.threads(_threads(threads)) as t:
+        return kernels.histograms(*p._args(), p._scratch(t))
+
+
+def block_offsets(every: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(items_before, hits_before), each (nq, k+1) int64: for block `rank` and each distance d,
+    the items (relevant items) that rank before its first item at d. every: (W, nq, 2, k+1)
+    all blocks' `block_histograms`, in database order."""
+    every = np.asarray(every, np.int64)
+    if every.ndim != 4 or every.shape[2] != 2 or not 0 <= rank < every.shape[0]:
+        raise ValueError(f"every must be (W, nq, 2, k+1) with rank < W, got {every.shape} "
+                         f"and rank {rank}")
+    total = every.sum(0)  # (nq, 2, k+1)
+    before = np.cumsum(total, 2) - total + every[:rank].sum(0)
+    return before[:, 0], before[:, 1]
+
+
+def block_rank_sums(query_codes, block_codes, query_labels, block_labels, items_before,
+                    hits_before, *, limit: int | None, ns: Iterable[int], single: bool,
+                    threads: int | None = None) -> np.ndarray:
+    """(nq, 3 + len(ns)) float64, this block's share of: Σ hits/position over the relevant
+    items (AP@all's numerator), the same over positions <= limit (all when None or 0), the count
+    of relevant items at positions <= limit, and per N of ns the relevant items among the
+    first N. Positions are in the whole database's ranking (`block_offsets`)."""
+    p = _Problem(query_codes, block_codes, query_labels, block_labels, single=single, block=True)
+    ns = np.asarray(list(ns), np.int64).reshape(-1)
+    items_before = np.ascontiguousarray(items_before, np.int64)
+    hits_before = np.ascontiguousarray(hits_before, np.int64)
+    if items_before.shape != (p.nq, p.bits + 1) or hits_before.shape != items_before.shape:
+        raise ValueError(f"items_before and hits_before must be {(p.nq, p.bits + 1)}, got "
+                         f"{items_before.shape} and {hits_before.shape}")
+    whole = items_before[:, -1].max(initial=0) + p.n  # at most the database size
+    if whole >= 2**31:  # the kernel packs two counts below n into one int64
+        raise ValueError(f"at most 2**31 - 1 database codes, got at least {whole}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be positive (or None/0 for all), got {limit}")
+    cut = int(limit) if limit else 2**62
+    if p.n == 0:
+        return np.zeros((p.nq, 3 + ns.shape[0]))
+    with kernels.threads(_threads(threads)) as t:
+        return kernels.block_rank_sums(*p._args(), items_before, hits_before, cut, ns,
+                                       p._scratch(t))
+
+
+def combine_rank_sums(summed: np.ndarray, every: np.ndarray, n: int, precision_at: int,
+                      limit: int | None) -> dict[str, np.ndarray]:
+    """`per_query_metrics` from the blocks' `block_rank_sums` added up (with ns=[precision_at])
+    and their histograms `every` (W, nq, 2, k+1): {"ap_all", "ap_topk", "p_at_n"}, each (nq,).
+    ap_topk equals ap_all when limit is None or 0."""
+    summed = np.asarray(summed, np.float64)
+    if precision_at < 1:
+        raise ValueError(f"precision_at must be >= 1, got {precision_at}")
+    relevant = np.asarray(every, np.int64)[:, :, 1].sum((0, 2))  # (nq,)
+    ap_all = np.where(relevant > 0, summed[:, 0] / np.maximum(relevant, 1), 0.0)
+    kept = summed[:, 2]
+    ap_topk = (np.where(kept > 0, summed[:, 1] / np.maximum(kept, 1), 0.0) if limit
+               else ap_all)
+    return {"ap_all": ap_all, "ap_topk": ap_topk,
+            "p_at_n": summed[:, 3] / min(int(precision_at), int(n))}

@@ -29,3 +29,32 @@ def assert_same_state(a, b, where: str = "state") -> None:
         assert torch.equal(a, b), where
     else:
         assert a == b, where
+
+
+def keep_merged(run: Path, staged: Path | None, metrics: dict) -> Path | None:
+    """What Ray Train does with a checkpoint every worker reports, for plain gloo workers on
+    one machine: each worker copies its folder's files (its block of B; rank 0's also the state
+    and the manifest) into one folder, and after a barrier rank 0 keeps it in `run`. Called on
+    every rank; returns the kept folder on rank 0."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from dadh_dist import run as runner
+
+    if staged is None:
+        return None
+    merge = Path(run) / f".merge_{int(metrics['t']):06d}"
+    merge.mkdir(parents=True, exist_ok=True)
+    for path in staged.iterdir():
+        shutil.copy2(path, merge / path.name)
+    dist.barrier()
+    kept = None
+    try:
+        if dist.get_rank() == 0:
+            kept = runner.folders.keep_checkpoint(Path(run), merge)
+    finally:
+        if dist.get_rank() == 0:
+            shutil.rmtree(merge, ignore_errors=True)
+        dist.barrier()
+    return kept

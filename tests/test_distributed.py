@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _checkpoints import keep_merged
 from _gloo import run_workers
 from _nontrivial import assert_learned, assert_same_run
 from _repo import DEBUG
@@ -34,8 +35,7 @@ def _worker(rank, world, out_dir, extra, stream_parallel=False):
     out = Path(out_dir)
 
     def report(metrics, staged):
-        if staged is not None:
-            runner.folders.keep_checkpoint(out, staged)
+        keep_merged(out, staged, metrics)
 
     env = loop.WorkerEnv(collectives=TorchCollectives(), report=report,
                          run_dir=out if rank == 0 else None)

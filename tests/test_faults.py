@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _checkpoints import assert_same_state, flip_byte
+from _checkpoints import assert_same_state, flip_byte, keep_merged
 from _gloo import run_workers
 from _nontrivial import assert_learned
 from _repo import DEBUG, job
@@ -36,8 +36,9 @@ def _faulty_worker(rank, world, out_dir, fault, extra=()):
 
     def report(metrics, staged):
         skipped.append(metrics.get("train/skipped_batches"))
-        if staged is not None:
-            kept.append(runner.folders.keep_checkpoint(out, staged).name)
+        folder = keep_merged(out, staged, metrics)
+        if folder is not None:
+            kept.append(folder.name)
 
     env = loop.WorkerEnv(collectives=TorchCollectives(), report=report,
                          run_dir=out if rank == 0 else None)
@@ -95,11 +96,11 @@ def test_skip_policy_still_stops_past_its_limit(tmp_path):
         assert "at outer iteration 1, step 0" in o["message"]
 
 
-def test_flipped_bit_of_B_on_one_worker_is_caught_by_checksum(tmp_path):
-    out = _outcomes(tmp_path, "flip:0:1")
+def test_flipped_bit_of_B_on_one_worker_is_caught_by_its_block_checksum(tmp_path):
+    out = _outcomes(tmp_path, "flip:0:1")  # one bit of rank 1's block, after the code step
     for o in out:
         assert o["error"] == "ReplicaMismatch"
-        assert "B differs across workers" in o["message"]
+        assert "B's row block on worker(s) [1] changed since the code step" in o["message"]
     assert out[0]["kept"] == []
 
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _checkpoints import keep_merged
 from _gloo import run_workers
 from _nontrivial import assert_learned, assert_same_run
 from _ray_nodes import (
@@ -60,8 +61,7 @@ def _two_workers_until(rank, world, run_dir, stop_after):
     folder = Path(run_dir) / "w2"
 
     def report(metrics, staged):
-        if staged is not None:
-            runner.folders.keep_checkpoint(folder, staged)
+        keep_merged(folder, staged, metrics)
         if metrics["t"] >= stop_after:
             raise _Stop
 
