@@ -47,7 +47,9 @@ class WorkerEnv:
     collectives: object = field(default_factory=LocalCollectives)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     report: Callable[[dict, Path | None], None] = lambda metrics, folder: None
-    """Called once per outer iteration on every rank; `folder` is rank 0's checkpoint or None."""
+    """Called once per outer iteration on every rank with this rank's part of the checkpoint
+    (its block of B; rank 0's also holds the state and the manifest), or None between
+    checkpoints. The parts merged into one folder are the checkpoint (Ray Train merges them)."""
     resume_from: Path | None = None
     run_dir: Path | None = None
     """Folder for TensorBoard and final metrics (written by rank 0)."""
