@@ -92,6 +92,8 @@ def save(folder: str | Path, state: dict, config_toml: str, fingerprint: str,
                 raise ValueError(f"blocks of B must tile the rows in order: {start} after {at}")
             at = stop
             files[name] = digest
+        if shape is None or at != shape[0]:
+            raise ValueError(f"blocks of B cover rows [0, {at}) but B has shape {shape}")
         manifest["codes"] = {"shape": [int(v) for v in shape],
                              "blocks": [[int(a), int(b), name] for a, b, name, _ in blocks]}
     manifest["files"] = files
