@@ -171,9 +171,11 @@ def update(c, block: Block, B_new: torch.Tensor) -> dict:
     block.B = B_new.to(torch.int8).contiguous()
     block.partial = _partial_checksum(block)
     lo, hi = block.partial & _MASK32, block.partial >> 32
+    # numpy sums int8 into int64 through small buffers; torch's sum(dtype=int64) would make an
+    # int64 copy of the block first (8 × its bytes)
+    columns = torch.from_numpy(block.B.numpy().sum(0, dtype=np.int64)).double()
     sums = c.all_reduce_sum(torch.cat([
-        torch.tensor([flipped, float(lo), float(hi)], dtype=torch.float64),
-        block.B.sum(0, dtype=torch.int64).double()]))
+        torch.tensor([flipped, float(lo), float(hi)], dtype=torch.float64), columns]))
     n = block.n
     return {
         "codes/flipped": float(sums[0]) / (n * k),
@@ -212,18 +214,24 @@ def _combine(lo_sum: int, hi_sum: int) -> int:
     return (lo_sum + (hi_sum << 32)) & ((1 << 64) - 1)
 
 
-def _partial_checksum(block: Block) -> int:
-    """Σ over the block's rows i of mix(i, bits of row i), mod 2^64 (splitmix64 finaliser)."""
-    B = block.B
-    if B.shape[0] == 0:
-        return 0
-    packed = np.packbits(B.numpy() > 0, axis=1)
+def _partial_checksum(block: Block, chunk_rows: int = 1 << 20) -> int:
+    """Σ over the block's rows i of mix(i, bits of row i), mod 2^64 (splitmix64 finaliser);
+    chunk_rows rows at a time, so the scratch is bounded whatever the block's size."""
+    total = 0
+    for lo in range(0, block.B.shape[0], chunk_rows):
+        rows = block.B[lo:lo + chunk_rows].numpy()
+        total += _rows_checksum(rows, block.start + lo)
+    return total & ((1 << 64) - 1)
+
+
+def _rows_checksum(rows: np.ndarray, first: int) -> int:
+    packed = np.packbits(rows > 0, axis=1)
     width = -(-packed.shape[1] // 8) * 8
     words = np.zeros((packed.shape[0], width), np.uint8)
     words[:, : packed.shape[1]] = packed
     words = words.view(np.uint64)
     with np.errstate(over="ignore"):
-        h = _mix(np.arange(block.start + 1, block.stop + 1, dtype=np.uint64))
+        h = _mix(np.arange(first + 1, first + rows.shape[0] + 1, dtype=np.uint64))
         for w in range(words.shape[1]):
             h = _mix(h ^ words[:, w])
         return int(h.sum(dtype=np.uint64))

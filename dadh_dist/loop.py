@@ -72,10 +72,32 @@ def seed_for(*keys: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+PERMUTE_MAX = 1 << 24
+"""Up to this many database rows Ω is the head of a permutation of all n (O(n) memory: 128 MiB
+of int64 at the limit); above it, Floyd's sampler draws Ω in O(m)."""
+
+
 def sample_omega(seed: int, t: int, n: int, m: int) -> torch.Tensor:
-    """Ω_t: m distinct database indices, the same on every worker."""
+    """Ω_t: m distinct database indices in random order, the same on every worker."""
     gen = torch.Generator().manual_seed(seed_for(seed, 1, t))
-    return torch.randperm(n, generator=gen)[:m]
+    if n <= PERMUTE_MAX or m > n // 2:
+        return torch.randperm(n, generator=gen)[:m]
+    return _floyd(gen, n, m)
+
+
+def _floyd(gen: torch.Generator, n: int, m: int) -> torch.Tensor:
+    """m distinct values of range(n), uniformly (Floyd's algorithm), then shuffled: O(m)."""
+    tops = torch.arange(n - m + 1, n + 1, dtype=torch.float64)  # j + 1 for j in n-m .. n-1
+    draws = (torch.rand(m, generator=gen, dtype=torch.float64) * tops).long()
+    draws = torch.minimum(draws, tops.long() - 1).tolist()  # u < 1, but rounding could reach j+1
+    taken: set[int] = set()
+    picked = []
+    for j, d in zip(range(n - m, n), draws):
+        value = j if d in taken else d
+        taken.add(value)
+        picked.append(value)
+    order = torch.randperm(m, generator=gen)
+    return torch.tensor(picked, dtype=torch.int64)[order]
 
 
 class Streams:
@@ -398,16 +420,22 @@ def _step(run: _Run, om: _Omega, batch: torch.Tensor, t: int, step: int, env: Wo
     return terms
 
 
+def code_step_inputs(F: torch.Tensor, G: torch.Tensor | None, omega: torch.Tensor,
+                     r: float) -> torch.Tensor:
+    """The bytes every worker's code step starts from, each tensor in its own dtype (Ω cast to
+    float32 would round indices above 2^24), for `check_identical`."""
+    parts = [F, G, omega, torch.tensor([r], dtype=torch.float64)]
+    return torch.cat([t.detach().contiguous().flatten().view(torch.uint8)
+                      for t in parts if t is not None])
+
+
 def update_codes(run: _Run, F: torch.Tensor, G: torch.Tensor | None, omega: torch.Tensor, *,
                  sim, t: int, cfg: Config, env: WorkerEnv) -> dict:
     """Each worker solves its own block of B's rows (all k bits) and keeps it: no gather."""
     c = env.collectives
     t0 = time.time()
     # the block follows from these and the block's previous rows: all workers must agree on them
-    inputs = [F.flatten(), omega.to(F.dtype), torch.tensor([sim.r], dtype=F.dtype)]
-    if G is not None:
-        inputs.insert(1, G.flatten())
-    c.check_identical("the code step's inputs (F, G, Ω, r)", torch.cat(inputs))
+    c.check_identical("the code step's inputs (F, G, Ω, r)", code_step_inputs(F, G, omega, sim.r))
     labels_omega = torch.from_numpy(run.data.database.labels[omega.numpy()])
     w = run.weights
     B_new = blocks.solve(run.block, F, G, omega, labels_omega, run.labels_rows, sim,

@@ -60,6 +60,10 @@ def _check_block(c, single: bool, kind: str):
     assert torch.equal(new, want_B[rows])
     metrics = blocks.update(c, block, new)
     assert metrics["codes/flipped"] == float((want_B != B).sum()) / (N * K)
+    assert metrics["codes/bit_balance"] == pytest.approx(
+        float(want_B.double().mean(0).abs().mean()), rel=1e-12)
+    # hashed a few rows at a time, a block's share of the checksum is the same
+    assert blocks._partial_checksum(block, chunk_rows=4) == block.partial
     assert metrics["codes/checksum"] == blocks.update(LocalCollectives(), _one_block(B, Y),
                                                       want_B)["codes/checksum"]
     count, exact = blocks.distinct_codes(c, block)
@@ -108,3 +112,30 @@ def test_checkpoint_blocks_are_read_back_in_another_split(tmp_path):
             assert torch.equal(got, B[part])
     with pytest.raises(ValueError, match="cover rows"):
         ckpt.save(tmp_path / "short", {"t": 1}, "", "fp", blocks=listed[:2], shape=(N, K))
+
+
+def test_omega_above_the_permutation_limit_is_drawn_in_o_of_m(monkeypatch):
+    from dadh_dist import loop
+
+    # at and below the limit: the head of one permutation of all n, as always
+    gen = torch.Generator().manual_seed(loop.seed_for(5, 1, 2))
+    assert torch.equal(loop.sample_omega(5, 2, 1000, 30), torch.randperm(1000, generator=gen)[:30])
+    # n = 2^31 (a 16 GiB permutation): m distinct indices in range, the same for the same (seed, t)
+    big = loop.sample_omega(5, 2, 1 << 31, 12_000)
+    assert big.dtype == torch.int64 and big.unique().numel() == 12_000
+    assert 0 <= int(big.min()) and int(big.max()) < 1 << 31 and int(big.max()) > 1 << 30
+    assert torch.equal(big, loop.sample_omega(5, 2, 1 << 31, 12_000))
+    assert not torch.equal(big, loop.sample_omega(5, 3, 1 << 31, 12_000))
+    # uniform: every one of 1,000 rows drawn about equally often over 400 draws of 300
+    monkeypatch.setattr(loop, "PERMUTE_MAX", 100)
+    counts = torch.zeros(1000)
+    for t in range(400):
+        omega = loop.sample_omega(0, t, 1000, 300)
+        assert omega.unique().numel() == 300
+        counts[omega] += 1
+    expected = 400 * 300 / 1000
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 999 + 5 * (2 * 999) ** 0.5, chi2  # 999 degrees of freedom
+    # and in random order: the first position is not biased towards the large values
+    firsts = torch.stack([loop.sample_omega(0, t, 1000, 300)[0] for t in range(400)]).double()
+    assert abs(float(firsts.mean()) - 499.5) < 4 * 289 / 400 ** 0.5
