@@ -167,8 +167,9 @@ def update(c, block: Block, B_new: torch.Tensor) -> dict:
     """Install the block's new rows and record its checksum share; returns the code-step
     metrics that need every block (flipped bits, bit balance, the W-independent checksum)."""
     k = block.B.shape[1]
-    flipped = float((B_new != block.B).sum())
-    block.B = B_new.to(torch.int8).contiguous()
+    B_new = B_new.to(torch.int8).contiguous()
+    flipped = float(_count_changed(B_new.numpy(), block.B.numpy()))
+    block.B = B_new
     block.partial = _partial_checksum(block)
     lo, hi = block.partial & _MASK32, block.partial >> 32
     # numpy sums int8 into int64 through small buffers; torch's sum(dtype=int64) would make an
@@ -182,6 +183,13 @@ def update(c, block: Block, B_new: torch.Tensor) -> dict:
         "codes/bit_balance": float((sums[3:] / n).abs().mean()),
         "codes/checksum": float(_combine(int(sums[1]), int(sums[2])) % 1_000_000_007),
     }
+
+
+def _count_changed(new: np.ndarray, old: np.ndarray, chunk_rows: int = 1 << 20) -> int:
+    """Entries that differ, chunk_rows rows at a time (torch's (a != b).sum() would hold an
+    n×k bool and an int64 copy of it: 9 × the block's bytes)."""
+    return sum(int(np.count_nonzero(new[lo:lo + chunk_rows] != old[lo:lo + chunk_rows]))
+               for lo in range(0, new.shape[0], chunk_rows))
 
 
 # ------------------------------------------------------------------------------ integrity

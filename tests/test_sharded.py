@@ -11,6 +11,7 @@ tolerance."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,12 @@ from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, loop
 
 # the debug config with a database of 1,201 rows (blocks of 601 and 600), three outer
-# iterations, checkpoints after each (the last two are kept)
-EXTRA = ["scaling.use_ray=false", "data.database_limit=1201",
-           "train.outer_iters=3", "train.num_samples=448"]
+# iterations, checkpoints after each (the last two are kept). By hand, on the real data:
+#   DADH_SHARDED_SOURCE=fashion_mnist pytest tests/test_sharded.py   (5,001 rows)
+SOURCE = os.environ.get("DADH_SHARDED_SOURCE", "digits")
+N = 1201 if SOURCE == "digits" else 5001
+EXTRA = ["scaling.use_ray=false", f"data.source={SOURCE}", f"data.database_limit={N}",
+         "train.outer_iters=3", "train.num_samples=448"]
 
 
 def _worker(rank, world, out_dir, resume_from):
@@ -76,11 +80,12 @@ def test_two_blocks_equal_one_and_resume_across_worker_counts(tmp_path):
     assert_learned(one[0])
     assert torch.equal(B1, B2)  # bit for bit, though no worker of the pair held all of B
     _same_metrics(one[0], two[0])
-    assert B1.shape[0] == 1201
+    assert B1.shape[0] == N
     # each rank wrote its own block only; the manifest lists both
-    assert two[0]["blocks_written"][-1] == ["codes_000000000000_000000000601.npy"]
-    assert two[1]["blocks_written"][-1] == ["codes_000000000601_000000001201.npy"]
-    assert [b[:2] for b in m2["codes"]["blocks"]] == [[0, 601], [601, 1201]]
+    half = (N + 1) // 2
+    assert two[0]["blocks_written"][-1] == [f"codes_{0:012d}_{half:012d}.npy"]
+    assert two[1]["blocks_written"][-1] == [f"codes_{half:012d}_{N:012d}.npy"]
+    assert [b[:2] for b in m2["codes"]["blocks"]] == [[0, half], [half, N]]
     assert len(m1["codes"]["blocks"]) == 1
 
     # W=2's checkpoint of outer iteration 2 resumed by one worker, and W=1's by two workers
@@ -89,3 +94,5 @@ def test_two_blocks_equal_one_and_resume_across_worker_counts(tmp_path):
     assert torch.equal(B12, B1) and torch.equal(B21, B1)
     _same_metrics(one_from_two[0], one[0])
     _same_metrics(two_from_one[0], one[0])
+    print(f"\n{SOURCE}, n={N}: B equal bit for bit (W=1, W=2, resumed 2->1 and 1->2); "
+          + ", ".join(f"{k} {one[0][k]:.6f} / {two[0][k]:.6f}" for k in KEYS))  # with -s
