@@ -76,6 +76,16 @@ def gather_rows(c, block: Block, omega: torch.Tensor) -> torch.Tensor:
     return c.all_reduce_sum(out)  # one owner a row: the others add 0
 
 
+def gather_label_rows(c, block: Block, labels_rows: torch.Tensor,
+                      omega: torch.Tensor) -> torch.Tensor:
+    """Ω's labels: (m, c) uint8 0/1, from the owners of its rows (labels_rows: this block's),
+    on every rank; one m×c int8 all-reduce, so no worker needs the other blocks' labels."""
+    inside = (omega >= block.start) & (omega < block.stop)
+    out = torch.zeros(omega.shape[0], labels_rows.shape[1], dtype=torch.int8)
+    out[inside] = labels_rows[omega[inside] - block.start].to(torch.int8)
+    return c.all_reduce_sum(out).to(torch.uint8)  # one owner a row: the others add 0
+
+
 def code_stats(c, block: Block, kind: str, labels_omega: torch.Tensor,
                labels_rows: torch.Tensor, chunk_rows: int = 8192,
                ) -> tuple[obj.CodeStats, obj.SoftSimilarity]:

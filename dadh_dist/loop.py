@@ -239,6 +239,7 @@ def evaluate(
             relevant = hits.sum(1)  # chance level: the relevant fraction of the database
             has = relevant > 0
             chance = float((relevant[has] / n).mean()) if has.any() else 0.0
+            out["chance_map"] = chance  # the same for every encoder
             warning = health.collapse_warning(q, None, split.labels, None,
                                               out[f"map_all_{enc}"], db_distinct=db_distinct,
                                               db_rows=n, chance=chance)
@@ -289,11 +290,13 @@ class _Omega:
     """bf16 autocast (train.amp on a GPU)."""
 
 
-def train_streams(run: _Run, omega: torch.Tensor, t: int, cfg: Config, env: WorkerEnv,
+def train_streams(run: _Run, omega: torch.Tensor, y_omega: torch.Tensor, t: int, cfg: Config,
+                  env: WorkerEnv,
                   ) -> tuple[torch.Tensor, torch.Tensor | None, obj.SoftSimilarity, dict]:
-    """T_in epochs over Ω; returns the F, G buffers (m, k), Ω's similarity and the loss terms."""
+    """T_in epochs over Ω (y_omega: its labels); returns the F, G buffers (m, k), Ω's
+    similarity and the loss terms."""
     c, tr = env.collectives, cfg.train
-    om = _open_omega(run, omega, t, cfg, env)
+    om = _open_omega(run, omega, y_omega, t, cfg, env)
     m, bsz = omega.shape[0], tr.batch_size
     sums: dict[str, torch.Tensor] = {}
     steps = skipped = seen = 0
@@ -335,13 +338,12 @@ def train_streams(run: _Run, omega: torch.Tensor, t: int, cfg: Config, env: Work
     return om.F.float().cpu(), (om.G.float().cpu() if om.G is not None else None), om.sim, metrics
 
 
-def _open_omega(run: _Run, omega: torch.Tensor, t: int, cfg: Config, env: WorkerEnv,
-                ) -> _Omega:
+def _open_omega(run: _Run, omega: torch.Tensor, y_omega: torch.Tensor, t: int, cfg: Config,
+                env: WorkerEnv) -> _Omega:
     """Ω's similarities and code statistics (once per outer iteration, §2: no n×m matrix) and
     the F/G buffers filled by a forward pass over Ω."""
     c, dev = env.collectives, env.device
     amp = cfg.train.amp == "bf16" and dev.type == "cuda"
-    y_omega = torch.from_numpy(run.data.database.labels[omega.numpy()])
     # B's statistics from every block (one all-reduce; nothing of size n leaves a worker)
     blocks.verify(c, run.block, f"before outer iteration {t}")
     stats, sim = blocks.code_stats(c, run.block, cfg.objective.similarity, y_omega,
@@ -429,14 +431,14 @@ def code_step_inputs(F: torch.Tensor, G: torch.Tensor | None, omega: torch.Tenso
                       for t in parts if t is not None])
 
 
-def update_codes(run: _Run, F: torch.Tensor, G: torch.Tensor | None, omega: torch.Tensor, *,
-                 sim, t: int, cfg: Config, env: WorkerEnv) -> dict:
+def update_codes(run: _Run, F: torch.Tensor, G: torch.Tensor | None, omega: torch.Tensor,
+                 labels_omega: torch.Tensor, *, sim, t: int, cfg: Config, env: WorkerEnv,
+                 ) -> dict:
     """Each worker solves its own block of B's rows (all k bits) and keeps it: no gather."""
     c = env.collectives
     t0 = time.time()
     # the block follows from these and the block's previous rows: all workers must agree on them
     c.check_identical("the code step's inputs (F, G, Ω, r)", code_step_inputs(F, G, omega, sim.r))
-    labels_omega = torch.from_numpy(run.data.database.labels[omega.numpy()])
     w = run.weights
     B_new = blocks.solve(run.block, F, G, omega, labels_omega, run.labels_rows, sim,
                          gamma=w.gamma, eta=w.eta, bits=cfg.objective.bits,
@@ -511,7 +513,7 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     """
     c = env.collectives
     run = _start(cfg, env)
-    n = run.data.database.labels.shape[0]
+    n = run.block.n
     m = min(cfg.train.num_samples, n)
     T = cfg.train.outer_iters
     wall0 = time.time()
@@ -524,8 +526,10 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         omega = sample_omega(cfg.train.seed, t, n, m)
         run.faults.kill("streams", t)
         run.faults.lose_node(t)
-        F, G, sim, net = train_streams(run, omega, t, cfg, env)
-        code_metrics = update_codes(run, F, G, omega, sim=sim, t=t, cfg=cfg, env=env)
+        # Ω's labels from their rows' owners: a worker holds only its own block's labels
+        y_omega = blocks.gather_label_rows(c, run.block, run.labels_rows, omega)
+        F, G, sim, net = train_streams(run, omega, y_omega, t, cfg, env)
+        code_metrics = update_codes(run, F, G, omega, y_omega, sim=sim, t=t, cfg=cfg, env=env)
         run.streams.step_schedulers()
         metrics = {"t": t + 1, **net, **code_metrics, **run.streams.lrs(),
                    **_evaluate(run, cfg, env, t)}
@@ -650,12 +654,12 @@ def _finish(run: _Run, cfg: Config, env: WorkerEnv, metrics: dict, wall0: float)
     final = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
     final.update(bits=cfg.objective.bits, wall_s=time.time() - wall0,
                  outer_iters=cfg.train.outer_iters, resumed_at=run.t_start,
-                 workers=c.world_size, database=int(data.database.labels.shape[0]),
+                 workers=c.world_size, database=run.block.n,
                  queries=int(data.query.labels.shape[0]))
     final.update({k: v for k, v in metrics.items() if k.startswith("val/")})
     distinct, exact = blocks.distinct_codes(c, run.block)
-    final.update(chance_map=health.chance_map(data.query.labels, data.database.labels),
-                 distinct_database_codes=distinct)
+    # chance_map came with the test metrics, from the per-block histograms' relevant counts
+    final.update(distinct_database_codes=distinct)
     if not exact:
         final["distinct_database_codes_is_lower_bound"] = True
     warnings = {k.removeprefix("_warning_"): v for k, v in sorted(metrics.items())

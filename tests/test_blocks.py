@@ -54,6 +54,8 @@ def _check_block(c, single: bool, kind: str):
     torch.testing.assert_close(stats.SB, want.SB, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(stats.S_sq, want.S_sq, rtol=1e-6, atol=1e-5)
     assert torch.equal(blocks.gather_rows(c, block, omega), B[omega])
+    Y8 = Y.to(torch.uint8)
+    assert torch.equal(blocks.gather_label_rows(c, block, Y8[rows], omega), Y8[omega])
     assert blocks.checksum(c, block) == blocks.checksum(LocalCollectives(), _one_block(B, Y))
     new = blocks.solve(block, F, G, omega, Y[omega], Y[rows], sim, gamma=3.0, eta=0.5, bits=K,
                        sweeps=2, chunk_rows=7)

@@ -22,7 +22,8 @@ from _nontrivial import assert_learned
 from _repo import DEBUG
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import config, loop
+from dadh_dist import config, health, loop
+from dadh_dist.data import load_dataset
 
 # the debug config with a database of 1,201 rows (blocks of 601 and 600), three outer
 # iterations, checkpoints after each (the last two are kept). By hand, on the real data:
@@ -81,6 +82,10 @@ def test_two_blocks_equal_one_and_resume_across_worker_counts(tmp_path):
     assert torch.equal(B1, B2)  # bit for bit, though no worker of the pair held all of B
     _same_metrics(one[0], two[0])
     assert B1.shape[0] == N
+    # the chance level from the blocks' relevant counts is the one of all labels
+    data = load_dataset(config.load(DEBUG, EXTRA).data)
+    assert one[0]["chance_map"] == two[0]["chance_map"] == pytest.approx(
+        health.chance_map(data.query.labels, data.database.labels), rel=1e-12)
     # each rank wrote its own block only; the manifest lists both
     half = (N + 1) // 2
     assert two[0]["blocks_written"][-1] == [f"codes_{0:012d}_{half:012d}.npy"]
