@@ -423,6 +423,50 @@ def test_parquet_corrupt_shard_and_bad_row_are_named(tmp_path):
         load_dataset(DataConfig(source="parquet", root=str(bad)))
 
 
+def test_parquet_database_rows_read_by_range_equal_the_loaded_database(tmp_path):
+    from dadh_dist.data.parquet_index import DatabaseIndex
+    from dadh_dist.distributed import even_split
+
+    ds = digits()
+    # as written: query and validation rows first, so only the first shard mixes splits
+    dataset_to_parquet(ds, tmp_path / "pq", rows_per_shard=500)
+    # the same rows shuffled across three shards of row groups of 50: every group mixes
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "pq").iterdir())])
+    table = table.take(np.random.default_rng(0).permutation(table.num_rows))
+    (tmp_path / "mixed").mkdir()
+    for i, lo in enumerate(range(0, table.num_rows, 700)):
+        pq.write_table(table.slice(lo, 700), tmp_path / "mixed" / f"s{i}.parquet",
+                       row_group_size=50)
+    for folder, scanned in (("pq", 1), ("mixed", 36)):
+        want = load_dataset(DataConfig(source="parquet", root=str(tmp_path / folder)))
+        index = DatabaseIndex.open(tmp_path / folder)
+        assert index.n == len(want.database.labels) and index.scanned == scanned
+        for W in (1, 2, 3, 7):
+            got = [index.labels(r.start, r.stop)
+                   for r in (even_split(index.n, W, rank) for rank in range(W))]
+            assert np.array_equal(np.concatenate(got), want.database.labels), (folder, W)
+        assert index.labels(5, 5).shape == (0, 10)
+        with pytest.raises(ValueError, match="outside"):
+            index.labels(0, index.n + 1)
+
+    labels = table.column("labels").to_pylist()
+    database = np.flatnonzero(np.array(table.column("split").to_pylist()) == "database")
+    row = int(database[database >= 100][0])  # in the third row group of 50
+    labels[row] = [2] + labels[row][1:]
+    (tmp_path / "bad").mkdir()
+    pq.write_table(table.set_column(1, "labels", pa.array(labels, pa.list_(pa.uint8()))),
+                   tmp_path / "bad" / "s.parquet", row_group_size=50)
+    index = DatabaseIndex.open(tmp_path / "bad")
+    index.labels(0, int((database < 100).sum()))  # the row groups before it read
+    with pytest.raises(DataError, match=rf"s\.parquet: row {row}: labels must be 0 or 1"):
+        index.labels(0, index.n)
+    with pytest.raises(DataError, match="parquet folder not found"):
+        DatabaseIndex.open(tmp_path / "nowhere")
+    pq.write_table(table.drop_columns(["split"]), tmp_path / "bad" / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet: missing column split"):
+        DatabaseIndex.open(tmp_path / "bad")
+
+
 def test_split_rejects_float_images():
     with pytest.raises(DataError, match="uint8"):
         Split(np.zeros((2, 1, 3, 3), np.float32), np.zeros((2, 4), np.uint8),
