@@ -7,17 +7,19 @@ No images and no networks: every worker builds only what its own rows of B need,
 
 * labels: single-label, 10 classes, one-hot uint8 (the form `dadh_dist.data` gives). Row i's class
   is a pure function of i (a 64-bit mix of i, mod 10), so a worker computes the labels of its
-  block, and of any Ω row, without holding the other n − n/W rows.
+  block without holding the other n − n/W rows; Ω's come from their owners as in the loop
+  (`blocks.gather_label_rows`) and are checked against the same function.
 * B: `loop.initial_rows` (codes.init = random), which draws each row from its own seeded chunk,
   so a row's initial code does not depend on which worker draws it.
 * Ω_t: `loop.sample_omega` (a permutation's head up to n = 2^24, Floyd's O(m) sampler above);
   F, G: (m, k) tanh of seeded normals standing in for the two streams' outputs. The same on
   every rank.
 
-One outer iteration is what `loop._open_omega` and `loop.update_codes` call, in their order, less
-the network step: verify → code_stats → gather_rows → check_identical(F, G, Ω, r) → solve →
-update. The sizes are k = 64 bits, m = train.num_samples, and γ, η, codes.sweeps and
-codes.chunk_rows from `dadh_dist.config`'s defaults.
+One outer iteration is what `loop.train`, `loop._open_omega` and `loop.update_codes` call, in
+their order, less the network step: gather_label_rows → verify → code_stats → gather_rows →
+check_identical(F, G, Ω, r) → solve → update. The sizes are k = 64 bits, m =
+train.num_samples, and γ, η, codes.sweeps and codes.chunk_rows from `dadh_dist.config`'s
+defaults.
 
 Bytes are counted where the bench hands tensors to the collectives (`Counting`): per call, the
 nbytes of the tensor given to all_reduce_sum / all_reduce_max, the local tensor's nbytes for
@@ -195,13 +197,16 @@ def child(spec: dict) -> None:
     iters = []
     for t in range(spec["iters"]):
         omega = loop.sample_omega(SEED, t, n, m)
-        omega_np = omega.numpy()
-        labels_omega = torch.from_numpy(one_hot(classes_of(omega_np)))
+        want_omega = torch.from_numpy(one_hot(classes_of(omega.numpy())))
         gen = torch.Generator().manual_seed(loop.seed_for(SEED, 5, t))
         F = torch.tanh(torch.randn(m, o.bits, generator=gen))
         G = torch.tanh(torch.randn(m, o.bits, generator=gen))
         inner.barrier()  # start together, uncounted: each phase's time is then its own
         c.reset()
+        with c.phase("gather_labels"):  # as the loop does: from the owners of Ω's rows
+            labels_omega = blocks.gather_label_rows(c, block, labels_rows, omega)
+        if not torch.equal(labels_omega, want_omega):
+            raise RuntimeError("Ω's labels gathered from the blocks are not Ω's labels")
         with c.phase("verify"):
             blocks.verify(c, block, f"before outer iteration {t}")
         with c.phase("code_stats"):
@@ -314,10 +319,10 @@ def summarise(workers: list[dict]) -> dict:
 
 def predicted_bytes(W: int, m: int, k: int, c: int) -> int:
     """What the iteration hands to the collectives, from the shapes in `blocks` (single-label):
-    verify W float32 flags; code_stats float64 BᵀB, colsum, class sums, class counts;
-    gather_rows B_Ω int8; check_identical two int64; update float64 (flipped, checksum lo, hi,
-    column sums)."""
-    return 4 * W + 8 * (k * k + k + c * k + c) + m * k + CHECK_BYTES + 8 * (3 + k)
+    gather_labels Ω's labels m×c int8; verify W float32 flags; code_stats float64 BᵀB,
+    colsum, class sums, class counts; gather_rows B_Ω int8; check_identical two int64; update
+    float64 (flipped, checksum lo, hi, column sums)."""
+    return m * c + 4 * W + 8 * (k * k + k + c * k + c) + m * k + CHECK_BYTES + 8 * (3 + k)
 
 
 def parse_size(text: str) -> int:
@@ -384,11 +389,12 @@ def main() -> None:
     any_row = next(iter(rows.values()))
     m, k = any_row["m"], any_row["k"]
     print(f"# Sharded B: k = {k}, m = {m:,}, single-label ({CLASSES} classes), "
-          f"outer iteration {args.iters} of {args.iters} (verify → code_stats → gather_rows → "
-          "check_identical → solve → update)\n")
+          f"outer iteration {args.iters} of {args.iters} (gather_labels → verify → code_stats → "
+          "gather_rows → check_identical → solve → update)\n")
     print(table(headers, body))
     print()
-    phases = ("verify", "code_stats", "gather_rows", "check_identical", "solve", "update")
+    phases = ("gather_labels", "verify", "code_stats", "gather_rows", "check_identical", "solve",
+              "update")
     big = max(sizes)
     print(f"## Bytes handed to the collectives per outer iteration, by phase (n = {big:,})\n")
     print(table(["W", *phases, "total", "formula"],
@@ -404,7 +410,7 @@ def main() -> None:
     print()
     formula_ok = all(r["bytes_per_iter"] == predicted_bytes(r["W"], m, k, CLASSES)
                      for r in rows.values())
-    print(f"- formula 4W + 8(k² + k + ck + c) + mk + {CHECK_BYTES} + 8(k + 3) equals every "
+    print(f"- formula mc + 4W + 8(k² + k + ck + c) + mk + {CHECK_BYTES} + 8(k + 3) equals every "
           f"counted total: {'yes' if formula_ok else 'NO'}")
     same_b = all(len({rows[n, W]["checksum"] for W in workers}) == 1 for n in sizes)
     print(f"- codes/checksum of the new B the same for every W at each n: "
