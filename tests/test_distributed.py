@@ -130,7 +130,7 @@ def test_ragged_last_batch_two_workers_within_tolerance(tmp_path):
 
 
 @pytest.mark.parametrize("world,extra", [
-    (2, []),
+    # (2 workers, the debug config as it is: test_sharded.py, which also resumes across W)
     (2, ["objective.use_pair=false"]),
     # two workers per stream: DDP inside each half, a batch of 32 split 16/16 in each
     (4, ODD),

@@ -93,11 +93,10 @@ def test_two_blocks_equal_one_and_resume_across_worker_counts(tmp_path):
     assert [b[:2] for b in m2["codes"]["blocks"]] == [[0, half], [half, N]]
     assert len(m1["codes"]["blocks"]) == 1
 
-    # W=2's checkpoint of outer iteration 2 resumed by one worker, and W=1's by two workers
+    # W=2's checkpoint of outer iteration 2 (two blocks) resumed by one worker, which reads
+    # them as one; one block read as two: test_blocks.py's checkpoint test, W = 1, 2, 4, 60
     one_from_two, B12, _ = _run(tmp_path / "w2_to_w1", 1, tmp_path / "w2" / "checkpoint_000002")
-    two_from_one, B21, _ = _run(tmp_path / "w1_to_w2", 2, tmp_path / "w1" / "checkpoint_000002")
-    assert torch.equal(B12, B1) and torch.equal(B21, B1)
+    assert torch.equal(B12, B1)
     _same_metrics(one_from_two[0], one[0])
-    _same_metrics(two_from_one[0], one[0])
-    print(f"\n{SOURCE}, n={N}: B equal bit for bit (W=1, W=2, resumed 2->1 and 1->2); "
+    print(f"\n{SOURCE}, n={N}: B equal bit for bit (W=1, W=2, W=2 resumed by 1); "
           + ", ".join(f"{k} {one[0][k]:.6f} / {two[0][k]:.6f}" for k in KEYS))  # with -s
