@@ -275,7 +275,11 @@ def distinct_codes(c, block: Block) -> tuple[int, bool]:
     of them, are gathered and counted once. Exact when no block has more than DISTINCT_CAP
     distinct rows; a lower bound (at least DISTINCT_CAP) otherwise, which is far above what the
     collapse check looks for (fewer distinct codes than classes)."""
-    packed = np.packbits(block.B.numpy() > 0, axis=1)
+    B = block.B.numpy()
+    step = 1 << 20  # packed a chunk at a time: no n×k bool of the whole block
+    packed = np.concatenate([np.packbits(B[lo:lo + step] > 0, axis=1)
+                             for lo in range(0, B.shape[0], step)]) if B.shape[0] else \
+        np.zeros((0, -(-B.shape[1] // 8)), np.uint8)
     mine = np.unique(packed, axis=0) if packed.shape[0] else packed
     capped = float(mine.shape[0] > DISTINCT_CAP)
     over = float(c.all_reduce_sum(torch.tensor([capped])))
