@@ -25,11 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dadh_dist import codes
+from dadh_dist import codes, retrieval
 from dadh_dist import objective as obj
 from dadh_dist.distributed import ReplicaMismatch, even_split
 
 _MASK32 = (1 << 32) - 1
+CHUNK_ROWS = 1 << 20
+"""Rows a whole-block pass (flipped bits, checksum, packing) holds scratch for at a time."""
+
+
+def _chunks(rows: int, size: int = CHUNK_ROWS) -> list[slice]:
+    """Slices covering range(rows), `size` rows each; one empty slice for an empty block."""
+    return [slice(lo, lo + size) for lo in range(0, max(rows, 1), size)]
 
 
 @dataclass
@@ -178,7 +185,9 @@ def update(c, block: Block, B_new: torch.Tensor) -> dict:
     metrics that need every block (flipped bits, bit balance, the W-independent checksum)."""
     k = block.B.shape[1]
     B_new = B_new.to(torch.int8).contiguous()
-    flipped = float(_count_changed(B_new.numpy(), block.B.numpy()))
+    new, old = B_new.numpy(), block.B.numpy()
+    # a chunk at a time: torch's (new != old).sum() holds an n×k bool and an int64 copy of it
+    flipped = float(sum(np.count_nonzero(new[s] != old[s]) for s in _chunks(len(new))))
     block.B = B_new
     block.partial = _partial_checksum(block)
     lo, hi = block.partial & _MASK32, block.partial >> 32
@@ -193,13 +202,6 @@ def update(c, block: Block, B_new: torch.Tensor) -> dict:
         "codes/bit_balance": float((sums[3:] / n).abs().mean()),
         "codes/checksum": float(_combine(int(sums[1]), int(sums[2])) % 1_000_000_007),
     }
-
-
-def _count_changed(new: np.ndarray, old: np.ndarray, chunk_rows: int = 1 << 20) -> int:
-    """Entries that differ, chunk_rows rows at a time (torch's (a != b).sum() would hold an
-    n×k bool and an int64 copy of it: 9 × the block's bytes)."""
-    return sum(int(np.count_nonzero(new[lo:lo + chunk_rows] != old[lo:lo + chunk_rows]))
-               for lo in range(0, new.shape[0], chunk_rows))
 
 
 # ------------------------------------------------------------------------------ integrity
@@ -232,18 +234,16 @@ def _combine(lo_sum: int, hi_sum: int) -> int:
     return (lo_sum + (hi_sum << 32)) & ((1 << 64) - 1)
 
 
-def _partial_checksum(block: Block, chunk_rows: int = 1 << 20) -> int:
+def _partial_checksum(block: Block, chunk_rows: int = CHUNK_ROWS) -> int:
     """Σ over the block's rows i of mix(i, bits of row i), mod 2^64 (splitmix64 finaliser);
     chunk_rows rows at a time, so the scratch is bounded whatever the block's size."""
-    total = 0
-    for lo in range(0, block.B.shape[0], chunk_rows):
-        rows = block.B[lo:lo + chunk_rows].numpy()
-        total += _rows_checksum(rows, block.start + lo)
+    B = block.B.numpy()
+    total = sum(_rows_checksum(B[s], block.start + s.start) for s in _chunks(len(B), chunk_rows))
     return total & ((1 << 64) - 1)
 
 
 def _rows_checksum(rows: np.ndarray, first: int) -> int:
-    packed = np.packbits(rows > 0, axis=1)
+    packed = retrieval.pack_codes(rows)
     width = -(-packed.shape[1] // 8) * 8
     words = np.zeros((packed.shape[0], width), np.uint8)
     words[:, : packed.shape[1]] = packed
@@ -275,11 +275,8 @@ def distinct_codes(c, block: Block) -> tuple[int, bool]:
     of them, are gathered and counted once. Exact when no block has more than DISTINCT_CAP
     distinct rows; a lower bound (at least DISTINCT_CAP) otherwise, which is far above what the
     collapse check looks for (fewer distinct codes than classes)."""
-    B = block.B.numpy()
-    step = 1 << 20  # packed a chunk at a time: no n×k bool of the whole block
-    packed = np.concatenate([np.packbits(B[lo:lo + step] > 0, axis=1)
-                             for lo in range(0, B.shape[0], step)]) if B.shape[0] else \
-        np.zeros((0, -(-B.shape[1] // 8)), np.uint8)
+    B = block.B.numpy()  # packed a chunk at a time: no n×k bool of the whole block
+    packed = np.concatenate([retrieval.pack_codes(B[s]) for s in _chunks(len(B))])
     mine = np.unique(packed, axis=0) if packed.shape[0] else packed
     capped = float(mine.shape[0] > DISTINCT_CAP)
     over = float(c.all_reduce_sum(torch.tensor([capped])))
