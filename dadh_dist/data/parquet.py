@@ -107,6 +107,12 @@ def read_columns(path: Path, columns: list[str], what: str = "") -> pa.Table:
                         f"({e})") from None
 
 
+def is_label_list(t: pa.DataType) -> bool:
+    """A labels column's type: a list (of any offset width or fixed size) of integers."""
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+        and pa.types.is_integer(t.value_type)
+
+
 def _read_shard(path: Path, width: LabelWidth, problems: Problems) -> _Shard | None:
     """Read and check one shard: None if it is unreadable, malformed as a whole, or has no rows;
     otherwise its well-formed rows, each malformed row being recorded as a problem."""
@@ -121,8 +127,7 @@ def _read_shard(path: Path, width: LabelWidth, problems: Problems) -> _Shard | N
         return None
     types = {c: table.schema.field(c).type for c in SCHEMA.names}
     t = types["labels"]
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
-            or not pa.types.is_integer(t.value_type):
+    if not is_label_list(t):
         problems.add(path, f"column labels must be list<uint8>, got {t}")
         return None
     if not pa.types.is_integer(types["id"]):

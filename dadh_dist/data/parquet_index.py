@@ -27,8 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dadh_dist.data.base import DataError
+from dadh_dist.data.parquet import SPLITS, is_label_list
 
-DATABASE = "database"
+DATABASE = SPLITS[2]
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,10 @@ class DatabaseIndex:
 
     def __init__(self, root: Path, groups: list[_Group]):
         self.root = root
+        self.scanned = sum(g.mixed for g in groups)
+        """Row groups whose split column had to be read to count their database rows."""
         self.groups = [g for g in groups if g.count]
         self.n = sum(g.count for g in self.groups)
-        self.scanned = sum(g.mixed for g in self.groups)
-        """Row groups whose split column had to be read to count their database rows."""
         self._starts = np.array([g.first for g in self.groups], dtype=np.int64)
         self._width: int | None = None
 
@@ -98,9 +99,7 @@ class DatabaseIndex:
         if g.mixed:
             rows = rows[_is_database(table.column("split"))]
         col = table.column("labels").combine_chunks()
-        if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
-                or pa.types.is_fixed_size_list(col.type)) or not pa.types.is_integer(
-                col.type.value_type):
+        if not is_label_list(col.type):
             raise DataError(f"{g.path}: column labels must be list<uint8>, got {col.type}")
         col = col.take(pa.array(rows))
 
