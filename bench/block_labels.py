@@ -61,7 +61,7 @@ def child(spec: dict) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from dadh_dist.data.parquet_index import DatabaseIndex
+    from dadh_dist.data.parquet_index import SplitIndex
     from dadh_dist.distributed import even_split
 
     folder, n = Path(spec["folder"]), spec["n"]
@@ -69,7 +69,7 @@ def child(spec: dict) -> None:
     # thread pools pyarrow loads on a first read (~100 MiB) are the same for any n
     first = sorted(folder.glob("*.parquet"))[0]
     pq.ParquetFile(first).read_row_group(0, columns=["labels", "split"])
-    DatabaseIndex.open(folder).labels(0, 1)
+    SplitIndex.open(folder).labels(0, 1)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
     base = memory_mib()[0]
     t0 = time.perf_counter()
@@ -83,7 +83,7 @@ def child(spec: dict) -> None:
         labels = np.concatenate(parts)
         rows, open_s, scanned = slice(0, n), 0.0, None
     else:
-        index = DatabaseIndex.open(folder)
+        index = SplitIndex.open(folder)
         open_s = time.perf_counter() - t0
         rows = even_split(index.n, spec["world"], spec["rank"])
         labels = index.labels(rows.start, rows.stop)

@@ -52,6 +52,8 @@ class Block:
     """Every database row (on every block) and so every Ω row has exactly one label."""
     partial: int | None = None
     """This block's share of `checksum` when the code step wrote it: `verify` compares."""
+    bounds: tuple[int, ...] = ()
+    """Every rank's first row, then n: rank r owns rows [bounds[r], bounds[r + 1])."""
 
     @property
     def rows(self) -> slice:
@@ -64,10 +66,16 @@ def block_rows(n: int, c) -> slice:
 
 
 def open_block(c, B_rows: torch.Tensor, rows: slice, n: int, labels_rows: torch.Tensor) -> Block:
-    """A `Block` over this rank's rows; `single` is agreed on by every rank (one all-reduce)."""
+    """A `Block` over this rank's rows; `single` and every rank's rows are agreed on by every
+    rank (two small collectives). The blocks must tile [0, n) in rank order."""
     not_single = torch.tensor([0.0 if obj.is_single_label(labels_rows) else 1.0])
     single = float(c.all_reduce_sum(not_single)) == 0.0
-    block = Block(rows.start, rows.stop, n, B_rows.to(torch.int8).contiguous(), single)
+    every = c.all_gather_rows(torch.tensor([[rows.start, rows.stop]], dtype=torch.int64))
+    starts, stops = every[:, 0].tolist(), every[:, 1].tolist()
+    if starts[0] != 0 or stops[-1] != n or starts[1:] != stops[:-1]:
+        raise ValueError(f"the workers' rows {list(zip(starts, stops))} do not tile [0, {n})")
+    block = Block(rows.start, rows.stop, n, B_rows.to(torch.int8).contiguous(), single,
+                  bounds=(*starts, n))
     block.partial = _partial_checksum(block)
     return block
 
@@ -91,6 +99,19 @@ def gather_label_rows(c, block: Block, labels_rows: torch.Tensor,
     out = torch.zeros(omega.shape[0], labels_rows.shape[1], dtype=torch.int8)
     out[inside] = labels_rows[omega[inside] - block.start].to(torch.int8)
     return c.all_reduce_sum(out).to(torch.uint8)  # one owner a row: the others add 0
+
+
+def gather_owned(c, block: Block, values: np.ndarray, omega: torch.Tensor) -> torch.Tensor:
+    """The rows `omega` of a per-row array that every rank holds only for its own block
+    (values: this block's rows, e.g. its images), in Ω's order, on every rank. Each owner sends
+    only the Ω rows it holds: one all-gather of about m rows in all, whatever n is."""
+    om = omega.numpy()
+    owner = np.searchsorted(np.asarray(block.bounds[1:]), om, side="right")
+    mine = om[owner == c.rank] - block.start  # in Ω order
+    got = c.all_gather_rows(torch.from_numpy(np.ascontiguousarray(values[mine])))
+    out = torch.empty((om.shape[0], *values.shape[1:]), dtype=got.dtype)
+    out[torch.from_numpy(np.argsort(owner, kind="stable"))] = got  # rank order, then Ω order
+    return out
 
 
 def code_stats(c, block: Block, kind: str, labels_omega: torch.Tensor,

@@ -46,6 +46,10 @@ class DataConfig:
     skip_bad: bool = False
     """Skip corrupt or missing images of list/Parquet sources (counted, reported); never
     structural problems (label width, truncated index files, empty classes)."""
+    per_worker: bool = False
+    """Parquet only: each worker reads and decodes only its own block of the database rows (and
+    the query and validation splits whole), so no worker holds the whole database; the rows are
+    those a whole load gives (docs/scaling.md §4)."""
 
 
 @dataclass
@@ -448,6 +452,9 @@ def validate(cfg: Config) -> None:
             f"train.batch_size: {cfg.train.batch_size} exceeds "
             f"train.num_samples={cfg.train.num_samples}"
         )
+    if cfg.data.per_worker and cfg.data.source != "parquet":
+        raise ConfigError(f"data.per_worker: reads Parquet shards only; data.source is "
+                          f"{cfg.data.source} (set it false: that source is read whole)")
     if not cfg.scaling.use_ray and cfg.scaling.num_workers != 1:
         raise ConfigError("scaling.num_workers: must be 1 with scaling.use_ray = false")
     if not cfg.scaling.use_ray and cfg.scaling.use_gpu:

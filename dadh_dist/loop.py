@@ -33,7 +33,8 @@ from dadh_dist import blocks, faults, health, retrieval
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import objective as obj
 from dadh_dist.config import Config
-from dadh_dist.data import Dataset, load_dataset
+from dadh_dist.data import Dataset, Split, load_dataset
+from dadh_dist.data.per_worker import load_block
 from dadh_dist.distributed import LocalCollectives, StreamGroup, even_split, wrap_ddp
 from dadh_dist.encoding import encode, query_codes, stream_outputs
 from dadh_dist.models import build_streams
@@ -54,7 +55,7 @@ class WorkerEnv:
     run_dir: Path | None = None
     """Folder for TensorBoard and final metrics (written by rank 0)."""
     dataset: Dataset | None = None
-    """A dataset already in memory (tests); loaded from the config otherwise."""
+    """A whole dataset already in memory (tests); loaded from the config otherwise."""
     publish: Callable[[], object] | None = None
     """Rank 0 calls it after every outer iteration and at the end: sends run_dir's new files on
     to a remote run folder (storage.Publisher)."""
@@ -348,7 +349,8 @@ def _open_omega(run: _Run, omega: torch.Tensor, y_omega: torch.Tensor, t: int, c
     blocks.verify(c, run.block, f"before outer iteration {t}")
     stats, sim = blocks.code_stats(c, run.block, cfg.objective.similarity, y_omega,
                                    run.labels_rows, cfg.codes.chunk_rows)
-    images = torch.from_numpy(run.data.database.images)[omega]
+    # Ω's images from their owners: a worker holds only its own block's
+    images = blocks.gather_owned(c, run.block, run.data.database.images, omega)
     streams, group = run.streams, run.streams.group
     F = encode_sharded(streams.f, images, env, cfg.eval.batch_size, amp).to(dev)
     G = (encode_sharded(streams.g, images, env, cfg.eval.batch_size, amp).to(dev)
@@ -493,6 +495,7 @@ class _Run:
     """One worker's state of a run, as `_start` opens it."""
 
     data: Dataset
+    """Query and validation whole; database: only the block's rows [block.start, block.stop)."""
     monitor: Monitor
     streams: Streams
     weights: obj.LossWeights
@@ -541,7 +544,11 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
 def _start(cfg: Config, env: WorkerEnv) -> _Run:
     """Data, monitor, streams and B of this worker: fresh, or from `env.resume_from`."""
     c = env.collectives
-    data = env.dataset if env.dataset is not None else load_dataset(cfg.data)
+    if env.dataset is None and cfg.data.per_worker:
+        data, rows, n = load_block(cfg.data, c)  # only this worker's rows are read
+    else:
+        whole = env.dataset if env.dataset is not None else load_dataset(cfg.data)
+        data, rows, n = _block_of(whole, c)
     monitor = Monitor(env.run_dir, c.rank == 0, cfg.log.tensorboard, cfg.to_toml())
     group = None
     if cfg.scaling.stream_parallel:
@@ -550,8 +557,6 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
                                "it needs an even number >= 2")
         group = c.stream_group()
     streams = Streams(cfg, data, env.device, group)
-    n = data.database.labels.shape[0]
-    rows = blocks.block_rows(n, c)
     t_start = 0
     if env.resume_from is not None:
         state, manifest = ckpt.load(env.resume_from, codes=False)
@@ -571,7 +576,7 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
         del state
     else:
         B_rows = initial_rows(cfg, rows)
-    labels_rows = torch.from_numpy(data.database.labels[rows])
+    labels_rows = torch.from_numpy(data.database.labels)
     block = blocks.open_block(c, B_rows, rows, n, labels_rows)
     monitor.progress(
         f"{data.name}: {data.query.labels.shape[0]} queries, {data.validation.labels.shape[0]} "
@@ -582,6 +587,21 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
                 weights=obj.LossWeights.from_config(cfg.objective),
                 faults=faults.Faults(c.rank, env.run_dir), block=block,
                 labels_rows=labels_rows, t_start=t_start)
+
+
+def _block_of(ds: Dataset, c) -> tuple[Dataset, slice, int]:
+    """A whole dataset cut to this worker's block of database rows (copies, so the whole arrays
+    can go once the caller drops them), the block's rows and n."""
+    n = len(ds.database)
+    rows = blocks.block_rows(n, c)
+    if c.world_size == 1:
+        return ds, rows, n
+
+    def copy(s: Split, keep=slice(None)) -> Split:
+        return Split(s.images[keep].copy(), s.labels[keep].copy(), s.ids[keep].copy())
+
+    return Dataset(ds.name, copy(ds.query), copy(ds.validation), copy(ds.database, rows),
+                   ds.multi_label, ds.skipped), rows, n
 
 
 def _evaluate(run: _Run, cfg: Config, env: WorkerEnv, t: int) -> dict:

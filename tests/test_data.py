@@ -424,7 +424,7 @@ def test_parquet_corrupt_shard_and_bad_row_are_named(tmp_path):
 
 
 def test_parquet_database_rows_read_by_range_equal_the_loaded_database(tmp_path):
-    from dadh_dist.data.parquet_index import DatabaseIndex
+    from dadh_dist.data.parquet_index import SplitIndex
     from dadh_dist.distributed import even_split
 
     ds = digits()
@@ -439,7 +439,7 @@ def test_parquet_database_rows_read_by_range_equal_the_loaded_database(tmp_path)
                        row_group_size=50)
     for folder, scanned in (("pq", 1), ("mixed", 36)):
         want = load_dataset(DataConfig(source="parquet", root=str(tmp_path / folder)))
-        index = DatabaseIndex.open(tmp_path / folder)
+        index = SplitIndex.open(tmp_path / folder)
         assert index.n == len(want.database.labels) and index.scanned == scanned
         for W in (1, 2, 3, 7):
             got = [index.labels(r.start, r.stop)
@@ -456,15 +456,15 @@ def test_parquet_database_rows_read_by_range_equal_the_loaded_database(tmp_path)
     (tmp_path / "bad").mkdir()
     pq.write_table(table.set_column(1, "labels", pa.array(labels, pa.list_(pa.uint8()))),
                    tmp_path / "bad" / "s.parquet", row_group_size=50)
-    index = DatabaseIndex.open(tmp_path / "bad")
+    index = SplitIndex.open(tmp_path / "bad")
     index.labels(0, int((database < 100).sum()))  # the row groups before it read
     with pytest.raises(DataError, match=rf"s\.parquet: row {row}: labels must be 0 or 1"):
         index.labels(0, index.n)
     with pytest.raises(DataError, match="parquet folder not found"):
-        DatabaseIndex.open(tmp_path / "nowhere")
+        SplitIndex.open(tmp_path / "nowhere")
     pq.write_table(table.drop_columns(["split"]), tmp_path / "bad" / "t.parquet")
     with pytest.raises(DataError, match=r"t\.parquet: missing column split"):
-        DatabaseIndex.open(tmp_path / "bad")
+        SplitIndex.open(tmp_path / "bad")
 
 
 def test_split_rejects_float_images():

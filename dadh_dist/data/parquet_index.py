@@ -1,19 +1,20 @@
-"""The database rows of a folder of Parquet shards, read by range: what one worker of a sharded
-B needs of the labels (docs/scaling.md §4), without reading the other rows or any image.
+"""The rows of one split of a folder of Parquet shards, read by range: what one worker of a
+sharded B needs of the database (docs/scaling.md §4), without reading the other rows.
 
-    index = DatabaseIndex.open(root)          # footers, and the split column where it must
+    index = SplitIndex.open(root)             # footers, and the split column where it must
     labels = index.labels(start, stop)        # (stop - start, c) uint8, database rows in order
+    split, ok = index.read(start, stop, size, problems)   # labels, ids and decoded images
 
-Database row i is the i-th row with split = database in shard-name order and row order, the
-order `load_parquet` gives the database (every row kept). The index is built from the footers:
-a row group whose `split` statistics say it holds only database rows, or none, is counted
-without reading it; only a row group that mixes splits has its split column read. Reading
-[start, stop) then touches the labels column of the row groups that overlap it, one at a time.
+Row i of a split is the i-th row with that split in shard-name order and row order, the order
+`load_parquet` gives each split (every row kept). The index is built from the footers: a row
+group whose `split` statistics say it holds only rows of the split, or none, is counted without
+reading it; only a row group that mixes splits has its split column read. Reading [start, stop)
+then touches the row groups that overlap it, one at a time.
 
-A label row that is null, empty, of another width than the first, or not 0/1 is a DataError
-naming the shard and row, as when loading. This reader does not decode images, so it cannot
-know which images `data.skip_bad` would drop; its row numbers are those of a database with every
-image readable, and `data.database_limit` has no meaning here.
+A label row that is null, empty, of another width than the first, or not 0/1, and a null id,
+are a DataError naming the shard and row, as when loading. An image that is null or does not
+decode is a problem recorded in `problems` (skippable under data.skip_bad, as when loading);
+`read` returns which rows' images are good.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dadh_dist.data.base import DataError
+from dadh_dist.data.base import DataError, Split
+from dadh_dist.data.images import decode_all
 from dadh_dist.data.parquet import SPLITS, is_label_list
+from dadh_dist.data.problems import Problems
 
 DATABASE = SPLITS[2]
 
@@ -38,26 +41,31 @@ class _Group:
     index: int  # the row group's number in its file
     first_row: int  # the group's first row in its file
     rows: int  # rows in the group, of any split
-    first: int  # database row number of the group's first database row
-    count: int  # database rows in the group
+    first: int  # row number in the split of the group's first row of the split
+    count: int  # rows of the split in the group
     mixed: bool  # holds rows of other splits too: its split column says which
 
 
-class DatabaseIndex:
-    """Where each database row of the shards under `root` lies (see the module docstring)."""
+class SplitIndex:
+    """Where each row of one split of the shards under `root` lies (see the module docstring)."""
 
-    def __init__(self, root: Path, groups: list[_Group]):
+    def __init__(self, root: Path, split: str, groups: list[_Group], metadata: dict):
         self.root = root
+        self.split = split
+        self.metadata = metadata
+        """The first shard's schema metadata (the dataset's name, multi-label flag)."""
         self.scanned = sum(g.mixed for g in groups)
-        """Row groups whose split column had to be read to count their database rows."""
+        """Row groups whose split column had to be read to count their rows of the split."""
         self.groups = [g for g in groups if g.count]
         self.n = sum(g.count for g in self.groups)
         self._starts = np.array([g.first for g in self.groups], dtype=np.int64)
         self._width: int | None = None
 
     @classmethod
-    def open(cls, root: str | Path) -> DatabaseIndex:
+    def open(cls, root: str | Path, split: str = DATABASE) -> SplitIndex:
         root = Path(root)
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         if not root.is_dir():
             raise DataError(f"{root}: parquet folder not found")
         paths = sorted(root.glob("*.parquet"))
@@ -65,39 +73,96 @@ class DatabaseIndex:
             raise DataError(f"{root}: no *.parquet shards")
         groups, first = [], 0
         for path in paths:
-            for g in _groups(path, first):
+            for g in _groups(path, first, split):
                 groups.append(g)
                 first += g.count
-        index = cls(root, groups)
+        metadata = _read(paths[0], lambda f: f.schema_arrow.metadata) or {}
+        index = cls(root, split, groups, metadata)
         if index.n == 0:
-            raise DataError(f"{root}: no database rows in any shard")
+            raise DataError(f"{root}: no {split} rows in any shard")
         return index
 
-    def labels(self, start: int, stop: int) -> np.ndarray:
-        """(stop - start, c) uint8: the labels of database rows [start, stop)."""
+    def _overlapping(self, start: int, stop: int):
+        """(group, a, b) for each row group holding rows [a, b) of [start, stop)."""
         if not 0 <= start <= stop <= self.n:
-            raise ValueError(f"database rows [{start}, {stop}) outside [0, {self.n})")
-        out = None  # filled one row group at a time: the block and one group's rows at most
+            raise ValueError(f"{self.split} rows [{start}, {stop}) outside [0, {self.n})")
         lo = max(int(np.searchsorted(self._starts, start, side="right")) - 1, 0)
         for g in self.groups[lo:]:
             if g.first >= stop:
                 break
-            if g.first + g.count <= start:
-                continue
-            values = self._group_labels(g)
-            a, b = max(start, g.first), min(stop, g.first + g.count)
+            if g.first + g.count > start:
+                yield g, max(start, g.first), min(stop, g.first + g.count)
+
+    def labels(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, c) uint8: the labels of rows [start, stop)."""
+        out = None  # filled one row group at a time: the block and one group's rows at most
+        for g, a, b in self._overlapping(start, stop):
+            table, rows = self._group(g, ["labels"])
+            values = self._labels(g, table, rows)
             if out is None:
                 out = np.empty((stop - start, values.shape[1]), np.uint8)
             out[a - start:b - start] = values[a - g.first:b - g.first]
         return out if out is not None else np.zeros((0, self._width or 0), np.uint8)
 
-    def _group_labels(self, g: _Group) -> np.ndarray:
-        """The database rows' labels of one row group, checked."""
-        columns = ["labels", "split"] if g.mixed else ["labels"]
-        table = _read(g.path, lambda f: f.read_row_group(g.index, columns=columns))
+    def read(self, start: int, stop: int, size: int, problems: Problems,
+             ) -> tuple[Split, np.ndarray]:
+        """Rows [start, stop) as a Split (images decoded to size × size when size > 0) and which
+        rows' images are good (bad ones: zero pixels, recorded in `problems`). Every row group
+        is decoded on its own; an image whose shape differs from the first good one's is a
+        blocking problem, as when loading."""
+        labels = ids = images = None
+        ok = np.zeros(stop - start, bool)
+        ref: tuple[str, tuple] | None = None  # where the shape images must have comes from
+        for g, a, b in self._overlapping(start, stop):
+            table, rows = self._group(g, ["labels", "id", "image"])
+            values = self._labels(g, table, rows)[a - g.first:b - g.first]
+            picked = rows[a - g.first:b - g.first]
+            where = [f"{g.path}: row {g.first_row + int(r)}" for r in picked]
+            group_ids = table.column("id").combine_chunks().take(pa.array(picked))
+            nulls = np.flatnonzero(group_ids.is_null().to_numpy(zero_copy_only=False))
+            if nulls.size:
+                raise DataError(f"{where[nulls[0]]}: id is null")
+            col = table.column("image").combine_chunks()
+            if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+                raise DataError(f"{g.path}: column image must be binary, got {col.type}")
+            got, good = decode_all(col.take(pa.array(picked)).to_pylist(),
+                                   lambda j, where=where: (where[j], "image"), size, False,
+                                   problems)
+            del table, col
+            if labels is None:
+                labels = np.empty((stop - start, values.shape[1]), np.uint8)
+                ids = np.empty(stop - start, np.int64)
+            labels[a - start:b - start] = values
+            ids[a - start:b - start] = group_ids.to_numpy(zero_copy_only=False)
+            if not good.any():
+                continue
+            first = int(np.flatnonzero(good)[0])
+            if ref is None:
+                ref = (where[first], got.shape[1:])
+                images = np.zeros((stop - start, *ref[1]), np.uint8)  # bad rows stay zero
+            elif got.shape[1:] != ref[1]:
+                problems.add(where[first], f"image has shape {got.shape[1:]}, but {ref[0]} "
+                             f"has {ref[1]} (set data.image_size to resize)")
+                continue
+            images[a - start:b - start][good] = got[good]
+            ok[a - start:b - start] = good
+        if labels is None:
+            labels, ids = np.zeros((0, self._width or 0), np.uint8), np.zeros(0, np.int64)
+        if images is None:  # no good image: the shape from the settings alone
+            images = np.zeros((stop - start, 1, size, size), np.uint8)
+        return Split(images, labels, ids), ok
+
+    def _group(self, g: _Group, columns: list[str]) -> tuple[pa.Table, np.ndarray]:
+        """Some columns of one row group, and the positions in it of the split's rows."""
+        table = _read(g.path, lambda f: f.read_row_group(
+            g.index, columns=[*columns, "split"] if g.mixed else columns))
         rows = np.arange(g.rows)
         if g.mixed:
-            rows = rows[_is_database(table.column("split"))]
+            rows = rows[_is_split(table.column("split"), self.split)]
+        return table, rows
+
+    def _labels(self, g: _Group, table: pa.Table, rows: np.ndarray) -> np.ndarray:
+        """The split's rows' labels of one row group, checked."""
         col = table.column("labels").combine_chunks()
         if not is_label_list(col.type):
             raise DataError(f"{g.path}: column labels must be list<uint8>, got {col.type}")
@@ -116,7 +181,7 @@ class DatabaseIndex:
         if bad.size:
             j = bad[0]
             raise DataError(f"{where(j)}: " + ("labels list is empty" if lengths[j] == 0 else
-                            f"{lengths[j]} labels, but the first database row has "
+                            f"{lengths[j]} labels, but the first {self.split} row has "
                             f"{self._width}"))
         values = col.flatten().to_numpy(zero_copy_only=False).reshape(len(rows), self._width)
         off = np.flatnonzero(((values != 0) & (values != 1)).any(1))
@@ -132,8 +197,8 @@ def _read(path: Path, what):
         raise DataError(f"{path}: unreadable parquet shard or missing column ({e})") from None
 
 
-def _groups(path: Path, first: int) -> list[_Group]:
-    """The row groups of one shard, their database rows counted from the footer where the
+def _groups(path: Path, first: int, split: str) -> list[_Group]:
+    """The row groups of one shard, their rows of `split` counted from the footer where the
     split column's statistics decide it, from the split column where they do not."""
     meta = _read(path, lambda f: f.metadata)
     names = [meta.schema.column(i).path for i in range(meta.num_columns)]
@@ -144,19 +209,19 @@ def _groups(path: Path, first: int) -> list[_Group]:
     out, row = [], 0
     for i in range(meta.num_row_groups):
         rg = meta.row_group(i)
-        count, mixed = _count_from_stats(rg.column(split_at), rg.num_rows)
+        count, mixed = _count_from_stats(rg.column(split_at), rg.num_rows, split)
         if count is None:
-            split = _read(path, lambda f, i=i: f.read_row_group(i, columns=["split"]))
-            count, mixed = int(_is_database(split.column("split")).sum()), True
+            column = _read(path, lambda f, i=i: f.read_row_group(i, columns=["split"]))
+            count, mixed = int(_is_split(column.column("split"), split).sum()), True
         out.append(_Group(path, i, row, rg.num_rows, first, count, mixed))
         first += count
         row += rg.num_rows
     return out
 
 
-def _count_from_stats(column, rows: int) -> tuple[int | None, bool]:
-    """(database rows, mixed) from a row group's split statistics; (None, True) when they
-    cannot tell (no statistics, nulls, or both database and other rows)."""
+def _count_from_stats(column, rows: int, split: str) -> tuple[int | None, bool]:
+    """(rows of `split`, mixed) from a row group's split statistics; (None, True) when they
+    cannot tell (no statistics, nulls, or both that split's and other rows)."""
     stats = column.statistics
     if rows == 0:
         return 0, False
@@ -164,12 +229,12 @@ def _count_from_stats(column, rows: int) -> tuple[int | None, bool]:
         return None, True
     lo, hi = stats.min, stats.max
     lo, hi = (v.decode() if isinstance(v, bytes) else v for v in (lo, hi))
-    if lo == hi == DATABASE:
+    if lo == hi == split:
         return rows, False
-    if not lo <= DATABASE <= hi:
+    if not lo <= split <= hi:
         return 0, False
     return None, True
 
 
-def _is_database(split: pa.ChunkedArray) -> np.ndarray:
-    return pc.equal(split, DATABASE).fill_null(False).to_numpy(zero_copy_only=False)
+def _is_split(column: pa.ChunkedArray, split: str) -> np.ndarray:
+    return pc.equal(column, split).fill_null(False).to_numpy(zero_copy_only=False)
