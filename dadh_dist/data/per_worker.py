@@ -82,7 +82,7 @@ def load_block(cfg: DataConfig, c) -> tuple[Dataset, slice, int]:
         here = (chosen >= first) & (chosen < first + keep.size)
         keep = keep[chosen[here] - first]
         start, n = int(np.searchsorted(chosen, first)), int(chosen.size)
-    database = block.take(keep)
+    database = block if keep.size == len(block) else block.take(keep)  # a copy only if rows go
     if not database.labels.shape[0]:
         database = Split(np.zeros((0, *query.images.shape[1:]), np.uint8),
                          database.labels, database.ids)
