@@ -56,6 +56,9 @@ class LocalCollectives:
     def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def start_gather_rows(self, t: torch.Tensor, counts: list[int]):
+        return lambda: t
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
@@ -89,13 +92,26 @@ class TorchCollectives:
         sizes = torch.tensor([t.shape[0]], device=self.device)
         all_sizes = [torch.zeros_like(sizes) for _ in range(self.world_size)]
         dist.all_gather(all_sizes, sizes)
-        counts = [int(s) for s in all_sizes]
+        return self.start_gather_rows(t, [int(s) for s in all_sizes])()
+
+    def start_gather_rows(self, t: torch.Tensor, counts: list[int]):
+        """`all_gather_rows` when every rank's row count is known (`counts`), started now and
+        left running; the function returned waits for it and gives the rows. One collective,
+        and whatever the caller does before it waits overlaps with it."""
+        if counts[self.rank] != t.shape[0]:
+            raise ValueError(f"rank {self.rank} sends {t.shape[0]} rows, counts say "
+                             f"{counts[self.rank]}")
         width = max(counts)
         padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=self.device)
         padded[: t.shape[0]] = t.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
-        return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(t.device)
+        work = dist.all_gather(parts, padded, async_op=True)
+
+        def rows() -> torch.Tensor:
+            work.wait()
+            return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(t.device)
+
+        return rows
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         out = t.to(self.device).clone()

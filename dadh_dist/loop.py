@@ -251,23 +251,41 @@ def evaluate(
     return out
 
 
-def _check_finite(terms: dict[str, torch.Tensor], t: int, step: int, c,
-                  skip_allowed: bool = False) -> bool:
-    """All workers agree (one reduced flag per worker) before any update. Returns True when the
-    mini-batch is finite everywhere; False when it is to be skipped by every worker (only if
-    `skip_allowed`); otherwise raises NonFiniteLoss on every worker, with context."""
-    flags = torch.zeros(c.world_size)
-    flags[c.rank] = 0.0 if all(bool(torch.isfinite(v).all()) for v in terms.values()) else 1.0
-    flags = c.all_reduce_sum(flags)
-    if float(flags.sum()) == 0:
+def _agree_finite(finite: list[bool], terms: dict[str, torch.Tensor], t: int, step: int,
+                  rank: int, skip_allowed: bool = False) -> bool:
+    """Every worker's finite flag for one mini-batch (exchanged with the outputs, so all agree
+    before any update). Returns True when the mini-batch is finite everywhere; False when it is
+    to be skipped by every worker (only if `skip_allowed`); otherwise raises NonFiniteLoss on
+    every worker, with context."""
+    if all(finite):
         return True
     if skip_allowed:
         return False
-    bad = [r for r in range(c.world_size) if flags[r] > 0]
+    bad = [r for r, ok in enumerate(finite) if not ok]
     detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
     raise NonFiniteLoss(
         f"non-finite loss on worker(s) {bad} at outer iteration {t}, step {step} "
-        f"(worker {c.rank}'s terms: {detail})")
+        f"(worker {rank}'s terms: {detail})")
+
+
+def _exchange(c, om: _Omega, batch: torch.Tensor, mine: torch.Tensor, finite: bool):
+    """Start a mini-batch step's one collective: every worker's outputs for its share of the
+    batch, with its finite flag as one extra row. Returns a function that waits for it and
+    gives the outputs in rank order and every worker's flag. Shares are the even split of the
+    batch over each stream's workers, so every rank knows every rank's row count."""
+    shares = [even_split(batch.shape[0], om.share_world, r % om.share_world)
+              for r in range(c.world_size)]
+    counts = [share.stop - share.start + 1 for share in shares]
+    flag = torch.full((1, mine.shape[1]), 1.0 if finite else 0.0, device=mine.device)
+    started = c.start_gather_rows(torch.cat([mine.detach(), flag]), counts)
+
+    def result() -> tuple[torch.Tensor, list[bool]]:
+        got = started()
+        ends = np.cumsum(counts).tolist()
+        flags = [bool(got[end - 1, 0] > 0.5) for end in ends]
+        return torch.cat([got[end - n : end - 1] for n, end in zip(counts, ends)]), flags
+
+    return result
 
 
 @dataclass
@@ -402,25 +420,36 @@ def _step(run: _Run, om: _Omega, batch: torch.Tensor, t: int, step: int, env: Wo
         for k in list(terms):
             other = k[:-1] + ("g" if k.endswith("_f") else "f")
             terms.setdefault(other, torch.zeros_like(terms[k]))
-    if not _check_finite(terms, t, step, c, skip_allowed=skip_allowed):
-        return None
+    finite = all(bool(torch.isfinite(v).all()) for v in terms.values())
+    if group is None:  # every worker's rows of both streams' outputs, side by side
+        mine = F_M if G_M is None else torch.cat([F_M, G_M], dim=1)
+    else:  # each worker's own stream's rows; rank order: f's half's, then g's half's
+        mine = F_M if F_M is not None else G_M
+    exchanged = _exchange(c, om, batch, mine.float(), finite)
     trained = [o for o, on in ((streams.opt_f, streams.trains_f),
                                (streams.opt_g, streams.trains_g)) if on]
     for opt in trained:
         opt.zero_grad(set_to_none=True)
-    # DDP averages gradients over the share's workers; each share is already divided by the
-    # global batch size, so scaling by their count makes the average equal the one-process
+    # the backward pass runs while the outputs travel; the update waits for every worker's
+    # flag. DDP averages gradients over the share's workers; each share is already divided by
+    # the global batch size, so scaling by their count makes the average equal the one-process
     # gradient.
     (loss * om.share_world).backward()
+    outputs, finite_on = exchanged()
+    if not _agree_finite(finite_on, terms, t, step, c.rank, skip_allowed=skip_allowed):
+        for opt in trained:  # a non-finite batch leaves no gradient behind
+            opt.zero_grad(set_to_none=True)
+        return None
     for opt in trained:
         opt.step()
+    # the buffers take the outputs from before this step, the same on every worker
+    k = om.F.shape[1]
     if group is None:
-        om.F[batch] = c.all_gather_rows(F_M.detach())
+        om.F[batch] = outputs[:, :k]
         if om.G is not None:
-            om.G[batch] = c.all_gather_rows(G_M.detach())
-    else:  # rank order: f's half's rows of the batch, then g's half's
-        both = c.all_gather_rows((F_M if F_M is not None else G_M).detach())
-        om.F[batch], om.G[batch] = both[: batch.shape[0]], both[batch.shape[0] :]
+            om.G[batch] = outputs[:, k:]
+    else:
+        om.F[batch], om.G[batch] = outputs[: batch.shape[0]], outputs[batch.shape[0] :]
     return terms
 
 
