@@ -10,7 +10,7 @@ import pytest
 import torch
 from _checkpoints import keep_merged
 from _gloo import run_workers
-from _nontrivial import assert_learned, assert_same_run
+from _nontrivial import assert_learned, assert_same_run, assert_same_up_to_rounding
 from _repo import DEBUG
 
 from dadh_dist import checkpoint as ckpt
@@ -77,10 +77,15 @@ def _B(folder: Path) -> torch.Tensor:
     return state["B"]
 
 
+def _first(folder: Path) -> dict:
+    """The state of the run's first outer iteration (2 checkpoints are kept)."""
+    return ckpt.load(folder / "checkpoint_000001")[0]
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """single(extra) -> (final metrics, B) of the one-process run, computed once per config for
-    all the tests that compare against it."""
+    """single(extra) -> (final metrics, B, first checkpoint state) of the one-process run,
+    computed once per config for all the tests that compare against it."""
     done: dict = {}
 
     def get(extra=()):
@@ -89,7 +94,7 @@ def single(tmp_path_factory):
             folder = tmp_path_factory.mktemp("one")
             final = _single(folder / "run", extra)
             assert_learned(final)
-            done[key] = final, _B(folder / "run")
+            done[key] = final, _B(folder / "run"), _first(folder / "run")
         return done[key]
 
     return get
@@ -101,13 +106,16 @@ ODD = ["data.database_limit=1593", "train.num_samples=448"]
 
 @pytest.mark.parametrize("extra", [[], ODD])
 def test_two_workers_equal_one(tmp_path, single, extra):
-    one, B1 = single(extra)
+    """Plain DDP: the gradient is summed over two half-batches, so float rounding differs from
+    one process and only the first outer iteration compares closely (tests/_nontrivial.py)."""
+    one, _, first1 = single(extra)
     (tmp_path / "two").mkdir()
     run_workers(_worker, 2, str(tmp_path / "two"), extra)
     two = [json.loads((tmp_path / "two" / f"final_{r}.json").read_text()) for r in (0, 1)]
     for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
         assert two[0][key] == two[1][key]
-    assert_same_run(B1, _B(tmp_path / "two"), one, two[0])
+    assert_learned(two[0])
+    assert_same_up_to_rounding(first1, _first(tmp_path / "two"), one, two[0])
     # the test PR curves come from every query, not rank 0's share
     assert one["curves"] and two[0]["curves"].keys() == one["curves"].keys()
 
@@ -138,7 +146,7 @@ def test_ragged_last_batch_two_workers_within_tolerance(tmp_path):
 def test_stream_parallel_equals_one_worker(tmp_path, single, world, extra):
     """f on one half of the workers, g on the other: the same B and mAP as one process that
     trains both streams in turn."""
-    one, B1 = single(extra)
+    one, B1, _ = single(extra)
     (tmp_path / "sp").mkdir()
     run_workers(_worker, world, str(tmp_path / "sp"), extra, True, timeout_s=120)
     finals = [json.loads((tmp_path / "sp" / f"final_{r}.json").read_text())

@@ -72,7 +72,7 @@ def test_ray_worker_killed_mid_run_restarts_then_stops_and_resumes_by_name(
     checkpoint. Rank 0 then dies between checkpoint 3's files and its manifest: past
     max_failures, the run stops with one line. The same command again resumes from the newest
     valid checkpoint and ends as the straight run of one process that trains both streams.
-    (A plain-DDP Ray run: the S3 test below.)"""
+    (A plain-DDP Ray run: test_lost_node.py's elastic run.)"""
     monkeypatch.setenv("DADH_FAULT", ",".join(f"kill:{f}" for f in FAULTS))
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_POLL)
     cfg = _cfg(tmp_path, "ft", "scaling.num_workers=2", "scaling.max_failures=1",
@@ -95,15 +95,16 @@ def test_ray_worker_killed_mid_run_restarts_then_stops_and_resumes_by_name(
 
 
 def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):
-    """Two Ray workers with log.run_dir an s3:// URI: Ray Train stores the checkpoints through
-    the URI's filesystem, rank 0 publishes TensorBoard and metrics, and the result is the one
-    local process's."""
+    """Two Ray workers (stream-parallel, so the float sums are one process's) with log.run_dir
+    an s3:// URI: Ray Train stores the checkpoints through the URI's filesystem, rank 0
+    publishes TensorBoard and metrics, and the result is the one local process's."""
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     monkeypatch.setenv("DADH_MIRROR_DIR", str(tmp_path / "mirrors"))
     with _s3.bucket() as uri:
-        final = runner.run_ray(_cfg(uri("runs"), "s3run", "scaling.num_workers=2"))
+        final = runner.run_ray(_cfg(uri("runs"), "s3run", "scaling.num_workers=2",
+                                         "scaling.stream_parallel=true"))
         run = uri("runs/s3run")
         assert final["run_dir"] == run and final["workers"] == 2
         ref_final, ref_B = reference
