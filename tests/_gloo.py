@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 
 import torch.multiprocessing as mp
 
@@ -37,9 +39,6 @@ def _entry(rank, world, port, timeout_s, fn, args):
         # and skip the interpreter's teardown: a gloo thread still joinable when C++ statics are
         # destroyed aborts the process after its work is done ("terminate called without an
         # active exception", seen once in ~40 spawned runs on AMD EPYC)
-        import os
-        import sys
-
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -39,7 +39,7 @@ from _ray_nodes import (
 from _repo import DEBUG, ROOT
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import config, loop
+from dadh_dist import config, loop, storage
 from dadh_dist import run as runner
 
 pytestmark = pytest.mark.slow
@@ -205,10 +205,8 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_other(head, second_node, t
     # whole run cannot be compared with one process's bit for bit: iterations 1-2 summed the
     # gradient over two workers, tests/_nontrivial.py; the shrink's re-split of a two-worker
     # checkpoint is test_checkpoint_of_two_workers_resumed_by_one_equals_one_worker_run's)
-    third, = (d for d in (tmp_path / "elastic").glob("checkpoint_*")
-              if (d / ckpt.MANIFEST).is_file()
-              and json.loads((d / ckpt.MANIFEST).read_text())["t"] == 3)
-    shutil.copytree(third, tmp_path / "tail" / "checkpoint_000003")
+    third = dict(storage.checkpoints(str(tmp_path / "elastic")))[3]
+    shutil.copytree(tmp_path / "elastic" / third, tmp_path / "tail" / "checkpoint_000003")
     tail = runner.run_local(_cfg(tmp_path, "tail", "train.outer_iters=4", "train.eval_every=0"))
     assert (tail["resumed_at"], tail["workers"]) == (3, 1)
     assert torch.equal(B, ckpt.load(ckpt.latest_valid(tmp_path / "tail"))[0]["B"])
