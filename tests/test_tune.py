@@ -368,6 +368,50 @@ def test_tune_json_prints_the_results_alone_on_stdout(tmp_path, monkeypatch, cap
         "error: sweep sweep: no trial completed all 3 outer iterations\n")
 
 
+def test_asha_rungs_survive_the_restore_that_tune_does_from_tuner_pkl(tmp_path):
+    """Tune restores a sweep's scheduler from the pickle written when the sweep started
+    (tuner.pkl). Replayed here without a cluster: the first run records trials a (0.9) and b
+    (0.8, stopped) at the rung t = 2; a trial added after the restore and scoring 0.5 there
+    must be stopped as the uninterrupted sweep would stop it. Ray's own ASHA, restored the same
+    way, lets it go on: that is the loss the rung log repairs."""
+    import pickle
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from dadh_dist.sweep import rungs
+
+    log = tmp_path / rungs.FILE
+    kw = dict(time_attr="t", metric="val", mode="max", max_t=3, grace_period=2,
+              reduction_factor=2, stop_last_trials=False)
+    a, b, c = (SimpleNamespace(trial_id=i) for i in "abc")
+
+    def first_run(scheduler) -> bytes:
+        started = pickle.dumps(scheduler)  # what tuner.pkl holds: no records yet
+        for t in (a, b):
+            scheduler.on_trial_add(None, t)
+        assert scheduler.on_trial_result(None, a, {"t": 2, "val": 0.9}) == TrialScheduler.CONTINUE
+        assert scheduler.on_trial_result(None, b, {"t": 2, "val": 0.8}) == TrialScheduler.STOP
+        return started  # ... then Ctrl-C, with a still running
+
+    def after_restore(started: bytes) -> tuple[str, str]:
+        restored = pickle.loads(started)
+        for t in (a, c):
+            restored.on_trial_add(None, t)
+        # then a resumes past the rung it was recorded at: not judged there again
+        return (restored.on_trial_result(None, c, {"t": 2, "val": 0.5}),
+                restored.on_trial_result(None, a, {"t": 3, "val": 0.6}))
+
+    assert after_restore(first_run(rungs.ResumableASHA(log, **kw))) == (
+        TrialScheduler.STOP, TrialScheduler.CONTINUE)
+    assert rungs.read(log)[0][-1] == (2.0, {"a": 0.9, "b": 0.8, "c": 0.5})
+    plain = ASHAScheduler(**kw)
+    assert after_restore(first_run(plain)) == (TrialScheduler.CONTINUE, TrialScheduler.CONTINUE)
+
+    log.write_text('{"brackets": [[[2.0, {"a": "high"}]]]}')
+    with pytest.raises(ConfigError, match=f"{rungs.FILE}: not a rung record of ASHA"):
+        rungs.read(log)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real sweeps
 
@@ -516,6 +560,13 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
             assert r["val"] == first_rows[r["trial"]]["val"]
     assert Path(resumed["best_config"]).is_file()
     assert [r["params"] for r in resumed["rows"]].count(s.base_point()) == 1
+    # ASHA's rung log (grace period 1): the first trial's score from before the interruption
+    # is still there beside the second's, which the restored scheduler added (a restore that
+    # forgot the first would have rewritten the log without it)
+    from dadh_dist.sweep import rungs
+
+    (_, first_rung), = [r for r in rungs.read(s.folder / rungs.FILE)[0] if r[0] == 1]
+    assert sorted(f"trial_{i}" for i in first_rung) == [r["trial"] for r in resumed["rows"]]
     # a changed sweep under the same name is refused instead of mixing two sweeps
     with pytest.raises(ConfigError, match="already exists .* different sweep"):
         sweep.run_sweep(sweep.load_sweep(sweep_file, args[0] + ["objective.bits=8"], 2))

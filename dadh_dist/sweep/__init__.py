@@ -5,12 +5,14 @@
     out = sweep.run_sweep(s)        # out["best_config"]: runnable with jobs/train.py --config
 
 Modules: `spec` (the sweep file, its parsing and checks; no Ray), `resources` (what each trial
-is given), `record` (sweep.json: a rerun must be the same sweep), `runner` (the trial function
+is given), `record` (sweep.json: a rerun must be the same sweep), `rungs` (ASHA's
+records kept across a resume; imports Ray), `runner` (the trial function
 and the Tuner: where Ray runs), `results` (rows, best trial, table, files).
 
 Layout of `<log.run_dir>/<sweep name>/`:
   sweep.json          what the sweep is (a rerun with a different sweep is refused) + resources
   tune/               Tune's experiment state; a rerun restores it and finishes the sweep
+  asha_rungs.json     ASHA's scores at its rungs, which Tune's restore would forget (`rungs`)
   trial_<id>/         each trial's run folder (config.toml, checkpoints, tb/, final_metrics.json)
   hparams/            TensorBoard hparams: every trial's parameters and validation mAP
   best_config.toml    the best trial's resolved config, runnable with jobs/train.py --config

@@ -74,14 +74,18 @@ def _search(s: Sweep, res: Resources):
 
 
 def _scheduler(s: Sweep):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from dadh_dist.sweep.rungs import FILE, ResumableASHA
 
     if s.scheduler != "asha":
         return FIFOScheduler()
     # time_attr t = the loop's outer iteration, which survives a trial's resume;
     # stop_last_trials=False lets a trial that reaches max_t finish and write its results.
-    return ASHAScheduler(time_attr="t", max_t=s.max_t, grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor, stop_last_trials=False)
+    # Its rungs are logged in the sweep folder: Tune's restore forgets them (rungs.py).
+    return ResumableASHA(s.folder / FILE, time_attr="t", max_t=s.max_t,
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                         stop_last_trials=False)
 
 
 def _make_tuner(s: Sweep, trainable, res: Resources):
@@ -131,10 +135,17 @@ def _resources(s: Sweep, record: dict | None) -> Resources:
 def _new_or_restored_tuner(s: Sweep, trainable, res: Resources):
     from ray import tune
 
+    from dadh_dist.sweep import rungs
+
     exp = s.folder / "tune"
+    log = s.folder / rungs.FILE
     if tune.Tuner.can_restore(exp):
-        print(f"sweep {s.name}: resuming the interrupted sweep in {exp}", flush=True)
+        recorded = sum(len(rec) for b in rungs.read(log) for _, rec in b)  # a bad file: one line
+        print(f"sweep {s.name}: resuming the interrupted sweep in {exp}"
+              + (f" (ASHA: {recorded} rung score(s) from before)" if recorded else ""),
+              flush=True)
         return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True)
+    log.unlink(missing_ok=True)  # a new sweep's trials are compared with its own trials only
     return _make_tuner(s, trainable, res)
 
 
