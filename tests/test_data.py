@@ -466,6 +466,26 @@ def test_parquet_database_rows_read_by_range_equal_the_loaded_database(tmp_path)
     with pytest.raises(DataError, match=r"t\.parquet: missing column split"):
         SplitIndex.open(tmp_path / "bad")
 
+    # a split value that is no split, or a null, is refused as loading refuses it: in a group
+    # of several values (read) and in a group of one value (its statistics), not counted as in
+    # no split; the row named is the shard's, as loading names it
+    splits = table.column("split").to_pylist()
+    for value, message in (("train", "split 'train' is not one of"), (None, "split is null")):
+        odd = list(splits)
+        odd[130] = value
+        folder = tmp_path / f"odd_{value}"
+        folder.mkdir()
+        pq.write_table(table.set_column(2, "split", pa.array(odd, pa.string())),
+                       folder / "s.parquet", row_group_size=50)
+        with pytest.raises(DataError, match=rf"s\.parquet: row 130: {message}"):
+            SplitIndex.open(folder)
+        with pytest.raises(DataError, match=rf"s\.parquet: row 130: {message}"):
+            load_dataset(DataConfig(source="parquet", root=str(folder)))
+    whole = table.slice(0, 60).set_column(2, "split", pa.array(["train"] * 60, pa.string()))
+    pq.write_table(whole, tmp_path / "odd_train" / "s.parquet", row_group_size=50)
+    with pytest.raises(DataError, match=r"s\.parquet: row 0: split 'train' is not one of"):
+        SplitIndex.open(tmp_path / "odd_train")
+
 
 def test_split_rejects_float_images():
     with pytest.raises(DataError, match="uint8"):

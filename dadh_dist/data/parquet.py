@@ -166,7 +166,7 @@ def _read_shard(path: Path, width: LabelWidth, problems: Problems) -> _Shard | N
     reject(((values != 0) & (values != 1)).any(1), "labels must be 0 or 1")
 
     split = table.column("split").to_numpy(zero_copy_only=False).astype(str)
-    reject(~np.isin(split, SPLITS), lambda r: f"split {split[r]!r} is not one of "
+    reject(~np.isin(split, SPLITS), lambda r: f"split {str(split[r])!r} is not one of "
            f"{', '.join(SPLITS)}")
     good = np.flatnonzero(ok)
     images = table.column("image").to_pylist()

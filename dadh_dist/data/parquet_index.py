@@ -7,9 +7,10 @@ sharded B needs of the database (docs/scaling.md §4), without reading the other
 
 Row i of a split is the i-th row with that split in shard-name order and row order, the order
 `load_parquet` gives each split (every row kept). The index is built from the footers: a row
-group whose `split` statistics say it holds only rows of the split, or none, is counted without
-reading it; only a row group that mixes splits has its split column read. Reading [start, stop)
-then touches the row groups that overlap it, one at a time.
+group whose `split` statistics show one value is counted without reading it; only a row group
+with more than one value has its split column read. Either way a value that is no split (or a
+null) is a DataError naming the shard and row, as when loading: no row is silently in no split.
+Reading [start, stop) then touches the row groups that overlap it, one at a time.
 
 A label row that is null, empty, of another width than the first, or not 0/1, and a null id,
 are a DataError naming the shard and row, as when loading. An image that is null or does not
@@ -209,9 +210,10 @@ def _groups(path: Path, first: int, split: str) -> list[_Group]:
     out, row = [], 0
     for i in range(meta.num_row_groups):
         rg = meta.row_group(i)
-        count, mixed = _count_from_stats(rg.column(split_at), rg.num_rows, split)
+        count, mixed = _count_from_stats(rg.column(split_at), rg.num_rows, split, path, row)
         if count is None:
             column = _read(path, lambda f, i=i: f.read_row_group(i, columns=["split"]))
+            _check_values(column.column("split"), path, row)
             count, mixed = int(_is_split(column.column("split"), split).sum()), True
         out.append(_Group(path, i, row, rg.num_rows, first, count, mixed))
         first += count
@@ -219,9 +221,11 @@ def _groups(path: Path, first: int, split: str) -> list[_Group]:
     return out
 
 
-def _count_from_stats(column, rows: int, split: str) -> tuple[int | None, bool]:
+def _count_from_stats(column, rows: int, split: str, path: Path,
+                      first_row: int) -> tuple[int | None, bool]:
     """(rows of `split`, mixed) from a row group's split statistics; (None, True) when they
-    cannot tell (no statistics, nulls, or both that split's and other rows)."""
+    cannot tell: no statistics, nulls, or more than one value (then another value, one that is
+    no split, may lie between the two, which only the column itself tells)."""
     stats = column.statistics
     if rows == 0:
         return 0, False
@@ -229,11 +233,26 @@ def _count_from_stats(column, rows: int, split: str) -> tuple[int | None, bool]:
         return None, True
     lo, hi = stats.min, stats.max
     lo, hi = (v.decode() if isinstance(v, bytes) else v for v in (lo, hi))
-    if lo == hi == split:
-        return rows, False
-    if not lo <= split <= hi:
-        return 0, False
-    return None, True
+    if lo != hi:
+        return None, True
+    if lo not in SPLITS:  # every row of the group: the first one is named
+        raise DataError(f"{path}: row {first_row}: split {lo!r} is not one of "
+                        f"{', '.join(SPLITS)}")
+    return (rows, False) if lo == split else (0, False)
+
+
+def _check_values(column: pa.ChunkedArray, path: Path, first_row: int) -> None:
+    """The split column of a row group holds only split names: else a DataError naming the
+    shard and row, as loading the whole folder does (a structural problem: never skipped)."""
+    known = pc.is_in(column, value_set=pa.array(SPLITS)).fill_null(False)
+    bad = np.flatnonzero(~known.to_numpy(zero_copy_only=False))
+    if bad.size:
+        r = int(bad[0])
+        value = column[r].as_py()
+        what = "split is null" if value is None else (
+            f"split {value!r} is not one of {', '.join(SPLITS)}")
+        more = f" (and {bad.size - 1} more row(s) of the group)" if bad.size > 1 else ""
+        raise DataError(f"{path}: row {first_row + r}: {what}{more}")
 
 
 def _is_split(column: pa.ChunkedArray, split: str) -> np.ndarray:
