@@ -22,6 +22,7 @@ import hashlib
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,9 +183,19 @@ class Streams:
                 opt.load_state_dict(state["opt"])
 
     def step_schedulers(self) -> None:
-        self.sched_f.step()
-        if self.sched_g is not None:
-            self.sched_g.step()
+        """Both schedules step on every worker alike. Under stream-parallel the other half's
+        optimiser never steps here (its state arrives through share()), which torch takes for
+        a scheduler stepped before its optimiser: that one warning is not a fault here."""
+        for sched, trained in ((self.sched_f, self.trains_f), (self.sched_g, self.trains_g)):
+            if sched is None:
+                continue
+            if trained:
+                sched.step()
+                continue
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=UserWarning,
+                                        message=r"Detected call of `lr_scheduler\.step\(\)`")
+                sched.step()
 
     def lrs(self) -> dict[str, float]:
         out = {"lr/f": self.opt_f.param_groups[0]["lr"]}
