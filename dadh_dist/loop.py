@@ -62,6 +62,10 @@ class WorkerEnv:
     to a remote run folder (storage.Publisher)."""
     progress: bool = True
     """Rank 0's per-batch progress bar, where stderr is a terminal (train --quiet: off)."""
+    report_restored: bool = False
+    """A resumed run first reports its restored iteration's validation once more (no checkpoint,
+    nothing logged): a scheduler that decides at fixed iterations (a Tune trial's ASHA) may have
+    missed that report when the sweep was interrupted after the checkpoint was written."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -564,6 +568,8 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         metrics = {"t": T, **_evaluate(run, cfg, env, T - 1)}
         _report(run, cfg, env, T - 1, metrics, wall0, checkpoint=False)
         return _finish(run, cfg, env, metrics, wall0)
+    if run.t_start > 0 and env.report_restored:
+        env.report(_flat({"t": run.t_start, **_evaluate(run, cfg, env, run.t_start - 1)}), None)
     for t in range(run.t_start, T):
         seed_global_rng(cfg, t, c.rank)
         omega = sample_omega(cfg.train.seed, t, n, m)

@@ -150,8 +150,11 @@ def test_ragged_last_batch_two_workers_within_tolerance(tmp_path):
 ])
 def test_stream_parallel_equals_one_worker(tmp_path, single, world, extra):
     """f on one half of the workers, g on the other: the same B and mAP as one process that
-    trains both streams in turn."""
-    one, B1, _ = single(extra)
+    trains both streams in turn. With one worker per stream each stream's sums are one
+    process's and the whole run compares closely; with two per stream the gradient is DDP's
+    sum of two half-batches, so, as for plain DDP, only the first outer iteration does
+    (measured here: 1.7% of B's bits apart after iteration 2 at W=4)."""
+    one, B1, first1 = single(extra)
     (tmp_path / "sp").mkdir()
     run_workers(_worker, world, str(tmp_path / "sp"), extra, True, timeout_s=120)
     finals = [json.loads((tmp_path / "sp" / f"final_{r}.json").read_text())
@@ -159,7 +162,11 @@ def test_stream_parallel_equals_one_worker(tmp_path, single, world, extra):
     for key in ("map_all_f", "map_all_g", "map_all_fg", "p_at_1000_fg"):
         assert all(f[key] == finals[0][key] for f in finals)
     assert not any(f["scheduler_warnings"] for f in finals), finals[0]["scheduler_warnings"]
-    assert_same_run(B1, _B(tmp_path / "sp"), one, finals[0])
+    assert_learned(finals[0])
+    if world == 2:
+        assert_same_run(B1, _B(tmp_path / "sp"), one, finals[0])
+    else:
+        assert_same_up_to_rounding(first1, _first(tmp_path / "sp"), one, finals[0])
     state_sp = ckpt.load(ckpt.latest_valid(tmp_path / "sp"))[0]
     assert state_sp["workers"] == world and state_sp["opt_g"]["state"]
 

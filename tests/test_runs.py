@@ -167,3 +167,34 @@ def test_checkpoint_with_objects_beyond_tensors_is_refused(tmp_path):
     ckpt.save(tmp_path / "d", {"t": 1, "B": torch.ones(3, 2), "geometry": (1, 8)}, "x = 1\n",
               "fp")
     assert ckpt.load(tmp_path / "d")[0]["geometry"] == (1, 8)
+
+
+def test_resumed_tune_trial_reports_its_restored_iteration_first(tmp_path):
+    """A sweep interrupted after a trial's checkpoint was written but before Tune took its
+    report resumes past an iteration ASHA never saw: with report_restored the resumed run first
+    reports that iteration's validation again (equal to the first report), then goes on; a
+    plain resume starts with the next iteration."""
+    from dadh_dist import loop
+
+    cfg = config.load(DEBUG, ["scaling.use_ray=false", "train.outer_iters=2",
+                              "train.inner_epochs=1", "train.eval_every=1"])
+
+    def run(resume_from=None, **kw):
+        reports = []
+
+        def report(metrics, staged):
+            reports.append(dict(metrics))
+            if staged is not None:
+                runner.folders.keep_checkpoint(tmp_path, staged)
+
+        loop.train(cfg, loop.WorkerEnv(report=report, resume_from=resume_from, **kw))
+        return reports
+
+    first = run()
+    assert [r["t"] for r in first] == [1, 2]
+    restored = tmp_path / "checkpoint_000001"
+    again = run(restored, report_restored=True)
+    assert [r["t"] for r in again] == [1, 2]
+    assert again[0]["val/map_all_fg"] == pytest.approx(first[0]["val/map_all_fg"], abs=1e-12)
+    assert again[1]["val/map_all_fg"] == pytest.approx(first[1]["val/map_all_fg"], abs=1e-12)
+    assert [r["t"] for r in run(restored)] == [2]

@@ -70,6 +70,7 @@ def ray_worker(config: dict) -> None:
         resume_from=resume,
         run_dir=run_dir,
         publish=publish,
+        report_restored=bool(config.get("report_restored", False)),
     )
     try:
         loop.train(cfg, env)
@@ -86,7 +87,7 @@ def _quiet_report_log() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def build_trainer(cfg: Config, folder: Path, callbacks=None):
+def build_trainer(cfg: Config, folder: Path, callbacks=None, report_restored: bool = False):
     """The TorchTrainer for one run (used by `run_ray` and by each Tune trial).
 
     Failures (docs/design.md §3): a lost worker restarts the group from the last checkpoint, at most
@@ -96,6 +97,9 @@ def build_trainer(cfg: Config, folder: Path, callbacks=None):
     end). With scaling.min_workers > 0 the group is elastic: Ray restarts it with as many workers
     as the cluster holds, down to min_workers, and grows it back when nodes return; each start
     splits the batch and B's rows over its own worker count.
+
+    `report_restored` (Tune trials): a resumed run reports its restored iteration once more
+    (`loop.WorkerEnv.report_restored`).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -117,6 +121,7 @@ def build_trainer(cfg: Config, folder: Path, callbacks=None):
             **{k: v for k, v in where.items() if not k.startswith("storage_")},
             # fault-injection switches for tests reach the workers wherever they run
             "env": {k: v for k, v in os.environ.items() if k.startswith("DADH_FAULT")},
+            "report_restored": report_restored,
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo",
                                  timeout_s=s.collective_timeout_s),

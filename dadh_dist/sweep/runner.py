@@ -31,9 +31,12 @@ def trial_main(params: dict, sweep: dict) -> None:
     base = config_mod.from_dict(sweep["base"])
     trial = f"trial_{tune.get_context().get_trial_id()}"
     cfg = trial_config(base, params, sweep["folder"], trial, sweep["cpus_per_worker"])
-    # An interrupted trial reopens its run folder and resumes from its last checkpoint.
+    # An interrupted trial reopens its run folder and resumes from its last checkpoint. That
+    # checkpoint's report may never have reached Tune (Ctrl-C after the upload, before Tune
+    # took the result): the trial reports it again, or ASHA would skip the trial's rung there.
     folder, _ = run.prepare_run(cfg)
-    run.build_trainer(cfg, folder, callbacks=[TuneReportCallback()]).fit()
+    run.build_trainer(cfg, folder, callbacks=[TuneReportCallback()],
+                      report_restored=True).fit()
 
 
 def _live_placement_groups() -> set[str]:
