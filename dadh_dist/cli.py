@@ -647,7 +647,8 @@ def quality_main(argv: list[str] | None = None) -> int:
                         help="FOLDER of the runs and the table (default: runs/quality)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per run (0 = CPUs / parallel)")
+                        help="torch threads per run, as scaling.cpus_per_worker (0 = CPUs / "
+                             "parallel; an explicit scaling.cpus_per_worker=N wins)")
     parser.add_argument("--method-override", action="append", default=[], metavar="M:KEY=VALUE",
                         help="override for one method only, e.g. adsh:train.outer_iters=20")
     parser.add_argument("--table-only", action="store_true",
@@ -675,20 +676,22 @@ def quality_main(argv: list[str] | None = None) -> int:
                                   f"METHOD one of {', '.join(quality.METHODS)}")
             per_method.setdefault(method, []).extend(
                 config_mod.override_args(config_mod.parse_overrides([override])))
+        if args.threads < 0:
+            raise ConfigError(f"--threads {args.threads}: expected 0 (CPUs / parallel) or more")
+        threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
         plan = quality.Plan(args.config, Path(args.out),
-                            config_mod.override_args(config_mod.parse_overrides(extra)), per_method)
+                            config_mod.override_args(config_mod.parse_overrides(extra)), per_method,
+                            threads=threads)
         cells = [quality.Cell(m, b, s) for b in args.bits for m in args.methods
                  for s in args.seeds]
         for cell in cells:  # every config file and override checked before anything runs
             config_mod.load(plan.config_path(cell), plan.cell_overrides(cell))
-        threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
 
         def progress(line: str) -> None:  # a cell's line as it finishes
             if not args.quiet:
                 print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
-        rows = quality.run_plan(plan, cells, args.parallel, threads, progress,
-                                train=not args.table_only)
+        rows = quality.run_plan(plan, cells, args.parallel, progress, train=not args.table_only)
         path = None if args.table_only else quality.write(plan, rows)
         failed = 0 if args.table_only else sum("error" in r for r in rows)
         if args.json:

@@ -25,7 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dadh_dist import config as config_mod
 from dadh_dist.config import ENCODERS
+from dadh_dist.run.local import worker_threads
 
 # Each method is a set of overrides of the same code (docs/design.md §2: ADSH and the ablations are
 # configurations, not forks).
@@ -59,6 +61,9 @@ class Plan:
     """Extra overrides for every run (the shared budget)."""
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
     """Extra overrides for one method only (e.g. ADSH at the same wall time)."""
+    threads: int | None = None
+    """torch threads per run: `scaling.cpus_per_worker`, which sets them in the in-process
+    trainer (None: the config's). An override in `overrides` wins."""
 
     def config_path(self, cell: Cell) -> str:
         return self.config.format(bits=cell.bits)
@@ -68,9 +73,11 @@ class Plan:
         length too: a config without `{bits}` in its name, e.g. the grids', still varies it)."""
         if cell.method not in METHODS:
             raise ValueError(f"method {cell.method!r}: known methods are {', '.join(METHODS)}")
+        threads = [] if self.threads is None else [f"scaling.cpus_per_worker={self.threads}"]
         return [
-            "scaling.use_ray=false", f"objective.bits={cell.bits}", f"train.seed={cell.seed}",
-            f"log.run_dir={self.out}", f"log.name={cell.name}", *METHODS[cell.method],
+            "scaling.use_ray=false", *threads, f"objective.bits={cell.bits}",
+            f"train.seed={cell.seed}", f"log.run_dir={self.out}", f"log.name={cell.name}",
+            *METHODS[cell.method],
             *self.overrides,
             *self.method_overrides.get(cell.method, []),
         ]
@@ -85,7 +92,7 @@ def metrics_path(plan: Plan, cell: Cell) -> Path:
     return plan.out / cell.name / "final_metrics.json"
 
 
-def run_cell(plan: Plan, cell: Cell, threads: int, train: bool = True) -> dict:
+def run_cell(plan: Plan, cell: Cell, train: bool = True) -> dict:
     """Run one cell (or read it back when it already finished); returns its row. With
     `train=False` an unfinished cell is only reported as missing."""
     cmd = plan.command(cell)
@@ -98,7 +105,11 @@ def run_cell(plan: Plan, cell: Cell, threads: int, train: bool = True) -> dict:
     if not done.is_file():
         plan.out.mkdir(parents=True, exist_ok=True)
         log = plan.out / f"{cell.name}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        # the run's own thread count (its config's, as the trainer sets it) for every
+        # OpenMP/MKL pool, torch's included, that reads the environment
+        threads = str(worker_threads(config_mod.load(plan.config_path(cell),
+                                                      plan.cell_overrides(cell))))
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         t0 = time.time()
         with open(log, "w") as fh:
             rc = subprocess.call([sys.executable, *TRAIN, "--config",
@@ -121,8 +132,6 @@ def run_cell(plan: Plan, cell: Cell, threads: int, train: bool = True) -> dict:
 
 def _changed_config(plan: Plan, cell: Cell) -> str:
     """'' when the finished cell's saved config is the one planned now; else what differs."""
-    from dadh_dist import config as config_mod
-
     planned = config_mod.load(plan.config_path(cell), plan.cell_overrides(cell))
     path = plan.out / cell.name / "config.toml"
     if not path.is_file():
@@ -133,11 +142,11 @@ def _changed_config(plan: Plan, cell: Cell) -> str:
     return ", ".join(saved.differences(planned)[:3]) or "scaling"
 
 
-def run_plan(plan: Plan, cells: list[Cell], parallel: int = 1, threads: int = 1,
-             progress=print, train: bool = True) -> list[dict]:
-    """Run every cell, `parallel` at a time, each on `threads` threads."""
+def run_plan(plan: Plan, cells: list[Cell], parallel: int = 1, progress=print,
+             train: bool = True) -> list[dict]:
+    """Run every cell, `parallel` at a time (each on `plan.threads` threads)."""
     def one(cell: Cell) -> dict:
-        row = run_cell(plan, cell, threads, train)
+        row = run_cell(plan, cell, train)
         status = row.get("error") or _summary(row["metrics"])
         progress(f"{cell.name}: {status}")
         return row

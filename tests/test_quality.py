@@ -33,6 +33,20 @@ def test_every_method_is_a_valid_configuration_of_the_same_code(tmp_path):
         plan.command(quality.Cell("unknown-method", 16, 0))
 
 
+def test_threads_reach_the_trainer_as_its_cpus_per_worker(tmp_path):
+    """--threads is the run's torch thread count: the in-process trainer sets it from
+    scaling.cpus_per_worker, so an environment variable alone would not hold it (the trainer
+    would use the config's 2); an explicit override of the key wins."""
+    from dadh_dist.run.local import worker_threads
+
+    cell = quality.Cell("adsh", 16, 0)
+    for overrides, want in (([], 3), (["scaling.cpus_per_worker=2"], 2)):
+        plan = quality.Plan(DEBUG, tmp_path, overrides, threads=3)
+        assert worker_threads(config.load(DEBUG, plan.cell_overrides(cell))) == want
+    assert worker_threads(config.load(DEBUG, quality.Plan(DEBUG, tmp_path).cell_overrides(
+        cell))) == config.load(DEBUG).scaling.cpus_per_worker
+
+
 def _row(method, bits, seed, **m):
     return {"method": method, "bits": bits, "seed": seed, "metrics": {"wall_s": 10.0, **m}}
 
@@ -75,13 +89,13 @@ def test_finished_cells_are_read_back_not_rerun(tmp_path):
     cell = quality.Cell("adsh", 16, 0)
     plan = quality.Plan(DEBUG, tmp_path)
     _finish(plan, cell, map_all_f=0.5)
-    row = quality.run_cell(plan, cell, threads=1)
+    row = quality.run_cell(plan, cell)
     assert row["metrics"]["map_all_f"] == 0.5 and "process_wall_s" not in row
     # the same cell asked for with another budget: an error, never the old numbers
     longer = quality.Plan(DEBUG, tmp_path, overrides=["train.outer_iters=7"])
-    row = quality.run_cell(longer, cell, threads=1)
+    row = quality.run_cell(longer, cell)
     assert "metrics" not in row and "another config (train.outer_iters: 4 -> 7)" in row["error"]
-    missing = quality.run_cell(plan, quality.Cell("dadh", 16, 0), threads=1, train=False)
+    missing = quality.run_cell(plan, quality.Cell("dadh", 16, 0), train=False)
     assert missing["error"] == "not run yet"
     assert not (tmp_path / "dadh_16b_s0").exists()  # nothing was trained
 
@@ -89,14 +103,17 @@ def test_finished_cells_are_read_back_not_rerun(tmp_path):
 def test_quality_main_runs_a_real_cell_and_rejects_bad_arguments(tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["--config", DEBUG, "--methods", "adsh", "--bits", "16", "--out", str(out),
-            "train.outer_iters=1", "eval.topk=50"]
+            "--threads", "1", "train.outer_iters=1", "eval.topk=50"]
     assert cli.quality_main(argv) == 0
     text = capsys.readouterr().out
     assert "| adsh | 16 | 1 |" in text and "map_at_50 f" in text
     rows = json.loads((out / "rows.json").read_text())
     assert rows[0]["command"].startswith("python -m dadh_dist train --config")
+    assert "scaling.cpus_per_worker=1" in rows[0]["command"]
+    assert config.load(out / "adsh_16b_s0" / "config.toml").scaling.cpus_per_worker == 1
     assert 0.0 <= rows[0]["metrics"]["map_at_50_f"] <= 1.0
     assert cli.quality_main(["--methods", "nope"]) == cli.EXIT_USER_ERROR
+    assert cli.quality_main(["--config", DEBUG, "--threads", "-1"]) == cli.EXIT_USER_ERROR
     assert cli.quality_main(["--config", DEBUG, "--method-override", "adsh=1"]) == \
         cli.EXIT_USER_ERROR
     assert cli.quality_main(["--config", DEBUG, "--bits", "16", "objective.gama=3"]) == \
@@ -105,10 +122,10 @@ def test_quality_main_runs_a_real_cell_and_rejects_bad_arguments(tmp_path, capsy
 
 
 def test_table_only_json_and_quiet_on_finished_cells(tmp_path, capsys):
-    plan = quality.Plan(DEBUG, tmp_path)
+    plan = quality.Plan(DEBUG, tmp_path, threads=1)
     _finish(plan, quality.Cell("adsh", 16, 0), map_all_f=0.5, p_at_1000_f=0.25)
     argv = ["--config", DEBUG, "--methods", "adsh,dadh", "--bits", "16", "--out", str(tmp_path),
-            "--table-only"]
+            "--threads", "1", "--table-only"]
     assert cli.quality_main([*argv, "--json"]) == 0  # a cell not run yet is no failure here
     captured = capsys.readouterr()
     payload = json.loads(captured.out)
