@@ -196,3 +196,56 @@ def latest_valid(run_folder: str | Path, warn=None) -> Path | None:
         if best is None or key[:2] > best[:2]:
             best = key
     return best[2] if best else None
+
+
+STAGING_PREFIXES = ("dadh_ckpt_", "dadh_resume_")
+"""Private folders a worker makes in the temporary directory: a checkpoint being staged for Ray,
+a copy of the checkpoint it resumes from. Each name carries its maker's process id."""
+STALE_AFTER_S = 3600.0
+
+
+def staging_prefix(kind: str) -> str:
+    """`dadh_ckpt_<pid>_` or `dadh_resume_<pid>_`: the prefix of this process's private folder."""
+    prefix = f"dadh_{kind}_"
+    if prefix not in STAGING_PREFIXES:
+        raise ValueError(f"staging kind {kind!r}: expected ckpt or resume")
+    return f"{prefix}{os.getpid()}_"
+
+
+def remove_stale_staging(root: str | Path | None = None, now: float | None = None,
+                         alive: Callable[[int], bool] | None = None) -> list[Path]:
+    """Delete the private folders under `root` (the temporary directory) that a killed worker
+    left behind: those whose process is gone and that have not changed for STALE_AFTER_S (a
+    worker killed mid-checkpoint never reaches its cleanup; on a node that restarts workers
+    these would pile up, a checkpoint's size each). A folder of a live process, a recent one,
+    or one whose name holds no process id is left alone. Returns what was deleted."""
+    import shutil
+    import tempfile
+    import time
+
+    root = Path(root or tempfile.gettempdir())
+    now = time.time() if now is None else now
+    alive = alive or _process_alive
+    removed = []
+    for prefix in STAGING_PREFIXES:
+        for folder in root.glob(f"{prefix}*"):
+            pid = folder.name[len(prefix):].split("_", 1)[0]
+            try:
+                if (not folder.is_dir() or not pid.isdigit() or alive(int(pid))
+                        or now - folder.stat().st_mtime < STALE_AFTER_S):
+                    continue
+            except OSError:  # removed meanwhile by another worker of this node
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

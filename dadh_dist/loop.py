@@ -694,7 +694,7 @@ def _report(run: _Run, cfg: Config, env: WorkerEnv, t: int, metrics: dict, wall0
         return
     blocks.verify(c, run.block, f"before the checkpoint of outer iteration {t + 1}")
     block = run.block
-    with tempfile.TemporaryDirectory(prefix="dadh_ckpt_") as tmp:
+    with tempfile.TemporaryDirectory(prefix=ckpt.staging_prefix("ckpt")) as tmp:
         # every worker writes its own rows of B; rank 0 writes the rest and the manifest
         # covering every block; Ray merges the workers' folders into one checkpoint
         _, digest = ckpt.save_block(tmp, block.start, block.stop, block.B.numpy())

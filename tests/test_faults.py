@@ -153,11 +153,20 @@ def straight(tmp_path_factory):
 def test_lost_process_restarts_from_last_checkpoint(tmp_path, straight, phase):
     args = ["--config", DEBUG, "scaling.use_ray=false", "train.outer_iters=3",
             f"log.run_dir={json.dumps(str(tmp_path))}", "log.name=k"]
-    env = {"DADH_FAULT": f"kill:{phase}:1:0"}
+    (tmp_path / "tmp").mkdir()
+    env = {"DADH_FAULT": f"kill:{phase}:1:0", "TMPDIR": str(tmp_path / "tmp")}
     first = job("train", *args, env=env)
     assert first.returncode == 17, first.stderr
     # killed inside iteration 1: only checkpoint 1 exists (a staged checkpoint 2 never landed)
     assert ckpt.latest_valid(tmp_path / "k").name == "checkpoint_000001"
+    if phase == "checkpoint":
+        # ... and its staging folder stayed behind, named with the dead process's id: a later
+        # worker on the node removes it once it is an hour old
+        left = list((tmp_path / "tmp").glob("dadh_ckpt_*"))
+        assert len(left) == 1 and left[0].name.split("_")[2].isdigit(), left
+        assert ckpt.remove_stale_staging(tmp_path / "tmp") == []  # too recent
+        later = time.time() + ckpt.STALE_AFTER_S + 1
+        assert ckpt.remove_stale_staging(tmp_path / "tmp", now=later) == left
     second = job("train", *args, env=env)
     assert second.returncode == 0, second.stderr
     state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "k"))
@@ -314,3 +323,33 @@ def test_trainer_passes_collective_timeout_to_torch_config(tmp_path, monkeypatch
     assert gpu.backend_config.backend == "nccl"
     assert gpu.scaling_config.use_gpu and gpu.scaling_config.num_workers == 1
     assert not ray.is_initialized()
+
+
+def test_stale_staging_folders_of_dead_processes_only_are_removed(tmp_path):
+    dead = _reaped_pid()
+    old = time.time() - ckpt.STALE_AFTER_S - 10
+    made = {}
+    for name, age in ((f"dadh_ckpt_{dead}_a", old), (f"dadh_resume_{dead}_b", old),
+                      (f"dadh_ckpt_{dead}_recent", None), (f"dadh_ckpt_{os.getpid()}_live", old),
+                      ("dadh_ckpt_nopid", old), (f"other_{dead}_x", old)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(b"x")
+        if age is not None:
+            os.utime(tmp_path / name, (age, age))
+        made[name] = tmp_path / name
+    removed = ckpt.remove_stale_staging(tmp_path)
+    assert sorted(p.name for p in removed) == [f"dadh_ckpt_{dead}_a", f"dadh_resume_{dead}_b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n for n in made if n not in {p.name for p in removed})
+    assert ckpt.staging_prefix("ckpt") == f"dadh_ckpt_{os.getpid()}_"
+    with pytest.raises(ValueError, match="staging kind"):
+        ckpt.staging_prefix("tmp")
+
+
+def _reaped_pid() -> int:
+    """The id of a process that has exited and been reaped."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

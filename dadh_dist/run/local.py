@@ -6,6 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from dadh_dist import checkpoint as ckpt
 from dadh_dist import storage, uris
 from dadh_dist.config import Config
 from dadh_dist.run.folders import KEEP_CHECKPOINTS, keep_checkpoint, prepare_run, run_uri
@@ -45,6 +46,7 @@ def run_local(cfg: Config, dataset=None, progress: bool = True) -> dict:
 
     if dataset is None:
         check_data_here(cfg)
+    ckpt.remove_stale_staging()  # what a killed run left in the temporary directory
     folder, resume = prepare_run(cfg)
     uri = run_uri(cfg)
 

@@ -43,6 +43,7 @@ def ray_worker(config: dict) -> None:
     cfg = config_mod.from_dict(config["config"])
     os.environ.update(config.get("env", {}))
     _quiet_report_log()
+    ckpt.remove_stale_staging()  # what workers killed on this node before left in its temp dir
     torch.set_num_threads(worker_threads(cfg))
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":

@@ -80,6 +80,6 @@ def restart_checkpoint(restored: Path | None, run_dir: Path, uri: str | None) ->
 def _copy_for_resume(src: Path) -> Path:
     import tempfile
 
-    dest = Path(tempfile.mkdtemp(prefix="dadh_resume_")) / src.name
+    dest = Path(tempfile.mkdtemp(prefix=ckpt.staging_prefix("resume"))) / src.name
     shutil.copytree(src, dest)
     return dest
