@@ -317,6 +317,10 @@ def test_trainer_passes_collective_timeout_to_torch_config(tmp_path, monkeypatch
     trainer = runner.build_trainer(cfg, tmp_path / "r")
     assert trainer.backend_config.timeout_s == 7
     assert trainer.backend_config.backend == "gloo"
+    # a Tune trial's workers report their restored iteration again (loop.WorkerEnv)
+    assert trainer.train_loop_config["report_restored"] is False
+    tuned = runner.build_trainer(cfg, tmp_path / "t", report_restored=True)
+    assert tuned.train_loop_config["report_restored"] is True
     gpu = runner.build_trainer(config.load(DEBUG, ["scaling.use_gpu=true",
                                                    f"log.run_dir={json.dumps(str(tmp_path))}"]),
                                tmp_path / "g")
