@@ -38,7 +38,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # dadh_dist from a bare checkout
 
 import _env  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
-from _common import table  # noqa: E402
+from _common import free_port, table  # noqa: E402
 
 DEBUG = REPO / "configs" / "debug_cpu.toml"
 OUTER_ITERS = 4  # the debug config's own: it learns (test mAP ~0.9) in that many
@@ -201,11 +200,6 @@ def plan(device: str, backend: str, T: int, common: list[str]) -> list[dict]:
          "overrides": common + on + ["scaling.num_workers=2", "scaling.stream_parallel=true"]},
     ]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(run: dict, folder: Path, timeout_s: float, resume_from: Path | None) -> dict:

@@ -40,7 +40,6 @@ import argparse
 import hashlib
 import io
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from pathlib import Path
 
 import _env
 import numpy as np
-from _common import memory_mib, run_child, table
+from _common import free_port, memory_mib, run_child, table
 from scale import parse_size
 
 CLASSES = 10
@@ -235,11 +234,6 @@ def block_child(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------ parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_group(spec: dict, world: int, timeout_s: int) -> list[dict]:

@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -52,7 +51,7 @@ from pathlib import Path
 
 import _env
 import numpy as np
-from _common import memory_mib, table
+from _common import free_port, memory_mib, table
 
 CLASSES = 10
 BITS = 64
@@ -244,16 +243,11 @@ def child(spec: dict) -> None:
 # ------------------------------------------------------------------------------ parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_config(n: int, world: int, args) -> list[dict]:
     """The W workers of one (n, W), each a fresh interpreter; their JSON lines in rank order."""
     base = {"n": n, "world": world, "m": args.m, "bits": BITS, "iters": args.iters,
-            "threads": max(1, args.cores // world), "port": _free_port(),
+            "threads": max(1, args.cores // world), "port": free_port(),
             "timeout_s": args.timeout_s}
     procs = [subprocess.Popen([sys.executable, __file__, "--child",
                                json.dumps({**base, "rank": r})],

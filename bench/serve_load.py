@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,15 +32,10 @@ from pathlib import Path
 
 import _env
 import numpy as np
-from _common import table
+from _common import free_port, table
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_debug_run(folder: Path, quick: bool) -> Path:
@@ -175,7 +169,7 @@ def main() -> None:
             (one / names[i]).write_bytes(blobs[i])
             single.append(cli_search(run, database, one, args.k)[0])
 
-        port = _free_port()
+        port = free_port()
         options = serving.Options(checkpoint=str(run), port=port, replicas=args.replicas)
         loopback_only()
         ray.init(num_cpus=args.cpus, _node_ip_address="127.0.0.1", include_dashboard=False,

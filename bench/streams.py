@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import tempfile
 from pathlib import Path
 
 import _env  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 import torch.multiprocessing as mp
-from _common import table
+from _common import free_port, table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,11 +39,6 @@ SETUPS = {
     "DADH stream-parallel (f | g)": (["scaling.stream_parallel=true"], 1.0, 1),
 }
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, config_file: str, overrides: list[str],
@@ -76,7 +70,7 @@ def _worker(rank: int, world: int, port: int, config_file: str, overrides: list[
 def run(config_file: Path, overrides: list[str], world: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        mp.start_processes(_worker, args=(world, _port(), str(config_file), overrides, str(out),
+        mp.start_processes(_worker, args=(world, free_port(), str(config_file), overrides, str(out),
                                           threads),
                            nprocs=world, join=True, start_method="spawn")
         got = json.loads(out.read_text())

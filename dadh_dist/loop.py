@@ -181,7 +181,7 @@ class Streams:
             src = self.group.leaders[name]
             mine = {"model": module.state_dict(), "opt": opt.state_dict()} if c.rank == src \
                 else None
-            state = c.broadcast_object(mine, src=src)
+            state = c.broadcast_state(mine, src=src)
             if self.group.stream != name:
                 module.load_state_dict(state["model"])
                 opt.load_state_dict(state["opt"])

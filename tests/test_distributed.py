@@ -16,6 +16,7 @@ from _repo import DEBUG
 
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config, loop, monitor
+from dadh_dist import distributed as dist_mod
 from dadh_dist import run as runner
 from dadh_dist.distributed import LocalCollectives, even_split
 
@@ -179,3 +180,72 @@ def test_even_split_covers_without_padding():
             assert idx == list(range(length))
             sizes = [p.stop - p.start for p in parts]
             assert max(sizes) - min(sizes) <= 1
+
+
+def _state_with_every_kind():
+    """A module's and an Adam optimiser's state_dict after one step, plus the odd leaves a
+    state can hold: 0-d, empty, integer and bfloat16 tensors, tuples, None, strings."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.randn(2, 1, 5, 5)).sum().backward()
+    opt.step()
+    extra = {"empty": torch.empty(0, 4), "half": torch.randn(3, dtype=torch.bfloat16),
+             "pair": (torch.tensor(7), "seven"), "none": None, "ints": [1, 2, torch.arange(3)]}
+    return {"model": net.state_dict(), "opt": opt.state_dict(), "extra": extra}
+
+
+def _assert_same_state(got, want):
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype
+        assert got.shape == want.shape and torch.equal(got, want)
+    elif isinstance(want, dict):
+        assert type(got) is type(want) and list(got) == list(want)
+        assert getattr(got, "_metadata", None) == getattr(want, "_metadata", None)
+        for k in want:
+            _assert_same_state(got[k], want[k])
+    elif isinstance(want, (list, tuple)):
+        assert type(got) is type(want) and len(got) == len(want)
+        for a, b in zip(got, want):
+            _assert_same_state(a, b)
+    else:
+        assert got == want
+
+
+def test_packed_state_unpacks_to_the_same_state_and_its_module_loads_it():
+    state = _state_with_every_kind()
+    (skeleton, specs), tensors = dist_mod.pack_state(state)
+    assert len(specs) == len(tensors) == 7 + 4 * 3 + 4  # conv, BN; Adam's 3 per parameter; extra
+    assert all(isinstance(t, torch.Tensor) for t in tensors)
+    # what travels pickled holds no tensor
+    assert not any(isinstance(x, torch.Tensor) for x in _leaves(skeleton))
+    back = dist_mod.unpack_state(skeleton, [t.clone() for t in tensors])
+    _assert_same_state(back, state)
+    assert back["model"]._metadata  # load_state_dict reads each module's version from it
+    torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3)).load_state_dict(
+        back["model"])
+    assert LocalCollectives().broadcast_state(state) is state
+
+
+def _leaves(x):
+    if isinstance(x, dict):
+        return [y for v in x.values() for y in _leaves(v)]
+    if isinstance(x, (list, tuple)):
+        return [y for v in x for y in _leaves(v)]
+    return [x]
+
+
+def _broadcast_state_worker(rank, world, src):
+    from dadh_dist.distributed import TorchCollectives
+
+    state = _state_with_every_kind() if rank == src else {"stale": torch.ones(2)}
+    got = TorchCollectives().broadcast_state(state if rank == src else None, src=src)
+    if rank == src:
+        assert got is state
+    want = _state_with_every_kind()
+    _assert_same_state(got, want)
+    assert all(t.device.type == "cpu" for t in dist_mod.pack_state(got)[1])
+
+
+def test_broadcast_state_gives_every_rank_the_sources_tensors_bit_for_bit():
+    run_workers(_broadcast_state_worker, 2, 1, timeout_s=30)  # the source is not rank 0
