@@ -92,7 +92,10 @@ class HashFunction:
 
     def outputs(self, images, encoders, batch: int | None = None) -> dict[str, torch.Tensor]:
         """Real-valued stream outputs (N, k) float32 for the streams the encoders need."""
-        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(images)
+        # a read-only array (np.asarray of a decoded image) makes torch warn once per process;
+        # copying uint8 pixels costs little beside the forward pass
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(
+            images if images.flags.writeable else images.copy())
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"images must be uint8 (N, {self.channels}, H, W), got {x.dtype} "
                              f"{tuple(x.shape)}")
