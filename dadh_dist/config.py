@@ -222,6 +222,14 @@ class Config:
         """A new, validated Config: this one with dotted overrides applied (the CLI's parser)."""
         return from_dict(nest({**self.flat(), **parse_overrides(overrides)}))
 
+    def with_absolute_paths(self) -> Config:
+        """Relative local data and weight paths resolved against this process's working
+        directory: Ray workers and Tune trials run in directories of their own."""
+        flat = self.flat()
+        changed = {k: str(Path(flat[k]).expanduser().resolve()) for k in PATH_KEYS
+                   if flat[k] and "://" not in flat[k] and not Path(flat[k]).is_absolute()}
+        return self.with_overrides(changed) if changed else self
+
     def differences(self, other: Config) -> list[str]:
         """`section.key: mine -> other's` for every key that differs, log.* aside."""
         a, b = self.to_dict(), other.to_dict()
@@ -241,6 +249,9 @@ class Config:
 
 ENCODERS = ("f", "g", "fg")
 """Query encoders: sign(f), sign(g), sign(f + g) (dadh_dist.encoding)."""
+
+PATH_KEYS = ("data.root", "model.pretrained_path")
+"""The keys holding local paths (or URIs) that the workers read."""
 
 CHOICES = {
     "data.source": ("fashion_mnist", "fashion_mnist_grid", "cifar10", "list", "parquet", "digits"),
@@ -339,9 +350,12 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
     if not p.is_file():
         raise ConfigError(f"{what} {p} does not exist")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{what} {p}: invalid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {p}: not UTF-8 text (byte {e.start}); TOML files are "
+                          "UTF-8") from None
 
 
 def parse_overrides(items: list[str] | dict) -> dict:
@@ -400,6 +414,11 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
 def validate(cfg: Config) -> None:
     """Reject impossible values with a message naming the key and what is allowed."""
     flat = cfg.flat()
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+            raise ConfigError(f"{key}: {value} does not fit in 64 bits")
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
@@ -420,14 +439,14 @@ def validate(cfg: Config) -> None:
         "objective.bits", "train.outer_iters", "train.inner_epochs", "train.num_samples",
         "train.batch_size", "train.checkpoint_every", "scaling.num_workers", "codes.sweeps",
         "codes.chunk_rows", "eval.batch_size", "eval.precision_at", "scaling.collective_timeout_s",
-        "model.width",
+        "model.width", "data.query_per_class",
     ]
     for key in positive:
         if flat[key] < 1:
             raise ConfigError(f"{key}: must be >= 1, got {flat[key]}")
     nonneg = [
         "objective.alpha", "objective.gamma", "objective.eta", "optim.weight_decay",
-        "optim.momentum", "data.query_per_class", "data.database_limit", "data.image_size",
+        "optim.momentum", "data.database_limit", "data.image_size",
         "train.eval_every", "eval.topk", "scaling.max_failures", "model.input_size",
         "data.grid_count", "data.seed", "train.seed", "train.max_skipped", "scaling.min_workers",
     ]

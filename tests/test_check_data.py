@@ -16,7 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from _repo import ROOT as REPO
 from PIL import Image
-from test_data import SPLIT_NAMES, assert_same, fake_fashion, fake_lists, write_idx
+from test_data import (
+    SPLIT_NAMES,
+    assert_same,
+    fake_fashion,
+    fake_lists,
+    without_class_2,
+    write_idx,
+)
 
 from dadh_dist.__main__ import main
 from dadh_dist.config import DataConfig
@@ -260,7 +267,7 @@ def test_empty_class_missing_split_and_overlap_are_named(tmp_path):
     fake_lists(root)
     db = root / "database.txt"
     good = db.read_text()
-    db.write_text("".join(line.rsplit(" ", 1)[0] + " 0\n" for line in good.splitlines() if line))
+    db.write_text(without_class_2(good))
     report = check_dataset(list_cfg(root))
     assert [str(p) for p in report.problems] == [f"{db}: class 2 has no database image"]
 
@@ -294,7 +301,7 @@ def test_parquet_missing_split_and_empty_class_are_named(tmp_path):
     (shard,) = dataset_to_parquet(small_dataset(), tmp_path / "pq")
     table = pq.read_table(shard)
     split = ["database" if s == "validation" else s for s in table.column("split").to_pylist()]
-    labels = [[0 if c == 3 else v for c, v in enumerate(lab)] if s == "database" else lab
+    labels = [lab[:3] + [0, lab[3] or lab[4]] + lab[5:] if s == "database" else lab
               for lab, s in zip(table.column("labels").to_pylist(), split, strict=True)]
     table = table.set_column(1, "labels", pa.array(labels, pa.list_(pa.uint8())))
     pq.write_table(table.set_column(2, "split", pa.array(split, pa.string())), shard)

@@ -43,6 +43,11 @@ def test_toml_round_trip(tmp_path):
     ("log.name=..", "log.name: '..' must be one folder name"),
     ('log.run_dir="s3://AKIA:s3cret@bucket/runs"', "log.run_dir: the URI carries a secret"),
     ('log.run_dir="s3://AKIA:wJal/K7MD@bucket/runs"', "log.run_dir: the URI carries a secret"),
+    ("objective.gamma=nan", "objective.gamma: must be a finite number, got nan"),
+    ("optim.lr_f=inf", "optim.lr_f: must be a finite number, got inf"),
+    ("scaling.cpus_per_worker=inf", "scaling.cpus_per_worker: must be a finite number"),
+    ("train.seed=99999999999999999999", "train.seed: 99999999999999999999 does not fit in 64"),
+    ("data.query_per_class=0", "data.query_per_class: must be >= 1, got 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     extra = ["scaling.num_workers=2"] if "batch_size" in override else []
@@ -108,6 +113,13 @@ def test_cli_user_error_exit_code_2_no_traceback():
         "error: objective.gamma: must be >= 0, got -3.0"]
 
 
+def test_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff[data]\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: not UTF-8 text \(byte 0\)"):
+        config.load(bad)
+
+
 def test_cli_missing_config_file():
     proc = job("train", "--config", "nope.toml", timeout=120)
     assert proc.returncode == 2
@@ -141,6 +153,23 @@ def test_missing_data_root_is_exit_2_before_ray_starts(tmp_path, monkeypatch, ca
     assert err == [f"error: data.root: {missing} does not exist (data.source = fashion_mnist "
                    "reads the Fashion-MNIST IDX files from it)"]
     assert not (tmp_path / "runs").exists()  # no run folder left behind either
+    # a relative folder reaches the workers resolved: their working directory is not ours
+    seen = {}
+
+    def capture(cfg, folder):
+        seen["root"] = cfg.data.root
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_train, "build_trainer", capture)
+    monkeypatch.setattr(ray_train, "ensure_ray", lambda **kw: None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "idx").mkdir()
+    with pytest.raises(AssertionError, match="Ray was started"):
+        cli.train_main(["--config", str(DEBUG), "data.source=fashion_mnist", "data.root=idx",
+                        f"log.run_dir={tmp_path / 'runs'}", "scaling.use_ray=true"])
+    assert seen["root"] == str(tmp_path / "idx")
+    monkeypatch.setattr(ray_train, "ensure_ray", never)
+    monkeypatch.setattr(ray_train, "build_trainer", never)
     # on a cluster the workers read the data on their own nodes: the driver does not judge it
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     with pytest.raises(AssertionError, match="Ray was started"):

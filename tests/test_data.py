@@ -99,6 +99,21 @@ def write_idx(path, a: np.ndarray, gz: bool = True) -> None:
     path.write_bytes(gzip.compress(raw) if gz else raw)
 
 
+def test_idx_header_beyond_any_file_and_float_labels_are_named(tmp_path):
+    (tmp_path / "x").write_bytes(bytes([0, 0, 0x08, 4]) + (65536).to_bytes(4, "big") * 4)
+    with pytest.raises(DataError, match=r"x: truncated IDX file: shape \(65536, 65536, 65536, "
+                                        r"65536\) needs 18446744073709551616 data bytes, found 0"):
+        read_idx(tmp_path / "x")
+    fm = tmp_path / "fm"
+    fake_fashion(fm)
+    y = read_idx(fm / "train-labels-idx1-ubyte.gz").astype(">f4")
+    raw = bytes([0, 0, 0x0D, 1]) + np.array(y.shape, ">u4").tobytes() + y.tobytes()
+    (fm / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz: expected integer class "
+                                        r"labels, got float32"):
+        load_dataset(DataConfig(root=str(fm), query_per_class=1, val_per_class=1))
+
+
 def test_idx_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (5, 3, 4), dtype=np.uint8)
@@ -244,7 +259,7 @@ def test_grid_source_sizes(tmp_path):
 
 # --------------------------------------------------------------------------------------- CIFAR-10
 
-def fake_cifar(folder, per_class: int = 3) -> np.ndarray:
+def fake_cifar(folder, per_class: int = 3, protocol: int | None = None) -> np.ndarray:
     folder.mkdir()
     rng = np.random.default_rng(4)
     rows = []
@@ -252,7 +267,8 @@ def fake_cifar(folder, per_class: int = 3) -> np.ndarray:
         labels = rng.permutation(np.repeat(np.arange(10), per_class)).tolist()
         data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f,
+                        protocol=protocol)
         rows.append(data)
     return np.concatenate(rows)
 
@@ -268,6 +284,16 @@ def test_cifar_folder(tmp_path):
     k = ds.query.ids[0]
     # channel 1 (green) row 0 is bytes 1024..1055 of the source row
     np.testing.assert_array_equal(ds.query.images[0, 1, 0], data[k, 1024:1056])
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_batches_rewritten_by_python3_load(tmp_path, protocol):
+    """Subsets re-saved with pickle protocol 2 (bytes as _codecs.encode) or 5 (numpy's
+    _frombuffer) hold nothing beyond tensors' data and still load."""
+    data = fake_cifar(tmp_path / "c", protocol=protocol)
+    ds = load_dataset(DataConfig(source="cifar10", root=str(tmp_path / "c"), query_per_class=2,
+                                 val_per_class=2))
+    np.testing.assert_array_equal(ds.query.images[0].reshape(-1), data[ds.query.ids[0]])
 
 
 def test_cifar_errors_name_the_file(tmp_path):
@@ -323,6 +349,19 @@ def fake_lists(root, n_db: int = 12, val: bool = False) -> dict[str, list[tuple]
     return rows
 
 
+def without_class_2(text: str) -> str:
+    """A fake_lists list file with class 2 emptied: its images go to class 0 (each image needs a
+    class)."""
+    out = []
+    for line in text.splitlines():
+        if line:
+            path, *labels = line.split()
+            if labels[2] == "1" and "1" not in labels[:2]:
+                labels[0] = "1"
+            out.append(" ".join([path, *labels[:2], "0"]) + "\n")
+    return "".join(out)
+
+
 def test_list_files_multi_label_with_held_out_validation(tmp_path):
     rows = fake_lists(tmp_path / "l")
     cfg = DataConfig(source="list", root=str(tmp_path / "l"), val_per_class=1, image_size=4)
@@ -356,6 +395,8 @@ def test_list_file_errors_name_file_and_line(tmp_path):
     db = root / "database.txt"
     good = db.read_text()
     lines = good.splitlines()
+    clean = load_dataset(cfg)
+    image6 = (root / "img" / "database6.png").read_bytes()
 
     db.write_text("\n".join([*lines[:2], lines[2] + " 1", *lines[3:]]))
     with pytest.raises(DataError, match=r"database\.txt:3: 4 labels, but .*test\.txt:1 has 3"):
@@ -370,13 +411,28 @@ def test_list_file_errors_name_file_and_line(tmp_path):
     (root / "img" / "database6.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(DataError, match=r"database\.txt:7: image img/database6\.png is unread"):
         load_dataset(cfg)
-    db.write_text("".join(line.rsplit(" ", 1)[0] + " 0\n" for line in lines if line))
+    db.write_text(without_class_2(good))
     with pytest.raises(DataError, match=r"database\.txt: class 2 has no database image"):
         load_dataset(cfg)
     db.write_text(good + (root / "test.txt").read_text())
     shared = r"database\.txt:\d+: image img/test\d\.png is also listed in .*test\.txt:\d"
     with pytest.raises(DataError, match=shared):
         load_dataset(cfg)
+    # the same image spelt another way, listed twice, a row without a class, a byte-order mark
+    (root / "img" / "database6.png").write_bytes(image6)
+    db.write_text(good + "./img//x/../test0.png 1 0 0\n")
+    with pytest.raises(DataError, match=r"database\.txt:\d+: image \./img//x/\.\./test0\.png is "
+                                        r"also listed in .*test\.txt:1;"):
+        load_dataset(cfg)
+    db.write_text(good + lines[0] + "\n")
+    with pytest.raises(DataError, match=rf"database\.txt:{len(lines) + 1}: image "
+                                        r"img/database0\.png is listed again \(line 1\)"):
+        load_dataset(cfg)
+    db.write_text(good.replace(lines[3], lines[3].split()[0] + " 0 0 0"))
+    with pytest.raises(DataError, match=r"database\.txt:4: no label is 1"):
+        load_dataset(cfg)
+    db.write_bytes(b"\xef\xbb\xbf" + good.encode())
+    assert_same(load_dataset(cfg), clean)
 
 
 # ---------------------------------------------------------------------------------------- parquet
@@ -421,6 +477,59 @@ def test_parquet_corrupt_shard_and_bad_row_are_named(tmp_path):
     pq.write_table(table, bad / "shard-a.parquet")
     with pytest.raises(DataError, match=r"shard-a\.parquet: row 5: 11 labels, but .* has 10"):
         load_dataset(DataConfig(source="parquet", root=str(bad)))
+
+
+def test_parquet_ids_and_label_rows_are_checked(tmp_path):
+    from dadh_dist.data.parquet_index import SplitIndex
+    from dadh_dist.data.problems import Problems
+
+    (shard,) = dataset_to_parquet(digits(), tmp_path / "pq", rows_per_shard=5000)
+    table = pq.read_table(shard)
+    split = np.array(table.column("split").to_pylist())
+    db = np.flatnonzero(split == "database")
+    ids = table.column("id").to_numpy().copy()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+
+    def refused(t, match, index=False):
+        pq.write_table(t, bad / "s.parquet")
+        with pytest.raises(DataError, match=match):
+            if index:  # data.per_worker's reader
+                idx = SplitIndex.open(bad)
+                idx.read(0, idx.n, 0, Problems())
+            else:
+                load_dataset(DataConfig(source="parquet", root=str(bad)))
+
+    twice = ids.copy()
+    twice[db[7]] = ids[db[3]]
+    refused(table.set_column(3, "id", pa.array(twice, pa.int64())),
+            rf"s\.parquet: row {db[7]}: id {ids[db[3]]} is also the id of .*s\.parquet: row "
+            rf"{db[3]}; ids must be unique within a split \(database\)")
+    huge = ids.astype(np.uint64)
+    huge[db[2]] = 2**63
+    for index in (False, True):
+        refused(table.set_column(3, "id", pa.array(huge, pa.uint64())),
+                r"s\.parquet: column id holds 9223372036854775808, beyond int64", index)
+        refused(table.set_column(3, "id", pa.array([f"img_{i}" for i in ids], pa.string())),
+                r"s\.parquet: column id must be int64, got string", index)
+    labels = table.column("labels").to_pylist()
+    labels[db[4]] = [0] * 10
+    for index in (False, True):
+        refused(table.set_column(1, "labels", pa.array(labels, pa.list_(pa.uint8()))),
+                rf"s\.parquet: row {db[4]}: no label is 1", index)
+    # ids may repeat across splits (a list source's are row numbers per list file)
+    across = ids.copy()
+    across[db[0]] = ids[np.flatnonzero(split == "query")[0]]
+    pq.write_table(table.set_column(3, "id", pa.array(across, pa.int64())), bad / "s.parquet")
+    assert len(load_dataset(DataConfig(source="parquet", root=str(bad))).database) == len(db)
+
+
+def test_database_limit_that_empties_a_class_is_refused():
+    with pytest.raises(DataError, match=r"^data.database_limit: class \d has no database "
+                                        r"image among the 5 kept by data.database_limit = 5 "
+                                        r"\(raise it\)"):
+        digits(database_limit=5)
+    assert len(digits(database_limit=60).database) == 60  # 10 classes among 60: every one kept
 
 
 def test_parquet_database_rows_read_by_range_equal_the_loaded_database(tmp_path):

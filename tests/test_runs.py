@@ -59,9 +59,14 @@ def test_stopped_run_resumes_by_name_and_matches_uninterrupted(tmp_path):
 
 def test_changed_config_under_same_name_is_refused(tmp_path):
     cfg = config.load(DEBUG, _overrides(tmp_path, "r", "train.outer_iters=1"))
-    runner.run_local(cfg)
     changed = config.load(DEBUG, _overrides(tmp_path, "r", "train.outer_iters=1",
                                             "objective.gamma=5"))
+    # a run that stopped before its first checkpoint (bad data) does not block its name
+    runner.prepare_run(changed)
+    folder, resume = runner.prepare_run(cfg)
+    assert resume is None and config.load(folder / "config.toml").objective.gamma == \
+        cfg.objective.gamma
+    runner.run_local(cfg)
     with pytest.raises(ConfigError, match=r"log.name: run 'r' already exists.*objective.gamma"):
         runner.prepare_run(changed)
     proc = _train_cli(tmp_path, "r", None, "train.outer_iters=1", "objective.gamma=5")

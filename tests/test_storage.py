@@ -62,6 +62,9 @@ def test_unopenable_uri_is_one_line_error(tmp_path, capsys):
 def test_remote_run_equals_local_and_resumes_anywhere(tmp_path, s3):
     local = runner.run_local(config.load(DEBUG, _overrides(tmp_path, "r")))
     remote_cfg = config.load(DEBUG, _overrides(s3("team/runs"), "r"))
+    # a config saved at the URI with no checkpoint beside it (a run that stopped on bad data)
+    # gives way to the next one
+    runner.prepare_run(config.load(DEBUG, _overrides(s3("team/runs"), "r", "objective.eta=3")))
     remote = runner.run_local(remote_cfg)
     run = s3("team/runs/r")
     assert remote["run_dir"] == run

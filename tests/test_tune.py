@@ -301,7 +301,7 @@ def test_results_rows_best_trial_and_files(tmp_path):
     assert not s.folder.exists()
 
     # finished: the best trial's config (as a trial ran it) becomes a fresh run of the base's
-    trial = sweep.trial_config(sweep.spec.absolute_paths(s.base), a["params"], s.folder,
+    trial = sweep.trial_config(s.base.with_absolute_paths(), a["params"], s.folder,
                                "trial_a", 0.5)
     (s.folder / "trial_a").mkdir(parents=True)
     (s.folder / "trial_a" / "config.toml").write_text(trial.to_toml())

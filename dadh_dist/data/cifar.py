@@ -21,6 +21,8 @@ _ALLOWED = {
     ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    ("numpy._core.numeric", "_frombuffer"),  # arrays in pickle protocol 5
+    ("_codecs", "encode"),  # bytes in protocol 2 written by Python 3 (a str and its codec)
 }
 
 

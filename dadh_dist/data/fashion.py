@@ -57,6 +57,8 @@ def _read_part(folder: Path, part: str, problems: Problems) -> tuple[np.ndarray,
     (img_path, x), (lab_path, y) = arrays
     if x.dtype != np.uint8 or x.ndim != 3:
         problems.add(img_path, f"expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
+    elif y.dtype.kind not in "iu":
+        problems.add(lab_path, f"expected integer class labels, got {y.dtype}")
     elif y.ndim != 1 or len(y) != len(x):
         problems.add(lab_path, f"expected {len(x)} labels, got shape {y.shape}")
     elif y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):

@@ -37,7 +37,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX header ({ndim} dimensions, {len(raw)} bytes)")
     dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
     dtype = np.dtype(IDX_TYPES[raw[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
+    expected = np.prod(dims, dtype=object) * dtype.itemsize  # Python ints: no wrap-around
     got = len(raw) - header
     if got != expected:
         kind = "truncated" if got < expected else "oversized"

@@ -5,12 +5,14 @@ val.txt (validation; otherwise val_per_class * classes random database rows are 
 Paths are relative to the folder and may not contain spaces.
 
 A missing or unreadable image is skippable (data.skip_bad). A malformed line (no labels, the wrong
-number of labels, a label other than 0/1), a missing list, lists that share an image and a class
-without database images are structural: never skipped.
+number of labels, a label other than 0/1, no label 1), an image listed twice, a missing list,
+lists that share an image (compared as normalised paths) and a class without database images are
+structural: never skipped.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import numpy as np
 from dadh_dist.config import DataConfig
 from dadh_dist.data.base import DataError, Dataset, Split
 from dadh_dist.data.images import decode_all
-from dadh_dist.data.problems import LabelWidth, Problems, check_classes
+from dadh_dist.data.problems import LabelWidth, Problems, check_classes, check_limited
 from dadh_dist.data.splits import STREAM_HOLDOUT, limit_rows, rng
 
 DEFAULT_SIZE = 224
@@ -47,8 +49,8 @@ def list_lines(file: Path) -> list[tuple[int, list[str]]]:
     """(1-based line number, tokens) of every non-blank line of a list file (`path [labels]`);
     the file's read errors (READ_ERRORS) reach the caller. Training and encoding both read
     list files through it."""
-    return [(n, line.split()) for n, line in enumerate(file.read_text().splitlines(), 1)
-            if line.split()]
+    text = file.read_text(encoding="utf-8-sig")  # a Windows editor's byte-order mark is no path
+    return [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.split()]
 
 
 def parse_list(file: Path, width: LabelWidth, problems: Problems) -> Entries:
@@ -59,6 +61,7 @@ def parse_list(file: Path, width: LabelWidth, problems: Problems) -> Entries:
         problems.add(file, f"cannot read list file ({e})")
         numbered, readable = [], False
     paths, rows, lines = [], [], []
+    first_line: dict[str, int] = {}
     for lineno, tokens in numbered:
         where, labels = f"{file}:{lineno}", tokens[1:]
         if width.n < 0:
@@ -73,6 +76,14 @@ def parse_list(file: Path, width: LabelWidth, problems: Problems) -> Entries:
         if bad:
             problems.add(where, f"label {bad[0]!r} is not 0 or 1")
             continue
+        if "1" not in labels:
+            problems.add(where, "no label is 1 (every image needs a class)")
+            continue
+        key = image_key(tokens[0])
+        if key in first_line:
+            problems.add(where, f"image {tokens[0]} is listed again (line {first_line[key]})")
+            continue
+        first_line[key] = lineno
         paths.append(tokens[0])
         rows.append([t == "1" for t in labels])
         lines.append(lineno)
@@ -93,18 +104,23 @@ def decode_entries(entries: Entries, root: Path, size: int, problems: Problems) 
     return split if ok.all() else split.take(np.flatnonzero(ok))
 
 
+def image_key(path: str) -> str:
+    """What two spellings of one listed image share (`./a/b.png`, `a//b.png`, `a/x/../b.png`)."""
+    return os.path.normpath(path)
+
+
 def check_disjoint(parts: list[Entries], problems: Problems) -> None:
     """One problem per pair of lists sharing images, naming the first shared line of each."""
     for i, a in enumerate(parts):
-        line_of = {p: line for p, line in zip(a.paths, a.lines)}
+        line_of = {image_key(p): line for p, line in zip(a.paths, a.lines)}
         for b in parts[i + 1:]:
-            shared = [(p, line) for p, line in zip(b.paths, b.lines) if p in line_of]
+            shared = [(p, line) for p, line in zip(b.paths, b.lines) if image_key(p) in line_of]
             if shared:
                 p, line = shared[0]
                 count = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
                 problems.add(f"{b.file}:{line}", f"image {p} is also listed in "
-                             f"{a.file}:{line_of[p]}{count}; query, validation and database "
-                             "must be disjoint")
+                             f"{a.file}:{line_of[image_key(p)]}{count}; query, validation and "
+                             "database must be disjoint")
 
 
 def load_list(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
@@ -149,6 +165,8 @@ def load_list(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
     kept = limit_rows(len(database.paths), cfg.database_limit, cfg.seed)
     if kept is not None:
         database = database.take(kept)
+        check_limited(database.labels, cfg.database_limit, problems)
+        problems.barrier()
 
     size = cfg.image_size or DEFAULT_SIZE
     splits = {name: decode_entries(e, root, size, problems)

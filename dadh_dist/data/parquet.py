@@ -107,6 +107,17 @@ def read_columns(path: Path, columns: list[str], what: str = "") -> pa.Table:
                         f"({e})") from None
 
 
+def int64_ids(where: str, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An id column (nulls read as 0) as int64; a DataError naming `where` for a column that is
+    not integers, or unsigned ids too large for int64 (they would wrap to negative ids)."""
+    if not pa.types.is_integer(ids.type):
+        raise DataError(f"{where}: column id must be int64, got {ids.type}")
+    values = ids.fill_null(0).to_numpy(zero_copy_only=False)
+    if values.dtype.kind == "u" and values.size and values.max() >= 2**63:
+        raise DataError(f"{where}: column id holds {values.max()}, beyond int64")
+    return values.astype(np.int64)
+
+
 def is_label_list(t: pa.DataType) -> bool:
     """A labels column's type: a list (of any offset width or fixed size) of integers."""
     return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
@@ -164,15 +175,38 @@ def _read_shard(path: Path, width: LabelWidth, problems: Problems) -> _Shard | N
     values = np.zeros((table.num_rows, width.n), flat.dtype if flat.size else np.uint8)
     values[good] = flat[starts[good, None] + np.arange(width.n)]
     reject(((values != 0) & (values != 1)).any(1), "labels must be 0 or 1")
+    reject(~values.any(1), "no label is 1 (every image needs a class)")
 
     split = table.column("split").to_numpy(zero_copy_only=False).astype(str)
     reject(~np.isin(split, SPLITS), lambda r: f"split {str(split[r])!r} is not one of "
            f"{', '.join(SPLITS)}")
     good = np.flatnonzero(ok)
     images = table.column("image").to_pylist()
+    try:
+        ids = int64_ids(str(path), table.column("id"))
+    except DataError as e:
+        problems.absorb(e)
+        return None
     return _Shard(path, [images[r] for r in good], values[good].astype(np.uint8), split[good],
-                  table.column("id").fill_null(0).to_numpy().astype(np.int64)[good], good,
-                  table.schema.metadata or {})
+                  ids[good], good, table.schema.metadata or {})
+
+
+def _check_ids(shards: list[_Shard], problems: Problems) -> None:
+    """One problem for the first id given twice within a split: an id names one image in codes
+    files and search results. (Ids may repeat across splits: a list source's are its rows'
+    numbers in each list file.)"""
+    ids = np.concatenate([s.ids for s in shards])
+    split = np.concatenate([s.split for s in shards])
+    where = [(s.path, r) for s in shards for r in s.rows]
+    order = np.lexsort((ids, split))  # by split, then id
+    twice = np.flatnonzero((ids[order][1:] == ids[order][:-1])
+                           & (split[order][1:] == split[order][:-1]))
+    if twice.size:
+        a, b = order[twice[0]], order[twice[0] + 1]
+        more = f" (and {twice.size - 1} more)" if twice.size > 1 else ""
+        problems.add(f"{where[b][0]}: row {where[b][1]}",
+                     f"id {ids[b]} is also the id of {where[a][0]}: row {where[a][1]}{more}; ids "
+                     f"must be unique within a split ({split[b]})")
 
 
 def load_parquet(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
@@ -202,6 +236,7 @@ def load_parquet(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
             problems.add(root, f"no {name} rows in any shard")
     full_classes = labels[which == 2].sum(0).all()
     check_classes(labels[which == 2], str(root), problems)
+    _check_ids(shards, problems)
     problems.barrier()
 
     # Rows grouped by split (stable, so in shard order within each): every split's images are

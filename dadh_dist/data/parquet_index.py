@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from dadh_dist.data.base import DataError, Split
 from dadh_dist.data.images import decode_all
-from dadh_dist.data.parquet import SPLITS, is_label_list
+from dadh_dist.data.parquet import SPLITS, int64_ids, is_label_list
 from dadh_dist.data.problems import Problems
 
 DATABASE = SPLITS[2]
@@ -134,7 +134,7 @@ class SplitIndex:
                 labels = np.empty((stop - start, values.shape[1]), np.uint8)
                 ids = np.empty(stop - start, np.int64)
             labels[a - start:b - start] = values
-            ids[a - start:b - start] = group_ids.to_numpy(zero_copy_only=False)
+            ids[a - start:b - start] = int64_ids(str(g.path), group_ids)
             if not good.any():
                 continue
             first = int(np.flatnonzero(good)[0])
@@ -188,6 +188,9 @@ class SplitIndex:
         off = np.flatnonzero(((values != 0) & (values != 1)).any(1))
         if off.size:
             raise DataError(f"{where(off[0])}: labels must be 0 or 1")
+        none = np.flatnonzero(~values.any(1))
+        if none.size:
+            raise DataError(f"{where(none[0])}: no label is 1 (every image needs a class)")
         return values.astype(np.uint8, copy=False)
 
 

@@ -103,3 +103,9 @@ def check_classes(labels: np.ndarray, where: str, problems: Problems, note: str 
     """One problem per class without a single database image. labels: (n, c) 0/1."""
     for c in np.flatnonzero(labels.sum(0) == 0):
         problems.add(where, f"class {c} has no database image{note}")
+
+
+def check_limited(labels: np.ndarray, limit: int, problems: Problems) -> None:
+    """check_classes for a database cut to data.database_limit rows (labels: those kept)."""
+    check_classes(labels, "data.database_limit", problems,
+                  f" among the {len(labels)} kept by data.database_limit = {limit} (raise it)")

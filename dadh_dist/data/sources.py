@@ -12,7 +12,7 @@ from dadh_dist.data.fashion import find_fashion_mnist, load_fashion_mnist
 from dadh_dist.data.grids import load_fashion_mnist_grid
 from dadh_dist.data.lists import load_list
 from dadh_dist.data.parquet import load_parquet
-from dadh_dist.data.problems import Problems
+from dadh_dist.data.problems import Problems, check_limited
 from dadh_dist.data.splits import limit
 
 SOURCES = {
@@ -63,5 +63,9 @@ def load_source(cfg: DataConfig, problems: Problems) -> Dataset:
     if cfg.root:
         check_root(cfg)
     ds = SOURCES[cfg.source](cfg, problems)
-    ds.database = limit(ds.database, cfg.database_limit, cfg.seed)
+    before = ds.database
+    ds.database = limit(before, cfg.database_limit, cfg.seed)
+    if len(ds.database) < len(before) and before.labels.sum(0).all():
+        check_limited(ds.database.labels, cfg.database_limit, problems)
+        problems.barrier()
     return ds

@@ -2,7 +2,9 @@
 
 The run folder is `<log.run_dir>/<run name>`; it holds `config.toml` (the resolved config), the
 checkpoints, TensorBoard events (`tb/`) and `final_metrics.json`. Re-running the same name
-resumes from its newest valid checkpoint; a different config under the same name is refused.
+resumes from its newest valid checkpoint; a different config under the same name is refused
+once the run has a checkpoint (before that, as after a run that stopped on bad data, there is
+nothing a new config could mix with, and the new config replaces the saved one).
 With log.run_dir a URI the folder here is a local mirror and the run's files live at the URI.
 """
 
@@ -53,14 +55,14 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
     if uri is not None:
         raw = uris.read_bytes(uris.join(uri, "config.toml"))
         folder.mkdir(parents=True, exist_ok=True)
-        if raw is not None:
+        if raw is not None and storage.checkpoints(uri):
             fetched = folder / ".remote_config.toml"
             ckpt.write_atomic(fetched, raw)
             _refuse_changed(cfg, fetched, uris.redact(cfg.log.run_dir))
         uris.write_bytes(uris.join(uri, "config.toml"), cfg.to_toml().encode())
         ckpt.write_atomic(saved, cfg.to_toml().encode())
         return folder, newest_checkpoint(folder, uri)
-    if saved.is_file():
+    if saved.is_file() and any(folder.glob("checkpoint_*")):
         _refuse_changed(cfg, saved, str(folder.parent))
     folder.mkdir(parents=True, exist_ok=True)
     ckpt.write_atomic(saved, cfg.to_toml().encode())

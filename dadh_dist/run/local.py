@@ -12,14 +12,19 @@ from dadh_dist.config import Config
 from dadh_dist.run.folders import KEEP_CHECKPOINTS, keep_checkpoint, prepare_run, run_uri
 
 
-def check_data_here(cfg: Config) -> None:
-    """Refuse a missing data folder before any worker starts, where this machine is the one that
-    reads the data (an in-process run, or Ray started here). On a cluster (RAY_ADDRESS) the
-    workers read it on their own nodes, which may see paths this one does not."""
+def data_here(cfg: Config) -> Config:
+    """Where this machine is the one that reads the data (an in-process run, or Ray started
+    here): `cfg` with its relative data paths made absolute (a Ray worker's working directory is
+    not ours), and a missing data folder refused before any worker starts. On a cluster
+    (RAY_ADDRESS) the workers read the data on their own nodes, which may see paths this one does
+    not, and start in the job's working directory: `cfg` as it is."""
     from dadh_dist.data import check_root
 
-    if not cfg.scaling.use_ray or not os.environ.get("RAY_ADDRESS"):
-        check_root(cfg.data)
+    if cfg.scaling.use_ray and os.environ.get("RAY_ADDRESS"):
+        return cfg
+    cfg = cfg.with_absolute_paths()
+    check_root(cfg.data)
+    return cfg
 
 
 def worker_threads(cfg: Config) -> int:
@@ -45,7 +50,7 @@ def run_local(cfg: Config, dataset=None, progress: bool = True) -> dict:
     from dadh_dist import loop
 
     if dataset is None:
-        check_data_here(cfg)
+        cfg = data_here(cfg)
     ckpt.remove_stale_staging()  # what a killed run left in the temporary directory
     folder, resume = prepare_run(cfg)
     uri = run_uri(cfg)

@@ -15,7 +15,7 @@ from dadh_dist import config as config_mod
 from dadh_dist import storage, uris
 from dadh_dist.config import Config
 from dadh_dist.run.folders import KEEP_CHECKPOINTS, prepare_run, run_name, run_uri
-from dadh_dist.run.local import check_data_here, worker_threads
+from dadh_dist.run.local import data_here, worker_threads
 from dadh_dist.run.resume import agreed_resume
 from dadh_dist.run.session import ensure_ray
 
@@ -146,7 +146,7 @@ def build_trainer(cfg: Config, folder: Path, callbacks=None, report_restored: bo
 def run_ray(cfg: Config) -> dict:
     import ray.train
 
-    check_data_here(cfg)
+    cfg = data_here(cfg)
     folder, _ = prepare_run(cfg)  # the workers find the checkpoint to resume from themselves
     ensure_ray()
     try:

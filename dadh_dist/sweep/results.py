@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 from dadh_dist import config as config_mod
-from dadh_dist.sweep.spec import PATH_KEYS, Sweep
+from dadh_dist.config import PATH_KEYS
+from dadh_dist.sweep.spec import Sweep
 
 
 class SweepFailed(RuntimeError):

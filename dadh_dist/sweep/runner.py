@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dadh_dist import config as config_mod
 from dadh_dist import run
-from dadh_dist.run.local import check_data_here
+from dadh_dist.run.local import data_here
 from dadh_dist.run.session import ensure_ray
 from dadh_dist.sweep.record import check_identity, save_record, saved_resources
 from dadh_dist.sweep.resources import Resources, plan_resources
 from dadh_dist.sweep.results import summarize
-from dadh_dist.sweep.spec import Sweep, absolute_paths, trial_config
+from dadh_dist.sweep.spec import Sweep, trial_config
 
 
 def _trial_dirname(trial) -> str:
@@ -110,7 +110,7 @@ def _make_tuner(s: Sweep, trainable, res: Resources):
 def _trainable(s: Sweep, res: Resources):
     from ray import tune
 
-    payload = {"base": absolute_paths(s.base).to_dict(), "folder": str(s.folder),
+    payload = {"base": s.base.with_absolute_paths().to_dict(), "folder": str(s.folder),
                "cpus_per_worker": res.cpus_per_worker}
     return tune.with_resources(tune.with_parameters(trial_main, sweep=payload),
                                {"CPU": res.trial_cpus})
@@ -157,7 +157,7 @@ def run_sweep(s: Sweep) -> dict:
     from ray import tune
 
     record = check_identity(s)
-    check_data_here(s.base)  # not once per trial, after Ray has started
+    data_here(s.base)  # the check, not once per trial after Ray has started
     ensure_ray(need_dashboard=True)
     res = _resources(s, record)
     _announce(s, res)

@@ -22,8 +22,6 @@ SEARCHES = ("random", "optuna")
 MODES = ("max", "min")
 # Keys the sweep sets itself: where each trial runs, and the resources it is given.
 RESERVED_SECTIONS = ("log", "scaling")
-# Paths a trial must see as the user meant them: Tune runs each trial in its own directory.
-PATH_KEYS = ("data.root", "model.pretrained_path")
 
 
 @dataclass
@@ -118,14 +116,6 @@ def trial_config(base: Config, params: dict, folder: Path | str, trial: str,
     if cpus_per_worker is not None:
         overrides["scaling.cpus_per_worker"] = cpus_per_worker
     return base.with_overrides(overrides)
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """Relative data and weight paths made absolute: a Tune trial runs in its own directory."""
-    flat = cfg.flat()
-    changed = {k: str(Path(flat[k]).expanduser().resolve()) for k in PATH_KEYS
-               if flat[k] and "://" not in flat[k] and not Path(flat[k]).is_absolute()}
-    return cfg.with_overrides(changed) if changed else cfg
 
 
 # ---------------------------------------------------------------------------------------------
