@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,11 @@ def _read_blocks(rank, world, root, out_dir):
     except DataError as e:  # on every worker: the owner of the bad row names it
         (out / f"error_{rank}.txt").write_text(str(e))
     cfg.skip_bad = True
+    cfg.database_limit = 5  # fewer rows than classes: on every worker, the same one line
+    try:
+        load_block(cfg, c)
+    except DataError as e:
+        (out / f"error_limit_{rank}.txt").write_text(str(e))
     for limit in (0, N):
         cfg.database_limit = limit
         data, rows, n = load_block(cfg, c)
@@ -163,6 +169,9 @@ def test_each_worker_reads_its_own_rows_of_the_whole_database(tmp_path, shards):
     errors = [(tmp_path / f"error_{r}.txt").read_text() for r in range(3)]
     assert "part-0.parquet: row " in errors[0] and "image is unreadable" in errors[0]
     assert "worker(s) [0] could not read their database rows" in errors[1] == errors[2]
+    limited = {(tmp_path / f"error_limit_{r}.txt").read_text() for r in range(3)}
+    assert len(limited) == 1 and re.match(r"data.database_limit: class \d has no database "
+                                          r"image among the 5 kept", limited.pop())
     for limit in (0, N):
         cfg = config.load(DEBUG, [*EXTRA, f"data.root={mixed}", f"data.database_limit={limit}"])
         want = load_dataset(cfg.data)

@@ -30,7 +30,7 @@ from dadh_dist.config import DataConfig
 from dadh_dist.data.base import DataError, Dataset, Split
 from dadh_dist.data.parquet import META_MULTI, META_NAME, SPLITS
 from dadh_dist.data.parquet_index import SplitIndex
-from dadh_dist.data.problems import Problems
+from dadh_dist.data.problems import Problems, limit_note
 from dadh_dist.data.splits import limit_rows
 from dadh_dist.distributed import even_split
 
@@ -86,12 +86,14 @@ def load_block(cfg: DataConfig, c) -> tuple[Dataset, slice, int]:
     if not database.labels.shape[0]:
         database = Split(np.zeros((0, *query.images.shape[1:]), np.uint8),
                          database.labels, database.ids)
-    # every class needs database images: of all rows, and of those that decoded
+    # every class needs database images: of all rows, of those that decoded, of those kept
     sums = c.all_reduce_sum(torch.from_numpy(np.stack([
-        block.labels.sum(0, dtype=np.int64), block.labels[ok].sum(0, dtype=np.int64)])))
-    for row, note in ((0, ""), (1, " left without its unreadable images")):
+        block.labels.sum(0, dtype=np.int64), block.labels[ok].sum(0, dtype=np.int64),
+        database.labels.sum(0, dtype=np.int64)])))
+    for row, where, note in ((0, root, ""), (1, root, " left without its unreadable images"),
+                             (2, "data.database_limit", limit_note(n, cfg.database_limit))):
         for j in np.flatnonzero(sums[row].numpy() == 0):
-            problems.add(root, f"class {j} has no database image{note}")
+            problems.add(where, f"class {j} has no database image{note}")
         problems.barrier()
     if total == 0:
         raise DataError(f"{root}: no database image decodes")

@@ -105,7 +105,11 @@ def check_classes(labels: np.ndarray, where: str, problems: Problems, note: str 
         problems.add(where, f"class {c} has no database image{note}")
 
 
+def limit_note(kept: int, limit: int) -> str:
+    """What follows "class c has no database image" when data.database_limit emptied it."""
+    return f" among the {kept} kept by data.database_limit = {limit} (raise it)"
+
+
 def check_limited(labels: np.ndarray, limit: int, problems: Problems) -> None:
     """check_classes for a database cut to data.database_limit rows (labels: those kept)."""
-    check_classes(labels, "data.database_limit", problems,
-                  f" among the {len(labels)} kept by data.database_limit = {limit} (raise it)")
+    check_classes(labels, "data.database_limit", problems, limit_note(len(labels), limit))
