@@ -134,8 +134,9 @@ def add_output_args(parser: argparse.ArgumentParser, json_help: str,
                              "exit code (2: a mistake in the input)")
 
 
-def device_arg(text: str):
-    """A torch device that exists on this machine (ArgumentTypeError otherwise)."""
+def parse_device(text: str):
+    """A torch device of a supported type, cpu or cuda, whether or not this machine has it
+    (ArgumentTypeError otherwise)."""
     import torch
 
     try:
@@ -143,21 +144,59 @@ def device_arg(text: str):
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
-    elif device.type != "cpu":
+    if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
     return device
 
 
-def resolve_device(text: str):
-    """--device checked once the tool needs the network (torch is imported only then)."""
+def device_arg(text: str):
+    """A torch device that exists on this machine (ArgumentTypeError otherwise)."""
+    import torch
+
+    device = parse_device(text)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def resolve_device(text: str, here: bool = True):
+    """--device checked once the tool needs the network (torch is imported only then): one
+    this machine has, or with `here` False one of a supported type (another machine's)."""
     try:
-        return device_arg(text)
+        return device_arg(text) if here else parse_device(text)
     except argparse.ArgumentTypeError as e:
         raise ConfigError(f"--device: {e}") from None
+
+
+def check_out(path: str | Path, what: str, folder: bool = False, option: str = "--out") -> Path:
+    """`path` as a Path, or a ConfigError unless `what` (a file, or a folder with `folder`) can
+    be written there: checked before the work, not after it, and with nothing there touched.
+    The folder (a file's parent) is made if missing, as codesfile.check_writable makes it."""
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: is a file; {option} names the {what} to write into")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; {option} names the {what} to write")
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot create {where} ({e.strerror or e})") from None
+    if not os.access(where, os.W_OK):
+        raise ConfigError(f"{option} {path}: {where} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, option: str = "--out"):
+    """An OSError while the block writes the output becomes a one-line ConfigError naming it."""
+    try:
+        yield
+    except OSError as e:
+        name = "" if e.filename in (None, str(path)) else f" {e.filename}"
+        raise ConfigError(f"{option} {path}: cannot write{name} ({e.strerror or e})") from None
 
 
 def check_at_least(option: str, value: int | None, low: int) -> None:
@@ -355,11 +394,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         if args.topk is not None and args.topk > n:
             notes(f"--topk {args.topk} is more than the {n} database codes: "
                   f"mAP@{args.topk} is mAP@all")
+        out = check_out(args.out or hf.run_folder / "eval" / f"{hf.checkpoint.name}_{args.split}",
+                        "output folder", folder=True)  # before the evaluation, not after it
         ev = report.evaluate(hf, dataset, encoders, args.split, args.topk,
                              batch_size=args.batch_size)
-        out = (Path(args.out) if args.out
-               else hf.run_folder / "eval" / f"{hf.checkpoint.name}_{args.split}")
-        paths = report.write(out, ev, hf, dataset, args.examples, not args.no_tensorboard)
+        with writing(out):
+            paths = report.write(out, ev, hf, dataset, args.examples, not args.no_tensorboard)
         for e, line in ev.warnings.items():
             print(f"warning: {report.NAMES[e]}: {line}", file=sys.stderr)
         published = None
@@ -483,6 +523,8 @@ def search_main(argv: list[str] | None = None) -> int:
 
         from dadh_dist import codesfile, probe
 
+        if args.out:  # before the encoding and the search, not after them
+            check_out(args.out, "results file")
         notes = Notes()
         probe.check_codes_file(args.database)
         database = codesfile.read(args.database)
@@ -516,10 +558,8 @@ def search_main(argv: list[str] | None = None) -> int:
         else:
             text = result.table()
         if args.out:
-            try:
-                Path(args.out).write_text(text + "\n")
-            except OSError as e:
-                raise ConfigError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+            with writing(args.out):
+                Path(args.out).expanduser().write_text(text + "\n")
             if not args.quiet:
                 print(f"results: {args.out}", file=sys.stderr)
             return 0
@@ -550,9 +590,10 @@ def export_main(argv: list[str] | None = None) -> int:
 
         hf = inference.load(args.checkpoint, device)
         encoder = hf.check_encoder(args.encoder or hf.default_encoder)
-        out = (Path(args.out) if args.out
-               else hf.run_folder / "export" / f"{hf.checkpoint.name}_{encoder}")
-        paths = export.export(hf, encoder, out)
+        out = check_out(args.out or hf.run_folder / "export" / f"{hf.checkpoint.name}_{encoder}",
+                        "export folder", folder=True)
+        with writing(out):
+            paths = export.export(hf, encoder, out)
         if args.json:
             _print_json({"encoder": encoder, "bits": hf.bits,
                          **{k: str(v) for k, v in paths.items()}})

@@ -99,8 +99,11 @@ def write(path: str | Path, codes: Codes) -> Path:
     code_col = pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(width), len(codes), [None, pa.py_buffer(np.ascontiguousarray(codes.packed))])
     ids = codes.ids
-    id_col = (pa.array(ids.astype(np.int64), pa.int64()) if ids.dtype.kind in "iu"
-              else pa.array([str(i) for i in ids], pa.string()))
+    if ids.dtype.kind in "iu":
+        _check_int64(f"{path}: column 'id'", ids)
+        id_col = pa.array(ids.astype(np.int64), pa.int64())
+    else:
+        id_col = pa.array([str(i) for i in ids], pa.string())
     meta = {"format": FORMAT, "bits": str(codes.bits), "encoder": codes.encoder,
             "model_sha256": codes.model_sha256, "config": codes.config_toml,
             "source": codes.source, "checkpoint": codes.checkpoint}
@@ -186,7 +189,9 @@ def read(path: str | Path) -> Codes:
               .reshape(n, width).copy() if n else np.zeros((0, width), np.uint8))
     id_col = table.column("id")
     if pa.types.is_integer(id_col.type):
-        ids = id_col.to_numpy().astype(np.int64)
+        ids = id_col.to_numpy()
+        _check_int64(f"{path}: column 'id'", ids)
+        ids = ids.astype(np.int64)
     elif pa.types.is_string(id_col.type) or pa.types.is_large_string(id_col.type):
         ids = np.array(id_col.to_pylist(), dtype=object)
     else:
@@ -194,6 +199,13 @@ def read(path: str | Path) -> Codes:
     return Codes(ids=ids, packed=packed, bits=bits, encoder=meta["encoder"],
                  model_sha256=meta["model_sha256"], config_toml=meta.get("config", ""),
                  source=meta.get("source", ""), checkpoint=meta.get("checkpoint", ""), path=path)
+
+
+def _check_int64(where: str, ids: np.ndarray) -> None:
+    """CodesError for unsigned ids beyond int64: cast, they would wrap to negative ids that
+    name no image."""
+    if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
+        raise CodesError(f"{where} holds id {int(ids.max())}, beyond int64 (ids must fit int64)")
 
 
 def check_pair(query: Codes, database: Codes) -> None:

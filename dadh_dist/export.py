@@ -87,7 +87,7 @@ def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path]:
             "input": {"dtype": "uint8", "shape": ["N", hf.channels, hf.image_size, hf.image_size],
                       "batch": f"dynamic, 1..{MAX_BATCH}"},
             "output": {"dtype": "int8", "shape": ["N", hf.bits], "values": "+1/-1 (0 -> -1)"},
-            "model_sha256": hf.model_sha256, "checkpoint": str(hf.checkpoint), "t": hf.t,
+            "model_sha256": hf.model_sha256, "checkpoint": str(hf.checkpoint.resolve()), "t": hf.t,
             "torch": torch.__version__, "config": hf.cfg.to_dict(),
         }
         (staging / names["metadata"]).write_text(json.dumps(meta, indent=1))

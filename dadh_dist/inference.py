@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -37,7 +39,7 @@ from dadh_dist.config import Config, ConfigError
 from dadh_dist.data import DataError, Dataset, load_dataset
 from dadh_dist.data.images import DECODE_ERRORS, run_chunked
 from dadh_dist.data.lists import READ_ERRORS, list_lines
-from dadh_dist.data.parquet import read_columns
+from dadh_dist.data.parquet import int64_ids
 from dadh_dist.data.problems import Problem
 from dadh_dist.models import HashStream, build_streams
 from dadh_dist.monitor import progress_bar  # noqa: F401  (also used by tests)
@@ -241,8 +243,9 @@ class Adaptations:
     resized: Counter = field(default_factory=Counter)
     """(width, height) of the file -> images resized from it."""
 
-    def record(self, mode: str, size: tuple[int, int], channels: int, side: int) -> None:
-        if mode != ("L" if channels == 1 else "RGB"):
+    def record(self, mode: str | None, size: tuple[int, int], side: int) -> None:
+        """`mode`: the file's, for an image whose pixels were converted (None: they were not)."""
+        if mode is not None:
             self.converted[mode] += 1
         if size != (side, side):
             self.resized[size] += 1
@@ -287,12 +290,14 @@ def decode(src: Path | bytes, channels: int, size: int, where: str) -> np.ndarra
 
 
 def decode_noting(src: Path | bytes, channels: int, size: int, where: str
-                  ) -> tuple[np.ndarray, str, tuple[int, int]]:
-    """`decode`, plus the file's own PIL mode and (width, height), to say what was adapted."""
+                  ) -> tuple[np.ndarray, str | None, tuple[int, int]]:
+    """`decode`, plus what was adapted: the file's PIL mode when its pixels had to change to
+    become the model's channels (None when they did not) and its (width, height)."""
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
             mode, original = img.mode, img.size
-            img = img.convert("L" if channels == 1 else "RGB")
+            converted = _conversion(img, channels)
+            img = _to_8_bits(img).convert("L" if channels == 1 else "RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             a = np.asarray(img, np.uint8)
@@ -300,7 +305,45 @@ def decode_noting(src: Path | bytes, channels: int, size: int, where: str
         raise DataError(f"{where}: image not found") from None
     except DECODE_ERRORS as e:
         raise DataError(f"{where}: unreadable image ({e})") from None
-    return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)), mode, original
+    return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)), (mode if converted else None), \
+        original
+
+
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL modes of integer images deeper than 8 bits (16-bit PNG and TIFF files open as I;16)."""
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer image as 8-bit gray, scaled by its type's range (I;16: value/257,
+    rounded): `convert("L")` would clip at 255 and make most of a 16-bit image white. Mode I
+    holding only 0..65535 (a 16-bit file read as I) is taken as 16-bit; negatives count as 0."""
+    if img.mode not in DEEP_MODES:
+        return img
+    a = np.asarray(img).astype(np.int64)
+    top = 65535 if img.mode != "I" or a.max(initial=0) <= 65535 else 2**31 - 1
+    a = (np.clip(a, 0, top) * 255 + top // 2) // top
+    return Image.fromarray(a.astype(np.uint8), "L")
+
+
+def pixels_are_gray(img: Image.Image) -> bool:
+    """Whether an image holds gray pixels only: one colour band (alpha aside), or R == G == B at
+    every pixel once a palette or colour image is taken to RGB. Decided by the pixels, not the
+    mode: a gray GIF or a PNG of a gray palette is gray."""
+    bands = [b for b in img.getbands() if b not in ("A", "a")]
+    if len(bands) == 1 and img.mode not in ("P", "PA"):
+        return True
+    rgb = np.asarray(img.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def _conversion(img: Image.Image, channels: int) -> bool:
+    """Whether bringing `img` to the model's channels changes its pixels: a colour image for a
+    gray model (gray pixels stored as RGB or a palette are not), an image deeper than 8 bits,
+    anything not RGB for a colour model."""
+    if channels == 3:
+        return img.mode != "RGB"
+    return img.mode != "L" and (img.mode in DEEP_MODES or img.mode == "F"
+                                or not pixels_are_gray(img))
 
 
 def _decoded_source(description: str, ids, fetch: Callable[[int], Path | bytes],
@@ -324,7 +367,7 @@ def _decoded_source(description: str, ids, fetch: Callable[[int], Path | bytes],
         if problems:
             raise BadImages(problems, stop - start)
         for mode, original in seen:
-            adapted.record(mode, original, channels, size)
+            adapted.record(mode, original, size)
         return out
 
     return ImageSource(description, np.asarray(ids), read, adapted=adapted)
@@ -349,10 +392,18 @@ def open_source(path: str | Path | None, hf: HashFunction, split: str | None = N
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such image folder or file")
-    if p.is_dir() and any(p.glob("*.parquet")):
-        return _parquet_source(sorted(p.glob("*.parquet")), split, c, s)
     if p.is_dir():
-        every = sorted(q for q in p.rglob("*") if q.is_file())
+        # a codes file written next to the images (encode --out photos/codes.parquet) is not a
+        # Parquet image shard: it must not turn the folder into a shard source
+        codes = {q for q in p.rglob("*.parquet") if codesfile.is_codes_file(q)}
+        if codes:
+            shown = ", ".join(q.relative_to(p).as_posix() for q in sorted(codes)[:3])
+            note(f"skipped {len(codes)} codes file(s) in {p} (jobs/encode.py output, not images "
+                 f"or image shards): {shown}{' ...' if len(codes) > 3 else ''}")
+        shards = [q for q in sorted(p.glob("*.parquet")) if q not in codes]
+        if shards:
+            return _parquet_source(shards, split, c, s)
+        every = sorted(q for q in p.rglob("*") if q.is_file() and q not in codes)
         files = [q for q in every if q.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise DataError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)})")
@@ -366,6 +417,9 @@ def open_source(path: str | Path | None, hf: HashFunction, split: str | None = N
         return _decoded_source(f"{len(files)} images in {p}", np.array(ids, dtype=object),
                                lambda i: files[i], lambda i: str(files[i]), c, s)
     if p.suffix.lower() == ".parquet":
+        if codesfile.is_codes_file(p):
+            raise DataError(f"{p}: is a codes file (columns id, code), not images; encode the "
+                            "images it was made from")
         return _parquet_source([p], split, c, s)
     if p.suffix.lower() in IMAGE_SUFFIXES:
         return _decoded_source(str(p), np.array([p.name], dtype=object), lambda i: p,
@@ -388,20 +442,54 @@ def _list_source(file: Path, channels: int, size: int) -> ImageSource:
         channels, size)
 
 
+def _check_shard_columns(shard: Path, columns: list[str]) -> None:
+    """DataError in one line naming the shard when it is unreadable or lacks a column (pyarrow's
+    own message spans the whole schema)."""
+    try:
+        names = pq.read_schema(shard).names
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{shard}: not a readable Parquet file ({_first_line(e)})") from None
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(f"{shard}: has no column {missing[0]!r} (columns: "
+                        f"{', '.join(names) or 'none'}); Parquet image shards hold image, id "
+                        "and split (data.dataset_to_parquet)")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _read(shard: Path, columns: list[str]) -> pa.Table:
+    """Some columns of one shard, or a DataError in one line naming it (pyarrow's messages
+    can carry the whole schema)."""
+    try:
+        return pq.read_table(shard, columns=columns)
+    except (pa.ArrowException, OSError, KeyError) as e:
+        raise DataError(f"{shard}: cannot read column(s) {', '.join(columns)} "
+                        f"({_first_line(e)})") from None
+
+
 def _parquet_source(shards: list[Path], split: str | None, channels: int,
                     size: int) -> ImageSource:
     """Rows of Parquet shards (columns image, id, and split when filtering); images are read
     one shard at a time."""
     rows: list[tuple[int, int]] = []  # (shard, row) of every kept image
     ids: list[np.ndarray] = []
+    columns = ["id"] + (["split"] if split else [])
+    for shard in shards:  # every shard's columns checked before any image is decoded
+        _check_shard_columns(shard, ["image", *columns])
     for k, shard in enumerate(shards):
-        columns = ["id"] + (["split"] if split else [])
-        table = read_columns(shard, columns)
+        table = _read(shard, columns)
         keep = np.arange(table.num_rows)
         if split:
             keep = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == split)
         rows.extend((k, int(r)) for r in keep)
-        ids.append(table.column("id").to_numpy()[keep].astype(np.int64))
+        column = table.column("id")
+        if column.null_count:
+            raise DataError(f"{shard}: column id has null values")
+        # int64, as the training loader reads them (a string or float id is refused here too)
+        ids.append(int64_ids(str(shard), column)[keep])
     all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     if len(np.unique(all_ids)) != len(all_ids):
         raise DataError(f"{shards[0].parent}: ids repeat across rows; pick one split "
@@ -412,8 +500,7 @@ def _parquet_source(shards: list[Path], split: str | None, channels: int,
     def blobs(k: int) -> list[bytes]:
         if k not in cache:
             cache.clear()  # one shard in memory at a time
-            cache[k] = read_columns(shards[k], ["image"], "cannot read column image").column(
-                "image").to_pylist()
+            cache[k] = _read(shards[k], ["image"]).column("image").to_pylist()
         return cache[k]
 
     def read(start: int, stop: int) -> np.ndarray:
@@ -435,7 +522,7 @@ def _parquet_source(shards: list[Path], split: str | None, channels: int,
         if problems:
             raise BadImages(problems, stop - start)
         for mode, original in seen:
-            adapted.record(mode, original, channels, size)
+            adapted.record(mode, original, size)
         return out
 
     what = f"{split} rows of " if split else ""
@@ -476,7 +563,7 @@ def encode_source(hf: HashFunction, source: ImageSource, encoder: str, batch: in
 def codes_meta(hf: HashFunction, encoder: str, source: str) -> dict:
     """Provenance metadata of a codes file made by `hf`."""
     return {"encoder": encoder, "model_sha256": hf.model_sha256, "config_toml": hf.cfg.to_toml(),
-            "source": source, "checkpoint": str(hf.checkpoint)}
+            "source": source, "checkpoint": str(hf.checkpoint.resolve())}  # from any folder
 
 
 def encode_to_codes(hf: HashFunction, images: str | Path | None, split: str | None,

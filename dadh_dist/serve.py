@@ -15,7 +15,8 @@ or `serve run` / `serve deploy` of a Serve config file:
 
 Endpoints (JSON answers):
 
-    POST /search   images + k (default 10) -> per image its code, the top-k database ids and
+    POST /search   images + k (default 10, or the database size when smaller; a k above the
+                   size is refused) -> per image its code, the top-k database ids and
                    their Hamming distances, ties in database order (the rule of jobs/search.py)
     POST /encode   images -> per image its code
     GET  /info     bits, encoder, model hash, database size, backend, input geometry, limits
@@ -210,17 +211,15 @@ def load_model(path: str | Path, encoder: str | None = None, device: str = "cpu"
     import torch
 
     from dadh_dist import inference
+    from dadh_dist.cli import resolve_device
 
-    if device != "cpu":
-        from dadh_dist.cli import device_arg
-
-        try:
-            device_arg(device)
-        except argparse.ArgumentTypeError as e:
-            raise _config_error(f"--device: {e}") from None
+    where = resolve_device(device)  # this machine's: a replica, or the driver before Ray
     if is_export(path):
-        return _load_export(Path(path).expanduser(), encoder, device)
-    hf = inference.load(path, device)
+        if where.type != "cpu":
+            raise _config_error(f"--device: an export runs on the CPU; name the run's "
+                                f"checkpoint to serve on {device}")
+        return _load_export(Path(path).expanduser(), encoder)
+    hf = inference.load(path, where)
     enc = hf.check_encoder(encoder or hf.default_encoder)
 
     def encode(images: np.ndarray) -> np.ndarray:
@@ -231,7 +230,7 @@ def load_model(path: str | Path, encoder: str | None = None, device: str = "cpu"
                  hf.checkpoint, encode)
 
 
-def _load_export(folder: Path, encoder: str | None, device: str) -> Model:
+def _load_export(folder: Path, encoder: str | None) -> Model:
     import torch
 
     from dadh_dist import export
@@ -246,9 +245,6 @@ def _load_export(folder: Path, encoder: str | None, device: str) -> Model:
     if encoder is not None and encoder != enc:
         raise _config_error(f"--encoder: the export {folder} computes {enc}, not {encoder} "
                             "(export that encoder, or name the run's checkpoint)")
-    if device != "cpu":
-        raise _config_error(f"--device: an export runs on the CPU; name the run's checkpoint "
-                            f"to serve on {device}")
     program_file = folder / f"hash_{enc}.pt2"
     if not program_file.is_file():
         raise FileNotFoundError(f"{program_file}: the export's program is missing")
@@ -262,8 +258,25 @@ def _load_export(folder: Path, encoder: str | None, device: str) -> Model:
                 out[s:s + batch] = program(torch.from_numpy(images[s:s + batch])).numpy()
         return out
 
-    run_checkpoint = Path(meta["checkpoint"]) if meta.get("checkpoint") else None
+    run_checkpoint = recorded_checkpoint(meta.get("checkpoint"), folder)
     return Model(bits, channels, size, enc, sha, folder, run_checkpoint, encode)
+
+
+def recorded_checkpoint(recorded: str | None, folder: Path) -> Path | None:
+    """The training checkpoint an export's metadata names. Exports record it absolute; older
+    ones recorded it as given, relative to the working directory of jobs/export.py: tried there
+    first (where it worked before), then against the export folder and each folder above it,
+    so that such an export still finds its run from another working directory."""
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if path.is_absolute() or path.is_dir():
+        return path
+    folder = folder.resolve()
+    for base in (folder, *folder.parents):
+        if (base / path).is_dir():
+            return base / path
+    return path
 
 
 def load_database(options: Options, model: Model) -> Codes:
@@ -275,8 +288,11 @@ def load_database(options: Options, model: Model) -> Codes:
     else:
         run = model.run_checkpoint
         if run is None or not run.is_dir():
+            where = "" if run is None or run.is_absolute() else (
+                f", looked for in the working directory, {model.path} and the folders above it")
             raise _config_error(f"--database: {model.path} is an export whose training "
-                                f"checkpoint ({run}) is not here; name a database codes file")
+                                f"checkpoint ({run}) is not here{where}; name a database codes "
+                                "file")
         hf = inference.load(run)
         if hf.model_sha256 != model.model_sha256:
             raise codesfile.CodesError(f"{run}: holds model {hf.model_sha256[:12]}, but the "
@@ -381,15 +397,19 @@ class Work:
 
 
 def parse_k(raw, database_size: int) -> int:
+    """k of a /search: omitted, the default cut to the database size (a database smaller than
+    the default is still searchable without k). An explicit k above the size is refused:
+    jobs/search.py returns every code and says so in a note, but a JSON answer has no note line,
+    and a client that asked for more results than exist should learn it from a 422 naming the
+    size rather than from a short list."""
     if raw is None or raw == "":
-        k = DEFAULT_K
-    else:
-        try:
-            k = int(raw) if not isinstance(raw, (bool, float)) else None
-        except (TypeError, ValueError):
-            k = None
-        if k is None:
-            raise RequestError(400, f"k: must be an integer, got {raw!r}")
+        return min(DEFAULT_K, database_size)
+    try:
+        k = int(raw) if not isinstance(raw, (bool, float)) else None
+    except (TypeError, ValueError):
+        k = None
+    if k is None:
+        raise RequestError(400, f"k: must be an integer, got {raw!r}")
     if not 1 <= k <= database_size:
         raise RequestError(422, f"k: must be in 1..{database_size} (the database size), got {k}")
     return k
@@ -458,7 +478,8 @@ def _read_json(body: bytes) -> tuple[list, list[bytes], object]:
 
 
 def _colour_channels(img) -> int:
-    """1 for a gray image, 3 for a colour one, as the file stores it (alpha ignored)."""
+    """1 for an image the file stores gray (one band, or a gray palette), else 3 (alpha
+    ignored); whether a 3 holds colour is for `inference.pixels_are_gray` to say."""
     if img.mode in ("P", "PA"):
         return 1 if getattr(img.palette, "mode", "RGB") in ("L", "LA") else 3
     bands = [b for b in img.getbands() if b not in ("A", "a")]
@@ -471,13 +492,18 @@ def decode_image(blob: bytes, name, model: Model, resize: bool) -> np.ndarray:
 
     from dadh_dist.data import DataError
     from dadh_dist.data.images import DECODE_ERRORS
-    from dadh_dist.inference import decode
+    from dadh_dist.inference import decode, pixels_are_gray
 
     where = f"image {name}"
     c, s = model.channels, model.image_size
     try:
-        with Image.open(io.BytesIO(blob)) as img:  # the header only: no pixels decoded yet
+        with Image.open(io.BytesIO(blob)) as img:  # the header, and the pixels only if needed
             got, (w, h) = _colour_channels(img), img.size
+            # a gray model takes gray pixels however stored (a gray GIF, a gray palette, RGB
+            # with R == G == B): the pixels decide, as they decide encode's "converted" note;
+            # a colour model refuses only images stored gray, which its user can convert
+            if not resize and c == 1 and got == 3 and pixels_are_gray(img):
+                got = 1
     except UnidentifiedImageError:
         raise RequestError(422, f"{where}: not an image (no image format recognised)") from None
     except DECODE_ERRORS as e:
@@ -702,7 +728,7 @@ def _build(options: Options) -> tuple[object, str]:
     backend = resolve_backend(options.backend, database.bits)
     summary = (f"{model.path} ({model.bits} bits, encoder {model.encoder}, model "
                f"{model.model_sha256[:12]}) against {len(database)} database codes ({backend})")
-    gpus = 0 if options.device == "cpu" else 1
+    gpus = replica_gpus(options.device)
     # spinning OpenMP threads on shared cores made one forward pass 70x slower (71 ms, not 1 ms)
     OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # noqa: N806
     deployment = serve.deployment(
@@ -711,6 +737,13 @@ def _build(options: Options) -> tuple[object, str]:
                            "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": OMP_WAIT_POLICY}}},
         max_ongoing_requests=2 * options.max_batch)(Retrieval)
     return deployment.bind(options, database, model.model_sha256), summary
+
+
+def replica_gpus(device: str) -> int:
+    """GPUs a replica asks Ray for: 1 on a cuda device, 0 on the CPU (cpu:0 included)."""
+    from dadh_dist.cli import resolve_device
+
+    return int(resolve_device(device, here=False).type == "cuda")
 
 
 def app(args: dict):
@@ -779,6 +812,10 @@ def main(argv: list[str] | None = None) -> int:
 def serve_forever(options: Options) -> int:
     """Start Ray (in-process, on loopback, unless RAY_ADDRESS names a cluster) and Serve, run
     the application until Ctrl-C or SIGTERM, then shut both down."""
+    if not os.environ.get("RAY_ADDRESS"):  # Ray runs here: so must the device
+        from dadh_dist.cli import resolve_device
+
+        resolve_device(options.device)  # first: encode's one-line error, before anything loads
     import ray
     from ray import serve
 
@@ -798,6 +835,14 @@ def serve_forever(options: Options) -> int:
                                 "(lower --cpus-per-replica)")
     elif own_ray:
         ray.init()
+    # replicas asking for GPUs the cluster lacks would wait for them forever after "Started Serve"
+    need, have = options.replicas * replica_gpus(options.device), \
+        ray.cluster_resources().get("GPU", 0)
+    if need > have:
+        if own_ray:
+            ray.shutdown()
+        raise _config_error(f"--device: {options.replicas} replica(s) on {options.device} need "
+                            f"{need} GPU(s), the Ray cluster has {have:g}")
     try:
         serve.start(http_options={"host": options.host, "port": options.port})
         try:

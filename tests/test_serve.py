@@ -11,11 +11,13 @@ import base64
 import contextlib
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -203,8 +205,8 @@ def test_bad_input_gets_a_one_line_4xx(service, queries):
     cases = [  # (what, status, needle in the message, request)
         ("not an image", 422, "not an image",
          lambda: _post(f"{service}/search", files=_files([("cat.png", b"GIF89a-not-really")]))),
-        ("colour for a gray model", 422, "colour image",
-         lambda: _post(f"{service}/search", data=_png(np.zeros((8, 8, 3), np.uint8)),
+        ("colour for a gray model", 422, "colour image",  # red: black would be gray
+         lambda: _post(f"{service}/search", data=_png(np.full((8, 8, 3), (255, 0, 0), np.uint8)),
                        headers=png)),
         ("wrong size", 422, "9x9 px",
          lambda: _post(f"{service}/encode", data=_png(np.zeros((9, 9), np.uint8)), headers=png)),
@@ -272,7 +274,8 @@ def test_help_loads_neither_ray_nor_torch():
     assert proc.returncode == 0 and "--max-body-bytes" in proc.stdout, proc.stderr
 
 
-def test_an_export_serves_the_checkpoints_codes_and_database(run, queries, tmp_path):
+def test_an_export_serves_the_checkpoints_codes_and_database(run, queries, tmp_path,
+                                                             monkeypatch):
     hf, ds = inference.load_with_data(run)
     export.export(hf, "f", tmp_path / "export")
     model = serving.load_model(tmp_path / "export")
@@ -289,6 +292,22 @@ def test_an_export_serves_the_checkpoints_codes_and_database(run, queries, tmp_p
     assert status == 200 and doc["encoder"] == "f" and doc["k"] == serving.DEFAULT_K
     with pytest.raises(config.ConfigError, match="computes f, not fg"):
         serving.load_model(tmp_path / "export", "fg")
+
+    # an export written before checkpoints were recorded absolute holds the path as given,
+    # relative to the working directory of jobs/export.py (here: a folder above both)
+    base = Path(os.path.commonpath([run, tmp_path]))
+    meta_file = tmp_path / "export" / "export.json"
+    assert Path(json.loads(meta_file.read_text())["checkpoint"]) == run.resolve()
+    meta = json.loads(meta_file.read_text())
+    meta["checkpoint"] = os.path.relpath(run, base)
+    meta_file.write_text(json.dumps(meta))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd in (base, elsewhere):  # where it worked before, and from another folder
+        monkeypatch.chdir(cwd)
+        model = serving.load_model(tmp_path / "export")
+        assert model.run_checkpoint.resolve() == run.resolve(), cwd
+        np.testing.assert_array_equal(serving.load_database(options, model).pm1(), hf.B)
 
 
 def test_resize_takes_any_geometry_as_jobs_search_decodes_it(run):
@@ -318,6 +337,93 @@ def test_the_serve_run_builder_takes_string_arguments(run):
     from ray.serve import Application
 
     assert isinstance(deployment_app, Application)
+
+
+def test_an_omitted_k_is_the_default_cut_to_a_small_database():
+    assert serving.parse_k(None, 5) == serving.parse_k("", 5) == 5
+    assert serving.parse_k(None, 1000) == serving.DEFAULT_K
+    assert serving.parse_k("3", 5) == 3
+    with pytest.raises(serving.RequestError, match=r"k: must be in 1\.\.5 .*got 10") as e:
+        serving.parse_k("10", 5)  # asked for: refused, as before
+    assert e.value.status == 422
+
+
+def test_gray_is_decided_by_the_pixels_not_the_mode():
+    gen = np.random.default_rng(6)
+    x = gen.integers(0, 256, (8, 8), dtype=np.uint8)
+
+    def blob(img: Image.Image, fmt: str = "PNG") -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        return buf.getvalue()
+
+    gray, rgb = Image.fromarray(x), Image.fromarray(x).convert("RGB")
+    colour = Image.fromarray(np.stack([x, x // 2, 255 - x], -1))
+    gray_ones = {"gif": blob(gray, "GIF"), "gray palette": blob(gray.convert("P")),
+                 "gray as RGB": blob(rgb),
+                 "gray as RGB palette": blob(rgb.convert("P", palette=Image.Palette.ADAPTIVE))}
+    gray_model = SimpleNamespace(channels=1, image_size=8)
+    for what, data in gray_ones.items():
+        assert Image.open(io.BytesIO(data)).mode in ("P", "RGB"), what
+        np.testing.assert_array_equal(serving.decode_image(data, what, gray_model, False)[0], x,
+                                      err_msg=what)
+    for data in (blob(colour), blob(colour.convert("P", palette=Image.Palette.ADAPTIVE))):
+        with pytest.raises(serving.RequestError, match="a colour image, the model takes gray"):
+            serving.decode_image(data, "c", gray_model, False)
+    # a colour model takes RGB and palette files whatever their pixels, and refuses gray files
+    colour_model = SimpleNamespace(channels=3, image_size=8)
+    for data in (blob(colour), gray_ones["gray as RGB"], gray_ones["gif"]):
+        assert serving.decode_image(data, "c", colour_model, False).shape == (3, 8, 8)
+    with pytest.raises(serving.RequestError, match="a gray image, the model takes colour"):
+        serving.decode_image(blob(gray), "g", colour_model, False)
+    # 16 bits: value / 257, as encode decodes it
+    deep = blob(Image.fromarray(x.astype(np.uint16) * 257))
+    np.testing.assert_array_equal(serving.decode_image(deep, "d", gray_model, False)[0], x)
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_starts(monkeypatch, capsys):
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def started(*args, **kwargs):
+        raise AssertionError("the device was checked after the model loaded")
+
+    monkeypatch.setattr(serving, "_build", started)
+    assert serving.main(["--checkpoint", "no_run", "--device", f"cuda:{n}"]) == 2
+    line = capsys.readouterr().err.strip()
+    # the line jobs/encode.py prints for the same device
+    assert cli.encode_main(["--checkpoint", "no_run", "--split", "query", "--out", "x.parquet",
+                            "--device", f"cuda:{n}"]) == 2
+    assert line == capsys.readouterr().err.strip() == (
+        f"error: --device: 'cuda:{n}': this machine has {n} CUDA device(s)")
+
+
+def test_a_cluster_without_the_gpus_asked_for_is_refused_not_waited_for(monkeypatch, capsys):
+    """RAY_ADDRESS names a cluster (the device is its machines', not this one's) that has no GPU:
+    one line and exit 2 once connected, before Serve starts (Ray's calls stubbed: no cluster)."""
+    import ray
+    from ray import serve
+
+    calls = []
+    monkeypatch.setenv("RAY_ADDRESS", "ray://nowhere:10001")
+    monkeypatch.setattr(serving, "_build", lambda options: (None, "summary"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append("init"))
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: calls.append("shutdown"))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(serve, "start", lambda *a, **k: calls.append("serve"))
+    assert serving.main(["--checkpoint", "x", "--device", "cuda", "--replicas", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --device: 2 replica(s) on cuda need 2 GPU(s), the Ray cluster has 0")
+    assert calls == ["init", "shutdown"]
+
+
+def test_only_cuda_devices_ask_ray_for_a_gpu(run):
+    assert [serving.replica_gpus(d) for d in ("cpu", "cpu:0", "cuda", "cuda:3")] == [0, 0, 1, 1]
+    application, _ = serving._build(serving.Options(checkpoint=str(run), device="cpu:0"))
+    assert application._bound_deployment.ray_actor_options["num_gpus"] == 0
+    with pytest.raises(config.ConfigError, match="'tpu' is not a torch device"):
+        serving.replica_gpus("tpu")
 
 
 def test_faiss_index_takes_ties_in_database_order_as_the_packed_kernel(monkeypatch):

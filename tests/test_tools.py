@@ -647,3 +647,226 @@ def test_json_errors_of_model_tools_are_json_on_stdout(tmp_path, capsys):
                             str(tmp_path / "x.parquet"), "--device", "gpu", "--json"]) == 2
     payload = json.loads(capsys.readouterr().out)
     assert payload["error"].startswith("--device: 'gpu' is not a torch device")
+
+
+# ------------------------------------------------------------------ sources that look like others
+
+
+def _png_file(path: Path, pixels: np.ndarray, **save) -> Path:
+    Image.fromarray(pixels).save(path, **save)
+    return path
+
+
+def test_a_codes_file_is_not_taken_for_images_or_image_shards(centred, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    gen = np.random.default_rng(5)
+    for name in ("a.png", "b.png"):
+        _png_file(folder / name, gen.integers(0, 256, (8, 8), dtype=np.uint8))
+    common = ["--checkpoint", str(centred), "--quiet"]
+    codes = folder / "codes.parquet"  # encode's output written into the image folder
+    assert cli.encode_main([*common, "--images", str(folder), "--out", str(codes)]) == 0
+    capsys.readouterr()
+
+    # encoding the folder again: its images, the codes file skipped with one note
+    again = tmp_path / "again.parquet"
+    assert cli.encode_main([*common, "--images", str(folder), "--out", str(again)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"note: skipped 1 codes file(s) in {folder} (jobs/encode.py output, not "
+                   "images or image shards): codes.parquet"]
+    back = codesfile.read(again)
+    assert back.ids.tolist() == ["a.png", "b.png"]
+    np.testing.assert_array_equal(back.packed, codesfile.read(codes).packed)
+
+    # the codes file itself as --images: one line saying what it is, not pyarrow's schema
+    assert cli.encode_main([*common, "--images", str(codes), "--out", str(tmp_path / "x.pq")]) \
+        == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {codes}: is a codes file (columns id, code), not images; encode the images it "
+        "was made from"]
+
+
+def test_parquet_image_shards_with_other_ids_or_columns_are_one_line_errors(centred, tmp_path,
+                                                                             capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png, "PNG")
+    image = pa.array([png.getvalue()] * 2, pa.binary())
+    cases = {  # shard columns -> what the one line says
+        "names": ({"image": image, "id": pa.array(["b.png", "c.png"])},
+                  "column id must be int64, got string"),
+        "huge": ({"image": image, "id": pa.array([1, 2**63 + 1], pa.uint64())},
+                 f"column id holds {2**63 + 1}, beyond int64"),
+        "no_image": ({"pixels": image, "id": pa.array([1, 2])},
+                     "has no column 'image' (columns: pixels, id)"),
+    }
+    for name, (columns, says) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        shard = folder / "part-00000.parquet"
+        pq.write_table(pa.table(columns), shard)
+        assert cli.encode_main(["--checkpoint", str(centred), "--images", str(folder), "--out",
+                                str(tmp_path / f"{name}_codes.parquet"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {shard}: ") and says in err and "\n" not in err, err
+        assert not (tmp_path / f"{name}_codes.parquet").exists()
+
+
+def test_16_bit_gray_images_encode_as_the_same_image_at_8_bits(centred, loaded, tmp_path,
+                                                              capsys):
+    hf, ds = loaded
+    x = ds.query.images[:4, 0]  # (4, 8, 8) uint8
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    for i, img in enumerate(x):
+        _png_file(folder / f"{i}_8.png", img)
+        _png_file(folder / f"{i}_16.png", img.astype(np.uint16) * 257)  # opens as I;16
+    _png_file(folder / "0_32.tif", x[0].astype(np.int32) * 257)  # opens as I (32-bit)
+    assert Image.open(folder / "0_16.png").mode == "I;16"
+    assert Image.open(folder / "0_32.tif").mode == "I"
+    out = tmp_path / "deep.parquet"
+    assert cli.encode_main(["--checkpoint", str(centred), "--images", str(folder), "--out",
+                            str(out), "--quiet", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert notes == ["converted 5 image(s) (I;16: 4, I: 1) to grayscale (the model takes 1 "
+                     "channel)"]
+    codes = codesfile.read(out)
+    got = dict(zip(codes.ids.tolist(), codes.pm1()))
+    want = hf.codes(x[:, None], "fg")
+    for i in range(4):
+        np.testing.assert_array_equal(got[f"{i}_16.png"], want[i])
+        np.testing.assert_array_equal(got[f"{i}_8.png"], want[i])
+    np.testing.assert_array_equal(got["0_32.tif"], want[0])
+    # not all white: value / 257, rounded (128 above a multiple of 257 rounds down, 129 up)
+    deep = io.BytesIO()
+    Image.fromarray(np.array([[0, 257 * 3 + 128, 257 * 3 + 129, 65535]], np.uint16)).save(
+        deep, "PNG")
+    assert inference.decode(deep.getvalue(), 1, 4, "x")[0, 0].tolist() == [0, 3, 4, 255]
+
+
+def test_gray_gifs_and_gray_palettes_encode_as_gray_images(centred, loaded, tmp_path, capsys):
+    hf, ds = loaded
+    x = ds.query.images[0, 0]
+    folder = tmp_path / "gray"
+    folder.mkdir()
+    _png_file(folder / "a.gif", x)  # a GIF stores a palette (mode P), here of grays
+    Image.fromarray(x).convert("P").save(folder / "b.png")  # a palette PNG of grays
+    Image.fromarray(x).convert("RGB").save(folder / "c.png")  # gray pixels stored as RGB
+    colour = np.stack([x, x // 2, 255 - x], -1)
+    Image.fromarray(colour).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "d.png")
+    assert [Image.open(folder / n).mode for n in ("a.gif", "b.png", "c.png", "d.png")] == \
+        ["P", "P", "RGB", "P"]
+    out = tmp_path / "gray.parquet"
+    assert cli.encode_main(["--checkpoint", str(centred), "--images", str(folder), "--out",
+                            str(out), "--quiet", "--json"]) == 0
+    # only the colour palette is converted with a loss: the rest already is gray
+    assert json.loads(capsys.readouterr().out)["notes"] == [
+        "converted 1 image(s) (P: 1) to grayscale (the model takes 1 channel)"]
+    codes = codesfile.read(out).pm1()
+    want = hf.codes(x[None, None], "fg")[0]
+    for row in codes[:3]:
+        np.testing.assert_array_equal(row, want)
+
+
+# ------------------------------------------------------------------------ outputs, checked first
+
+
+def test_evaluate_and_export_refuse_an_out_they_cannot_write_before_the_work(
+        run, tmp_path, monkeypatch, capsys):
+    taken = tmp_path / "report.md"
+    taken.write_text("an earlier report")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output was checked after the work")
+
+    monkeypatch.setattr(report, "evaluate", no_work)
+    monkeypatch.setattr(export, "export", no_work)
+    cases = [(taken, "is a file; --out names the"), (taken / "sub", f"cannot create {taken}")]
+    for main in (cli.evaluate_main, cli.export_main):
+        for out, says in cases:
+            assert main(["--checkpoint", str(run), "--out", str(out)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"error: --out {out}: ") and says in err, err
+            assert "\n" not in err and "Traceback" not in err
+    assert taken.read_text() == "an earlier report"  # nothing already written is lost
+
+    # an OSError while writing (here: a full disk) is one line too, exit 2
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "ev" / "report.md"))
+
+    monkeypatch.setattr(report, "evaluate", lambda *a, **k: None)
+    monkeypatch.setattr(report, "write", full)
+    assert cli.evaluate_main(["--checkpoint", str(run), "--out", str(tmp_path / "ev")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out {tmp_path / 'ev'}: cannot write {tmp_path / 'ev' / 'report.md'} (No "
+        "space left on device)")
+
+
+def test_search_refuses_an_out_it_cannot_write_before_encoding(centred, tmp_path, monkeypatch,
+                                                               capsys):
+    db = _write_codes(tmp_path / "db.parquet", 16, 20, "ab" * 32)
+    taken = tmp_path / "file"
+    taken.write_text("x")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _png_file(folder / "a.png", np.zeros((8, 8), np.uint8))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("--out was checked after the encoding")
+
+    monkeypatch.setattr(inference, "load", no_work)
+    out = taken / "results.txt"
+    assert cli.search_main(["--database", str(db), "--query", str(folder), "--checkpoint",
+                            str(centred), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {out}: cannot create {taken}") and "\n" not in err
+    # a missing folder is made, as encode makes it
+    new = tmp_path / "new" / "results.json"
+    assert cli.search_main(["--database", str(db), "--query", str(db), "-k", "1", "--json",
+                            "--out", str(new), "--quiet"]) == 0
+    assert len(json.loads(new.read_text())["results"]) == 20
+
+
+def test_tools_record_the_checkpoint_absolute_whatever_the_working_directory(
+        centred, tmp_path, monkeypatch):
+    monkeypatch.chdir(centred.parent.parent)
+    relative = f"{centred.parent.name}/{centred.name}"
+    out = tmp_path / "codes.parquet"
+    assert cli.encode_main(["--checkpoint", relative, "--split", "query", "--out", str(out),
+                            "--quiet"]) == 0
+    assert codesfile.read(out).checkpoint == str(centred.resolve())
+    hf = inference.load(relative)
+    export.export(hf, "f", tmp_path / "export")
+    meta = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert meta["checkpoint"] == str(centred.resolve())
+
+
+# --------------------------------------------------------------------------------- codes' ids
+
+
+def test_ids_beyond_int64_are_refused_not_wrapped(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pm1 = np.ones((2, 16), np.int8)
+    huge = np.array([1, 2**63 + 5], np.uint64)
+    with pytest.raises(codesfile.CodesError, match=f"column 'id' holds id {2**63 + 5}, beyond"):
+        codesfile.write(tmp_path / "w.parquet", codesfile.Codes.from_pm1(
+            huge, pm1, encoder="f", model_sha256="ab" * 32))
+    assert not (tmp_path / "w.parquet").exists()
+    small = codesfile.write(tmp_path / "small.parquet", codesfile.Codes.from_pm1(
+        np.array([1, 2**63 - 1], np.uint64), pm1, encoder="f", model_sha256="ab" * 32))
+    assert codesfile.read(small).ids.tolist() == [1, 2**63 - 1]  # unsigned that fit: accepted
+
+    # a file of uint64 ids (written by something else) with one beyond int64
+    table = pq.read_table(small)
+    table = table.set_column(0, "id", pa.array(huge, pa.uint64()))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table, bad)
+    with pytest.raises(codesfile.CodesError, match="beyond int64"):
+        codesfile.read(bad)
+    assert cli.search_main(["--database", str(bad), "--query", str(small)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {bad}: column 'id' holds id {2**63 + 5}, beyond int64 (ids must fit int64)")
