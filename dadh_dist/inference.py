@@ -37,7 +37,7 @@ from dadh_dist import codesfile, encoding, storage, uris
 from dadh_dist import config as config_mod
 from dadh_dist.config import Config, ConfigError
 from dadh_dist.data import DataError, Dataset, load_dataset
-from dadh_dist.data.images import DECODE_ERRORS, run_chunked
+from dadh_dist.data.images import DECODE_ERRORS, DEEP_MODES, run_chunked, to_8_bits
 from dadh_dist.data.lists import READ_ERRORS, list_lines
 from dadh_dist.data.parquet import int64_ids
 from dadh_dist.data.problems import Problem
@@ -297,7 +297,7 @@ def decode_noting(src: Path | bytes, channels: int, size: int, where: str
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
             mode, original = img.mode, img.size
             converted = _conversion(img, channels)
-            img = _to_8_bits(img).convert("L" if channels == 1 else "RGB")
+            img = to_8_bits(img).convert("L" if channels == 1 else "RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             a = np.asarray(img, np.uint8)
@@ -307,22 +307,6 @@ def decode_noting(src: Path | bytes, channels: int, size: int, where: str
         raise DataError(f"{where}: unreadable image ({e})") from None
     return (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)), (mode if converted else None), \
         original
-
-
-DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-"""PIL modes of integer images deeper than 8 bits (16-bit PNG and TIFF files open as I;16)."""
-
-
-def _to_8_bits(img: Image.Image) -> Image.Image:
-    """A 16- or 32-bit integer image as 8-bit gray, scaled by its type's range (I;16: value/257,
-    rounded): `convert("L")` would clip at 255 and make most of a 16-bit image white. Mode I
-    holding only 0..65535 (a 16-bit file read as I) is taken as 16-bit; negatives count as 0."""
-    if img.mode not in DEEP_MODES:
-        return img
-    a = np.asarray(img).astype(np.int64)
-    top = 65535 if img.mode != "I" or a.max(initial=0) <= 65535 else 2**31 - 1
-    a = (np.clip(a, 0, top) * 255 + top // 2) // top
-    return Image.fromarray(a.astype(np.uint8), "L")
 
 
 def pixels_are_gray(img: Image.Image) -> bool:

@@ -629,3 +629,14 @@ def test_check_root_names_the_key_and_path(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no dpkg on the PATH
     with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
         check_root(DataConfig(source="fashion_mnist"))
+
+
+def test_16_bit_training_images_are_scaled_not_clipped(tmp_path):
+    from dadh_dist.data.images import decode
+
+    eight = np.random.default_rng(3).integers(0, 256, (6, 5), dtype=np.uint8)
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit PNG
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    np.testing.assert_array_equal(decode(tmp_path / "deep.png")[0], eight)
+    np.testing.assert_array_equal(decode(tmp_path / "deep.png", rgb=True),
+                                  np.repeat(eight[None], 3, 0))

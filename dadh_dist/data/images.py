@@ -17,6 +17,22 @@ from dadh_dist.data.problems import Problems
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL modes of integer images deeper than 8 bits (16-bit PNG and TIFF files open as I;16)."""
+
+
+def to_8_bits(img: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer image as 8-bit gray, scaled by its type's range (I;16: value/257,
+    rounded): `convert("L")` would clip at 255 and make most of a 16-bit image white. Mode I
+    holding only 0..65535 (a 16-bit file read as I) is taken as 16-bit; negatives count as 0."""
+    if img.mode not in DEEP_MODES:
+        return img
+    a = np.asarray(img).astype(np.int64)
+    top = 65535 if img.mode != "I" or a.max(initial=0) <= 65535 else 2**31 - 1
+    a = (np.clip(a, 0, top) * 255 + top // 2) // top
+    return Image.fromarray(a.astype(np.uint8), "L")
+
+
 def decode(src: Path | bytes, size: int = 0, rgb: bool = False) -> np.ndarray:
     """Decode one image to (C, H, W) uint8: C = 1 for grayscale, else 3 (RGB).
 
@@ -24,6 +40,7 @@ def decode(src: Path | bytes, size: int = 0, rgb: bool = False) -> np.ndarray:
     DECODE_ERRORS for a missing or corrupt image.
     """
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+        img = to_8_bits(img)  # a 16-bit image scaled, not clipped white by convert
         img = img.convert("RGB") if rgb or img.mode not in ("L", "RGB") else img.copy()
     if size > 0 and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
