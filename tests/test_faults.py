@@ -191,6 +191,9 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     """A restarted Ray worker group whose handed-back checkpoint fails verification resumes
     from the newest valid checkpoint of the run, not from where the run first started."""
     run = tmp_path / "run"  # Ray's names: checkpoint_<time>
+    run.mkdir()
+    assert runner.resume.restart_checkpoint(None, run, None) is None
+    assert capsys.readouterr().out == ""  # a fresh run has nothing to warn about
     older = _save(run / "checkpoint_2025-01-01_00-00-01.000000", 1)
     newer = _save(run / "checkpoint_2025-01-01_00-00-02.000000", 2)
     assert runner.resume.restart_checkpoint(newer, run, None) == newer

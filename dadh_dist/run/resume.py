@@ -70,7 +70,8 @@ def restart_checkpoint(restored: Path | None, run_dir: Path, uri: str | None) ->
     if ray_t > stored_t:
         return restored
     if stored is None:
-        print("warning: no valid checkpoint; resuming from the start", flush=True)
+        if restored is not None or any(run_dir.glob("checkpoint_*")):  # a fresh run: silent
+            print("warning: no valid checkpoint; resuming from the start", flush=True)
     elif 0 <= ray_t < stored_t:
         print(f"note: Ray handed back checkpoint t={ray_t}; the run holds a newer one, "
               f"{stored.name} (t={stored_t}): resuming from that", flush=True)
