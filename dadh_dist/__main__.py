@@ -75,7 +75,12 @@ def _job(name: str):
             from dadh_dist import cli
 
             job_main = getattr(cli, f"{name}_main")
-        return job_main(argv)
+        # argparse names a parser after sys.argv[0]: here that is __main__.py, which no user typed
+        before, sys.argv[0] = sys.argv[0], f"python -m dadh_dist {name}"
+        try:
+            return job_main(argv)
+        finally:
+            sys.argv[0] = before
     return main_of_job
 
 

@@ -236,3 +236,14 @@ def test_config_command_prints_the_resolved_config(capsys):
     assert config.from_dict(resolved).train.outer_iters == 7
     assert main(["config", "nope.key=1"]) == cli.EXIT_USER_ERROR
     assert "nope.key" in capsys.readouterr().err
+
+
+def test_python_m_dadh_dist_commands_name_themselves_as_typed(capsys):
+    from dadh_dist.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--version"])
+    assert capsys.readouterr().out.strip() == f"python -m dadh_dist evaluate {package_version()}"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m dadh_dist train ")
