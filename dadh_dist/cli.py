@@ -173,7 +173,7 @@ def resolve_device(text: str, here: bool = True):
 def check_out(path: str | Path, what: str, folder: bool = False, option: str = "--out") -> Path:
     """`path` as a Path, or a ConfigError unless `what` (a file, or a folder with `folder`) can
     be written there: checked before the work, not after it, and with nothing there touched.
-    The folder (a file's parent) is made if missing, as codesfile.check_writable makes it."""
+    The folder (a file's parent) is made if missing."""
     path = Path(path).expanduser()
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path}: is a file; {option} names the {what} to write into")
@@ -463,7 +463,7 @@ def encode_main(argv: list[str] | None = None) -> int:
 
         from dadh_dist import codesfile, inference
 
-        codesfile.check_writable(args.out)  # before the encoding, not after it
+        check_out(args.out, "codes file")  # before the encoding, not after it
         notes = Notes()
         hf = inference.load(args.checkpoint, device)
         t0 = time.perf_counter()
@@ -472,7 +472,8 @@ def encode_main(argv: list[str] | None = None) -> int:
                                           args.batch_size, not (args.quiet or args.json),
                                           note=notes)
         seconds = time.perf_counter() - t0
-        path = codesfile.write(args.out, codes)
+        with writing(args.out):
+            path = codesfile.write(args.out, codes)
         read = 0 if args.learned else len(codes)
         if args.json:
             _print_json({"out": str(path), "codes": len(codes), "bits": codes.bits,

@@ -109,7 +109,7 @@ def write(path: str | Path, codes: Codes) -> Path:
             "source": codes.source, "checkpoint": codes.checkpoint}
     table = pa.Table.from_arrays([id_col, code_col], names=["id", "code"]).replace_schema_metadata(
         {(KEY + k).encode(): v.encode() for k, v in meta.items()})
-    check_writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the CLI checked it can (cli.check_out)
     tmp = path.with_name(path.name + ".tmp")
     try:
         pq.write_table(table, tmp)
@@ -118,21 +118,6 @@ def write(path: str | Path, codes: Codes) -> Path:
         tmp.unlink(missing_ok=True)
         raise CodesError(f"{path}: cannot write ({e.strerror or e})") from None
     return path
-
-
-def check_writable(path: str | Path) -> None:
-    """CodesError unless a codes file can be written at `path` (checked before hours of encoding,
-    not after): not a folder, and its folder exists or can be made, and is writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise CodesError(f"{path}: is a folder; --out names the codes file to write")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CodesError(f"{parent}: cannot create the output folder ({e.strerror or e})") from None
-    if not os.access(parent, os.W_OK):
-        raise CodesError(f"{parent}: the output folder is not writable")
 
 
 def is_codes_file(path: str | Path) -> bool:
