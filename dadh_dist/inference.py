@@ -39,7 +39,7 @@ from dadh_dist.config import Config, ConfigError
 from dadh_dist.data import DataError, Dataset, load_dataset
 from dadh_dist.data.images import DECODE_ERRORS, DEEP_MODES, run_chunked, to_8_bits
 from dadh_dist.data.lists import READ_ERRORS, list_lines
-from dadh_dist.data.parquet import int64_ids
+from dadh_dist.data.parquet import int64_ids, read_columns
 from dadh_dist.data.problems import Problem
 from dadh_dist.models import HashStream, build_streams
 from dadh_dist.monitor import progress_bar  # noqa: F401  (also used by tests)
@@ -432,26 +432,12 @@ def _check_shard_columns(shard: Path, columns: list[str]) -> None:
     try:
         names = pq.read_schema(shard).names
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{shard}: not a readable Parquet file ({_first_line(e)})") from None
+        raise DataError(f"{shard}: not a readable Parquet file ({uris.first_line(e)})") from None
     missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(f"{shard}: has no column {missing[0]!r} (columns: "
                         f"{', '.join(names) or 'none'}); Parquet image shards hold image, id "
                         "and split (data.dataset_to_parquet)")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _read(shard: Path, columns: list[str]) -> pa.Table:
-    """Some columns of one shard, or a DataError in one line naming it (pyarrow's messages
-    can carry the whole schema)."""
-    try:
-        return pq.read_table(shard, columns=columns)
-    except (pa.ArrowException, OSError, KeyError) as e:
-        raise DataError(f"{shard}: cannot read column(s) {', '.join(columns)} "
-                        f"({_first_line(e)})") from None
 
 
 def _parquet_source(shards: list[Path], split: str | None, channels: int,
@@ -464,7 +450,7 @@ def _parquet_source(shards: list[Path], split: str | None, channels: int,
     for shard in shards:  # every shard's columns checked before any image is decoded
         _check_shard_columns(shard, ["image", *columns])
     for k, shard in enumerate(shards):
-        table = _read(shard, columns)
+        table = read_columns(shard, columns, f"cannot read column(s) {', '.join(columns)}")
         keep = np.arange(table.num_rows)
         if split:
             keep = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == split)
@@ -484,7 +470,8 @@ def _parquet_source(shards: list[Path], split: str | None, channels: int,
     def blobs(k: int) -> list[bytes]:
         if k not in cache:
             cache.clear()  # one shard in memory at a time
-            cache[k] = _read(shards[k], ["image"]).column("image").to_pylist()
+            cache[k] = read_columns(shards[k], ["image"], "cannot read column image").column(
+                "image").to_pylist()
         return cache[k]
 
     def read(start: int, stop: int) -> np.ndarray:

@@ -78,11 +78,12 @@ def resolve(uri: str):
     try:
         fs, root = _root(urlunsplit((s.scheme, s.netloc, "/", s.query, "")))
     except (ValueError, OSError) as e:
-        raise StorageError(f"{redact(uri)}: cannot open this location ({_first_line(e)})") from None
+        raise StorageError(f"{redact(uri)}: cannot open this location ({first_line(e)})") from None
     return fs, root.rstrip("/") + "/" + s.path.strip("/")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to one line (pyarrow's can carry a whole schema)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -96,7 +97,7 @@ def read_bytes(uri: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise StorageError(f"{redact(uri)}: read failed ({_first_line(e)})") from None
+        raise StorageError(f"{redact(uri)}: read failed ({first_line(e)})") from None
 
 
 _made_dirs: set[tuple[int, str]] = set()
@@ -117,7 +118,7 @@ def _send(uri: str, write) -> None:
         with fs.open_output_stream(path) as dst:
             write(dst)
     except OSError as e:
-        raise StorageError(f"{redact(uri)}: write failed ({_first_line(e)})") from None
+        raise StorageError(f"{redact(uri)}: write failed ({first_line(e)})") from None
 
 
 def list_files(uri: str) -> list[tuple[str, int]]:
@@ -129,7 +130,7 @@ def list_files(uri: str) -> list[tuple[str, int]]:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True,
                                                          allow_not_found=True))
     except OSError as e:
-        raise StorageError(f"{redact(uri)}: listing failed ({_first_line(e)})") from None
+        raise StorageError(f"{redact(uri)}: listing failed ({first_line(e)})") from None
     root = path.rstrip("/") + "/"
     return sorted((i.path[len(root):], i.size) for i in infos
                   if i.type == pyarrow.fs.FileType.File and i.path.startswith(root))
@@ -159,7 +160,7 @@ def download_dir(uri: str, local: Path) -> Path:
             continue
         except OSError as e:
             part.unlink(missing_ok=True)
-            raise StorageError(f"{redact(join(uri, rel))}: read failed ({_first_line(e)})") \
+            raise StorageError(f"{redact(join(uri, rel))}: read failed ({first_line(e)})") \
                 from None
         os.replace(part, dest)
     return local
@@ -183,4 +184,4 @@ def delete_dir(uri: str) -> None:
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise StorageError(f"{redact(uri)}: delete failed ({_first_line(e)})") from None
+        raise StorageError(f"{redact(uri)}: delete failed ({first_line(e)})") from None

@@ -21,6 +21,7 @@ from dadh_dist.config import DataConfig
 from dadh_dist.data.base import DataError, Dataset, Split
 from dadh_dist.data.images import decode_all, run_chunked
 from dadh_dist.data.problems import LabelWidth, Problems, check_classes
+from dadh_dist.uris import first_line
 
 SPLITS = ("query", "validation", "database")
 SCHEMA = pa.schema([
@@ -104,7 +105,7 @@ def read_columns(path: Path, columns: list[str], what: str = "") -> pa.Table:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError, KeyError) as e:
         raise DataError(f"{path}: {what or 'unreadable Parquet shard or missing column'} "
-                        f"({e})") from None
+                        f"({first_line(e)})") from None
 
 
 def int64_ids(where: str, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
