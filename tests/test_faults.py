@@ -227,6 +227,69 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     assert got == mirror / "checkpoint_000001" and _B(got) == 1
 
 
+def _ray_snapshot(folder: Path, *names: str) -> None:
+    """The part of Ray Train's checkpoint_manager_snapshot.json that names what it registered."""
+    results = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
+    (folder / runner.ray_train.RAY_SNAPSHOT).write_text(json.dumps(
+        {"ray_version": "2.60.0", "checkpoint_results": results}))
+
+
+def test_checkpoints_ray_never_registered_are_pruned_after_the_fit(tmp_path):
+    """Each attempt lost before its report reached the controller leaves one checkpoint Ray never
+    registered, so never prunes. After the fit: the KEEP_CHECKPOINTS newest that verify, and what
+    Ray registered (its next fit restores those names), stay; the rest goes, half-written ones
+    included. With Ray's record unreadable nothing is removed."""
+    from dadh_dist import storage, uris
+
+    run = tmp_path / "runs" / "r"
+    name = "checkpoint_2025-01-01_00-00-0{}.000000".format
+    for t in range(1, 7):
+        _save(run / name(t), t)
+    flip_byte(run / name(6) / ckpt.STATE)  # newest, but does not verify
+    (run / name(7)).mkdir()  # files of a killed attempt, no manifest
+    (run / name(7) / ckpt.STATE).write_bytes(b"half")
+    (run / "config.toml").write_text("x = 1\n")
+    cfg = config.load(DEBUG, [f"log.run_dir={json.dumps(str(tmp_path / 'runs'))}", "log.name=r"])
+    held = lambda: sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())  # noqa: E731
+    (run / runner.ray_train.RAY_SNAPSHOT).write_text("{")
+    runner.ray_train.prune_unregistered(cfg, run)
+    assert held() == [name(t) for t in range(1, 8)]
+    _ray_snapshot(run, name(2))  # registered by an attempt, then left behind by a restart
+    runner.ray_train.prune_unregistered(cfg, run)
+    assert held() == [name(t) for t in (2, 4, 5)]
+    assert (run / "config.toml").is_file()
+    assert runner.resume.restart_checkpoint(None, run, None) == run / name(5)
+
+    # a remote run: the same, by the manifests' t
+    uri = f"file://{tmp_path / 'remote' / 'r'}"
+    for t in (1, 2, 3):
+        storage.upload_checkpoint(_save(tmp_path / f"up{t}", t), uris.join(uri, name(t)))
+    uris.write_bytes(uris.join(uri, name(4), ckpt.STATE), b"half")
+    cfg = config.load(DEBUG, [f"log.run_dir={json.dumps('file://' + str(tmp_path / 'remote'))}",
+                              "log.name=r"])
+    runner.ray_train.prune_unregistered(cfg, tmp_path / "mirror")  # no snapshot: none registered
+    assert [n for _, n in storage.checkpoints(uri)] == [name(3), name(2)]
+    assert not (tmp_path / "remote" / "r" / name(4)).exists()
+
+
+def test_ctrl_c_under_rays_fit_is_a_keyboard_interrupt_and_its_handler_goes(tmp_path):
+    """Ray Train's fit installs a SIGINT handler that aborts the run and raises SystemExit (the
+    CLI exited 1 and said nothing) and leaves it installed; the CLI's "interrupted" (exit 130)
+    needs a KeyboardInterrupt, and a later Ctrl-C the handler that was there before."""
+    import signal
+    import sys
+
+    class Trainer:
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # what Ray's handler ends with
+            signal.raise_signal(signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        runner.ray_train.fit(Trainer())
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 class _Handed:
     """What ray.train.get_checkpoint returns: a checkpoint opened with as_directory()."""
 
@@ -315,9 +378,15 @@ def test_trainer_passes_collective_timeout_to_torch_config(tmp_path, monkeypatch
 
     # build_trainer sets it; restored after
     monkeypatch.setenv(runner.ray_train.START_TIMEOUT_ENV, "0")
+    # the controller's poll: shortened unless the user set it (conftest.py sets it for the suite)
+    monkeypatch.delenv(runner.ray_train.POLL_ENV)
     cfg = config.load(DEBUG, ["scaling.collective_timeout_s=7",
                               f"log.run_dir={json.dumps(str(tmp_path))}"])
     trainer = runner.build_trainer(cfg, tmp_path / "r")
+    assert os.environ[runner.ray_train.POLL_ENV] == runner.ray_train.POLL_S
+    monkeypatch.setenv(runner.ray_train.POLL_ENV, "3")
+    trainer = runner.build_trainer(cfg, tmp_path / "r")
+    assert os.environ[runner.ray_train.POLL_ENV] == "3"
     assert trainer.backend_config.timeout_s == 7
     assert trainer.backend_config.backend == "gloo"
     # a Tune trial's workers report their restored iteration again (loop.WorkerEnv)

@@ -92,6 +92,9 @@ def test_ray_worker_killed_mid_run_restarts_then_stops_and_resumes_by_name(
     assert_same_run(_B(tmp_path / "ft"), ref_B, final, ref_final)
     state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "ft"))
     assert state["opt_f"]["state"] and state["opt_g"]["state"]  # rank 0 saved g's too
+    # what Ray never registered (the killed attempts' newest, half-written 3) is pruned too
+    kept = [p for p in (tmp_path / "ft").glob("checkpoint_*") if p.is_dir()]
+    assert len(kept) == runner.folders.KEEP_CHECKPOINTS, sorted(p.name for p in kept)
 
 
 def test_ray_run_stored_on_s3(tmp_path, ray_local, reference, monkeypatch):

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dadh_dist.config import Config
 from dadh_dist.run.folders import prepare_run, run_folder, run_name, run_uri
 from dadh_dist.run.local import run_local
-from dadh_dist.run.ray_train import RunFailed, build_trainer, run_ray
+from dadh_dist.run.ray_train import RunFailed, build_trainer, prune_unregistered, run_ray
 
-__all__ = ["RunFailed", "build_trainer", "prepare_run", "run", "run_folder", "run_local",
-           "run_name", "run_ray", "run_uri"]
+__all__ = ["RunFailed", "build_trainer", "prepare_run", "prune_unregistered", "run",
+           "run_folder", "run_local", "run_name", "run_ray", "run_uri"]
 
 
 def run(cfg: Config, progress: bool = True) -> dict:

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 from dadh_dist import checkpoint as ckpt
@@ -22,9 +24,20 @@ from dadh_dist.run.session import ensure_ray
 # Ray Train 2.60 reads the worker-group start timeout only from this variable, which it forwards
 # from the driver to its controller.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# How often Ray Train's controller collects the workers' reports (Ray's default 2 s). A worker's
+# report waits for that collection, so at the default no outer iteration takes less than 2 s: the
+# debug config ran 5x slower under Ray than in-process. Forwarded to the controller likewise; a
+# value the user sets in the environment wins.
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_S = "0.25"
 # Ray Train logs every report, with all its metrics, at INFO from a logger named after the
-# source file that reports (not under "ray.train").
+# source file that reports (not under "ray.train"), and every checkpoint's path from its storage
+# module's logger
 _REPORT_LOGGER_SUFFIX = os.path.join("train", "v2", "_internal", "execution", "context.py")
+_STORAGE_LOGGER = "ray.train.v2._internal.execution.storage"
+# Where Ray Train keeps the names of the checkpoints it registered, in the run folder
+# (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 class RunFailed(RuntimeError):
@@ -84,7 +97,7 @@ def _quiet_report_log() -> None:
     """The loop prints its own progress line: Ray's per-report INFO lines are turned down to
     warnings (found among the loggers already made, without importing Ray's internals)."""
     for name in list(logging.root.manager.loggerDict):
-        if name.endswith(_REPORT_LOGGER_SUFFIX):
+        if name.endswith(_REPORT_LOGGER_SUFFIX) or name == _STORAGE_LOGGER:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -107,6 +120,7 @@ def build_trainer(cfg: Config, folder: Path, callbacks=None, report_restored: bo
 
     s = cfg.scaling
     os.environ[START_TIMEOUT_ENV] = repr(float(s.start_timeout_s))
+    os.environ.setdefault(POLL_ENV, POLL_S)
     uri = run_uri(cfg)
     if uri is None:
         where = {"run_dir": str(folder), "storage_path": str(folder.parent)}
@@ -150,9 +164,11 @@ def run_ray(cfg: Config) -> dict:
     folder, _ = prepare_run(cfg)  # the workers find the checkpoint to resume from themselves
     ensure_ray()
     try:
-        build_trainer(cfg, folder).fit()
+        fit(build_trainer(cfg, folder))
     except ray.train.TrainingFailedError as e:
         raise RunFailed(failure_message(cfg, folder, e)) from e
+    finally:
+        prune_unregistered(cfg, folder)
     uri = run_uri(cfg)
     if uri is None:
         final = json.loads((folder / "final_metrics.json").read_text())
@@ -164,6 +180,76 @@ def run_ray(cfg: Config) -> dict:
         final = json.loads(raw)
     final["run_dir"] = uris.redact(uri) if uri else str(folder)
     return final
+
+
+def fit(trainer):
+    """`trainer.fit()`, with Ctrl-C as a KeyboardInterrupt (the CLI's "interrupted", exit 130).
+
+    In the main thread Ray Train's fit installs its own SIGINT handler: it aborts the run (the
+    controller actor exits) and then raises SystemExit (the process ended with status 1 and
+    nothing said), and it stays installed after fit. The handler that was there before is put
+    back, whatever happens; the run's checkpoints stay for a resume.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except SystemExit as e:  # raised by Ray's handler, the only caller of sys.exit under fit
+        raise KeyboardInterrupt from e
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, before)
+
+
+def prune_unregistered(cfg: Config, folder: Path) -> None:
+    """After a fit, however it ended: remove the checkpoints Ray Train never registered, bar the
+    run's KEEP_CHECKPOINTS newest. Ray prunes only what it registered, and a checkpoint reported
+    by a group that was lost before the report reached the controller stays unregistered (the
+    restart resumes from it all the same, `resume.restart_checkpoint`), so each interrupted
+    attempt left one more behind. Kept: whatever Ray registered (its next fit restores those
+    names), and the KEEP_CHECKPOINTS newest by t (verified, on a local run). Nothing is removed
+    when Ray's record of its checkpoints does not read."""
+    uri = run_uri(cfg)
+    if uri is None:
+        raw = (folder / RAY_SNAPSHOT).read_bytes() if (folder / RAY_SNAPSHOT).is_file() else None
+    else:
+        raw = uris.read_bytes(uris.join(uri, RAY_SNAPSHOT))
+    registered = _registered(raw)
+    if registered is None:
+        return
+    if uri is None:
+        found = sorted(((t, p.name) for p in folder.glob(f"{storage.CHECKPOINT_PREFIX}*")
+                        if p.is_dir() and (t := _verified_t(p)) is not None), reverse=True)
+        names = {p.name for p in folder.glob(f"{storage.CHECKPOINT_PREFIX}*") if p.is_dir()}
+    else:
+        found = storage.checkpoints(uri)
+        names = {rel.partition("/")[0] for rel, _ in uris.list_files(uri)
+                 if rel.startswith(storage.CHECKPOINT_PREFIX) and "/" in rel}
+    keep = registered | {name for _, name in found[:KEEP_CHECKPOINTS]}
+    for name in sorted(names - keep):
+        if uri is None:
+            shutil.rmtree(folder / name, ignore_errors=True)
+        else:
+            uris.delete_dir(uris.join(uri, name))
+
+
+def _registered(raw: bytes | None) -> set[str] | None:
+    """The checkpoint folder names in Ray's snapshot (none when Ray wrote none yet); None when
+    it does not read as the snapshot of Ray 2.60."""
+    if raw is None:
+        return set()
+    try:
+        results = json.loads(raw)["checkpoint_results"]
+        return {r["checkpoint_dir_name"] for r in results}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _verified_t(folder: Path) -> int | None:
+    try:
+        return ckpt.verify(folder)["t"]
+    except ckpt.CheckpointError:
+        return None
 
 
 def failure_message(cfg: Config, folder: Path, error: Exception) -> str:

@@ -35,8 +35,11 @@ def trial_main(params: dict, sweep: dict) -> None:
     # checkpoint's report may never have reached Tune (Ctrl-C after the upload, before Tune
     # took the result): the trial reports it again, or ASHA would skip the trial's rung there.
     folder, _ = run.prepare_run(cfg)
-    run.build_trainer(cfg, folder, callbacks=[TuneReportCallback()],
-                      report_restored=True).fit()
+    try:
+        run.build_trainer(cfg, folder, callbacks=[TuneReportCallback()],
+                          report_restored=True).fit()
+    finally:
+        run.prune_unregistered(cfg, folder)
 
 
 def _live_placement_groups() -> set[str]:
