@@ -534,6 +534,11 @@ def seed_global_rng(cfg: Config, t: int, rank: int) -> None:
     torch.manual_seed(seed_for(cfg.train.seed, 4, t, rank))
 
 
+WALL_KEY = "wall_s"
+"""The checkpoint state's training wall time up to its iteration, summed over the run's attempts
+(s): a resumed run's time/wall_s goes on from it."""
+
+
 @dataclass
 class _Run:
     """One worker's state of a run, as `_start` opens it."""
@@ -550,6 +555,9 @@ class _Run:
     """(rows, c) the database labels of the block's rows."""
     t_start: int
     """The outer iteration this attempt starts at (> 0: resumed)."""
+    wall_s: float
+    """Training wall time of the iterations before t_start, summed over the run's attempts
+    (from the checkpoint; 0 for a fresh run or a checkpoint from before it was kept)."""
 
 
 def train(cfg: Config, env: WorkerEnv) -> dict:
@@ -563,11 +571,11 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     n = run.block.n
     m = min(cfg.train.num_samples, n)
     T = cfg.train.outer_iters
-    wall0 = time.time()
-    if run.t_start >= T:
-        metrics = {"t": T, **_evaluate(run, cfg, env, T - 1)}
-        _report(run, cfg, env, T - 1, metrics, wall0, checkpoint=False)
-        return _finish(run, cfg, env, metrics, wall0)
+    if run.t_start >= T:  # nothing is trained again: the training's wall time stays as it was
+        metrics = {"t": T, **_evaluate(run, cfg, env, T - 1), "time/wall_s": run.wall_s}
+        _report(run, cfg, env, T - 1, metrics, checkpoint=False)
+        return _finish(run, cfg, env, metrics)
+    wall0 = time.time() - run.wall_s  # the clock goes on from the checkpoint's
     if run.t_start > 0 and env.report_restored:
         env.report(_flat({"t": run.t_start, **_evaluate(run, cfg, env, run.t_start - 1)}), None)
     for t in range(run.t_start, T):
@@ -581,10 +589,10 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         code_metrics = update_codes(run, F, G, omega, y_omega, sim=sim, t=t, cfg=cfg, env=env)
         run.streams.step_schedulers()
         metrics = {"t": t + 1, **net, **code_metrics, **run.streams.lrs(),
-                   **_evaluate(run, cfg, env, t)}
-        _report(run, cfg, env, t, metrics, wall0, checkpoint=(
+                   **_evaluate(run, cfg, env, t), "time/wall_s": time.time() - wall0}
+        _report(run, cfg, env, t, metrics, checkpoint=(
             t == T - 1 or (t + 1) % cfg.train.checkpoint_every == 0))
-    return _finish(run, cfg, env, metrics, wall0)
+    return _finish(run, cfg, env, metrics)
 
 
 def _start(cfg: Config, env: WorkerEnv) -> _Run:
@@ -595,7 +603,6 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
     else:
         whole = env.dataset if env.dataset is not None else load_dataset(cfg.data)
         data, rows, n = _block_of(whole, c)
-    monitor = Monitor(env.run_dir, c.rank == 0, cfg.log.tensorboard, cfg.to_toml())
     group = None
     if cfg.scaling.stream_parallel:
         if c.world_size < 2 or c.world_size % 2:
@@ -603,7 +610,7 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
                                "it needs an even number >= 2")
         group = c.stream_group()
     streams = Streams(cfg, data, env.device, group)
-    t_start = 0
+    t_start, wall_s, resumed = 0, 0.0, None
     if env.resume_from is not None:
         state, manifest = ckpt.load(env.resume_from, codes=False)
         shape = ckpt.codes_shape(manifest, state)
@@ -616,12 +623,19 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
         # this worker's rows, from whichever blocks the writing run's split put them in
         B_rows = ckpt.load_rows(env.resume_from, manifest, state, rows.start, rows.stop)
         t_start = int(state["t"])
-        monitor.progress(
-            f"resumed from {env.resume_from.name} at outer iteration {t_start} (written by "
-            f"{state.get('workers', '?')} worker(s)), now {c.world_size} worker(s)")
+        wall_s = float(state.get(WALL_KEY, 0.0))
+        resumed = (f"resumed from {env.resume_from.name} at outer iteration {t_start} (written "
+                   f"by {state.get('workers', '?')} worker(s)), now {c.world_size} worker(s)")
         del state
     else:
         B_rows = initial_rows(cfg, rows)
+    # a finished run, run again, logs nothing: its events are all there (a writer opened at
+    # t_start would hide the last step's)
+    monitor = Monitor(env.run_dir, c.rank == 0,
+                      cfg.log.tensorboard and t_start < cfg.train.outer_iters, cfg.to_toml(),
+                      resumed_at=t_start)
+    if resumed:
+        monitor.progress(resumed)
     labels_rows = torch.from_numpy(data.database.labels)
     block = blocks.open_block(c, B_rows, rows, n, labels_rows)
     monitor.progress(
@@ -632,7 +646,7 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
     return _Run(data=data, monitor=monitor, streams=streams,
                 weights=obj.LossWeights.from_config(cfg.objective),
                 faults=faults.Faults(c.rank, env.run_dir), block=block,
-                labels_rows=labels_rows, t_start=t_start)
+                labels_rows=labels_rows, t_start=t_start, wall_s=wall_s)
 
 
 def _block_of(ds: Dataset, c) -> tuple[Dataset, slice, int]:
@@ -677,13 +691,12 @@ def _evaluate(run: _Run, cfg: Config, env: WorkerEnv, t: int) -> dict:
     return out
 
 
-def _report(run: _Run, cfg: Config, env: WorkerEnv, t: int, metrics: dict, wall0: float,
+def _report(run: _Run, cfg: Config, env: WorkerEnv, t: int, metrics: dict,
             checkpoint: bool) -> None:
     """TensorBoard and the progress line (rank 0), then `env.report` on every rank, with
     rank 0's checkpoint of the state after iteration t when `checkpoint`."""
     c = env.collectives
     rank0 = c.rank == 0
-    metrics["time/wall_s"] = time.time() - wall0
     run.monitor.scalars(t + 1, {k: v for k, v in metrics.items()
                                 if k != "t" and not k.startswith("_")})
     run.monitor.progress(_progress_line(t + 1, cfg.train.outer_iters, metrics))
@@ -704,7 +717,7 @@ def _report(run: _Run, cfg: Config, env: WorkerEnv, t: int, metrics: dict, wall0
         if rank0:
             listed = [(int(r[0]), int(r[1]), ckpt.BLOCK.format(start=int(r[0]), stop=int(r[1])),
                        r[2:].astype(np.int64).tobytes().hex()) for r in every]
-            state = {"t": t + 1, "workers": c.world_size,
+            state = {"t": t + 1, "workers": c.world_size, WALL_KEY: metrics["time/wall_s"],
                      "geometry": (run.data.channels, run.data.image_size),
                      **run.streams.state()}
             ckpt.save(tmp, state, cfg.to_toml(), cfg.fingerprint(),
@@ -713,12 +726,14 @@ def _report(run: _Run, cfg: Config, env: WorkerEnv, t: int, metrics: dict, wall0
         env.report(_flat(metrics), Path(tmp))
 
 
-def _finish(run: _Run, cfg: Config, env: WorkerEnv, metrics: dict, wall0: float) -> dict:
-    """final_metrics.json (rank 0) from the last iteration's metrics; returned on every rank."""
+def _finish(run: _Run, cfg: Config, env: WorkerEnv, metrics: dict) -> dict:
+    """final_metrics.json (rank 0) from the last iteration's metrics; returned on every rank.
+    Its wall_s is the training's, summed over the run's attempts: the last report's
+    time/wall_s, which the last checkpoint keeps for a rerun of the finished run."""
     c = env.collectives
     data = run.data
     final = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
-    final.update(bits=cfg.objective.bits, wall_s=time.time() - wall0,
+    final.update(bits=cfg.objective.bits, wall_s=metrics["time/wall_s"],
                  outer_iters=cfg.train.outer_iters, resumed_at=run.t_start,
                  workers=c.world_size, database=run.block.n,
                  queries=int(data.query.labels.shape[0]))

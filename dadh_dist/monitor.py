@@ -18,7 +18,13 @@ from dadh_dist.checkpoint import write_atomic
 
 
 class Monitor:
-    def __init__(self, run_dir: Path | None, enabled: bool, tensorboard: bool, config_toml: str):
+    def __init__(self, run_dir: Path | None, enabled: bool, tensorboard: bool, config_toml: str,
+                 resumed_at: int = 0):
+        """`resumed_at`: the outer iteration this attempt starts at (0: from scratch). An
+        earlier attempt may have logged steps past it before it stopped: the writer opens with
+        a purge marker, by which TensorBoard hides the earlier events of every step this attempt
+        logs again (from step resumed_at + 1; from scratch, all of them, the config text too),
+        so each step keeps one value, the attempt's that went on."""
         self.enabled = enabled and run_dir is not None
         self.run_dir = run_dir
         self.writer = None
@@ -29,8 +35,10 @@ class Monitor:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
-            self.writer.add_text("config", "```\n" + config_toml + "\n```", 0)
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"),
+                                        purge_step=resumed_at + 1 if resumed_at else 0)
+            if not resumed_at:  # the first attempt's config text stays (a resume has the same)
+                self.writer.add_text("config", "```\n" + config_toml + "\n```", 0)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:

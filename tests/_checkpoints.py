@@ -16,10 +16,14 @@ def flip_byte(path: Path) -> None:
 
 def assert_same_state(a, b, where: str = "state") -> None:
     """Two checkpoint states hold identical values: B, both streams' weights, both optimisers'
-    moments and both schedules (any difference is named by its path)."""
+    moments and both schedules (any difference is named by its path). The training's wall time
+    (loop.WALL_KEY) is when, not what: not compared."""
+    from dadh_dist.loop import WALL_KEY
+
     if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
+        skip = {WALL_KEY} if where == "state" else set()
+        assert a.keys() - skip == b.keys() - skip, where
+        for key in a.keys() - skip:
             assert_same_state(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where

@@ -203,3 +203,134 @@ def test_resumed_tune_trial_reports_its_restored_iteration_first(tmp_path):
     assert again[0]["val/map_all_fg"] == pytest.approx(first[0]["val/map_all_fg"], abs=1e-12)
     assert again[1]["val/map_all_fg"] == pytest.approx(first[1]["val/map_all_fg"], abs=1e-12)
     assert [r["t"] for r in run(restored)] == [2]
+
+
+def _scalars(tb: Path) -> dict[str, list]:
+    """Every scalar tag's events as TensorBoard shows them (a restart's purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}, acc
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_resumed_run_logs_each_step_once_and_its_wall_time_goes_on(tmp_path):
+    """The first attempt logs steps 1-3 and stops after step 3, whose checkpoint it does not
+    write; the run resumed from checkpoint 2 logs 3 and 4 again. TensorBoard keeps one value
+    per step, the resumed attempt's, and time/wall_s counts on from the checkpoint's."""
+    from dadh_dist import loop
+
+    cfg = config.load(DEBUG, _overrides(tmp_path, "tb", "train.outer_iters=4",
+                                        "train.inner_epochs=1", "train.checkpoint_every=2"))
+
+    def report(metrics, staged, stop_at=None):
+        if staged is not None:
+            runner.folders.keep_checkpoint(tmp_path, staged)
+        if metrics["t"] == stop_at:
+            raise _Stopped
+
+    with pytest.raises(_Stopped):
+        loop.train(cfg, loop.WorkerEnv(report=lambda m, s: report(m, s, stop_at=3),
+                                       run_dir=tmp_path))
+    first = _scalars(tmp_path / "tb")[0]
+    assert [e.step for e in first["loss/total"]] == [1, 2, 3]
+    # event files sort by name (time in s, host, pid, a per-process count): a real restart
+    # starts seconds later, this one within the same second; the first file is dated back
+    for path in (tmp_path / "tb").iterdir():
+        *head, stamp, rest = path.name.split(".", 4)
+        path.rename(path.with_name(".".join([*head, f"{int(stamp) - 1:010d}", rest])))
+    assert ckpt.latest_valid(tmp_path).name == "checkpoint_000002"
+    final = loop.train(cfg, loop.WorkerEnv(report=report, run_dir=tmp_path,
+                                           resume_from=tmp_path / "checkpoint_000002"))
+    scalars, acc = _scalars(tmp_path / "tb")
+    for tag, events in scalars.items():
+        steps = [e.step for e in events]
+        assert steps == sorted(set(steps)), (tag, steps)
+    assert [e.step for e in scalars["codes/flipped"]] == [1, 2, 3, 4]
+    assert len(acc.Tensors("config/text_summary")) == 1
+    wall = [e.value for e in scalars["time/wall_s"]]
+    assert all(a < b for a, b in zip(wall, wall[1:])), wall
+    state, _ = ckpt.load(tmp_path / "checkpoint_000004", codes=False)
+    assert state["wall_s"] == final["wall_s"] == pytest.approx(wall[-1], rel=1e-6)
+    assert final["wall_s"] > ckpt.load(tmp_path / "checkpoint_000002", codes=False)[0]["wall_s"]
+
+
+def _without_wall_time(src: Path, dest: Path) -> Path:
+    """A copy of checkpoint `src` as the code before the state kept its wall time wrote it."""
+    import shutil
+
+    state, manifest = ckpt.load(src, codes=False)
+    del state["wall_s"]
+    dest.mkdir()
+    listed = []
+    for start, stop, name in manifest["codes"]["blocks"]:
+        shutil.copy2(src / name, dest / name)
+        listed.append((start, stop, name, manifest["files"][name]))
+    return ckpt.save(dest, state, (src / ckpt.CONFIG).read_text(), manifest["fingerprint"],
+                     blocks=listed, shape=tuple(manifest["codes"]["shape"]))
+
+
+def test_rerun_of_a_finished_run_keeps_its_training_wall_time(tmp_path):
+    """The same command again resumes at the last iteration and finishes at once: its
+    final_metrics.json keeps the training's wall time, and TensorBoard gets nothing new. A
+    checkpoint written before the state kept a wall time still loads (the time counts from 0)."""
+    from dadh_dist import loop
+
+    cfg = config.load(DEBUG, _overrides(tmp_path, "w", "train.outer_iters=2"))
+    first = runner.run_local(cfg)
+    again = runner.run_local(cfg)
+    assert again["resumed_at"] == 2 and again["map_all_fg"] == first["map_all_fg"]
+    assert again["wall_s"] == first["wall_s"] > 0
+    saved = json.loads((tmp_path / "w" / "final_metrics.json").read_text())
+    assert saved["wall_s"] == first["wall_s"]
+    scalars, acc = _scalars(tmp_path / "w" / "tb")
+    assert [e.step for e in scalars["test/map_all_fg"]] == [2]
+    assert [e.step for e in scalars["time/wall_s"]] == [1, 2]
+    assert len(list((tmp_path / "w" / "tb").iterdir())) == 1
+
+    old = _without_wall_time(tmp_path / "w" / "checkpoint_000002", tmp_path / "old")
+    final = loop.train(cfg, loop.WorkerEnv(resume_from=old))
+    assert final["wall_s"] == 0.0 and final["map_all_fg"] == first["map_all_fg"]
+
+
+def test_new_config_before_the_first_checkpoint_clears_the_old_ones_outputs(tmp_path,
+                                                                            monkeypatch):
+    """A new config replacing the saved one (no checkpoint yet) takes the old config's
+    TensorBoard events and final metrics with it, here and at a run URI; the same config (log.*
+    aside) touches nothing, and a run with a checkpoint is refused with nothing deleted."""
+    from dadh_dist import uris
+
+    monkeypatch.setenv("DADH_MIRROR_DIR", str(tmp_path / "mirrors"))
+    remote = f"file://{tmp_path / 'remote'}"
+    for where in (tmp_path / "runs", remote):
+        a = config.load(DEBUG, _overrides(where, "r"))
+        folder, _ = runner.prepare_run(a)
+        outputs = [folder / "tb" / "events.out.tfevents.1", folder / "final_metrics.json"]
+        kept = [folder / ".fault_streams_1_0", folder / "eval" / "x" / "report.md"]
+        for path in outputs + kept:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("old")
+        run = runner.run_uri(a)
+        if run:
+            uris.write_bytes(uris.join(run, "tb", "events.out.tfevents.1"), b"old")
+        runner.prepare_run(config.load(DEBUG, _overrides(where, "r", "log.tensorboard=false")))
+        assert all(p.read_text() == "old" for p in outputs + kept)
+        b = config.load(DEBUG, _overrides(where, "r", "objective.gamma=5"))
+        assert runner.prepare_run(b)[0] == folder
+        assert not any(p.exists() for p in outputs) and not (folder / "tb").exists()
+        assert all(p.read_text() == "old" for p in kept)
+        assert config.load(folder / "config.toml").objective.gamma == 5
+        if run:
+            assert uris.list_files(uris.join(run, "tb")) == []
+            assert uris.read_bytes(uris.join(run, "config.toml")) == b.to_toml().encode()
+
+    folder = tmp_path / "runs" / "r"
+    (folder / "checkpoint_000001").mkdir()
+    (folder / "tb").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        runner.prepare_run(config.load(DEBUG, _overrides(tmp_path / "runs", "r")))
+    assert (folder / "tb").is_dir() and (folder / "checkpoint_000001").is_dir()

@@ -4,7 +4,8 @@ The run folder is `<log.run_dir>/<run name>`; it holds `config.toml` (the resolv
 checkpoints, TensorBoard events (`tb/`) and `final_metrics.json`. Re-running the same name
 resumes from its newest valid checkpoint; a different config under the same name is refused
 once the run has a checkpoint (before that, as after a run that stopped on bad data, there is
-nothing a new config could mix with, and the new config replaces the saved one).
+nothing a new config could mix with: the new config replaces the saved one, and what the old
+one wrote besides, `OUTPUTS`, goes).
 With log.run_dir a URI the folder here is a local mirror and the run's files live at the URI.
 """
 
@@ -19,6 +20,9 @@ from dadh_dist import storage, uris
 from dadh_dist.config import Config, ConfigError
 
 KEEP_CHECKPOINTS = 2
+
+OUTPUTS = ("tb", "final_metrics.json")
+"""What a run writes into its folder besides the config and the checkpoints."""
 
 
 def run_name(cfg: Config) -> str:
@@ -55,15 +59,21 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
     if uri is not None:
         raw = uris.read_bytes(uris.join(uri, "config.toml"))
         folder.mkdir(parents=True, exist_ok=True)
-        if raw is not None and storage.checkpoints(uri):
+        if raw is not None:
             fetched = folder / ".remote_config.toml"
             ckpt.write_atomic(fetched, raw)
-            _refuse_changed(cfg, fetched, uris.redact(cfg.log.run_dir))
+            if storage.checkpoints(uri):
+                _refuse_changed(cfg, fetched, uris.redact(cfg.log.run_dir))
+            elif not _same_config(cfg, fetched):
+                _clear_outputs(folder, uri)
         uris.write_bytes(uris.join(uri, "config.toml"), cfg.to_toml().encode())
         ckpt.write_atomic(saved, cfg.to_toml().encode())
         return folder, newest_checkpoint(folder, uri)
-    if saved.is_file() and any(folder.glob("checkpoint_*")):
-        _refuse_changed(cfg, saved, str(folder.parent))
+    if saved.is_file():
+        if any(folder.glob("checkpoint_*")):
+            _refuse_changed(cfg, saved, str(folder.parent))
+        elif not _same_config(cfg, saved):
+            _clear_outputs(folder, None)
     folder.mkdir(parents=True, exist_ok=True)
     ckpt.write_atomic(saved, cfg.to_toml().encode())
     return folder, newest_checkpoint(folder, None)
@@ -89,6 +99,29 @@ def _refuse_changed(cfg: Config, saved: Path, where: str) -> None:
             f"log.name: run {run_name(cfg)!r} already exists in {where} with a "
             f"different config ({', '.join(changed)}); use another log.name or the same config"
         )
+
+
+def _same_config(cfg: Config, saved: Path) -> bool:
+    """Whether the config saved in `saved` equals `cfg`, log.* aside (an unreadable one does
+    not)."""
+    try:
+        return config_mod.load(saved).fingerprint() == cfg.fingerprint()
+    except ConfigError:
+        return False
+
+
+def _clear_outputs(folder: Path, uri: str | None) -> None:
+    """Remove the `OUTPUTS` of the config a new one replaces: here and, for a remote run, its
+    TensorBoard events at the URI (its final_metrics.json there stays until the new run sends
+    its own: `uris` deletes folders only)."""
+    for name in OUTPUTS:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if uri is not None:
+        uris.delete_dir(uris.join(uri, "tb"))
 
 
 def keep_checkpoint(folder: Path, staged: Path) -> Path:
