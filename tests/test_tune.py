@@ -153,6 +153,71 @@ def test_sweep_file_errors_name_the_key(tmp_path, where, snippet, message):
     assert msg.startswith("sweep.toml: ") and message in msg and "\n" not in msg
 
 
+def _precision_space(values: str, metric: str = "val/p_at_1000_fg", extra: str = "") -> str:
+    return _text(top=f"metric = {json.dumps(metric)}",
+                 tables=f'[space."eval.precision_at"]\nkind = "grid"\nvalues = {values}\n{extra}')
+
+
+def test_every_trial_the_space_can_make_must_report_the_metric(tmp_path):
+    # a trial with precision_at = 100 reports val/p_at_100_*: Tune would stop the whole sweep
+    # at its first report; refused before Ray starts, naming the value
+    with pytest.raises(ConfigError) as err:
+        sweep.load_sweep(_write(tmp_path, _precision_space("[1000, 100]")))
+    assert str(err.value) == (
+        "sweep.toml: metric: 'val/p_at_1000_fg' is not reported by the trials with "
+        "eval.precision_at = 100 (they report val/map_all_f, val/p_at_100_f, val/map_all_g, "
+        "val/p_at_100_g, val/map_all_fg, val/p_at_100_fg); give a metric every trial reports, "
+        "or change the space")
+    # combinations: every choice of encoders with every precision_at
+    encoders = '[space."eval.encoders"]\nkind = "choice"\nvalues = [["f", "fg"], ["f"]]\n'
+    with pytest.raises(ConfigError, match=r"with eval.encoders = \['f'\] \(they report "
+                                          r"val/map_all_f, val/p_at_1000_f\)"):
+        sweep.load_sweep(_write(tmp_path, _precision_space("[1000]", extra=encoders)))
+    with pytest.raises(ConfigError, match=r"'val/map_at_50_fg' is not reported by the trials "
+                                          r"with eval.topk = 0 \(they report val/map_all_f,"):
+        sweep.load_sweep(_write(tmp_path, _text(
+            top='metric = "val/map_at_50_fg"',
+            tables='[space."eval.topk"]\nkind = "choice"\nvalues = [50, 0]\n')))
+    # what counts is the trials, not the base (1000 here): every trial reports p_at_500
+    s = sweep.load_sweep(_write(tmp_path, _precision_space("[500]", "val/p_at_500_fg")))
+    assert s.base.eval.precision_at == 1000 and s.expected_trials == 2
+    # the base's metric still decides when the space leaves the eval keys alone
+    with pytest.raises(ConfigError, match="'val/p_at_500_fg' is not reported by the base config"):
+        sweep.load_sweep(_write(tmp_path, _text(top='metric = "val/p_at_500_fg"')))
+
+
+def test_command_line_mistakes_name_the_argument_not_the_file(tmp_path, capsys):
+    path = str(_write(tmp_path, GOOD))
+    (tmp_path / "in").mkdir()
+    for argv, message in [
+        (["--num-samples", "0"], "--num-samples: must be >= 1, got 0"),
+        (["--num-samples=-3"], "--num-samples: must be >= 1, got -3"),
+        (["--name", "a/b"], "--name: 'a/b' must be a plain folder name"),
+        (["train.outer_iter=3"], "train.outer_iter: unknown key (did you mean outer_iters?)"),
+        # what no trial would see: refused, with what to use instead
+        (["log.name=x"], "log.name: not used by a sweep (each trial's run is trial_<id> in the "
+                         "sweep folder; name the sweep with --name or the sweep file's name key)"),
+        (["scaling.use_ray=false"], "scaling.use_ray: not used by a sweep (every trial of a "
+                                    "sweep is a Ray Train run; drop it)"),
+        (["objective.gamma=5"], "objective.gamma: swept by space.objective.gamma, so no trial "
+                                "would take this value; change space.objective.gamma, or remove "
+                                "it from the space to fix the key"),
+    ]:
+        assert cli.tune_main(["--config", path, *argv]) == cli.EXIT_USER_ERROR, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, (argv, err)
+    # the same in the sweep file's [overrides]: the file is named
+    for key, value in [("log.name", '"x"'), ("objective.gamma", "5.0")]:
+        with pytest.raises(ConfigError, match=f"^sweep.toml: overrides: {key}: (not used|swept)"):
+            sweep.load_sweep(_write(tmp_path / "in", _text(overrides=f'"{key}" = {value}\n')))
+    # honoured: where the sweep folder goes, and (include_base) the first trial's swept value
+    s = sweep.load_sweep(path, ["log.run_dir=/tmp/elsewhere", "log.tensorboard=false"])
+    assert s.folder == Path("/tmp/elsewhere/sweep") and not s.base.log.tensorboard
+    first = sweep.load_sweep(_write(tmp_path / "in", _text(top="include_base = true")),
+                             ["objective.gamma=50.0"])
+    assert first.base_point() == {"objective.gamma": 50.0}
+
+
 def test_include_base_puts_the_base_values_first(tmp_path):
     text = _text(top="include_base = true", overrides='"objective.gamma" = 200.0',
                  tables='[space."optim.lr_f"]\nkind = "choice"\nvalues = [1e-3, 3e-3]')
@@ -241,9 +306,17 @@ def test_sweep_record_keeps_resources_and_refuses_a_changed_sweep(tmp_path):
     sweep.save_record(s, res)
     record = sweep.check_identity(sweep.load_sweep(path, where))
     assert sweep.record.saved_resources(record) == res
-    # per-worker CPUs are the sweep's to set, not part of what the sweep is
-    same = sweep.load_sweep(path, where + ["scaling.cpus_per_worker=0.5"])
-    assert sweep.check_identity(same) == record
+    # per-worker CPUs are not part of what the sweep is, but a resumed sweep's trials keep
+    # theirs: a different ask would be lost, so it is refused (the same ask resumes)
+    other = sweep.load_sweep(path, where + ["scaling.cpus_per_worker=0.5"])
+    assert other.identity() == s.identity()
+    with pytest.raises(ConfigError) as err:
+        sweep.check_identity(other)
+    assert str(err.value) == (
+        "scaling.cpus_per_worker: 0.5 would not reach the trials of sweep 'sweep', which resume "
+        "with the 1 CPU per worker they started with (asked 1); use 1 to resume it, or another "
+        "name for a new sweep")
+    assert sweep.check_identity(sweep.load_sweep(path, where + ["scaling.cpus_per_worker=1"]))
     with pytest.raises(ConfigError, match=r"name: sweep 'sweep' already exists in .*runs with a "
                                           r"different sweep \(objective.bits\); use another"):
         sweep.check_identity(sweep.load_sweep(path, where + ["objective.bits=8"]))

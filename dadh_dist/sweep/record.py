@@ -29,6 +29,13 @@ def check_identity(s: Sweep) -> dict | None:
             changed += [k for k in new["base"] if old["base"].get(k) != new["base"][k]][:3]
         raise ConfigError(f"name: sweep {s.name!r} already exists in {s.folder.parent} with a "
                           f"different sweep ({', '.join(changed[:4])}); use another name")
+    asked, now = record.get("asked_cpus_per_worker"), s.base.scaling.cpus_per_worker
+    if asked is not None and now != asked:  # the trials keep theirs: the new value would be lost
+        raise ConfigError(f"scaling.cpus_per_worker: {now:g} would not reach the trials of "
+                          f"sweep {s.name!r}, which resume with the "
+                          f"{saved_resources(record).cpus_per_worker:g} CPU per worker they "
+                          f"started with (asked {asked:g}); use {asked:g} to resume it, or "
+                          "another name for a new sweep")
     return record
 
 
@@ -39,7 +46,8 @@ def saved_resources(record: dict) -> Resources:
 def save_record(s: Sweep, res: Resources) -> None:
     s.folder.mkdir(parents=True, exist_ok=True)
     record = {"sweep": s.identity(), "sweep_file": str(s.path),
-              "resources": dataclasses.asdict(res)}
+              "resources": dataclasses.asdict(res),
+              "asked_cpus_per_worker": s.base.scaling.cpus_per_worker}
     tmp = s.folder / "sweep.json.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(s.folder / "sweep.json")

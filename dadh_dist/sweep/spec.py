@@ -9,6 +9,7 @@ check runs here, before Ray starts: a bad key or type fails with its name, not i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,12 @@ SEARCHES = ("random", "optuna")
 MODES = ("max", "min")
 # Keys the sweep sets itself: where each trial runs, and the resources it is given.
 RESERVED_SECTIONS = ("log", "scaling")
+# Overrides no trial would see, and what to use instead.
+IGNORED_OVERRIDES = {
+    "log.name": "each trial's run is trial_<id> in the sweep folder; name the sweep with --name "
+                "or the sweep file's name key",
+    "scaling.use_ray": "every trial of a sweep is a Ray Train run; drop it",
+}
 
 
 @dataclass
@@ -134,15 +141,27 @@ _ASHA = {"grace_period": int, "reduction_factor": float}
 _DIST = {"kind": str, "low": float, "high": float, "values": list}
 
 
+class _CommandLineError(ConfigError):
+    """A mistake on the command line (an override, --num-samples, --name), not in the file."""
+
+
 def load_sweep(path: str | Path, overrides: dict | list[str] | None = None,
                num_samples: int | None = None, name: str | None = None) -> Sweep:
     """Parse and check a sweep file; `overrides` (parsed dotted keys, or `key=value` strings)
-    apply to the base config after the file's own. Every search-space key is tried against the
-    base config here, so a bad key or type fails before any trial starts."""
+    apply to the base config after the file's own, `num_samples` and `name` replace the file's
+    (the command line's --num-samples and --name). Every search-space key is tried against the
+    base config here, so a bad key or type fails before any trial starts. Errors name the file,
+    except those of the command line's arguments, which name the argument."""
+    if num_samples is not None and num_samples < 1:
+        raise _CommandLineError(f"--num-samples: must be >= 1, got {num_samples}")
+    if name is not None and not _plain_name(name):
+        raise _CommandLineError(f"--name: {name!r} must be a plain folder name")
     p = Path(path)
     raw = config_mod.read_toml(p, "sweep file")
     try:
         return _build_sweep(p.resolve(), raw, overrides or {}, num_samples, name)
+    except _CommandLineError:
+        raise
     except ConfigError as e:
         raise ConfigError(f"{p.name}: {e}") from None
 
@@ -154,15 +173,26 @@ def _build_sweep(path: Path, raw: dict, overrides: dict | list[str], num_samples
         raise ConfigError("base: missing; name the training config to sweep from")
     asha = _read_table("asha.", top.get("asha", {}), _ASHA)
     base_path = _find_base(top["base"], path)
+    file_overrides = _flatten(top.get("overrides", {}))
+    try:
+        extra = config_mod.parse_overrides(overrides)
+    except ConfigError as e:
+        raise _CommandLineError(str(e)) from None
     s = Sweep(path=path, name=name or top.get("name") or path.stem, base_path=base_path,
-              base=_base_config(base_path, top.get("overrides", {}), overrides),
+              base=_base_config(base_path, file_overrides, extra),
               space=_read_space(top.get("space", {})),
               **{k: top[k] for k in _SETTINGS if k in top}, **asha)
     if num_samples is not None:
         s = dataclasses.replace(s, num_samples=num_samples)
     for check in _CHECKS:
         check(s)
-    max_t = _max_outer_iters(s)
+    _check_overrides_reach_trials(s, file_overrides, ConfigError, "overrides: ")
+    _check_overrides_reach_trials(s, extra, _CommandLineError)
+    points = _space_configs(s)
+    _check_every_trial_reports_metric(s, points)
+    # ASHA's horizon: the longest trial
+    max_t = max([s.base.train.outer_iters,
+                 *(cfg.train.outer_iters for cfgs in points.values() for cfg in cfgs)])
     _check_grace_period_fits(s, max_t)
     return dataclasses.replace(s, max_t=max_t)
 
@@ -212,14 +242,17 @@ def _find_base(raw: str, sweep_path: Path) -> Path:
                       f"working directory ({Path.cwd()})")
 
 
-def _base_config(base_path: Path, file_overrides: dict, overrides: dict | list[str]) -> Config:
-    """The base config: its file, then the sweep file's [overrides], then the command line's."""
+def _base_config(base_path: Path, file_overrides: dict, extra: dict) -> Config:
+    """The base config: its file, then the sweep file's [overrides], then the command line's
+    (`extra`; its errors are the command line's)."""
     try:
-        base = config_mod.load(base_path, _flatten(file_overrides))
-        extra = config_mod.parse_overrides(overrides)
-        return base.with_overrides(extra) if extra else base
+        base = config_mod.load(base_path, file_overrides)
     except ConfigError as e:
         raise ConfigError(f"overrides: {e}") from None
+    try:
+        return base.with_overrides(extra) if extra else base
+    except ConfigError as e:
+        raise _CommandLineError(str(e)) from None
 
 
 def _is_dist(table: dict) -> bool:
@@ -282,8 +315,12 @@ def _parse_range(key: str, kind: str, spec: dict) -> Dist:
 # Checks: each raises a ConfigError naming the key, and changes nothing
 
 
+def _plain_name(name: str) -> bool:
+    return "/" not in name and name not in ("", ".", "..")
+
+
 def _check_name(s: Sweep) -> None:
-    if "/" in s.name or s.name in ("", ".", ".."):
+    if not _plain_name(s.name):
         raise ConfigError(f"name: {s.name!r} must be a plain folder name")
 
 
@@ -304,6 +341,12 @@ def _check_choices(s: Sweep) -> None:
             raise ConfigError(f"{key}: {getattr(s, key)!r} is not one of {', '.join(allowed)}")
 
 
+# The keys that decide which metrics a run reports (what `reported_metrics` reads). The space
+# can give them only finitely many values (ints and lists: choice or grid), so every
+# combination is known before the sweep starts.
+METRIC_KEYS = ("eval.encoders", "eval.topk", "eval.precision_at")
+
+
 def reported_metrics(cfg: Config) -> list[str]:
     """The validation metrics a run of `cfg` reports after every outer iteration."""
     out = []
@@ -319,10 +362,6 @@ def _check_metric(s: Sweep) -> None:
     if not s.metric.startswith("val/"):
         raise ConfigError(f"metric: {s.metric!r} is not a validation metric (val/...); trials are "
                           "selected on held-out validation queries, never on the query set")
-    reported = reported_metrics(s.base)
-    if s.metric not in reported:
-        raise ConfigError(f"metric: {s.metric!r} is not reported by the base config; "
-                          f"one of {', '.join(reported)}")
 
 
 def _check_asha(s: Sweep) -> None:
@@ -385,19 +424,66 @@ _CHECKS = (_check_name, _check_counts, _check_choices, _check_metric, _check_ash
            _check_include_base, _check_optuna, _check_base, _check_space_keys)
 
 
-def _max_outer_iters(s: Sweep) -> int:
-    """The longest trial (ASHA's max_t): every space key's representative values are resolved
-    into a trial config, which is also the check that each value is valid for its key."""
-    horizons = [s.base.train.outer_iters]
+def _check_overrides_reach_trials(s: Sweep, overrides: dict, error: type[ConfigError],
+                                  where: str = "") -> None:
+    """Refuse an override that no trial would see: a key the sweep sets itself, or a swept key
+    (every trial takes the space's value; with include_base the first trial takes this one)."""
+    for key in overrides:
+        if key in IGNORED_OVERRIDES:
+            raise error(f"{where}{key}: not used by a sweep ({IGNORED_OVERRIDES[key]})")
+        if key in s.space and not s.include_base:
+            raise error(f"{where}{key}: swept by space.{key}, so no trial would take this "
+                        f"value; change space.{key}, or remove it from the space to fix the key")
+
+
+def _space_configs(s: Sweep) -> dict[str, list[Config]]:
+    """Per space key, the trial configs of its representative values (the other keys at the
+    base's): the check that each value is valid for its key, and what ASHA's max_t and the
+    metric check read."""
+    out = {}
     for key, dist in s.space.items():
+        out[key] = []
         for value in dist.representatives():
             try:
                 cfg = trial_config(s.base, {key: value}, s.folder, "check")
             except ConfigError as e:
                 raise ConfigError(f"space.{key}: {e}") from None
             _check_eval_every(cfg, f"space.{key}")
-            horizons.append(cfg.train.outer_iters)
-    return max(horizons)
+            out[key].append(cfg)
+    return out
+
+
+def _reported_with(base: Config, point: dict) -> list[str]:
+    """`reported_metrics` of the base with `point`'s (resolved) eval values."""
+    ev = dataclasses.replace(base.eval, **{k.removeprefix("eval."): v for k, v in point.items()})
+    return reported_metrics(dataclasses.replace(base, eval=ev))
+
+
+def _check_every_trial_reports_metric(s: Sweep, points: dict[str, list[Config]]) -> None:
+    """A trial that never reports the metric would stop the whole sweep at its first report
+    (Tune requires it in every result); every combination of METRIC_KEYS values is checked."""
+    swept = {k: [getattr(cfg.eval, k.removeprefix("eval.")) for cfg in points[k]]
+             for k in METRIC_KEYS if k in s.space}
+    base_reports = s.metric in reported_metrics(s.base)
+    if s.include_base and not base_reports:  # the first trial runs the base itself
+        raise ConfigError(f"metric: {s.metric!r} is not reported by the base config, which "
+                          f"include_base runs as the first trial; one of "
+                          f"{', '.join(reported_metrics(s.base))}")
+    for values in itertools.product(*swept.values()):
+        point = dict(zip(swept, values))
+        reported = _reported_with(s.base, point)
+        if s.metric in reported:
+            continue
+        if not point:
+            raise ConfigError(f"metric: {s.metric!r} is not reported by the base config; "
+                              f"one of {', '.join(reported)}")
+        # name the one value that loses the metric where there is one, else the whole point
+        alone = [k for k in point if base_reports
+                 and s.metric not in _reported_with(s.base, {k: point[k]})]
+        culprit = ", ".join(f"{k} = {point[k]!r}" for k in alone[:1] or point)
+        raise ConfigError(f"metric: {s.metric!r} is not reported by the trials with {culprit} "
+                          f"(they report {', '.join(reported)}); give a metric every trial "
+                          "reports, or change the space")
 
 
 def _check_grace_period_fits(s: Sweep, max_t: int) -> None:
