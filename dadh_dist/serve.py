@@ -746,11 +746,78 @@ def replica_gpus(device: str) -> int:
     return int(resolve_device(device, here=False).type == "cuda")
 
 
+def check_device(options: Options, remote: bool) -> None:
+    """--device before Ray, before anything loads: a supported type, and one this machine has
+    unless the replicas run on a cluster named elsewhere (`remote`); encode's one-line error."""
+    from dadh_dist.cli import resolve_device
+
+    resolve_device(options.device, here=not remote)
+
+
+def check_gpus(options: Options, have: float, where: str = "the Ray cluster") -> None:
+    """Replicas asking for GPUs that `where` lacks would wait for them forever after "Started
+    Serve": refused once the GPUs where they run are known."""
+    need = options.replicas * replica_gpus(options.device)
+    if need > have:
+        raise _config_error(f"--device: {options.replicas} replica(s) on {options.device} need "
+                            f"{need} GPU(s), {where} has {have:g}")
+
+
 def app(args: dict):
     """Application builder for `serve run dadh_dist.serve:app checkpoint=...` and config files
     (`import_path: dadh_dist.serve:app`, `args: {checkpoint: ..., replicas: 2}`). Host and port
-    come from Serve's own http_options there."""
-    return build(Options.from_args(args))
+    come from Serve's own http_options there. The device is checked as jobs/serve.py checks it."""
+    serve_run = _serve_run_params()
+    if serve_run is None:
+        return _checked_app(args, os.environ.get("RAY_ADDRESS"))
+    # serve run calls the builder in the user's shell: a mistake is one line and exit 2 there,
+    # as from jobs/serve.py, not a traceback
+    from dadh_dist.cli import run_main
+
+    built = []
+    code = run_main(lambda: built.append(_checked_app(args, serve_run.get("address"))))
+    if not built:
+        sys.exit(code)
+    return built[0]
+
+
+def _checked_app(args: dict, address: str | None):
+    import ray
+
+    options = Options.from_args(args)
+    if ray.is_initialized():  # Serve's controller building a config file's application
+        check_gpus(options, ray.cluster_resources().get("GPU", 0))
+    else:  # serve run connects after the builder: to `address`, or to a Ray it starts here
+        check_device(options, remote=bool(address))
+        if replica_gpus(options.device):
+            check_gpus(options, *_gpus_before_ray(address))
+    return build(options)
+
+
+def _serve_run_params() -> dict | None:
+    """The options of the `serve run` command (Serve's CLI is a click program) calling this
+    builder, else None."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.params) if ctx is not None and ctx.command.name == "run" else None
+
+
+def _gpus_before_ray(address: str | None) -> tuple[float, str]:
+    """(GPUs, where) for the replicas `serve run` starts once it connects: this machine's when
+    no cluster is named (Ray starts here and counts the devices torch sees), else the named
+    cluster's, over a connection closed at once (serve run connects with its own runtime env)."""
+    if not address:
+        import torch
+
+        return (torch.cuda.device_count() if torch.cuda.is_available() else 0), "this machine"
+    import ray
+
+    ray.init(address=address)
+    try:
+        return ray.cluster_resources().get("GPU", 0), "the Ray cluster"
+    finally:
+        ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -812,10 +879,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve_forever(options: Options) -> int:
     """Start Ray (in-process, on loopback, unless RAY_ADDRESS names a cluster) and Serve, run
     the application until Ctrl-C or SIGTERM, then shut both down."""
-    if not os.environ.get("RAY_ADDRESS"):  # Ray runs here: so must the device
-        from dadh_dist.cli import resolve_device
-
-        resolve_device(options.device)  # first: encode's one-line error, before anything loads
+    check_device(options, remote=bool(os.environ.get("RAY_ADDRESS")))
     import ray
     from ray import serve
 
@@ -835,14 +899,12 @@ def serve_forever(options: Options) -> int:
                                 "(lower --cpus-per-replica)")
     elif own_ray:
         ray.init()
-    # replicas asking for GPUs the cluster lacks would wait for them forever after "Started Serve"
-    need, have = options.replicas * replica_gpus(options.device), \
-        ray.cluster_resources().get("GPU", 0)
-    if need > have:
+    try:
+        check_gpus(options, ray.cluster_resources().get("GPU", 0))
+    except Exception:
         if own_ray:
             ray.shutdown()
-        raise _config_error(f"--device: {options.replicas} replica(s) on {options.device} need "
-                            f"{need} GPU(s), the Ray cluster has {have:g}")
+        raise
     try:
         serve.start(http_options={"host": options.host, "port": options.port})
         try:

@@ -176,3 +176,29 @@ def test_missing_data_root_is_exit_2_before_ray_starts(tmp_path, monkeypatch, ca
         cli.train_main(["--config", str(DEBUG),
                         "data.source=fashion_mnist", f"data.root={missing}",
                         f"log.run_dir={tmp_path / 'runs'}", "scaling.use_ray=true"])
+
+
+def test_a_data_root_for_digits_is_exit_2_not_ignored(tmp_path, monkeypatch, capsys):
+    """digits is scikit-learn's bundled copy: a data.root the user set is refused in one line
+    naming the key and the source, before Ray or a run folder, not trained past silently."""
+    from dadh_dist import cli
+    from dadh_dist.data import check_root
+    from dadh_dist.run import ray_train
+
+    def never(*args, **kw):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_train, "ensure_ray", never)
+    monkeypatch.setattr(ray_train, "build_trainer", never)
+    check_root(config.load(DEBUG).data)  # the shipped debug config sets no root
+    mine = tmp_path / "my_images"
+    mine.mkdir()
+    for use_ray in ("true", "false"):
+        code = cli.train_main(["--config", str(DEBUG), f"data.root={mine}",
+                               f"log.run_dir={tmp_path / 'runs'}", f"scaling.use_ray={use_ray}"])
+        assert code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: data.root: data.source = digits reads no folder (it uses scikit-learn's "
+            f"copy in its wheel), but data.root = '{mine}'; leave data.root empty, or set "
+            "data.source to the format of that data"]
+        assert not (tmp_path / "runs").exists()

@@ -611,7 +611,7 @@ def test_fashion_pool_reader_matches_idx(tmp_path):
 
 def test_check_root_names_the_key_and_path(tmp_path, monkeypatch):
     """The pre-flight a run makes before starting workers (dadh_dist.run.prepare_run)."""
-    check_root(DataConfig(source="digits", root=str(tmp_path / "ignored")))  # bundled
+    check_root(DataConfig(source="digits"))  # bundled: no root needed
     fake_cifar(tmp_path / "c")
     check_root(DataConfig(source="cifar10", root=str(tmp_path / "c")))
     for source in ("cifar10", "list", "parquet", "fashion_mnist_grid"):
@@ -631,6 +631,21 @@ def test_check_root_names_the_key_and_path(tmp_path, monkeypatch):
         check_root(DataConfig(source="fashion_mnist"))
 
 
+def test_a_root_set_for_a_bundled_source_is_refused_not_ignored(tmp_path):
+    """digits reads no folder: a data.root the user set would silently not be their data. The
+    pre-flight and the loaders (a cluster's workers) both say so; every other source reads it."""
+    from dadh_dist.config import CHOICES
+    from dadh_dist.data.sources import BUNDLED, ROOTS, SOURCES
+
+    assert sorted([*BUNDLED, *ROOTS]) == sorted(SOURCES) == sorted(CHOICES["data.source"])
+    cfg = DataConfig(source="digits", root=str(tmp_path))
+    says = (rf"^data.root: data.source = digits reads no folder \(it uses scikit-learn's copy in "
+            rf"its wheel\), but data.root = '{tmp_path}'; leave data.root empty")
+    for check in (check_root, load_dataset):
+        with pytest.raises(DataError, match=says):
+            check(cfg)
+
+
 def test_16_bit_training_images_are_scaled_not_clipped(tmp_path):
     from dadh_dist.data.images import decode
 
@@ -640,3 +655,23 @@ def test_16_bit_training_images_are_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(decode(tmp_path / "deep.png")[0], eight)
     np.testing.assert_array_equal(decode(tmp_path / "deep.png", rgb=True),
                                   np.repeat(eight[None], 3, 0))
+
+
+def test_float_training_images_are_scaled_by_their_range_not_clipped(tmp_path):
+    """A float TIFF (mode F) of 0..1 is times 255 (convert("L") made it black), one of 0..255
+    as it is; another range is an unreadable image, named, not a guess."""
+    from dadh_dist.data.images import check_image, decode
+
+    eight = np.random.default_rng(4).integers(0, 256, (6, 5), dtype=np.uint8)
+    for name, pixels in (("unit", eight / np.float32(255)), ("eight", eight.astype(np.float32))):
+        Image.fromarray(pixels.astype(np.float32)).save(tmp_path / f"{name}.tif")
+        assert Image.open(tmp_path / f"{name}.tif").mode == "F"
+        np.testing.assert_array_equal(decode(tmp_path / f"{name}.tif")[0], eight, err_msg=name)
+        np.testing.assert_array_equal(decode(tmp_path / f"{name}.tif", 5, rgb=True),
+                                      decode(tmp_path / f"{name}.tif", 5).repeat(3, 0))
+    for pixels, says in (([[-1.0, 0.5]], "float pixels in -1..0.5: only 0..1 and 0..255 are read"),
+                         ([[0.0, 300.0]], "float pixels in 0..300"),
+                         ([[0.0, np.nan]], "float pixels that are not finite")):
+        Image.fromarray(np.array(pixels, np.float32)).save(tmp_path / "odd.tif")
+        image, why = check_image(tmp_path / "odd.tif")
+        assert image is None and why.startswith(f"is unreadable ({says}"), why

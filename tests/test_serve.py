@@ -379,6 +379,9 @@ def test_gray_is_decided_by_the_pixels_not_the_mode():
     # 16 bits: value / 257, as encode decodes it
     deep = blob(Image.fromarray(x.astype(np.uint16) * 257))
     np.testing.assert_array_equal(serving.decode_image(deep, "d", gray_model, False)[0], x)
+    # float 0..1 (a float TIFF): times 255, not clipped black
+    unit = blob(Image.fromarray(x / np.float32(255)), "TIFF")
+    np.testing.assert_array_equal(serving.decode_image(unit, "f", gray_model, False)[0], x)
 
 
 def test_a_device_this_machine_lacks_is_refused_before_anything_starts(monkeypatch, capsys):
@@ -416,6 +419,69 @@ def test_a_cluster_without_the_gpus_asked_for_is_refused_not_waited_for(monkeypa
     assert capsys.readouterr().err.strip() == (
         "error: --device: 2 replica(s) on cuda need 2 GPU(s), the Ray cluster has 0")
     assert calls == ["init", "shutdown"]
+
+
+def test_the_serve_run_builder_checks_the_device_as_jobs_serve_does(monkeypatch):
+    """`serve run dadh_dist.serve:app` builds without jobs/serve.py: the same refusals, before
+    the model loads (Ray's and torch's answers stubbed: no cluster, no GPU needed)."""
+    import ray
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(serving, "load_model", loaded)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the module's service may run
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(config.ConfigError) as e:
+        serving.app({"checkpoint": "no_run", "device": f"cuda:{n}"})
+    assert str(e.value) == f"--device: 'cuda:{n}': this machine has {n} CUDA device(s)"
+    # one GPU here: one replica on it passes, two would wait for a second forever
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(config.ConfigError, match=r"^--device: 2 replica\(s\) on cuda need 2 "
+                       r"GPU\(s\), this machine has 1$"):
+        serving.app({"checkpoint": "no_run", "device": "cuda", "replicas": "2"})
+    with pytest.raises(AssertionError, match="the model loaded"):
+        serving.app({"checkpoint": "no_run", "device": "cuda"})
+    # a named cluster is asked (and left again), as jobs/serve.py asks it once connected
+    calls = []
+    monkeypatch.setenv("RAY_ADDRESS", "ray://nowhere:10001")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append("init"))
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: calls.append("shutdown"))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(config.ConfigError, match=r"2 GPU\(s\), the Ray cluster has 0$"):
+        serving.app({"checkpoint": "no_run", "device": "cuda", "replicas": "2"})
+    assert calls == ["init", "shutdown"]
+    # Serve's controller building a config file's application: connected already
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(config.ConfigError, match=r"2 GPU\(s\), the Ray cluster has 1$"):
+        serving.app({"checkpoint": "no_run", "device": "cuda:1", "replicas": "2"})
+    assert calls == ["init", "shutdown"]
+
+
+def test_serve_run_refuses_a_missing_device_in_one_line(monkeypatch):
+    """Ray Serve's own `serve run` command, in this process: the line jobs/serve.py prints and
+    exit 2, not a traceback, before serve run starts Ray."""
+    import ray
+    from click.testing import CliRunner
+    from ray.serve.scripts import cli as serve_cli
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", started)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # serve run puts its --app-dir first
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    result = CliRunner().invoke(serve_cli, ["run", "dadh_dist.serve:app", "checkpoint=no_run",
+                                            f"device=cuda:{n}"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: --device: 'cuda:{n}': this machine has {n} CUDA " \
+        "device(s)"
 
 
 def test_only_cuda_devices_ask_ray_for_a_gpu(run):

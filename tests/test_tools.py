@@ -746,6 +746,28 @@ def test_16_bit_gray_images_encode_as_the_same_image_at_8_bits(centred, loaded, 
     assert inference.decode(deep.getvalue(), 1, 4, "x")[0, 0].tolist() == [0, 3, 4, 255]
 
 
+def test_float_images_encode_as_training_decodes_them():
+    """Encode, search and serve decode a float image (mode F) by its range, as training does:
+    0..1 times 255 (convert("L") made it black), 0..255 as it is, another range refused."""
+    from dadh_dist.data import DataError
+    from dadh_dist.data.images import decode as training_decode
+
+    eight = np.random.default_rng(5).integers(0, 256, (4, 4), dtype=np.uint8)
+    for pixels in (eight / np.float32(255), eight.astype(np.float32)):
+        blob = io.BytesIO()
+        Image.fromarray(pixels.astype(np.float32)).save(blob, "TIFF")
+        got, mode, _ = inference.decode_noting(blob.getvalue(), 1, 4, "x.tif")
+        np.testing.assert_array_equal(got[0], eight)
+        assert mode == "F"  # noted as converted
+        np.testing.assert_array_equal(inference.decode(blob.getvalue(), 3, 4, "x.tif"),
+                                      training_decode(blob.getvalue(), rgb=True))
+    blob = io.BytesIO()
+    Image.fromarray(np.array([[0.0, 1000.0]], np.float32)).save(blob, "TIFF")
+    with pytest.raises(DataError, match=r"^x.tif: unreadable image \(float pixels in 0..1000: "
+                       r"only 0..1 and 0..255 are read"):
+        inference.decode(blob.getvalue(), 1, 2, "x.tif")
+
+
 def test_gray_gifs_and_gray_palettes_encode_as_gray_images(centred, loaded, tmp_path, capsys):
     hf, ds = loaded
     x = ds.query.images[0, 0]

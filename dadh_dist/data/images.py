@@ -22,15 +22,35 @@ DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def to_8_bits(img: Image.Image) -> Image.Image:
-    """A 16- or 32-bit integer image as 8-bit gray, scaled by its type's range (I;16: value/257,
-    rounded): `convert("L")` would clip at 255 and make most of a 16-bit image white. Mode I
-    holding only 0..65535 (a 16-bit file read as I) is taken as 16-bit; negatives count as 0."""
+    """A 16- or 32-bit integer or a float image as 8-bit gray, scaled by its type's range (I;16:
+    value/257, rounded): `convert("L")` would clip at 255 and make most of a 16-bit image white.
+    Mode I holding only 0..65535 (a 16-bit file read as I) is taken as 16-bit; negatives count
+    as 0. Float images (F) are read the same way, by their range: see `_float_to_8_bits`."""
+    if img.mode == "F":
+        return _float_to_8_bits(img)
     if img.mode not in DEEP_MODES:
         return img
     a = np.asarray(img).astype(np.int64)
     top = 65535 if img.mode != "I" or a.max(initial=0) <= 65535 else 2**31 - 1
     a = (np.clip(a, 0, top) * 255 + top // 2) // top
     return Image.fromarray(a.astype(np.uint8), "L")
+
+
+def _float_to_8_bits(img: Image.Image) -> Image.Image:
+    """A float image holding 0..1 (the float convention) times 255, one holding 0..255 (PIL's
+    float form of an 8-bit image) as it is, rounded; any other range is refused (ValueError),
+    where `convert("L")` would make 0..1 black and clip the rest: no scale fits every such file,
+    and scaling each image by its own min and max would give one scene different pixels in two
+    files. As for mode I, the range a file holds decides."""
+    a = np.asarray(img, np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError("float pixels that are not finite (NaN or infinity)")
+    lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+        raise ValueError(f"float pixels in {lo:g}..{hi:g}: only 0..1 and 0..255 are read "
+                         "(save the image with 8 or 16 bits)")
+    scale = 255 if hi <= 1 else 1
+    return Image.fromarray(np.floor(a * scale + 0.5).astype(np.uint8), "L")
 
 
 def decode(src: Path | bytes, size: int = 0, rgb: bool = False) -> np.ndarray:
@@ -40,7 +60,7 @@ def decode(src: Path | bytes, size: int = 0, rgb: bool = False) -> np.ndarray:
     DECODE_ERRORS for a missing or corrupt image.
     """
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
-        img = to_8_bits(img)  # a 16-bit image scaled, not clipped white by convert
+        img = to_8_bits(img)  # a 16-bit or float image scaled, not clipped by convert
         img = img.convert("RGB") if rgb or img.mode not in ("L", "RGB") else img.copy()
     if size > 0 and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)

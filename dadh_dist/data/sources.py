@@ -24,7 +24,10 @@ SOURCES = {
     "digits": load_digits,
 }
 
-# What data.root must hold, per source that reads one (digits is bundled).
+# Where the sources that read no folder take their data from.
+BUNDLED = {"digits": "scikit-learn's copy in its wheel"}
+
+# What data.root must hold, per source that reads one.
 ROOTS = {
     "fashion_mnist": "the Fashion-MNIST IDX files",
     "fashion_mnist_grid": "the Fashion-MNIST IDX files",
@@ -35,8 +38,15 @@ ROOTS = {
 
 
 def check_root(cfg: DataConfig) -> None:
-    """DataError naming data.root when the source's folder is missing: a run checks this before
-    it starts any worker. An empty root is Fashion-MNIST's Debian package, found through dpkg."""
+    """DataError naming data.root when the source's folder is missing, or when the source reads
+    none and a root is set (the user's data would be ignored): a run checks this before it
+    starts any worker. An empty root is Fashion-MNIST's Debian package, found through dpkg."""
+    if cfg.source in BUNDLED:
+        if cfg.root:
+            raise DataError(f"data.root: data.source = {cfg.source} reads no folder (it uses "
+                            f"{BUNDLED[cfg.source]}), but data.root = {cfg.root!r}; leave "
+                            "data.root empty, or set data.source to the format of that data")
+        return
     what = ROOTS.get(cfg.source)
     if what is None:
         return
