@@ -180,7 +180,8 @@ def test_missing_data_root_is_exit_2_before_ray_starts(tmp_path, monkeypatch, ca
 
 def test_a_data_root_for_digits_is_exit_2_not_ignored(tmp_path, monkeypatch, capsys):
     """digits is scikit-learn's bundled copy: a data.root the user set is refused in one line
-    naming the key and the source, before Ray or a run folder, not trained past silently."""
+    naming the key and the source, before Ray or a run folder, not trained past silently. On a
+    cluster the driver judges no folder, but still what the setting alone tells."""
     from dadh_dist import cli
     from dadh_dist.data import check_root
     from dadh_dist.run import ray_train
@@ -193,7 +194,10 @@ def test_a_data_root_for_digits_is_exit_2_not_ignored(tmp_path, monkeypatch, cap
     check_root(config.load(DEBUG).data)  # the shipped debug config sets no root
     mine = tmp_path / "my_images"
     mine.mkdir()
-    for use_ray in ("true", "false"):
+    # on a cluster (RAY_ADDRESS) too: the setting alone tells, whatever the workers' disks hold
+    for use_ray, cluster in (("true", False), ("false", False), ("true", True)):
+        if cluster:
+            monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
         code = cli.train_main(["--config", str(DEBUG), f"data.root={mine}",
                                f"log.run_dir={tmp_path / 'runs'}", f"scaling.use_ray={use_ray}"])
         assert code == 2
@@ -202,3 +206,7 @@ def test_a_data_root_for_digits_is_exit_2_not_ignored(tmp_path, monkeypatch, cap
             f"copy in its wheel), but data.root = '{mine}'; leave data.root empty, or set "
             "data.source to the format of that data"]
         assert not (tmp_path / "runs").exists()
+    code = cli.train_main(["--config", str(DEBUG), "data.source=parquet",
+                           f"log.run_dir={tmp_path / 'runs'}", "scaling.use_ray=true"])
+    assert code == 2
+    assert "data.root: data.source = parquet needs a folder" in capsys.readouterr().err

@@ -37,10 +37,11 @@ ROOTS = {
 }
 
 
-def check_root(cfg: DataConfig) -> None:
+def check_root(cfg: DataConfig, here: bool = True) -> None:
     """DataError naming data.root when the source's folder is missing, or when the source reads
     none and a root is set (the user's data would be ignored): a run checks this before it
-    starts any worker. An empty root is Fashion-MNIST's Debian package, found through dpkg."""
+    starts any worker. An empty root is Fashion-MNIST's Debian package, found through dpkg.
+    `here=False` (the data is read on other machines): only what the setting alone tells."""
     if cfg.source in BUNDLED:
         if cfg.root:
             raise DataError(f"data.root: data.source = {cfg.source} reads no folder (it uses "
@@ -52,9 +53,12 @@ def check_root(cfg: DataConfig) -> None:
         return
     if not cfg.root:
         if cfg.source.startswith("fashion_mnist"):
-            find_fashion_mnist()
+            if here:
+                find_fashion_mnist()
             return
         raise DataError(f"data.root: data.source = {cfg.source} needs a folder holding {what}")
+    if not here:
+        return
     root = Path(cfg.root)
     if not root.is_dir():
         why = "is not a folder" if root.exists() else "does not exist"

@@ -17,10 +17,12 @@ def data_here(cfg: Config) -> Config:
     here): `cfg` with its relative data paths made absolute (a Ray worker's working directory is
     not ours), and a missing data folder refused before any worker starts. On a cluster
     (RAY_ADDRESS) the workers read the data on their own nodes, which may see paths this one does
-    not, and start in the job's working directory: `cfg` as it is."""
+    not, and start in the job's working directory: `cfg` as it is, refused only for what its
+    data settings alone tell (a root set for a source that reads none, none for one that does)."""
     from dadh_dist.data import check_root
 
     if cfg.scaling.use_ray and os.environ.get("RAY_ADDRESS"):
+        check_root(cfg.data, here=False)
         return cfg
     cfg = cfg.with_absolute_paths()
     check_root(cfg.data)
