@@ -639,6 +639,12 @@ def tune_main(argv: list[str] | None = None) -> int:
         with stdout_to_stderr():
             try:
                 result = sweeps.run_sweep(sweep)
+            except sweeps.SweepFailed as e:
+                if e.result is None:
+                    raise
+                # the rows of the trials that did run (failed or stopped) and the folder, so a
+                # script can look at them: the error alone would lose them
+                result = {**e.result, "error": str(e), "exit_code": EXIT_RUN_FAILED}
             finally:
                 # a Ray started here stops before the JSON is printed, so that no worker log
                 # line it still forwards can follow the JSON on stdout

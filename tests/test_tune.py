@@ -281,6 +281,24 @@ def test_cli_user_error_is_one_line_exit_2(tmp_path):
     assert helped.returncode == 0 and "--num-samples" in helped.stdout
 
 
+def test_base_file_without_ray_is_refused(tmp_path):
+    # every trial is a Ray Train run: a base that turns Ray off would be ignored, silently
+    local = DEBUG.read_text().replace("[scaling]\n", "[scaling]\nuse_ray = false\n")
+    (tmp_path / "local.toml").write_text(local)
+    path = _write(tmp_path, GOOD.replace(json.dumps(str(DEBUG)), '"local.toml"'))
+    with pytest.raises(ConfigError) as err:
+        sweep.load_sweep(path)
+    assert str(err.value) == (
+        f"sweep.toml: base: {tmp_path / 'local.toml'} sets scaling.use_ray = false, but every "
+        "trial of a sweep is a Ray Train run (on a local Ray if none is running); drop the key "
+        "there, or sweep another base")
+    # named first, not hidden behind a check that use_ray = false brings (num_workers = 1)
+    with pytest.raises(ConfigError, match=r"^sweep.toml: base: .*local.toml sets scaling.use_ray"):
+        sweep.load_sweep(path, ["scaling.num_workers=2"])
+    (tmp_path / "local.toml").write_text(local.replace("use_ray = false", "use_ray = true"))
+    assert sweep.load_sweep(path).base.scaling.use_ray
+
+
 def test_base_is_found_under_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "mine.toml").write_text(DEBUG.read_text())
@@ -428,17 +446,42 @@ def test_tune_json_prints_the_results_alone_on_stdout(tmp_path, monkeypatch, cap
     assert "Tune's progress table\na worker's log line, forwarded by Ray\n" in captured.err
     assert "trial_a" in captured.err  # the summary table, as without --json
 
-    def failed(s):
-        raise sweep.SweepFailed("sweep sweep: no trial completed all 3 outer iterations")
+    def failed(s):  # what run_sweep raises when every trial failed: summarize's SweepFailed
+        print("Tune's progress table")
+        return sweep.summarize(s, _Grid([
+            _result(s, "trial_a", 100.0, [0.3], error=RuntimeError("worker died")),
+            _result(s, "trial_b", 20.0, [], error=RuntimeError("before its first report"))]),
+            finished=2)
 
     monkeypatch.setattr(sweep, "run_sweep", failed)
+    message = ("sweep sweep: no trial completed all 3 outer iterations with val/map_all_fg; "
+               f"see the trial errors in {tmp_path / 'runs' / 'sweep' / 'tune'}")
     assert cli.tune_main(argv) == cli.EXIT_RUN_FAILED
-    assert json.loads(capfd.readouterr().out) == {
-        "error": "sweep sweep: no trial completed all 3 outer iterations", "exit_code": 1}
+    captured = capfd.readouterr()
+    payload = json.loads(captured.out)  # the rows of what ran too, not the error alone
+    assert (payload["error"], payload["exit_code"]) == (message, 1)
+    assert [(r["trial"], r["iters"], r["val"], r["error"]) for r in payload["rows"]] == [
+        ("trial_a", 1, 0.3, True), ("trial_b", 0, None, True)]
+    assert (payload["folder"], payload["finished"], payload["failed"]) == (
+        str(tmp_path / "runs" / "sweep"), 2, 2)
+    assert payload["best"] is None and payload["best_config"] is None
+    assert not payload["interrupted"] and "Tune's progress table" in captured.err
+    # without --json: the table of what ran, then the one-line error
     assert cli.tune_main(argv[:-1]) == cli.EXIT_RUN_FAILED
     captured = capfd.readouterr()
-    assert captured.out == "" and captured.err == (
-        "error: sweep sweep: no trial completed all 3 outer iterations\n")
+    assert captured.err == f"error: {message}\n"
+    lines = captured.out.splitlines()
+    assert "sweep sweep: 2/2 trials finished, 2 failed" in lines
+    assert [line.split()[:2] for line in lines if line.startswith("trial_")] == [
+        ["trial_a", "(error)"], ["trial_b", "(error)"]]
+
+    def no_results(s):  # a SweepFailed that carries no results: the error alone
+        raise sweep.SweepFailed("sweep sweep: no trial ran")
+
+    monkeypatch.setattr(sweep, "run_sweep", no_results)
+    assert cli.tune_main(argv) == cli.EXIT_RUN_FAILED
+    assert json.loads(capfd.readouterr().out) == {"error": "sweep sweep: no trial ran",
+                                                  "exit_code": 1}
 
 
 def test_asha_rungs_survive_the_restore_that_tune_does_from_tuner_pkl(tmp_path):

@@ -17,7 +17,13 @@ from dadh_dist.sweep.spec import Sweep
 
 
 class SweepFailed(RuntimeError):
-    """No trial produced the metric (every trial failed); the message says where to look."""
+    """No trial produced the metric (every trial failed); the message says where to look.
+    `result`: what `summarize` returns for a sweep that ended, the rows of the trials that ran
+    (failed or stopped) and the sweep's folder, for `tune --json` to print all the same."""
+
+    def __init__(self, message: str, result: dict | None = None):
+        super().__init__(message)
+        self.result = result
 
 
 def trial_rows(s: Sweep, results) -> list[dict]:
@@ -121,7 +127,8 @@ def summarize(s: Sweep, results, finished: int) -> dict:
     """Print the sweep's table and, once every trial has finished, write its hparams and best
     config. `results`: Tune's ResultGrid (any iterable of results with `num_errors`);
     `finished`: trials Tune's saved state holds as done. Returns the results as plain data
-    (what `tune --json` prints): the rows, the best row, best_config.toml's path."""
+    (what `tune --json` prints): the rows, the best row, best_config.toml's path. A sweep that
+    ended without a best trial raises SweepFailed, after the table, carrying these results."""
     rows = trial_rows(s, results)
     interrupted = finished < s.expected_trials
     best = None if interrupted else best_row(s, rows)
@@ -137,7 +144,7 @@ def summarize(s: Sweep, results, finished: int) -> dict:
     write_hparams(s, rows)
     if best is None:
         raise SweepFailed(f"sweep {s.name}: no trial completed all {s.max_t} outer iterations "
-                          f"with {s.metric}; see the trial errors in {s.folder / 'tune'}")
+                          f"with {s.metric}; see the trial errors in {s.folder / 'tune'}", out)
     out["best_config"] = str(write_best_config(s, best))
     _print_best(s, best, out["best_config"])
     return out

@@ -173,6 +173,7 @@ def _build_sweep(path: Path, raw: dict, overrides: dict | list[str], num_samples
         raise ConfigError("base: missing; name the training config to sweep from")
     asha = _read_table("asha.", top.get("asha", {}), _ASHA)
     base_path = _find_base(top["base"], path)
+    _check_base_file_uses_ray(base_path)
     file_overrides = _flatten(top.get("overrides", {}))
     try:
         extra = config_mod.parse_overrides(overrides)
@@ -240,6 +241,17 @@ def _find_base(raw: str, sweep_path: Path) -> Path:
             return c.resolve()
     raise ConfigError(f"base: config file {raw!r} not found next to {sweep_path} or in the "
                       f"working directory ({Path.cwd()})")
+
+
+def _check_base_file_uses_ray(base_path: Path) -> None:
+    """Refuse a base file that turns Ray off: every trial is a Ray Train run, so the key would be
+    ignored. Read from the file, before the overrides are applied (checks that use_ray = false
+    brings, such as num_workers = 1, would fail first and hide the cause)."""
+    scaling = config_mod.read_toml(base_path).get("scaling")
+    if isinstance(scaling, dict) and scaling.get("use_ray") is False:
+        raise ConfigError(f"base: {base_path} sets scaling.use_ray = false, but every trial of a "
+                          "sweep is a Ray Train run (on a local Ray if none is running); drop "
+                          "the key there, or sweep another base")
 
 
 def _base_config(base_path: Path, file_overrides: dict, extra: dict) -> Config:
