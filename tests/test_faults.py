@@ -234,7 +234,8 @@ def _ray_snapshot(folder: Path, *names: str) -> None:
         {"ray_version": "2.60.0", "checkpoint_results": results}))
 
 
-def test_checkpoints_ray_never_registered_are_pruned_after_the_fit(tmp_path):
+def test_checkpoints_ray_never_registered_are_pruned_after_the_fit(tmp_path, monkeypatch,
+                                                                   capsys):
     """Each attempt lost before its report reached the controller leaves one checkpoint Ray never
     registered, so never prunes. After the fit: the KEEP_CHECKPOINTS newest that verify, and what
     Ray registered (its next fit restores those names), stay; the rest goes, half-written ones
@@ -270,6 +271,13 @@ def test_checkpoints_ray_never_registered_are_pruned_after_the_fit(tmp_path):
     runner.ray_train.prune_unregistered(cfg, tmp_path / "mirror")  # no snapshot: none registered
     assert [n for _, n in storage.checkpoints(uri)] == [name(3), name(2)]
     assert not (tmp_path / "remote" / "r" / name(4)).exists()
+    # it runs after the fit: a store that fails is a warning, never what the run ends with
+    def unreachable(*_):
+        raise uris.StorageError("s3://b/r: read failed (no route)")
+
+    monkeypatch.setattr(uris, "read_bytes", unreachable)
+    runner.ray_train.prune_unregistered(cfg, tmp_path / "mirror")
+    assert "were not pruned: s3://b/r: read failed" in capsys.readouterr().err
 
 
 def test_ctrl_c_under_rays_fit_is_a_keyboard_interrupt_and_its_handler_goes(tmp_path):

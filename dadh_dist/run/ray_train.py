@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def run_ray(cfg: Config) -> dict:
     except ray.train.TrainingFailedError as e:
         raise RunFailed(failure_message(cfg, folder, e)) from e
     finally:
-        prune_unregistered(cfg, folder)
+        prune_unregistered(cfg, folder)  # never raises: the run's own outcome goes on
     uri = run_uri(cfg)
     if uri is None:
         final = json.loads((folder / "final_metrics.json").read_text())
@@ -208,7 +209,16 @@ def prune_unregistered(cfg: Config, folder: Path) -> None:
     restart resumes from it all the same, `resume.restart_checkpoint`), so each interrupted
     attempt left one more behind. Kept: whatever Ray registered (its next fit restores those
     names), and the KEEP_CHECKPOINTS newest by t (verified, on a local run). Nothing is removed
-    when Ray's record of its checkpoints does not read."""
+    when Ray's record of its checkpoints does not read; a store that fails is a warning (it runs
+    after the fit, whose outcome must not be hidden by it)."""
+    try:
+        _prune_unregistered(cfg, folder)
+    except (OSError, uris.StorageError) as e:
+        print(f"warning: checkpoints Ray never registered were not pruned: {uris.first_line(e)}",
+              file=sys.stderr)
+
+
+def _prune_unregistered(cfg: Config, folder: Path) -> None:
     uri = run_uri(cfg)
     if uri is None:
         raw = (folder / RAY_SNAPSHOT).read_bytes() if (folder / RAY_SNAPSHOT).is_file() else None
