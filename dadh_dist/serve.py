@@ -754,6 +754,16 @@ def check_device(options: Options, remote: bool) -> None:
     resolve_device(options.device, here=not remote)
 
 
+def check_cpus(options: Options, have: float) -> None:
+    """Replicas asking for more CPUs than the Ray started on this machine holds would never
+    start: refused before they are asked for."""
+    need = options.replicas * options.cpus_per_replica
+    if need > have:
+        raise _config_error(f"--replicas: {options.replicas} x {options.cpus_per_replica} "
+                            f"CPU need {need:g} CPUs, this machine has {have:g} "
+                            "(lower --cpus-per-replica)")
+
+
 def check_gpus(options: Options, have: float, where: str = "the Ray cluster") -> None:
     """Replicas asking for GPUs that `where` lacks would wait for them forever after "Started
     Serve": refused once the GPUs where they run are known."""
@@ -789,6 +799,8 @@ def _checked_app(args: dict, address: str | None):
         check_gpus(options, ray.cluster_resources().get("GPU", 0))
     else:  # serve run connects after the builder: to `address`, or to a Ray it starts here
         check_device(options, remote=bool(address))
+        if not address:  # Ray starts here, with this machine's CPUs
+            check_cpus(options, os.cpu_count() or 1)
         if replica_gpus(options.device):
             check_gpus(options, *_gpus_before_ray(address))
     return build(options)
@@ -891,12 +903,11 @@ def serve_forever(options: Options) -> int:
 
         loopback_only()  # Ray's own servers; the HTTP proxy listens on --host
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-        need, have = options.replicas * options.cpus_per_replica, ray.cluster_resources()["CPU"]
-        if need > have:
+        try:
+            check_cpus(options, ray.cluster_resources()["CPU"])
+        except Exception:
             ray.shutdown()
-            raise _config_error(f"--replicas: {options.replicas} x {options.cpus_per_replica} "
-                                f"CPU need {need:g} CPUs, this machine has {have:g} "
-                                "(lower --cpus-per-replica)")
+            raise
     elif own_ray:
         ray.init()
     try:

@@ -444,6 +444,11 @@ def test_the_serve_run_builder_checks_the_device_as_jobs_serve_does(monkeypatch)
         serving.app({"checkpoint": "no_run", "device": "cuda", "replicas": "2"})
     with pytest.raises(AssertionError, match="the model loaded"):
         serving.app({"checkpoint": "no_run", "device": "cuda"})
+    # Ray starts here with this machine's CPUs: replicas asking for more would never start
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(config.ConfigError, match=r"^--replicas: 3 x 1.0 CPU need 3 CPUs, this "
+                       r"machine has 2 \(lower --cpus-per-replica\)$"):
+        serving.app({"checkpoint": "no_run", "replicas": "3", "cpus_per_replica": "1"})
     # a named cluster is asked (and left again), as jobs/serve.py asks it once connected
     calls = []
     monkeypatch.setenv("RAY_ADDRESS", "ray://nowhere:10001")
