@@ -17,6 +17,13 @@ from pathlib import Path
 from dadh_dist.checkpoint import write_atomic
 
 
+def say(line: str) -> None:
+    """One line on stdout, flushed. Not print(): Ray Train patches print in its workers to also
+    log the line, which reaches the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class Monitor:
     def __init__(self, run_dir: Path | None, enabled: bool, tensorboard: bool, config_toml: str,
                  resumed_at: int = 0):
@@ -71,10 +78,7 @@ class Monitor:
     def progress(self, line: str) -> None:
         if self.enabled:
             elapsed = time.time() - self.start
-            # Not print(): Ray Train patches print in its workers to also log the line, which
-            # reaches the driver twice.
-            sys.stdout.write(f"[{elapsed:7.1f}s] {line}\n")
-            sys.stdout.flush()
+            say(f"[{elapsed:7.1f}s] {line}")
 
     def write_json(self, name: str, payload: dict) -> Path | None:
         if not self.enabled:
