@@ -668,10 +668,16 @@ def _ray_is_up() -> bool:
 def _comma_list(item: type):
     def parse(text: str) -> list:
         try:
-            return [item(v) for v in text.split(",") if v.strip()]
+            values = [item(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated {item.__name__} values, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:  # the same cell twice would train twice into one folder
+            raise argparse.ArgumentTypeError(f"{twice} given twice")
+        return values
 
     return parse
 
@@ -696,7 +702,7 @@ def quality_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run, as scaling.cpus_per_worker (0 = CPUs / "
-                             "parallel; an explicit scaling.cpus_per_worker=N wins)")
+                             "parallel); a finished cell is reused whatever its count")
     parser.add_argument("--method-override", action="append", default=[], metavar="M:KEY=VALUE",
                         help="override for one method only, e.g. adsh:train.outer_iters=20")
     parser.add_argument("--table-only", action="store_true",
@@ -726,22 +732,32 @@ def quality_main(argv: list[str] | None = None) -> int:
                 config_mod.override_args(config_mod.parse_overrides([override])))
         if args.threads < 0:
             raise ConfigError(f"--threads {args.threads}: expected 0 (CPUs / parallel) or more")
-        threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.parallel))
-        plan = quality.Plan(args.config, Path(args.out),
+        check_at_least("--parallel", args.parallel, 1)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+        plan = quality.Plan(args.config, Path(args.out).expanduser(),
                             config_mod.override_args(config_mod.parse_overrides(extra)), per_method,
                             threads=threads)
         cells = [quality.Cell(m, b, s) for b in args.bits for m in args.methods
                  for s in args.seeds]
         for cell in cells:  # every config file and override checked before anything runs
             config_mod.load(plan.config_path(cell), plan.cell_overrides(cell))
+        check_out(plan.out, "folder of the runs and the table", folder=True)
+        quality.check_reuse(plan, cells)
 
         def progress(line: str) -> None:  # a cell's line as it finishes
             if not args.quiet:
                 print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
         rows = quality.run_plan(plan, cells, args.parallel, progress, train=not args.table_only)
-        path = None if args.table_only else quality.write(plan, rows)
-        failed = 0 if args.table_only else sum("error" in r for r in rows)
+        rows = quality.with_finished(plan, rows)
+        path = None
+        if not args.table_only:
+            with writing(plan.out):
+                path = quality.write(plan, rows)
+            if path is None:
+                print(f"no cell finished: {plan.out / 'table.md'} and rows.json left as they "
+                      "were", file=sys.stderr)
+        failed = sum(r.get("error", quality.NOT_RUN) != quality.NOT_RUN for r in rows)
         if args.json:
             payload = {"out": str(plan.out), "table": str(path) if path else None,
                        "markdown": quality.table(rows), "rows": rows}

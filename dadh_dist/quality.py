@@ -4,9 +4,10 @@ Every cell is `python -m dadh_dist train --config <config> <method overrides> tr
 (the trainer of `jobs/train.py` and `dadh-train`) run in-process (no Ray, one worker) as a
 subprocess, so a row of the table is reproduced by exactly the command printed next to it.
 Runs that already wrote `final_metrics.json` under the same name are read back instead of
-re-run, so a long table can be built over several sessions; a finished run whose saved config
-differs from the planned one is reported as an error, not read back (and an unfinished one is
-refused by the trainer itself).
+re-run, so a long table can be built over several sessions, and the table covers every cell
+finished under the same folder with the same budget; a finished run whose saved config differs
+from the planned one (its thread count aside) is refused, not read back (and an unfinished one
+is refused by the trainer itself).
 
 `python jobs/quality.py --config configs/fashion_mnist_{bits}.toml --bits 12,24,32,48` prints
 the Markdown table and writes it, with every run's numbers, next to the runs.
@@ -14,8 +15,10 @@ the Markdown table and writes it, with every run's numbers, next to the runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dadh_dist import config as config_mod
-from dadh_dist.config import ENCODERS
+from dadh_dist.config import ENCODERS, ConfigError
 from dadh_dist.run.local import worker_threads
 
 # Each method is a set of overrides of the same code (docs/design.md §2: ADSH and the ablations are
@@ -37,6 +40,17 @@ METHODS: dict[str, tuple[str, ...]] = {
     "dadh-no-code": ("objective.use_code=false",),
     "dadh-no-pair": ("objective.use_pair=false",),
 }
+METHOD_KEYS = frozenset(o.split("=", 1)[0] for method in METHODS.values() for o in method)
+"""The keys that make a method what it is: picked with --methods, never overridden."""
+CELL_KEYS = {
+    "train.seed": "--seeds",
+    "objective.bits": "--bits",
+    "log.run_dir": "--out",
+    "log.name": "--out (each cell's folder is named after the cell)",
+    "scaling.cpus_per_worker": "--threads",
+    "scaling.use_ray": "nothing: every cell runs in-process, without Ray",
+}
+"""The keys every cell sets itself (Plan.cell_overrides), with what sets them instead."""
 TRAIN = ["-m", "dadh_dist", "train"]
 """The trainer, as the installed package runs it (no repository layout assumed)."""
 
@@ -61,19 +75,32 @@ class Plan:
     """Extra overrides for every run (the shared budget)."""
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
     """Extra overrides for one method only (e.g. ADSH at the same wall time)."""
-    threads: int | None = None
+    threads: float | None = None
     """torch threads per run: `scaling.cpus_per_worker`, which sets them in the in-process
-    trainer (None: the config's). An override in `overrides` wins."""
+    trainer (None: the config's)."""
+
+    def __post_init__(self):
+        # a later override would replace what a cell sets, and every cell would be the same run
+        for where, overrides in (("", self.overrides),
+                                 *((f"{m}:", o) for m, o in self.method_overrides.items())):
+            for key in config_mod.parse_overrides(overrides):
+                if key in CELL_KEYS:
+                    raise ConfigError(f"{where}{key}: each cell sets its own; use "
+                                      f"{CELL_KEYS[key]}")
+                if key in METHOD_KEYS:
+                    raise ConfigError(f"{where}{key}: the methods set it (see quality.METHODS); "
+                                      "pick them with --methods")
 
     def config_path(self, cell: Cell) -> str:
-        return self.config.format(bits=cell.bits)
+        # not str.format: a path may hold other braces
+        return self.config.replace("{bits}", str(cell.bits))
 
     def cell_overrides(self, cell: Cell) -> list[str]:
         """Every override of one cell's run, in the order the trainer applies them (the code
         length too: a config without `{bits}` in its name, e.g. the grids', still varies it)."""
         if cell.method not in METHODS:
             raise ValueError(f"method {cell.method!r}: known methods are {', '.join(METHODS)}")
-        threads = [] if self.threads is None else [f"scaling.cpus_per_worker={self.threads}"]
+        threads = [] if self.threads is None else [f"scaling.cpus_per_worker={self.threads:g}"]
         return [
             "scaling.use_ray=false", *threads, f"objective.bits={cell.bits}",
             f"train.seed={cell.seed}", f"log.run_dir={self.out}", f"log.name={cell.name}",
@@ -92,6 +119,11 @@ def metrics_path(plan: Plan, cell: Cell) -> Path:
     return plan.out / cell.name / "final_metrics.json"
 
 
+CELL_NAME = re.compile(r"(?P<method>.+)_(?P<bits>\d+)b_s(?P<seed>-?\d+)")
+"""A cell's folder name (Cell.name)."""
+NOT_RUN = "not run yet"
+
+
 def run_cell(plan: Plan, cell: Cell, train: bool = True) -> dict:
     """Run one cell (or read it back when it already finished); returns its row. With
     `train=False` an unfinished cell is only reported as missing."""
@@ -100,7 +132,7 @@ def run_cell(plan: Plan, cell: Cell, train: bool = True) -> dict:
     row = {"method": cell.method, "bits": cell.bits, "seed": cell.seed,
            "command": shlex.join(cmd)}
     if not done.is_file() and not train:
-        row["error"] = "not run yet"
+        row["error"] = NOT_RUN
         return row
     if not done.is_file():
         plan.out.mkdir(parents=True, exist_ok=True)
@@ -111,35 +143,97 @@ def run_cell(plan: Plan, cell: Cell, train: bool = True) -> dict:
                                                       plan.cell_overrides(cell))))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         t0 = time.time()
-        with open(log, "w") as fh:
-            rc = subprocess.call([sys.executable, *TRAIN, "--config",
-                                  plan.config_path(cell), *plan.cell_overrides(cell)], stdout=fh,
+        # appended: an earlier try's output may be what says why it failed
+        with open(log, "ab") as fh:
+            fh.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {row['command']}\n".encode())
+            fh.flush()
+            start = fh.tell()
+            rc = subprocess.call([sys.executable, *cmd[1:]], stdout=fh,
                                  stderr=subprocess.STDOUT, env=env)
         row["process_wall_s"] = time.time() - t0
         if rc != 0 or not done.is_file():
-            tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+            output = log.read_bytes()[start:].decode(errors="replace")
+            tail = output.strip().splitlines()[-1:] or ["(no output)"]
             row["error"] = f"exit {rc}: {tail[0]} (log: {log})"
             return row
     else:
-        changed = _changed_config(plan, cell)
+        changed, saved = _changed_config(plan, cell)
         if changed:
-            row["error"] = (f"{plan.out / cell.name} finished with another config ({changed}); "
-                            "use another --out")
+            row["error"] = _another_config(plan, cell, changed)
             return row
-    row["metrics"] = json.loads(done.read_text())
+        # the command it ran with: its own thread count, which this plan's need not be
+        ran = dataclasses.replace(plan, threads=saved.scaling.cpus_per_worker)
+        row["command"] = shlex.join(ran.command(cell))
+    try:
+        metrics = json.loads(done.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        metrics, why = None, str(e)
+    else:
+        why = f"a JSON {type(metrics).__name__}, not an object"
+    if not isinstance(metrics, dict):
+        row["error"] = f"{done}: not a finished run's metrics ({why}); delete it to rerun the cell"
+        return row
+    row["metrics"] = metrics
     return row
 
 
-def _changed_config(plan: Plan, cell: Cell) -> str:
-    """'' when the finished cell's saved config is the one planned now; else what differs."""
-    planned = config_mod.load(plan.config_path(cell), plan.cell_overrides(cell))
+def _changed_config(plan: Plan, cell: Cell) -> tuple[str, config_mod.Config | None]:
+    """('', its saved config) when the finished cell ran the config planned now, its thread
+    count aside; else (what differs, None). Threads change the order of float sums, not the
+    method: a finished cell is finished whatever --parallel or --threads say now."""
     path = plan.out / cell.name / "config.toml"
     if not path.is_file():
-        return "its config.toml is missing"
+        return "its config.toml is missing", None
     saved = config_mod.load(path)
+    planned = config_mod.load(plan.config_path(cell), plan.cell_overrides(cell)).with_overrides(
+        {"scaling.cpus_per_worker": saved.scaling.cpus_per_worker})
     if saved.fingerprint() == planned.fingerprint():
-        return ""
-    return ", ".join(saved.differences(planned)[:3]) or "scaling"
+        return "", saved
+    return ", ".join(saved.differences(planned)[:3]) or "scaling", None
+
+
+def _another_config(plan: Plan, cell: Cell, changed: str) -> str:
+    return (f"{plan.out / cell.name} finished with another config ({changed}); use another "
+            "--out, or the overrides it ran with (its config.toml)")
+
+
+def check_reuse(plan: Plan, cells: list[Cell]) -> None:
+    """A ConfigError, before anything runs, when a cell already finished under the plan's
+    folder with another config: the rest trained there would mix two experiments."""
+    for cell in cells:
+        if metrics_path(plan, cell).is_file():
+            changed, _ = _changed_config(plan, cell)
+            if changed:
+                raise ConfigError(_another_config(plan, cell, changed))
+
+
+def finished_cells(out: Path) -> list[Cell]:
+    """The cells under `out` that wrote their final metrics, found by their folders' names."""
+    found = (CELL_NAME.fullmatch(p.parent.name) for p in out.glob("*/final_metrics.json"))
+    return sorted((Cell(m["method"], int(m["bits"]), int(m["seed"])) for m in found
+                   if m and m["method"] in METHODS), key=_order)
+
+
+def _order(cell: Cell) -> tuple:
+    return cell.bits, list(METHODS).index(cell.method), cell.seed
+
+
+def with_finished(plan: Plan, rows: list[dict]) -> list[dict]:
+    """`rows` and, after them, a row for every other cell finished under the plan's folder with
+    the config this plan gives it (an earlier invocation's other methods, bits or seeds), so
+    that the table covers them all."""
+    asked = {Cell(r["method"], r["bits"], r["seed"]) for r in rows}
+    extra = []
+    for cell in finished_cells(plan.out):
+        if cell in asked:
+            continue
+        try:
+            row = run_cell(plan, cell, train=False)
+        except ConfigError:  # another experiment's cell, e.g. no config file for its bits
+            continue
+        if "metrics" in row:
+            extra.append(row)
+    return [*rows, *extra]
 
 
 def run_plan(plan: Plan, cells: list[Cell], parallel: int = 1, progress=print,
@@ -176,35 +270,42 @@ def map_key(metrics: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per (method, bits), mean ± sample std over seeds per encoder."""
+    """Markdown: one line per (method, bits), mean ± sample std over seeds per encoder; one
+    table per metric protocol (cells that report mAP@k and cells that report mAP@all apart)."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         if "metrics" in row:
             groups.setdefault((row["method"], row["bits"]), []).append(row["metrics"])
     if not groups:
         return "(no finished runs)\n"
-    some = next(iter(groups.values()))[0]
-    key = map_key(some)
-    p_key = next((k.rsplit("_", 1)[0] for k in some if k.startswith("p_at_")), "p_at_1000")
-    head = (f"| method | bits | seeds | {key} f | {key} g | {key} f+g | {p_key} (best) "
-            f"| wall s |\n|---|---|---|---|---|---|---|---|\n")
-    lines = []
+    tables: dict[tuple[str, str], list[str]] = {}
     order = {m: i for i, m in enumerate(METHODS)}
     for (method, bits), ms in sorted(groups.items(), key=lambda kv: (kv[0][1],
                                                                       order[kv[0][0]])):
+        key = map_key(ms[0])
+        p_key = next((k.rsplit("_", 1)[0] for k in ms[0] if k.startswith("p_at_")), "p_at_1000")
+        means = {e: statistics.mean(v) for e in ENCODERS
+                 if (v := [m[f"{key}_{e}"] for m in ms if f"{key}_{e}" in m])}
         cells = [_mean_spread([m[f"{key}_{e}"] for m in ms if f"{key}_{e}" in m])
                  for e in ENCODERS]
-        best = max((e for e in ENCODERS if f"{key}_{e}" in ms[0]),
-                   key=lambda e: statistics.mean(m[f"{key}_{e}"] for m in ms))
-        p = _mean_spread([m[f"{p_key}_{best}"] for m in ms])
+        best = max(means, key=means.get, default="—")
+        p = _mean_spread([m[f"{p_key}_{best}"] for m in ms if f"{p_key}_{best}" in m])
         wall = statistics.mean(m.get("wall_s", 0.0) for m in ms)
-        lines.append(f"| {method} | {bits} | {len(ms)} | {' | '.join(cells)} | {p} ({best}) "
-                     f"| {wall:.0f} |")
-    return head + "\n".join(lines) + "\n"
+        tables.setdefault((key, p_key), []).append(
+            f"| {method} | {bits} | {len(ms)} | {' | '.join(cells)} | {p} ({best}) "
+            f"| {wall:.0f} |")
+    return "\n".join(
+        f"| method | bits | seeds | {key} f | {key} g | {key} f+g | {p_key} (best) "
+        f"| wall s |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+        for (key, p_key), lines in tables.items())
 
 
-def write(plan: Plan, rows: list[dict]) -> Path:
-    """rows.json (every run, its command and numbers) and table.md under the plan's folder."""
+def write(plan: Plan, rows: list[dict]) -> Path | None:
+    """rows.json (every run, its command and numbers) and table.md under the plan's folder;
+    None, with both left as they were, when no row finished: a table is never replaced by an
+    empty one."""
+    if not any("metrics" in row for row in rows):
+        return None
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "rows.json").write_text(json.dumps(rows, indent=1, sort_keys=True))
     path = plan.out / "table.md"

@@ -36,13 +36,12 @@ def test_every_method_is_a_valid_configuration_of_the_same_code(tmp_path):
 def test_threads_reach_the_trainer_as_its_cpus_per_worker(tmp_path):
     """--threads is the run's torch thread count: the in-process trainer sets it from
     scaling.cpus_per_worker, so an environment variable alone would not hold it (the trainer
-    would use the config's 2); an explicit override of the key wins."""
+    would use the config's 2)."""
     from dadh_dist.run.local import worker_threads
 
     cell = quality.Cell("adsh", 16, 0)
-    for overrides, want in (([], 3), (["scaling.cpus_per_worker=2"], 2)):
-        plan = quality.Plan(DEBUG, tmp_path, overrides, threads=3)
-        assert worker_threads(config.load(DEBUG, plan.cell_overrides(cell))) == want
+    plan = quality.Plan(DEBUG, tmp_path, threads=3)
+    assert worker_threads(config.load(DEBUG, plan.cell_overrides(cell))) == 3
     assert worker_threads(config.load(DEBUG, quality.Plan(DEBUG, tmp_path).cell_overrides(
         cell))) == config.load(DEBUG).scaling.cpus_per_worker
 
@@ -159,3 +158,162 @@ def test_failed_cells_are_a_json_result_with_exit_1(tmp_path, capsys, monkeypatc
     # without --json: the same exit code, the table and its path on stdout
     assert cli.quality_main(argv) == cli.EXIT_RUN_FAILED
     assert capsys.readouterr().out == payload["markdown"] + f"table: {tmp_path / 'table.md'}\n"
+
+
+@pytest.mark.parametrize("override, flag", [
+    ("train.seed=7", "--seeds"), ("objective.bits=8", "--bits"), ("log.run_dir=x", "--out"),
+    ("log.name=x", "--out"), ("scaling.use_ray=true", "in-process"),
+    ("scaling.cpus_per_worker=2", "--threads"), ("objective.use_pair=false", "--methods"),
+    ("--method-override=dadh:train.seed=3", "--seeds"),
+    ("--method-override=dadh:objective.use_code=false", "--methods"),
+])
+def test_overrides_of_what_a_cell_or_a_method_sets_are_refused(tmp_path, capsys, monkeypatch,
+                                                                override, flag):
+    """An override applied after a cell's own seed, bits or folder made every cell the same
+    run (a false table, exit 0); one of a method's keys relabels it."""
+    monkeypatch.setattr(quality, "run_plan", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "q"
+    argv = ["--config", DEBUG, "--methods", "dadh,adsh", "--bits", "16", "--out", str(out),
+            override]
+    assert cli.quality_main(argv) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    key = override.rsplit(":", 1)[-1].split("=")[0]
+    assert len(err.splitlines()) == 1 and key in err and flag in err
+    assert not out.exists()
+
+
+def test_the_keys_refused_are_the_ones_a_cell_and_the_methods_set(tmp_path):
+    plan = quality.Plan(DEBUG, tmp_path, threads=1)
+    for method in quality.METHODS:
+        keys = set(config.parse_overrides(plan.cell_overrides(quality.Cell(method, 16, 0))))
+        assert keys - quality.METHOD_KEYS == set(quality.CELL_KEYS)
+    assert quality.METHOD_KEYS == {"objective.two_streams", "objective.use_pair",
+                                   "objective.use_code", "eval.encoders"}
+
+
+def test_a_finished_cell_is_reused_whatever_its_thread_count(tmp_path):
+    """--parallel (CPUs / parallel threads) or --threads changed: the finished cell is read back,
+    with the command it ran with, not refused (which wiped the table)."""
+    cell = quality.Cell("adsh", 16, 0)
+    _finish(quality.Plan(DEBUG, tmp_path, threads=1), cell, map_all_f=0.5)
+    plan = quality.Plan(DEBUG, tmp_path, threads=2)
+    quality.check_reuse(plan, [cell])
+    row = quality.run_cell(plan, cell)
+    assert row["metrics"]["map_all_f"] == 0.5
+    assert "scaling.cpus_per_worker=1 " in row["command"]
+
+
+def test_another_budget_is_refused_up_front_and_the_table_is_kept(tmp_path, capsys, monkeypatch):
+    plan = quality.Plan(DEBUG, tmp_path, threads=1)
+    _finish(plan, quality.Cell("adsh", 16, 0), map_all_f=0.5)
+    (tmp_path / "table.md").write_text("good table")
+    monkeypatch.setattr(quality, "run_plan", lambda *a, **k: pytest.fail("trained"))
+    argv = ["--config", DEBUG, "--methods", "adsh,dadh", "--bits", "16", "--out", str(tmp_path),
+            "train.outer_iters=9"]
+    for extra in ([], ["--table-only"]):
+        assert cli.quality_main([*argv, *extra]) == cli.EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert "adsh_16b_s0 finished with another config (train.outer_iters: 4 -> 9)" in err
+        assert "use another --out" in err
+    assert (tmp_path / "table.md").read_text() == "good table"
+    assert not (tmp_path / "dadh_16b_s0").exists()
+
+
+def test_the_table_covers_every_cell_finished_in_the_folder(tmp_path, capsys):
+    """A second invocation with other methods kept only its own rows."""
+    plan = quality.Plan(DEBUG, tmp_path, threads=1)
+    _finish(plan, quality.Cell("adsh", 16, 0), map_all_f=0.5, p_at_1000_f=0.25)
+    _finish(plan, quality.Cell("dadh", 16, 1), map_all_f=0.75, p_at_1000_f=0.5)
+    # another budget's cell in the same folder is another experiment: not in this table
+    _finish(quality.Plan(DEBUG, tmp_path, ["train.outer_iters=9"], threads=1),
+            quality.Cell("dadh", 16, 2), map_all_f=0.1)
+    argv = ["--config", DEBUG, "--methods", "dadh", "--seeds", "1", "--bits", "16",
+            "--out", str(tmp_path), "--threads", "1"]
+    assert cli.quality_main(argv) == 0
+    text = (tmp_path / "table.md").read_text()
+    assert "| dadh | 16 | 1 | 0.750 |" in text and "| adsh | 16 | 1 | 0.500 |" in text
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["method"], r["seed"]) for r in rows] == [("dadh", 1), ("adsh", 0)]
+    assert text in capsys.readouterr().out
+
+
+def test_a_rerun_without_a_finished_cell_keeps_the_table(tmp_path, capsys, monkeypatch):
+    (tmp_path / "table.md").write_text("good table")
+    (tmp_path / "rows.json").write_text("[]")
+    rows = [{"method": "dadh", "bits": 16, "seed": 0, "error": "exit 1: boom (log: x.log)"}]
+    monkeypatch.setattr(quality, "run_plan", lambda *args, **kwargs: rows)
+    argv = ["--config", DEBUG, "--methods", "dadh", "--bits", "16", "--out", str(tmp_path)]
+    assert cli.quality_main(argv) == cli.EXIT_RUN_FAILED
+    assert "left as they were" in capsys.readouterr().err
+    assert (tmp_path / "table.md").read_text() == "good table"
+    assert (tmp_path / "rows.json").read_text() == "[]"
+
+
+@pytest.mark.parametrize("flags, where", [
+    (["--seeds", "0,0"], "--seeds"), (["--methods", "dadh,adsh,dadh"], "--methods"),
+    (["--bits", ""], "--bits"), (["--methods", " , "], "--methods"),
+    (["--parallel", "0"], "--parallel"),
+])
+def test_duplicate_or_no_cells_and_no_parallelism_are_refused(tmp_path, capsys, flags, where):
+    argv = ["--config", DEBUG, "--bits", "16", "--out", str(tmp_path / "q"), *flags]
+    try:
+        rc = cli.quality_main(argv)
+    except SystemExit as e:  # a usage error, as argparse exits
+        rc = e.code
+    assert rc == cli.EXIT_USER_ERROR
+    assert where in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_an_out_that_cannot_be_the_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = ["--config", DEBUG, "--bits", "16", "--out", str(tmp_path / "file")]
+    assert cli.quality_main(argv) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {tmp_path / 'file'}: is a file; --out names the folder of the " \
+                  "runs and the table to write into"
+
+
+def test_cells_with_other_metric_keys_get_a_table_each():
+    """--method-override dadh:eval.topk=100 crashed the table (max() of an empty sequence)."""
+    rows = [_row("dadh", 16, 0, map_at_100_f=0.9, map_at_100_g=0.8, map_at_100_fg=0.85,
+                 p_at_1000_f=0.7),
+            _row("adsh", 16, 0, map_all_f=0.5, p_at_500_f=0.4),
+            _row("adsh", 12, 0)]  # no mAP at all: a line, not a crash
+    tables = quality.table(rows).split("\n\n")  # by bits, then method, as one table did
+    assert len(tables) == 3
+    assert "| adsh | 12 | 1 | — | — | — | — (—) | 10 |" in tables[0]
+    assert "| map_at_100 f |" in tables[1] and "| dadh | 16 | 1 | 0.900 | 0.800 | 0.850 | " \
+        "0.700 (f) |" in tables[1]
+    assert "| p_at_500 (best) |" in tables[2] and "| adsh | 16 | 1 | 0.500 | — | — | 0.400 (f)" \
+        in tables[2]
+
+
+def test_truncated_metrics_are_an_error_row_and_config_paths_may_hold_braces(tmp_path):
+    cell = quality.Cell("adsh", 16, 0)
+    plan = quality.Plan(DEBUG, tmp_path)
+    _finish(plan, cell)
+    quality.metrics_path(plan, cell).write_text('{"map_all_f": 0.')
+    row = quality.run_cell(plan, cell)
+    assert "metrics" not in row and row["error"].startswith(
+        f"{quality.metrics_path(plan, cell)}: not a finished run's metrics")
+    assert quality.Plan("/tmp/{foo}_{bits}.toml", tmp_path).config_path(cell) == \
+        "/tmp/{foo}_16.toml"
+
+
+def test_a_rerun_appends_to_the_cells_log(tmp_path, monkeypatch):
+    outputs = iter([b"first try\n", b"second try\n"])
+
+    def trainer(cmd, stdout, **kwargs):  # a trainer that fails, without training
+        stdout.write(next(outputs))
+        return 1
+
+    monkeypatch.setattr(quality.subprocess, "call", trainer)
+    cell = quality.Cell("adsh", 16, 0)
+    plan = quality.Plan(DEBUG, tmp_path, threads=1)
+    quality.run_cell(plan, cell)
+    row = quality.run_cell(plan, cell)
+    assert row["error"] == f"exit 1: second try (log: {tmp_path / 'adsh_16b_s0.log'})"
+    log = (tmp_path / "adsh_16b_s0.log").read_text().splitlines()
+    assert [line for line in log if not line.startswith("==== ")] == ["first try", "second try"]
+    assert log[0].endswith(row["command"]) and log[2].endswith(row["command"])
