@@ -380,13 +380,15 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         check_at_least("--batch-size", args.batch_size, 1)
         encoders = None
         if args.encoders:
-            encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
+            # one row per encoder, however often it is named
+            encoders = list(dict.fromkeys(e.strip() for e in args.encoders.split(",")
+                                          if e.strip()))
             bad = [e for e in encoders if e not in ENCODERS]
             if bad or not encoders:
                 raise ConfigError(f"--encoders: {args.encoders!r}: name some of f, g, fg, "
                                   "comma-separated")
         device = resolve_device(args.device)
-        from dadh_dist import inference, report, storage
+        from dadh_dist import inference, report
 
         notes = Notes()
         hf, dataset = inference.load_with_data(args.checkpoint, device)
@@ -402,11 +404,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             paths = report.write(out, ev, hf, dataset, args.examples, not args.no_tensorboard)
         for e, line in ev.warnings.items():
             print(f"warning: {report.NAMES[e]}: {line}", file=sys.stderr)
-        published = None
-        if uris.is_uri(args.checkpoint) and not args.out:
-            # a remote run's evaluation goes next to it, like a local run's
-            published = uris.join(_run_of(args.checkpoint), "eval", out.name)
-            storage.Publisher(out, published)()
+        # a remote run's evaluation goes next to it, like a local run's (an --out: stays here)
+        published = None if args.out else hf.publish(out)
         if args.json:
             _print_json({"out": str(out), "report": str(paths["report.md"]),
                          "metrics": ev.metrics, "warnings": ev.warnings, "notes": notes.lines,
@@ -422,14 +421,6 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_main(body, wants_json(argv))
-
-
-def _run_of(uri: str) -> str:
-    """The run URI of a run or checkpoint URI."""
-    from dadh_dist import storage
-
-    parent, name = uris.split(uri)
-    return parent if name.startswith(storage.CHECKPOINT_PREFIX) else uri
 
 
 def encode_main(argv: list[str] | None = None) -> int:
@@ -604,6 +595,8 @@ def export_main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"weights: {paths['weights']}")
             print(f"metadata: {paths['metadata']}")
+        if "published" in paths:
+            print(f"published: {paths['published']}")
         return 0
 
     return run_main(body, wants_json(argv))

@@ -8,6 +8,11 @@
     program = torch.export.load("exported/hash_fg.pt2").module()
     codes = program(images)         # no dadh_dist needed to run it
 
+Writing into a folder that holds an export of another encoder removes that export's program, so
+the folder holds one export, the one export.json describes. An `out` inside the local mirror of
+a remote run (a run URI's default export folder) is then published to the same place under the
+run URI, as evaluate publishes its report.
+
 The batch dimension is dynamic (any N >= 1); channels and side are fixed to the training
 geometry. The codes are sign(f), sign(g) or sign(f + g) with 0 counted as -1, the rule of
 `encoding.query_codes`, and `export` checks the saved program against the checkpoint before it
@@ -26,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dadh_dist import uris
+from dadh_dist.config import ENCODERS
 from dadh_dist.inference import HashFunction
 
 MAX_BATCH = 1 << 20
@@ -64,9 +71,16 @@ def example_images(hf: HashFunction, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
 
 
-def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path]:
+def program_name(encoder: str) -> str:
+    return f"hash_{encoder}.pt2"
+
+
+def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path | str]:
     """Write the program, the weights and their metadata into `out` once the program has been
-    verified; a program that fails the check leaves `out` as it was."""
+    verified, removing the program of an earlier export of another encoder there; a program
+    that fails the check leaves `out` as it was. Returns the paths written, and under
+    "published" where they were sent (user-info masked) when `out` lies in a remote run's
+    mirror (`HashFunction.publish`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # a CPU copy: the program is traced on the CPU whatever device hf runs on
@@ -75,7 +89,7 @@ def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path]:
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with torch.no_grad():
         program = torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}})
-    names = {"program": f"hash_{encoder}.pt2", "weights": "streams.pt",
+    names = {"program": program_name(encoder), "weights": "streams.pt",
              "metadata": "export.json"}
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
@@ -96,7 +110,14 @@ def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path]:
             os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {key: out / name for key, name in names.items()}
+    for other in ENCODERS:  # export.json and streams.pt now describe `encoder` only
+        if other != encoder:
+            (out / program_name(other)).unlink(missing_ok=True)
+    paths: dict[str, Path | str] = {key: out / name for key, name in names.items()}
+    published = hf.publish(out)
+    if published:
+        paths["published"] = uris.redact(published)
+    return paths
 
 
 def load_program(path: str | Path) -> nn.Module:

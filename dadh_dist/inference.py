@@ -69,6 +69,9 @@ class HashFunction:
     """Images are (N, channels, image_size, image_size) uint8."""
     device: torch.device
     model_sha256: str
+    run_uri: str | None = None
+    """The remote run the checkpoint was fetched from (None for a local one); its local mirror
+    is `run_folder`."""
 
     @property
     def bits(self) -> int:
@@ -92,6 +95,20 @@ class HashFunction:
                               f"(this model has {'two streams' if self.g else 'one stream'})")
         return encoder
 
+    def publish(self, out: Path) -> str | None:
+        """Send the folder `out` to the remote run when it lies in the run's local mirror (where
+        a tool's default output goes for a run URI), at the same place under the run URI; the
+        URI it went to, or None for a local run or an `out` elsewhere."""
+        if self.run_uri is None:
+            return None
+        try:
+            rel = Path(out).resolve().relative_to(self.run_folder.resolve())
+        except ValueError:
+            return None
+        dest = uris.join(self.run_uri, rel.as_posix())
+        storage.Publisher(Path(out), dest)()
+        return dest
+
     def outputs(self, images, encoders, batch: int | None = None) -> dict[str, torch.Tensor]:
         """Real-valued stream outputs (N, k) float32 for the streams the encoders need."""
         # a read-only array (np.asarray of a decoded image) makes torch warn once per process;
@@ -110,27 +127,31 @@ class HashFunction:
         return encoding.query_codes(self.outputs(images, [encoder], batch), encoder)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as given, or the newest valid one of a run folder; a URI (a remote
-    run or checkpoint, see `storage`) is fetched into its local mirror first."""
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str | None]:
+    """(checkpoint folder, run URI): the folder, absolute, as given or the newest valid one of
+    a run folder, and None; for a URI (a remote run or checkpoint, see `storage`) the folder
+    fetched into the run's local mirror, and the run's URI."""
     if uris.is_uri(str(path)):
         return _fetch_remote(str(path))
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such run or checkpoint folder")
+    # `.`, `..` or a trailing slash must still name the checkpoint and its run (default
+    # output folders are made of those names)
+    p = p.resolve()
     if (p / ckpt.MANIFEST).exists() or (p / ckpt.STATE).exists():
-        return p
+        return p, None
     found = ckpt.latest_valid(p)
     if found is None:
         raise ckpt.CheckpointError(f"{p}: holds no valid checkpoint_* folder (is it a run "
                                    "folder of jobs/train.py?)")
-    return found
+    return found, None
 
 
-def _fetch_remote(uri: str) -> Path:
+def _fetch_remote(uri: str) -> tuple[Path, str]:
     if uris.read_bytes(uris.join(uri, ckpt.MANIFEST)) is not None:  # a checkpoint
         run_uri, name = uris.split(uri)
-        return storage.fetch_checkpoint(uri, storage.mirror_dir(run_uri) / name)
+        return storage.fetch_checkpoint(uri, storage.mirror_dir(run_uri) / name), run_uri
     mirror = storage.mirror_dir(uri)
     for name in ("config.toml", "final_metrics.json"):
         raw = uris.read_bytes(uris.join(uri, name))
@@ -141,12 +162,12 @@ def _fetch_remote(uri: str) -> Path:
     if found is None:
         raise ckpt.CheckpointError(f"{uris.redact(uri)}: holds no valid checkpoint_* folder "
                                    "(is it a run of jobs/train.py?)")
-    return found
+    return found, uri
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> HashFunction:
     """The hash function of a run or checkpoint folder (the checkpoint is verified first)."""
-    folder = resolve_checkpoint(path)
+    folder, run_uri = resolve_checkpoint(path)
     state, manifest = ckpt.load(folder)
     cfg = config_mod.load(folder / ckpt.CONFIG)
     if "geometry" not in state:
@@ -176,7 +197,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> HashFunction:
         raise ckpt.CheckpointError(f"{where}: B has shape {B.shape}, expected (n, {o.bits})")
     return HashFunction(cfg=cfg, f=f, g=g, B=B.astype(np.int8), t=int(manifest["t"]),
                         checkpoint=folder, channels=channels, image_size=size,
-                        device=torch.device(device), model_sha256=model_sha256(f, g))
+                        device=torch.device(device), model_sha256=model_sha256(f, g),
+                        run_uri=run_uri)
 
 
 def load_with_data(path: str | Path, device: str | torch.device = "cpu") -> tuple[

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -892,3 +893,63 @@ def test_ids_beyond_int64_are_refused_not_wrapped(tmp_path, capsys):
     assert cli.search_main(["--database", str(bad), "--query", str(small)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {bad}: column 'id' holds id {2**63 + 5}, beyond int64 (ids must fit int64)")
+
+
+# ------------------------------------------------------------------ where default outputs go
+
+
+def test_export_and_evaluate_of_a_run_uri_publish_next_to_the_run_an_out_stays_local(
+        run, tmp_path, monkeypatch, capsys):
+    remote = tmp_path / "remote" / run.name
+    shutil.copytree(run, remote, ignore=shutil.ignore_patterns("tb"))
+    monkeypatch.setenv("DADH_MIRROR_DIR", str(tmp_path / "mirrors"))
+    newest = ckpt.latest_valid(remote).name
+    uri = f"file://{remote}"
+    assert cli.export_main(["--checkpoint", uri, "--encoder", "f", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["published"] == f"{uri}/export/{newest}_f"
+    sent = remote / "export" / f"{newest}_f"
+    assert sorted(p.name for p in sent.iterdir()) == ["export.json", "hash_f.pt2", "streams.pt"]
+    assert (sent / "hash_f.pt2").read_bytes() == Path(result["program"]).read_bytes()
+    # one checkpoint of the run: its run is the parent URI; an explicit --out stays local
+    out = tmp_path / "mine"
+    assert cli.export_main(["--checkpoint", f"{uri}/{newest}", "--encoder", "f", "--out",
+                            str(out), "--json"]) == 0
+    assert "published" not in json.loads(capsys.readouterr().out)
+    assert list((remote / "export").iterdir()) == [sent] and (out / "hash_f.pt2").is_file()
+    assert inference.load(f"{uri}/{newest}").run_uri == uri
+    # evaluate of a checkpoint URI publishes its report next to the run the same way
+    assert cli.evaluate_main(["--checkpoint", f"{uri}/{newest}", "--examples", "0",
+                              "--no-tensorboard", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["published"] == f"{uri}/eval/{newest}_query"
+    assert (remote / "eval" / f"{newest}_query" / "report.md").is_file()
+
+
+def test_a_checkpoint_named_dot_or_dot_dot_gives_its_real_names(run, monkeypatch):
+    newest = ckpt.latest_valid(run)
+    monkeypatch.chdir(newest)
+    for given in (".", "./", "..", f"../{newest.name}/"):
+        hf = inference.load(given)
+        assert (hf.checkpoint, hf.run_folder) == (newest, run), given
+
+
+def test_an_export_over_another_encoders_export_leaves_only_its_own_files(centred, tmp_path):
+    hf = inference.load(centred)
+    out = tmp_path / "export"
+    out.mkdir()
+    for name in ("notes.txt", "hash_f.pt2", "hash_fg.pt2"):  # earlier exports', and the user's
+        (out / name).write_text("earlier")
+    export.export(hf, "g", out)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "hash_g.pt2", "notes.txt",
+                                                     "streams.pt"]
+    assert json.loads((out / "export.json").read_text())["encoder"] == "g"
+
+
+def test_evaluate_reports_an_encoder_named_twice_once(centred, tmp_path, capsys):
+    assert cli.evaluate_main(["--checkpoint", str(centred), "--encoders", "fg,f,fg",
+                              "--out", str(tmp_path / "ev"), "--examples", "0",
+                              "--no-tensorboard", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(k for k in result["metrics"] if k.startswith("map_all_")) == [
+        "map_all_f", "map_all_fg"]
+    assert (tmp_path / "ev" / "report.md").read_text().count(f"| {report.NAMES['fg']} ") == 1
