@@ -228,9 +228,8 @@ def _prune_unregistered(cfg: Config, folder: Path) -> None:
     if registered is None:
         return
     if uri is None:
-        found = sorted(((t, p.name) for p in folder.glob(f"{storage.CHECKPOINT_PREFIX}*")
-                        if p.is_dir() and (t := _verified_t(p)) is not None), reverse=True)
         names = {p.name for p in folder.glob(f"{storage.CHECKPOINT_PREFIX}*") if p.is_dir()}
+        found = _newest_verified(folder, names)
     else:
         found = storage.checkpoints(uri)
         names = {rel.partition("/")[0] for rel, _ in uris.list_files(uri)
@@ -255,11 +254,25 @@ def _registered(raw: bytes | None) -> set[str] | None:
         return None
 
 
-def _verified_t(folder: Path) -> int | None:
-    try:
-        return ckpt.verify(folder)["t"]
-    except ckpt.CheckpointError:
-        return None
+def _newest_verified(folder: Path, names: set[str]) -> list[tuple[int, str]]:
+    """(t, name) of the KEEP_CHECKPOINTS newest of `names` that verify, newest first: by their
+    manifests' t, each hashed only until enough have verified."""
+    by_t = []
+    for name in names:
+        try:
+            by_t.append((int(json.loads((folder / name / ckpt.MANIFEST).read_text())["t"]), name))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no manifest (half-written) or an unreadable one: never among the kept
+    out = []
+    for t, name in sorted(by_t, reverse=True):
+        if len(out) == KEEP_CHECKPOINTS:
+            break
+        try:
+            ckpt.verify(folder / name)
+        except ckpt.CheckpointError:
+            continue
+        out.append((t, name))
+    return out
 
 
 def failure_message(cfg: Config, folder: Path, error: Exception) -> str:
