@@ -103,11 +103,23 @@ def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, dest: 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True,
                    help: str = "run folder (its newest valid checkpoint), a checkpoint_* "
-                               "folder, or a run URI") -> None:
-    """--checkpoint and --device, shared by every tool that loads a trained hash function."""
+                               "folder, or a run URI", reads_data: bool = False) -> None:
+    """--checkpoint and --device, shared by every tool that loads a trained hash function;
+    `reads_data`: --data-root too, for the tools that can read the run's own dataset."""
     parser.add_argument("--checkpoint", required=required, metavar="RUN|CKPT", help=help)
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="torch device of the streams: cpu, cuda, cuda:N (default: cpu)")
+    if reads_data:
+        parser.add_argument("--data-root", metavar="FOLDER", dest="data_root",
+                            help="the run's data, moved since training: read it from FOLDER "
+                                 "instead of the data.root the run was trained on")
+
+
+def check_data_root(args: argparse.Namespace) -> None:
+    """--data-root points at the run's own data, which only --split reads."""
+    if args.data_root is not None and args.split is None:
+        raise ConfigError("--data-root: only --split reads the run's own data; drop it, or "
+                          "use --split")
 
 
 def add_encoder_arg(parser: argparse.ArgumentParser, what: str = "query encoder") -> None:
@@ -353,7 +365,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         "Evaluate a trained run (asymmetric protocol: queries encoded by the network, database = "
         "learned B): metrics.json, PR and P@N plots, example retrievals, report.md, TensorBoard. "
         "Warns when the codes have collapsed (few distinct codes, or mAP at chance level)."))
-    add_model_args(parser)
+    add_model_args(parser, reads_data=True)
     parser.add_argument("--out", metavar="FOLDER", help="output FOLDER (default: "
                         "<run>/eval/<checkpoint>_<split>; for a run URI the local mirror's, "
                         "then sent to the URI)")
@@ -391,7 +403,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         from dadh_dist import inference, report
 
         notes = Notes()
-        hf, dataset = inference.load_with_data(args.checkpoint, device)
+        hf, dataset = inference.load_with_data(args.checkpoint, device, args.data_root)
         n = len(dataset.database)
         if args.topk is not None and args.topk > n:
             notes(f"--topk {args.topk} is more than the {n} database codes: "
@@ -429,7 +441,7 @@ def encode_main(argv: list[str] | None = None) -> int:
         "bits, encoder, model hash and config as metadata). Every unreadable image is listed "
         "before the tool fails; skipped non-image files and converted or resized images are "
         "noted on stderr."))
-    add_model_args(parser)
+    add_model_args(parser, reads_data=True)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="image folder, list file (path per line), folder of "
                         "Parquet shards, or one image")
@@ -455,8 +467,9 @@ def encode_main(argv: list[str] | None = None) -> int:
         from dadh_dist import codesfile, inference
 
         check_out(args.out, "codes file")  # before the encoding, not after it
+        check_data_root(args)
         notes = Notes()
-        hf = inference.load(args.checkpoint, device)
+        hf = inference.load(args.checkpoint, device, args.data_root)
         t0 = time.perf_counter()
         split = args.parquet_split if args.images else args.split
         codes = inference.encode_to_codes(hf, args.images, split, args.encoder, args.learned,
@@ -486,7 +499,7 @@ def search_main(argv: list[str] | None = None) -> int:
         "Top-k Hamming search: query codes, or images encoded with --checkpoint, against a "
         "database codes file."))
     add_model_args(parser, required=False,
-                   help="run or checkpoint folder that encodes query images")
+                   help="run or checkpoint folder that encodes query images", reads_data=True)
     parser.add_argument("--database", required=True, metavar="FILE",
                         help="database codes file (.parquet)")
     query = parser.add_mutually_exclusive_group(required=True)
@@ -517,6 +530,7 @@ def search_main(argv: list[str] | None = None) -> int:
 
         if args.out:  # before the encoding and the search, not after them
             check_out(args.out, "results file")
+        check_data_root(args)
         notes = Notes()
         probe.check_codes_file(args.database)
         database = codesfile.read(args.database)
@@ -535,7 +549,8 @@ def search_main(argv: list[str] | None = None) -> int:
             device = resolve_device(args.device)
             queries = inference.query_codes_from(
                 args.query, args.checkpoint, args.encoder, args.split, device,
-                not (args.quiet or args.json), args.batch_size, note=notes)
+                not (args.quiet or args.json), args.batch_size, note=notes,
+                data_root=args.data_root)
         if args.topk > len(database):
             notes(f"-k {args.topk} is more than the {len(database)} codes in {database.name}: "
                   f"each query gets all {len(database)}")

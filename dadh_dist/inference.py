@@ -36,11 +36,12 @@ from dadh_dist import checkpoint as ckpt
 from dadh_dist import codesfile, encoding, storage, uris
 from dadh_dist import config as config_mod
 from dadh_dist.config import Config, ConfigError
-from dadh_dist.data import DataError, Dataset, load_dataset
+from dadh_dist.data import DataError, Dataset, check_root, load_dataset
 from dadh_dist.data.images import DECODE_ERRORS, DEEP_MODES, run_chunked, to_8_bits
 from dadh_dist.data.lists import READ_ERRORS, list_lines
 from dadh_dist.data.parquet import int64_ids, read_columns
 from dadh_dist.data.problems import Problem
+from dadh_dist.data.sources import BUNDLED
 from dadh_dist.models import HashStream, build_streams
 from dadh_dist.monitor import progress_bar  # noqa: F401  (also used by tests)
 
@@ -165,11 +166,14 @@ def _fetch_remote(uri: str) -> tuple[Path, str]:
     return found, uri
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> HashFunction:
-    """The hash function of a run or checkpoint folder (the checkpoint is verified first)."""
+def load(path: str | Path, device: str | torch.device = "cpu",
+         data_root: str | None = None) -> HashFunction:
+    """The hash function of a run or checkpoint folder (the checkpoint is verified first).
+    `data_root` (the tools' --data-root): the run's data, read from there rather than from the
+    data.root it was trained on (moved, or mounted elsewhere); nothing else changes."""
     folder, run_uri = resolve_checkpoint(path)
     state, manifest = ckpt.load(folder)
-    cfg = config_mod.load(folder / ckpt.CONFIG)
+    cfg = _moved(config_mod.load(folder / ckpt.CONFIG), data_root)
     if "geometry" not in state:
         raise ckpt.CheckpointError(f"{folder / ckpt.STATE}: records no input geometry")
     channels, size = state["geometry"]  # (channels, side) of the training images
@@ -201,11 +205,38 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> HashFunction:
                         run_uri=run_uri)
 
 
-def load_with_data(path: str | Path, device: str | torch.device = "cpu") -> tuple[
-        HashFunction, Dataset]:
-    """The hash function and the run's dataset."""
-    hf = load(path, device)
-    return hf, load_dataset(hf.cfg.data)
+def load_with_data(path: str | Path, device: str | torch.device = "cpu",
+                   data_root: str | None = None) -> tuple[HashFunction, Dataset]:
+    """The hash function and the run's dataset (see `load` for data_root)."""
+    hf = load(path, device, data_root)
+    return hf, run_dataset(hf)
+
+
+DATA_ROOT = "--data-root"
+"""The tools' option that points a run at its moved data (`load`'s data_root)."""
+
+
+def _moved(cfg: Config, data_root: str | None) -> Config:
+    if data_root is None:
+        return cfg
+    if not data_root.strip():
+        raise ConfigError(f"{DATA_ROOT}: empty; name the folder the run's data is in now")
+    if cfg.data.source in BUNDLED:
+        raise ConfigError(f"{DATA_ROOT}: the run reads data.source = {cfg.data.source} "
+                          f"({BUNDLED[cfg.data.source]}), no folder; drop {DATA_ROOT}")
+    root = data_root if "://" in data_root else str(Path(data_root).expanduser().resolve())
+    return cfg.with_overrides({"data.root": root})
+
+
+def run_dataset(hf: HashFunction) -> Dataset:
+    """The run's own dataset, read as it was trained (from `load`'s data_root if given). A
+    missing data folder says how to point the run at the data's new place."""
+    try:
+        check_root(hf.cfg.data)
+    except DataError as e:
+        raise DataError(f"{e}; if the data moved since training, name its folder with "
+                        f"{DATA_ROOT}") from None
+    return load_dataset(hf.cfg.data)
 
 
 def model_sha256(f: torch.nn.Module, g: torch.nn.Module | None = None) -> str:
@@ -388,7 +419,7 @@ def open_source(path: str | Path | None, hf: HashFunction, split: str | None = N
     if path is None:
         if split not in SPLITS:
             raise ConfigError(f"--split: name one of {', '.join(SPLITS)} (or give --images)")
-        ds = dataset or load_dataset(hf.cfg.data)
+        ds = dataset or run_dataset(hf)
         if (ds.channels, ds.image_size) != (c, s):
             raise DataError(f"{hf.checkpoint}: the run's data is {ds.channels}x{ds.image_size}"
                             f"px, the model was rebuilt for {c}x{s}px")
@@ -568,7 +599,7 @@ def encode_to_codes(hf: HashFunction, images: str | Path | None, split: str | No
         if images is not None or split not in (None, "database"):
             raise ConfigError("--learned: the learned codes B exist only for the run's database "
                               "split (drop --images and --split)")
-        ds = load_dataset(hf.cfg.data)
+        ds = run_dataset(hf)
         if len(ds.database) != len(hf.B):
             raise DataError(f"{hf.checkpoint}: B has {len(hf.B)} rows, the run's database split "
                             f"{len(ds.database)} images (data changed since training?)")
@@ -591,7 +622,7 @@ def encode_to_codes(hf: HashFunction, images: str | Path | None, split: str | No
 def query_codes_from(path: str | Path | None, checkpoint: str | Path | None,
                      encoder: str | None, split: str | None, device: str = "cpu",
                      progress: bool = True, batch: int | None = None,
-                     note: Note = _ignore) -> codesfile.Codes:
+                     note: Note = _ignore, data_root: str | None = None) -> codesfile.Codes:
     """Query codes from a codes file, or from images encoded with `checkpoint`; a file that is
     neither (empty, corrupt Parquet) is a CodesError saying so."""
     from dadh_dist import probe
@@ -603,5 +634,5 @@ def query_codes_from(path: str | Path | None, checkpoint: str | Path | None,
     if checkpoint is None:
         raise ConfigError(f"--checkpoint: {path or '--split'} holds images, not codes; name the "
                           "run or checkpoint that encodes them")
-    hf = load(checkpoint, device)
+    hf = load(checkpoint, device, data_root)
     return encode_to_codes(hf, path, split, encoder, batch=batch, progress=progress, note=note)

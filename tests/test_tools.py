@@ -953,3 +953,42 @@ def test_evaluate_reports_an_encoder_named_twice_once(centred, tmp_path, capsys)
     assert sorted(k for k in result["metrics"] if k.startswith("map_all_")) == [
         "map_all_f", "map_all_fg"]
     assert (tmp_path / "ev" / "report.md").read_text().count(f"| {report.NAMES['fg']} ") == 1
+
+
+def test_a_run_whose_data_moved_is_read_from_data_root(run, tmp_path, capsys):
+    hf, ds = inference.load_with_data(run)
+    state, manifest = ckpt.load(hf.checkpoint)
+    dataset_to_parquet(ds, tmp_path / "before")
+    cfg = hf.cfg.with_overrides({"data.source": "parquet", "data.root": str(tmp_path / "before")})
+    moved = tmp_path / "runs" / "checkpoint_000002"
+    ckpt.save(moved, state, cfg.to_toml(), manifest["fingerprint"])
+    (tmp_path / "before").rename(tmp_path / "after")
+    fast = ["--examples", "0", "--no-tensorboard", "--json"]
+
+    assert cli.evaluate_main(["--checkpoint", str(moved), "--out", str(tmp_path / "e0"),
+                              *fast]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert "data.root" in error and "before" in error and "--data-root" in error
+    assert not (tmp_path / "e0").exists()
+
+    assert cli.evaluate_main(["--checkpoint", str(moved), "--out", str(tmp_path / "e1"),
+                              "--data-root", str(tmp_path / "after"), *fast]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert metrics["map_all_fg"] == pytest.approx(final["map_all_fg"], abs=1e-9)
+
+    out = tmp_path / "b.parquet"
+    assert cli.encode_main(["--checkpoint", str(moved), "--split", "database", "--learned",
+                            "--data-root", str(tmp_path / "after"), "--out", str(out),
+                            "--quiet"]) == 0
+    assert np.array_equal(codesfile.read(out).pm1(), hf.B)
+    capsys.readouterr()
+    # --data-root where it reads nothing: refused, never ignored
+    for main, argv in ((cli.encode_main, ["--images", str(out), "--out", str(tmp_path / "c")]),
+                       (cli.search_main, ["--database", str(out), "--query", str(out)]),
+                       (cli.evaluate_main, ["--out", str(tmp_path / "e2")])):
+        checkpoint = run if main is cli.evaluate_main else moved
+        assert main(["--checkpoint", str(checkpoint), "--data-root", str(tmp_path / "after"),
+                     *argv, "--json"]) == 2
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert error.startswith("--data-root: "), error
