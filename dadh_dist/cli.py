@@ -748,7 +748,7 @@ def quality_main(argv: list[str] | None = None) -> int:
         cells = [quality.Cell(m, b, s) for b in args.bits for m in args.methods
                  for s in args.seeds]
         for cell in cells:  # every config file and override checked before anything runs
-            config_mod.load(plan.config_path(cell), plan.cell_overrides(cell))
+            plan.load(cell)
         check_out(plan.out, "folder of the runs and the table", folder=True)
         quality.check_reuse(plan, cells)
 

@@ -7,7 +7,8 @@ Runs that already wrote `final_metrics.json` under the same name are read back i
 re-run, so a long table can be built over several sessions, and the table covers every cell
 finished under the same folder with the same budget; a finished run whose saved config differs
 from the planned one (its thread count aside) is refused, not read back (and an unfinished one
-is refused by the trainer itself).
+is refused by the trainer itself), and so is a config file that sets what a method sets
+(METHOD_KEYS) otherwise than the method runs it.
 
 `python jobs/quality.py --config configs/fashion_mnist_{bits}.toml --bits 12,24,32,48` prints
 the Markdown table and writes it, with every run's numbers, next to the runs.
@@ -109,6 +110,23 @@ class Plan:
             *self.method_overrides.get(cell.method, []),
         ]
 
+    def load(self, cell: Cell) -> config_mod.Config:
+        """The cell's config, as its run resolves it. A ConfigError when the file sets one of
+        METHOD_KEYS that changes what is trained (eval.encoders aside) to another value than the
+        cell's method runs (its own, or the default for a key it does not set): the row would
+        be another method under this one's name."""
+        path = self.config_path(cell)
+        cfg = config_mod.load(path, self.cell_overrides(cell))
+        ran, expected = cfg.flat(), config_mod.load(overrides=METHODS[cell.method]).flat()
+        # what is trained, not what is reported: a file may evaluate fewer encoders
+        for key in sorted(k for k in METHOD_KEYS if not k.startswith("eval.")):
+            if ran[key] != expected[key]:
+                found, runs = (config_mod.override_args({key: v[key]})[0] for v in (ran, expected))
+                raise ConfigError(f"{path} sets {found}, which the methods set ({cell.method} "
+                                  f"runs {runs}; see quality.METHODS): remove it from the file "
+                                  "and pick the methods with --methods")
+        return cfg
+
     def command(self, cell: Cell) -> list[str]:
         """The command line that reproduces the cell (as recorded in rows.json)."""
         return ["python", *TRAIN, "--config", self.config_path(cell),
@@ -139,8 +157,7 @@ def run_cell(plan: Plan, cell: Cell, train: bool = True) -> dict:
         log = plan.out / f"{cell.name}.log"
         # the run's own thread count (its config's, as the trainer sets it) for every
         # OpenMP/MKL pool, torch's included, that reads the environment
-        threads = str(worker_threads(config_mod.load(plan.config_path(cell),
-                                                      plan.cell_overrides(cell))))
+        threads = str(worker_threads(plan.load(cell)))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         t0 = time.time()
         # appended: an earlier try's output may be what says why it failed
@@ -167,14 +184,26 @@ def run_cell(plan: Plan, cell: Cell, train: bool = True) -> dict:
     try:
         metrics = json.loads(done.read_text())
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        metrics, why = None, str(e)
+        why = str(e)
     else:
-        why = f"a JSON {type(metrics).__name__}, not an object"
-    if not isinstance(metrics, dict):
+        why = _not_metrics(metrics)
+    if why:
         row["error"] = f"{done}: not a finished run's metrics ({why}); delete it to rerun the cell"
         return row
     row["metrics"] = metrics
     return row
+
+
+def _not_metrics(metrics) -> str:
+    """Why a final_metrics.json's content is no finished run's metrics ('' when it is): the
+    progress line and the table do arithmetic on its mAP, P@N and wall time."""
+    if not isinstance(metrics, dict):
+        return f"a JSON {type(metrics).__name__}, not an object"
+    for key, value in metrics.items():
+        if (key.startswith(("map_", "p_at_")) or key == "wall_s") and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key}: {json.dumps(value)}, not a number"
+    return ""
 
 
 def _changed_config(plan: Plan, cell: Cell) -> tuple[str, config_mod.Config | None]:
@@ -185,7 +214,7 @@ def _changed_config(plan: Plan, cell: Cell) -> tuple[str, config_mod.Config | No
     if not path.is_file():
         return "its config.toml is missing", None
     saved = config_mod.load(path)
-    planned = config_mod.load(plan.config_path(cell), plan.cell_overrides(cell)).with_overrides(
+    planned = plan.load(cell).with_overrides(
         {"scaling.cpus_per_worker": saved.scaling.cpus_per_worker})
     if saved.fingerprint() == planned.fingerprint():
         return "", saved
@@ -198,9 +227,11 @@ def _another_config(plan: Plan, cell: Cell, changed: str) -> str:
 
 
 def check_reuse(plan: Plan, cells: list[Cell]) -> None:
-    """A ConfigError, before anything runs, when a cell already finished under the plan's
-    folder with another config: the rest trained there would mix two experiments."""
+    """A ConfigError, before anything runs, when a cell's config file sets what its method
+    sets (Plan.load), or when a cell already finished under the plan's folder with another
+    config: the rest trained there would mix two experiments."""
     for cell in cells:
+        plan.load(cell)
         if metrics_path(plan, cell).is_file():
             changed, _ = _changed_config(plan, cell)
             if changed:

@@ -317,3 +317,61 @@ def test_a_rerun_appends_to_the_cells_log(tmp_path, monkeypatch):
     log = (tmp_path / "adsh_16b_s0.log").read_text().splitlines()
     assert [line for line in log if not line.startswith("==== ")] == ["first try", "second try"]
     assert log[0].endswith(row["command"]) and log[2].endswith(row["command"])
+
+
+def test_a_config_file_that_sets_what_a_method_sets_is_refused_up_front(tmp_path, capsys,
+                                                                        monkeypatch):
+    """`objective.use_pair = false` in the --config file made the "dadh" row DADH without
+    L_pair (dadh sets nothing, so the file won): an ablation under dadh's name, exit 0."""
+    monkeypatch.setattr(quality, "run_plan", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "table.md").write_text("good table")
+    no_pair = tmp_path / "no_pair.toml"
+    no_pair.write_text(config.load(DEBUG, ["objective.use_pair=false"]).to_toml())
+    argv = ["--config", str(no_pair), "--methods", "adsh,dadh", "--bits", "16",
+            "--out", str(tmp_path), "--threads", "1"]
+    assert cli.quality_main(argv) == cli.EXIT_USER_ERROR
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {no_pair} sets objective.use_pair=false, which the methods set (dadh runs "
+        "objective.use_pair=true; see quality.METHODS): remove it from the file and pick the "
+        "methods with --methods"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_pair.toml", "table.md"]
+    assert (tmp_path / "table.md").read_text() == "good table"
+    # the value adsh runs anyway changes nothing of adsh's cell; a key adsh does not set does
+    cell = quality.Cell("adsh", 16, 0)
+    assert quality.Plan(str(no_pair), tmp_path).load(cell) == config.load(
+        DEBUG, quality.Plan(DEBUG, tmp_path).cell_overrides(cell))
+    one_encoder = tmp_path / "f_only.toml"
+    one_encoder.write_text(config.load(DEBUG, ['eval.encoders=["f"]']).to_toml())
+    # fewer encoders evaluated is the same method trained
+    one = quality.Plan(str(one_encoder), tmp_path).load(quality.Cell("dadh-no-pair", 16, 0))
+    assert one.eval.encoders == ["f"] and not one.objective.use_pair
+    # refused before --out is made
+    argv[argv.index("--out") + 1] = str(tmp_path / "new")
+    assert cli.quality_main(argv) == cli.EXIT_USER_ERROR
+    assert "sets objective.use_pair=false" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # a file that spells out every default (to_toml writes them all) is every method's
+    every_key = tmp_path / "every_key.toml"
+    every_key.write_text(config.load(DEBUG).to_toml())
+    for method in quality.METHODS:
+        cell = quality.Cell(method, 16, 0)
+        assert quality.Plan(str(every_key), tmp_path).load(cell) == config.load(
+            DEBUG, quality.Plan(DEBUG, tmp_path).cell_overrides(cell))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("map_all_fg", "oops"), ("map_all_f", None), ("p_at_1000_f", True), ("wall_s", [1.0]),
+])
+def test_a_non_numeric_metric_is_an_error_row_not_a_traceback(tmp_path, key, value):
+    """The progress line (:.4f) and the table (a mean) crashed on a finished cell's mAP that is
+    no number."""
+    cell = quality.Cell("adsh", 16, 0)
+    plan = quality.Plan(DEBUG, tmp_path)
+    _finish(plan, cell, **{"map_all_f": 0.5, "p_at_1000_f": 0.25, key: value})
+    lines = []
+    rows = quality.run_plan(plan, [cell], progress=lines.append, train=False)
+    done = quality.metrics_path(plan, cell)
+    assert rows[0]["error"] == (f"{done}: not a finished run's metrics ({key}: "
+                                f"{json.dumps(value)}, not a number); delete it to rerun the cell")
+    assert "metrics" not in rows[0] and lines == [f"adsh_16b_s0: {rows[0]['error']}"]
+    assert quality.table(rows) == "(no finished runs)\n"
