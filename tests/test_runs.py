@@ -72,6 +72,13 @@ def test_changed_config_under_same_name_is_refused(tmp_path):
     proc = _train_cli(tmp_path, "r", None, "train.outer_iters=1", "objective.gamma=5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "already exists" in proc.stderr
+    # the data alone moved: the error says how to resume
+    saved = tmp_path / "saved.toml"
+    saved.write_text(config.load(DEBUG, ["data.root=/data/a"]).to_toml())
+    with pytest.raises(ConfigError, match=r"data.root: '/data/a' -> '/data/b'\); use another "
+                       r"log.name or the same config; if the data moved, resume at its old "
+                       r"data.root \(a link from /data/a to the new folder does it\)$"):
+        runner.folders._refuse_changed(config.load(DEBUG, ["data.root=/data/b"]), saved, "here")
 
 
 def test_resume_refuses_a_checkpoint_whose_B_does_not_fit_the_data(tmp_path):

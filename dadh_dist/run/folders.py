@@ -94,10 +94,16 @@ def _refuse_changed(cfg: Config, saved: Path, where: str) -> None:
         raise ConfigError(f"log.name: the saved config of run {run_name(cfg)!r} in {where} is "
                           f"unreadable ({e})") from None
     if old.fingerprint() != cfg.fingerprint():
-        changed = old.differences(cfg)[:4] or ["scaling"]
+        changed = old.differences(cfg) or ["scaling"]
+        # the data's place is part of the run: a run resumes only on the data it trained on
+        moved = (f"; if the data moved, resume at its old data.root (a link from "
+                 f"{old.data.root} to the new folder does it)"
+                 if old.data.root and [c.split(":")[0] for c in changed] == ["data.root"]
+                 else "")
         raise ConfigError(
             f"log.name: run {run_name(cfg)!r} already exists in {where} with a "
-            f"different config ({', '.join(changed)}); use another log.name or the same config"
+            f"different config ({', '.join(changed[:4])}); use another log.name or the same "
+            f"config{moved}"
         )
 
 
