@@ -13,12 +13,14 @@ checkpoint. Checkpoints of format 1 hold the whole B inside state.pt and still l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pickle
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,13 +44,19 @@ def _sha256(path: Path) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write through a temporary file and rename, so readers never see half a file. The
+    temporary file is the writer's own (processes of one machine may write one file at once:
+    serve replicas opening one run) and goes when the write fails (a full disk keeps its space)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_block(folder: str | Path, start: int, stop: int, B_rows) -> tuple[str, str]:
@@ -86,14 +94,10 @@ def save(folder: str | Path, state: dict, config_toml: str, fingerprint: str,
     files = {name: _sha256(folder / name) for name in (STATE, CONFIG)}
     manifest = {"format": FORMAT, "t": int(state["t"]), "fingerprint": fingerprint}
     if blocks is not None:
-        at = 0
-        for start, stop, name, digest in blocks:
-            if start != at:
-                raise ValueError(f"blocks of B must tile the rows in order: {start} after {at}")
-            at = stop
-            files[name] = digest
-        if shape is None or at != shape[0]:
-            raise ValueError(f"blocks of B cover rows [0, {at}) but B has shape {shape}")
+        problem = _untiled([(a, b) for a, b, _, _ in blocks], shape)
+        if problem:
+            raise ValueError(problem)
+        files.update((name, digest) for _, _, name, digest in blocks)
         manifest["codes"] = {"shape": [int(v) for v in shape],
                              "blocks": [[int(a), int(b), name] for a, b, name, _ in blocks]}
     manifest["files"] = files
@@ -105,21 +109,75 @@ def verify(folder: str | Path) -> dict:
     """The manifest of a checkpoint whose files all match it; CheckpointError otherwise."""
     folder = Path(folder)
     mpath = folder / MANIFEST
-    if not mpath.is_file():
-        raise CheckpointError(f"{mpath}: missing manifest (checkpoint incomplete)")
+    with _reading(mpath):
+        if not mpath.is_file():
+            raise CheckpointError(f"{mpath}: missing manifest (checkpoint incomplete)")
+        raw = mpath.read_bytes()
     try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-        manifest["t"], manifest["fingerprint"]
-    except (ValueError, KeyError, TypeError) as e:
+        manifest = json.loads(raw)
+    except ValueError as e:
         raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
-    for name, digest in files.items():
+    problem = _malformed(manifest)
+    if problem:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({problem})")
+    for name, digest in manifest["files"].items():
         path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: listed in the manifest but missing")
-        if _sha256(path) != digest:
-            raise CheckpointError(f"{path}: contents do not match the manifest (corrupt)")
+        with _reading(path):
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in the manifest but missing")
+            if _sha256(path) != digest:
+                raise CheckpointError(f"{path}: contents do not match the manifest (corrupt)")
     return manifest
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """A file that cannot be read (another user's, a failing disk) refuses the checkpoint."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _malformed(manifest) -> str | None:
+    """What makes a parsed manifest unusable (None if nothing): the fields `verify`, `load` and
+    `latest_valid` rely on, of the types they rely on. Both formats list state and config."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    t, files = manifest.get("t"), manifest.get("files")
+    if not isinstance(t, int) or isinstance(t, bool):
+        return f"t is {t!r}, not an integer"
+    if not isinstance(manifest.get("fingerprint"), str):
+        return "no fingerprint"
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        return "files is not a table of SHA-256 digests"
+    for name in (STATE, CONFIG):
+        if name not in files:
+            return f"lists no {name}"
+    if "codes" not in manifest:
+        return None
+    codes = manifest["codes"]
+    try:
+        n, k = (int(v) for v in codes["shape"])
+        blocks = [(int(a), int(b), str(name)) for a, b, name in codes["blocks"]]
+    except (TypeError, ValueError, KeyError) as e:
+        return f"codes: {e}"
+    missing = [name for _, _, name in blocks if name not in files]
+    if missing:
+        return f"codes: block {missing[0]} not among the files"
+    return _untiled([(a, b) for a, b, _ in blocks], (n, k))
+
+
+def _untiled(ranges: list[tuple[int, int]], shape: tuple[int, int] | None) -> str | None:
+    """Why the row ranges [start, stop) do not tile B's rows [0, n) in order (None if they do)."""
+    at = 0
+    for start, stop in ranges:
+        if start != at or stop < start:
+            return f"blocks of B must tile the rows in order: {start} after {at}"
+        at = stop
+    if shape is None or at != shape[0]:
+        return f"blocks of B cover rows [0, {at}) but B has shape {shape}"
+    return None
 
 
 def load(folder: str | Path, map_location="cpu", codes: bool = True) -> tuple[dict, dict]:
@@ -177,12 +235,12 @@ def load_rows(folder: str | Path, manifest: dict, state: dict | None, start: int
 def latest_valid(run_folder: str | Path, warn=None) -> Path | None:
     """The verified checkpoint with the highest t under `run_folder` (None if there is none).
 
-    Refused checkpoints are reported through `warn` (stderr by default) and skipped.
+    Refused checkpoints are reported through `warn` (`warning` by default) and skipped.
     """
     run_folder = Path(run_folder)
     if not run_folder.is_dir():
         return None
-    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    warn = warn or warning
     best: tuple[int, str, Path] | None = None
     for folder in sorted(run_folder.glob("checkpoint_*")):
         if not folder.is_dir():
@@ -196,6 +254,15 @@ def latest_valid(run_folder: str | Path, warn=None) -> Path | None:
         if best is None or key[:2] > best[:2]:
             best = key
     return best[2] if best else None
+
+
+def warning(msg: str) -> None:
+    """`warning: msg` on stderr, flushed. Not print(): Ray patches print in its workers (where
+    resumes look for checkpoints) to log the line as well, which reached the driver twice. Not
+    `monitor.say` either: monitor imports this module, and on stdout a warning would mix into a
+    tool's output (search's results)."""
+    sys.stderr.write(f"warning: {msg}\n")
+    sys.stderr.flush()
 
 
 STAGING_PREFIXES = ("dadh_ckpt_", "dadh_resume_")

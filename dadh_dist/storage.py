@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def upload_checkpoint(local: Path, dest: str) -> None:
 
 def checkpoints(run_uri: str, warn=None) -> list[tuple[int, str]]:
     """(t, folder name) of the remote checkpoints whose manifest reads, newest first."""
-    warn = warn or _warn
+    warn = warn or ckpt.warning
     t_by_name: dict[str, int] = {}
     for rel, _ in uris.list_files(run_uri):
         name, _, rest = rel.partition("/")
@@ -59,11 +58,14 @@ def fetch_checkpoint(source: str, local: Path) -> Path:
     """A verified local copy of the remote checkpoint `source` (reused when already present).
 
     The processes of one machine that fetch the same checkpoint (every worker resuming a run)
-    take turns on a lock file next to it: the first downloads, the others find its copy.
+    take turns on a lock file next to it: the first downloads, the others find its copy. A copy
+    is reused only while its manifest is the remote one: the run may have been started again
+    under its URI since, with a checkpoint of the same name.
     """
     local.parent.mkdir(parents=True, exist_ok=True)
     with _locked(local.with_name(f".{local.name}.lock")):
-        if _verifies(local):
+        remote = uris.read_bytes(uris.join(source, ckpt.MANIFEST))
+        if remote is not None and _manifest_bytes(local) == remote and _verifies(local):
             return local
         shutil.rmtree(local, ignore_errors=True)  # a copy cut short by an earlier crash
         tmp = local.with_name(f".incoming_{local.name}")
@@ -93,6 +95,13 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _manifest_bytes(folder: Path) -> bytes | None:
+    try:
+        return (folder / ckpt.MANIFEST).read_bytes()
+    except OSError:
+        return None
+
+
 def _verifies(folder: Path) -> bool:
     try:
         ckpt.verify(folder)
@@ -103,7 +112,7 @@ def _verifies(folder: Path) -> bool:
 
 def latest_valid(run_uri: str, mirror: Path, warn=None) -> Path | None:
     """A local, verified copy of the newest remote checkpoint that verifies (None if none)."""
-    warn = warn or _warn
+    warn = warn or ckpt.warning
     for _, name in checkpoints(run_uri, warn):
         try:
             return fetch_checkpoint(uris.join(run_uri, name), mirror / name)
@@ -118,11 +127,13 @@ def prune_checkpoints(run_uri: str, keep: int) -> None:
 
 
 def mirror_dir(run_uri: str) -> Path:
-    """The local working copy of a remote run: one fixed folder per run URI and machine, so a
-    restarted worker finds what its previous attempt wrote (fault markers, TensorBoard files)."""
+    """The local working copy of a remote run: one fixed folder per run URI, machine and user,
+    so a restarted worker finds what its previous attempt wrote (fault markers, TensorBoard
+    files). Per user: the shared temporary directory's folder belongs to whoever made it first."""
     digest = hashlib.sha256(run_uri.encode()).hexdigest()[:16]
     name = uris.split(run_uri)[1] or "run"
-    root = Path(os.environ.get("DADH_MIRROR_DIR") or Path(tempfile.gettempdir()) / "dadh_dist")
+    root = Path(os.environ.get("DADH_MIRROR_DIR")
+                or Path(tempfile.gettempdir()) / f"dadh_dist-{os.getuid()}")
     return root / f"{name}-{digest}"
 
 
@@ -169,7 +180,3 @@ class Publisher:
             self.sent[rel] = stamp
             count += 1
         return count
-
-
-def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)

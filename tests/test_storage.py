@@ -196,3 +196,139 @@ def test_publisher_sends_what_changed_and_leaves_checkpoints_and_config(tmp_path
     (mirror / "final_metrics.json").write_text("{}")
     assert publish() == 2
     assert (remote / "tb" / "events").read_bytes() == b"12"
+
+
+def _manifest_of(folder: Path, **changes) -> None:
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    manifest.update(changes)
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_garbage_manifests_are_refused_and_skipped(tmp_path):
+    run = tmp_path / "run"
+    good = ckpt.save(run / "checkpoint_000001", {"t": 1}, "x = 1\n", "fp")
+    digests = json.loads((good / ckpt.MANIFEST).read_text())["files"]
+    garbage = {  # each newer than the good one, were its t believed
+        "checkpoint_000002": {"files": list(digests)},
+        "checkpoint_000003": {"t": "3"},
+        "checkpoint_000004": {"t": 4, "files": {}},  # vouches for nothing: state.pt unchecked
+        "checkpoint_000005": {"t": 5, "codes": {"shape": [4, 2], "blocks": [[0, 4, "b.npy"]]}},
+        "checkpoint_000006": {"t": 6, "codes": {"shape": [4, 2], "blocks": [[0, 3, "state.pt"]]}},
+    }
+    for name, changes in garbage.items():
+        shutil.copytree(good, run / name)
+        _manifest_of(run / name, **changes)
+        with pytest.raises(ckpt.CheckpointError, match=rf"{name}/manifest.json: unreadable"):
+            ckpt.verify(run / name)
+    warnings = []
+    assert ckpt.latest_valid(run, warn=warnings.append) == good
+    assert len(warnings) == len(garbage), warnings
+
+
+def test_unreadable_checkpoint_is_refused_and_skipped(tmp_path, monkeypatch):
+    """Another user's file (mode 0600) refuses its checkpoint, as a corrupt one (faked: the tests
+    run as root, whom no mode stops)."""
+    run = tmp_path / "run"
+    ckpt.save(run / "checkpoint_000001", {"t": 1}, "x = 1\n", "fp")
+    newest = ckpt.save(run / "checkpoint_000002", {"t": 2}, "x = 1\n", "fp")
+    sha256 = ckpt._sha256
+
+    def denied(path: Path) -> str:
+        if path == newest / ckpt.STATE:
+            raise PermissionError(13, "Permission denied", str(path))
+        return sha256(path)
+
+    monkeypatch.setattr(ckpt, "_sha256", denied)
+    with pytest.raises(ckpt.CheckpointError,
+                       match=rf"^{newest / ckpt.STATE}: cannot be read \(Permission denied\)$"):
+        ckpt.verify(newest)
+    warnings = []
+    assert ckpt.latest_valid(run, warn=warnings.append).name == "checkpoint_000001"
+    assert len(warnings) == 1 and "cannot be read" in warnings[0]
+
+
+def test_write_atomic_on_a_full_disk_and_with_writers_at_once(tmp_path, monkeypatch):
+    import threading
+
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"old")
+    with monkeypatch.context() as m:
+        m.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space")))
+        with pytest.raises(OSError, match="No space"):
+            ckpt.write_atomic(path, b"new" * 1000)
+    # the old file whole, and no half-written temporary file holding the disk
+    assert [p.name for p in tmp_path.iterdir()] == ["config.toml"] and path.read_bytes() == b"old"
+
+    errors = []
+
+    def write(i: int) -> None:
+        try:
+            for _ in range(50):
+                ckpt.write_atomic(path, bytes([i]) * 200_000)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    data = path.read_bytes()
+    assert len(data) == 200_000 and len(set(data)) == 1  # one writer's whole file
+    assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
+
+
+def test_fetch_takes_a_checkpoint_replaced_at_the_uri_not_the_old_copy(tmp_path):
+    """A run started again under the same URI (the old one deleted there) writes a checkpoint of
+    the same name: a machine that holds the old one's copy must fetch the new one."""
+    remote = f"file://{tmp_path / 'remote'}"
+    name = "checkpoint_000001"
+    for x in (1, 2):
+        ckpt.save(tmp_path / f"c{x}", {"t": 1, "x": x}, f"x = {x}\n", f"fp{x}")
+    mirror = tmp_path / "mirror"
+    storage.upload_checkpoint(tmp_path / "c1", uris.join(remote, "run", name))
+    assert ckpt.load(storage.latest_valid(uris.join(remote, "run"), mirror))[0]["x"] == 1
+    uris.delete_dir(uris.join(remote, "run"))
+    storage.upload_checkpoint(tmp_path / "c2", uris.join(remote, "run", name))
+    found = storage.latest_valid(uris.join(remote, "run"), mirror)
+    assert found == mirror / name and ckpt.load(found)[0]["x"] == 2
+    # a copy that is the remote one is reused, not downloaded again
+    stamp = (found / ckpt.STATE).stat().st_mtime_ns
+    assert storage.fetch_checkpoint(uris.join(remote, "run", name), found) == found
+    assert (found / ckpt.STATE).stat().st_mtime_ns == stamp
+
+
+def test_mirror_is_per_user(monkeypatch):
+    """Two users of one machine: the first one's folder in the shared temporary directory is
+    not writable by the second."""
+    import tempfile
+
+    monkeypatch.delenv("DADH_MIRROR_DIR", raising=False)
+    run = "s3://b/runs/r"
+    by_user = {}
+    for uid in (1000, 1001):
+        monkeypatch.setattr(storage.os, "getuid", lambda uid=uid: uid)
+        by_user[uid] = storage.mirror_dir(run)
+    assert by_user[1000] != by_user[1001]
+    assert by_user[1000].parent.parent == Path(tempfile.gettempdir())
+    assert by_user[1000].parent.name != by_user[1001].parent.name
+
+
+def test_skipped_checkpoint_warnings_do_not_go_through_print(tmp_path, monkeypatch, capsys):
+    """Ray patches print in its workers to log the line too: it reached the driver twice."""
+    import builtins
+
+    ckpt.save(tmp_path / "run" / "checkpoint_000001", {"t": 1}, "x = 1\n", "fp")
+    (tmp_path / "run" / "checkpoint_000002").mkdir()  # a save cut short before its manifest
+    bad = tmp_path / "remote" / "checkpoint_000003" / ckpt.MANIFEST
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{")
+    printed = []
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: printed.append(a))
+    assert ckpt.latest_valid(tmp_path / "run").name == "checkpoint_000001"
+    assert storage.checkpoints(f"file://{tmp_path / 'remote'}") == []
+    assert printed == []
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("warning: skipping checkpoint: ") for line in err)
+    assert "checkpoint_000002" in err[0] and "checkpoint_000003" in err[1]
