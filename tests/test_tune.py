@@ -377,14 +377,19 @@ def test_results_rows_best_trial_and_files(tmp_path):
     assert [r["trial"] for r in rows] == ["trial_a", "trial_b", "trial_c", "trial_d", "trial_e"]
     a, b, _, d, e = rows
     assert (a["iters"], a["val"], a["val_best"], a["test"]) == (3, 0.6, 0.65, 0.58)
-    assert (b["iters"], b["val"], b["error"]) == (2, 0.9, False)
-    assert (d["iters"], d["val"], d["val_best"], d["error"]) == (0, None, None, True)
+    assert (b["iters"], b["val"], b["error"]) == (2, 0.9, None)
+    assert (d["iters"], d["val"], d["val_best"]) == (0, None, None)
+    assert d["error"] == ("RuntimeError: before its first report "
+                          f"(trial folder: {s.folder / 'tune' / 'trial_d'})")
     assert sweep.best_row(s, rows) is a
     lowest = dataclasses.replace(s, mode="min")
     assert sweep.best_row(lowest, sweep.trial_rows(lowest, grid))["trial"] == "trial_e"
     table = sweep.format_table(s, rows, a).splitlines()
-    assert table[2].startswith("trial_a * ") and "0.58" in table[2]
-    assert table[4].startswith("trial_c (error) ") and table[5].split()[-1] == "-"
+    assert table[0].split()[-2:] == ["s", "error"]  # after "time s": there since trials failed
+    assert table[2].startswith("trial_a * ") and "0.58" in table[2] and table[2].endswith("2")
+    assert table[4].startswith("trial_c (error) ") and table[4].endswith(rows[2]["error"])
+    assert table[5].removesuffix(d["error"]).split()[-1] == "-"  # trial_d reported no time
+    assert "error" not in sweep.format_table(s, [a, b], a)
 
     # interrupted (4 of 5 trials done): no best, no files, a rerun finishes the sweep
     out = sweep.summarize(s, grid, finished=4)
@@ -420,6 +425,62 @@ def test_results_rows_best_trial_and_files(tmp_path):
     stopped = _Grid([_result(s, "trial_b", 500.0, [0.7, 0.9])])
     with pytest.raises(sweep.SweepFailed, match=r"no trial completed all 3 outer iterations"):
         sweep.summarize(dataclasses.replace(s, num_samples=1), stopped, finished=1)
+
+
+def _raised(error: BaseException) -> tuple[BaseException, str]:
+    """`error` as raised, and its traceback's text."""
+    import traceback
+
+    try:
+        raise error
+    except BaseException as e:
+        return e, traceback.format_exc()
+
+
+def test_a_failed_trials_row_says_why_in_one_line(tmp_path):
+    """Result.error as Ray 2.60 gives it, built without a cluster: what the trial function
+    raised, wrapped in a RayTaskError and read back from Tune's error.pkl (or its error.txt
+    when the pickle cannot be read)."""
+    from ray import cloudpickle
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    def from_trial(cause: BaseException):  # what the trial's actor raised, through error.pkl
+        cause, text = _raised(cause)
+        wrapped = RayTaskError("ImplicitFunc.train", text, cause, proctitle="ray::ImplicitFunc",
+                               pid=1, ip="127.0.0.1").as_instanceof_cause()
+        return cloudpickle.loads(cloudpickle.dumps(wrapped)), str(wrapped)
+
+    nan, nan_text = _raised(ValueError("loss is nan at t=2\n(worker 1's terms: ...)"))
+    workers, workers_text = from_trial(WorkerGroupError(
+        f"[Rank 0,1 Error Snippet]:\n{nan_text}", {1: nan, 0: MemoryError()}))
+    assert type(workers).__name__ == "RayTaskError(WorkerGroupError)"
+    assert sweep.results.error_line(workers) == "worker 0: MemoryError"
+    startup, _ = from_trial(ControllerError(TimeoutError("workers did not start in 30 s")))
+    assert sweep.results.error_line(startup) == "TimeoutError: workers did not start in 30 s"
+    config_error, _ = from_trial(ConfigError("optim.lr_f: expected float, got 'fast'"))
+    assert sweep.results.error_line(config_error) == (
+        "ConfigError: optim.lr_f: expected float, got 'fast'")
+    # error.txt: Tune's heading, then the RayTaskError's text, the worker's exception last
+    as_text = f"Failure # 1 (occurred at 2026-12-04_10-00-00)\n{workers_text}\n"
+    assert sweep.results.error_line(as_text) == "ValueError: loss is nan at t=2"
+    assert sweep.results.error_line("worker lost\n") == "worker lost"
+
+    s = sweep.load_sweep(_write(tmp_path, GOOD), [f"log.run_dir={json.dumps(str(tmp_path))}"])
+    grid = _Grid([_result(s, "trial_a", 100.0, [0.3], error=workers),
+                  _result(s, "trial_b", 20.0, [], error=config_error),
+                  _result(s, "trial_c", 30.0, [0.5, 0.6, 0.7])])
+    (s.folder / "tune" / "trial_a").mkdir(parents=True)
+    (s.folder / "tune" / "trial_a" / "error.txt").write_text(as_text)
+    a, b, c = sweep.trial_rows(s, grid)
+    assert a["error"] == (f"worker 0: MemoryError (traceback: "
+                          f"{s.folder / 'tune' / 'trial_a' / 'error.txt'})")
+    assert b["error"] == ("ConfigError: optim.lr_f: expected float, got 'fast' "
+                          f"(trial folder: {s.folder / 'tune' / 'trial_b'})")
+    assert c["error"] is None and sweep.best_row(s, [a, b, c]) is c
+    table = sweep.format_table(s, [a, b, c], c).splitlines()
+    assert table[2].endswith(a["error"]) and table[3].endswith(b["error"])
+    assert table[4].startswith("trial_c * ") and table[4].endswith("2")  # its time: no error
 
 
 def test_tune_json_prints_the_results_alone_on_stdout(tmp_path, monkeypatch, capfd):
@@ -460,8 +521,11 @@ def test_tune_json_prints_the_results_alone_on_stdout(tmp_path, monkeypatch, cap
     captured = capfd.readouterr()
     payload = json.loads(captured.out)  # the rows of what ran too, not the error alone
     assert (payload["error"], payload["exit_code"]) == (message, 1)
+    tune_dir = tmp_path / "runs" / "sweep" / "tune"
     assert [(r["trial"], r["iters"], r["val"], r["error"]) for r in payload["rows"]] == [
-        ("trial_a", 1, 0.3, True), ("trial_b", 0, None, True)]
+        ("trial_a", 1, 0.3, f"RuntimeError: worker died (trial folder: {tune_dir / 'trial_a'})"),
+        ("trial_b", 0, None,
+         f"RuntimeError: before its first report (trial folder: {tune_dir / 'trial_b'})")]
     assert (payload["folder"], payload["finished"], payload["failed"]) == (
         str(tmp_path / "runs" / "sweep"), 2, 2)
     assert payload["best"] is None and payload["best_config"] is None
@@ -482,6 +546,74 @@ def test_tune_json_prints_the_results_alone_on_stdout(tmp_path, monkeypatch, cap
     assert cli.tune_main(argv) == cli.EXIT_RUN_FAILED
     assert json.loads(capfd.readouterr().out) == {"error": "sweep sweep: no trial ran",
                                                   "exit_code": 1}
+
+
+def test_tune_failing_itself_is_one_line_keeping_the_rows_so_far(tmp_path, monkeypatch,
+                                                                   capfd):
+    """Tuner.fit raising (Tune's own failure, not a trial's) gives `error: <one line>`, exit 1,
+    after the table of the trials Tune saved; --json prints them with the error. Replayed
+    in this process: run_sweep with Ray's parts replaced."""
+    from ray.tune.error import TuneError
+
+    from dadh_dist.sweep import runner as sweep_runner
+
+    path = _write(tmp_path, GOOD)
+    argv = ["--config", str(path), f"log.run_dir={json.dumps(str(tmp_path / 'runs'))}"]
+    s = sweep.load_sweep(path, argv[2:])
+    raised: list[BaseException] = []
+
+    class Tuner:
+        def fit(self):
+            raise raised[-1]
+
+    for name, fake in [("ensure_ray", lambda **kw: None), ("_trainable", lambda s, res: None),
+                       ("_resources", lambda s, record: sweep.Resources(0.2, 1.0, 1, 0)),
+                       ("_new_or_restored_tuner", lambda s, trainable, res: Tuner()),
+                       ("_live_placement_groups", set),
+                       ("_remove_placement_groups", lambda ids: None)]:
+        monkeypatch.setattr(sweep_runner, name, fake)
+    # read back from Tune's saved state, a trial that has not reported has no config: its
+    # values come from its run folder's config.toml (none yet for one that has not started)
+    running, pending = _result(s, "trial_b", 0.0, []), _result(s, "trial_c", 0.0, [])
+    running.config = pending.config = None
+    (s.folder / "trial_b").mkdir(parents=True)
+    (s.folder / "trial_b" / "config.toml").write_text(sweep.trial_config(
+        s.base, {"objective.gamma": 42.0}, s.folder, "trial_b", 1.0).to_toml())
+    saved = (_Grid([_result(s, "trial_a", 100.0, [0.3, 0.6, 0.65]), running, pending]), 1)
+    read_saved = sweep_runner._results_so_far
+    monkeypatch.setattr(sweep_runner, "_results_so_far", lambda s: saved)
+    raised.append(TuneError("The Ray Tune run failed.\nPlease inspect the previous error "
+                            "messages for a cause."))
+    message = ("sweep sweep: Ray Tune failed after 1/2 trials finished: TuneError: The Ray Tune "
+               "run failed.; rerun the same command to resume it")
+    assert cli.tune_main(argv) == cli.EXIT_RUN_FAILED
+    captured = capfd.readouterr()
+    assert captured.err == f"error: {message}\n"  # no traceback
+    assert "sweep sweep: 1/2 trials finished" in captured.out
+    assert [line.split()[:2] for line in captured.out.splitlines()
+            if line.startswith("trial_")] == [["trial_a", "100"], ["trial_b", "42"],
+                                              ["trial_c", "-"]]
+    assert not (s.folder / "best_config.toml").exists()
+
+    assert cli.tune_main([*argv, "--json"]) == cli.EXIT_RUN_FAILED
+    payload = json.loads(capfd.readouterr().out)
+    assert (payload["error"], payload["exit_code"], payload["interrupted"]) == (message, 1, False)
+    assert [(r["trial"], r["params"], r["val"], r["error"]) for r in payload["rows"]] == [
+        ("trial_a", {"objective.gamma": 100.0}, 0.65, None),
+        ("trial_b", {"objective.gamma": 42.0}, None, None),
+        ("trial_c", {"objective.gamma": None}, None, None)]
+    assert (payload["finished"], payload["expected"], payload["best"]) == (1, 2, None)
+
+    # Tune saved no state (the real reader, on a folder without one): the error alone
+    monkeypatch.setattr(sweep_runner, "_results_so_far", read_saved)
+    raised.append(ValueError("searcher broke"))
+    assert cli.tune_main([*argv, "--json"]) == cli.EXIT_RUN_FAILED
+    assert json.loads(capfd.readouterr().out) == {
+        "error": "sweep sweep: Ray Tune failed: ValueError: searcher broke", "exit_code": 1}
+    # ours (a bad rung log read by the scheduler): the user mistake it is, exit 2
+    raised.append(ConfigError("asha_rungs.json: not a rung record of ASHA"))
+    assert cli.tune_main(argv) == cli.EXIT_USER_ERROR
+    assert capfd.readouterr().err == "error: asha_rungs.json: not a rung record of ASHA\n"
 
 
 def test_asha_rungs_survive_the_restore_that_tune_does_from_tuner_pkl(tmp_path):
@@ -661,6 +793,13 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
     assert "done" in seen, "the sweep never reached its second trial"
     assert first["interrupted"] and first["best_config"] is None
     assert not (s.folder / "best_config.toml").exists()
+    # what a sweep whose Tuner.fit raised shows: the trials read back from Tune's saved state
+    from dadh_dist.sweep import runner as sweep_runner
+
+    saved, done = sweep_runner._results_so_far(s)
+    assert done == first["finished"] and len(saved) == 2
+    assert [(r["trial"], r["params"]) for r in sweep.trial_rows(s, saved)] == [
+        (r["trial"], r["params"]) for r in first["rows"]]
     # the second trial, if it finished between Ctrl-C and Tune stopping it
     finished = {p.name for p in s.folder.glob("trial_*/final_metrics.json")} - set(seen["done"])
 

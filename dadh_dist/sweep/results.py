@@ -3,17 +3,19 @@ files left behind — `best_config.toml` (runnable with jobs/train.py --config) 
 (TensorBoard's hparams view of every trial's parameters and validation metric).
 
 Everything here reads Tune's results as plain attributes (`metrics`, `metrics_dataframe`,
-`config`, `path`, `error`) and never talks to Ray.
+`config`, `path`, `error`, and the attributes of Ray's exceptions) and never talks to Ray.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 from dadh_dist import config as config_mod
 from dadh_dist.config import PATH_KEYS
 from dadh_dist.sweep.spec import Sweep
+from dadh_dist.uris import first_line
 
 
 class SweepFailed(RuntimeError):
@@ -26,9 +28,46 @@ class SweepFailed(RuntimeError):
         self.result = result
 
 
+def error_line(error: BaseException | str) -> str:
+    """Why a trial (or Tune) failed, in one line: the innermost exception's type and message,
+    found through Ray's wrappers (a RayTaskError's `cause`, Train's `worker_failures` by rank and
+    `controller_failure`). `error` may also be a traceback's text: Tune's error.txt, which
+    Result.error holds when the exception could not be unpickled."""
+    where = ""
+    for _ in range(8):  # the wrappers nest a few levels deep; a cycle must not hang the table
+        if isinstance(error, str):
+            return where + _exception_line(error)
+        cause = getattr(error, "cause", None)
+        inner = getattr(error, "controller_failure", None)
+        failures = getattr(error, "worker_failures", None)
+        if failures:
+            rank, error = min(failures.items(), key=lambda kv: kv[0])
+            where += f"worker {rank}: "
+        elif isinstance(cause, BaseException) and cause is not error:
+            error = cause
+        elif isinstance(inner, BaseException):
+            error = inner
+        else:
+            break
+    name, line = type(error).__name__, first_line(error)
+    return where + (name if line == name else f"{name}: {line}")
+
+
+# a traceback's exception line: `ValueError: ...`, `dadh_dist.loop.NonFiniteLoss: ...`, unindented
+_RAISED = re.compile(r"[A-Za-z_][\w.]*(\([\w.]+\))?: \S")
+
+
+def _exception_line(text: str) -> str:
+    """The last exception line of a traceback's text (the innermost cause, when the text holds
+    several: a worker's traceback inside Train's error), else its last line."""
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    raised = [ln for ln in lines if _RAISED.match(ln)]
+    return (raised or lines or ["(no error text)"])[-1].strip()
+
+
 def trial_rows(s: Sweep, results) -> list[dict]:
     """One row per trial, ordered by trial name: its parameters, outer iterations run, the
-    metric's last and best values, the test metric, time, and whether it failed."""
+    metric's last and best values, the test metric, time, and why it failed (None if not)."""
     return sorted((_row(s, r) for r in results), key=lambda row: row["trial"])
 
 
@@ -38,16 +77,34 @@ def _row(s: Sweep, r) -> dict:
     if df is not None and s.metric in df.columns:
         vals = [float(v) for v in df[s.metric].dropna()]
     metrics = r.metrics or {}  # None for a trial that failed before its first report
+    trial = Path(r.path).name
+    ran = r.config or _ran_with(s, trial)
     return {
-        "trial": Path(r.path).name,
-        "params": {k: r.config.get(k) for k in s.space},
+        "trial": trial,
+        "params": {k: ran.get(k) for k in s.space},
         "iters": int(metrics.get("t", 0) or 0),
         "val": vals[-1] if vals else None,
         "val_best": (max(vals) if s.mode == "max" else min(vals)) if vals else None,
         "test": metrics.get("test/" + s.metric.removeprefix("val/")),
         "time_s": metrics.get("time_total_s"),
-        "error": r.error is not None,
+        "error": _trial_error(r),
     }
+
+
+def _ran_with(s: Sweep, trial: str) -> dict:
+    """A trial's values from its run folder's config.toml: Tune's saved state gives no config
+    for a trial that has not reported yet (read back after Tune failed); {} before it started."""
+    saved = s.folder / trial / "config.toml"
+    return config_mod.load(saved).flat() if saved.is_file() else {}
+
+
+def _trial_error(r) -> str | None:
+    """The trial's error in one line, and where Tune keeps its whole traceback."""
+    if r.error is None:
+        return None
+    traceback = Path(r.path) / "error.txt"
+    where = f"traceback: {traceback}" if traceback.is_file() else f"trial folder: {r.path}"
+    return f"{error_line(r.error)} ({where})"
 
 
 def best_row(s: Sweep, rows: list[dict]) -> dict | None:
@@ -69,10 +126,12 @@ def _fmt(v) -> str:
 
 
 def format_table(s: Sweep, rows: list[dict], best: dict | None) -> str:
-    """The trials as a text table; the best is marked `*`, the base config's trial `(base)`."""
+    """The trials as a text table; the best is marked `*`, the base config's trial `(base)`, a
+    failed one `(error)`, with its error in a last column (there only when a trial failed)."""
     keys = list(s.space)
+    failed = any(r["error"] for r in rows)
     head = ["trial", *keys, "iters", f"{s.metric} (last)", "(best iter)",
-            "test/" + s.metric.removeprefix("val/"), "time s"]
+            "test/" + s.metric.removeprefix("val/"), "time s", *(["error"] if failed else [])]
     body = []
     base = s.base_point() if s.include_base else None
     for r in rows:
@@ -80,9 +139,11 @@ def format_table(s: Sweep, rows: list[dict], best: dict | None) -> str:
         status += " (base)" if r["params"] == base else ""
         body.append([r["trial"] + status, *[_fmt(r["params"][k]) for k in keys], str(r["iters"]),
                      _fmt(r["val"]), _fmt(r["val_best"]),
-                     _fmt(r["test"]) if best is r else "", _fmt(r["time_s"])])
+                     _fmt(r["test"]) if best is r else "", _fmt(r["time_s"]),
+                     *([r["error"] or ""] if failed else [])])
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [head, *body]]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip()
+             for line in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -129,25 +190,45 @@ def summarize(s: Sweep, results, finished: int) -> dict:
     `finished`: trials Tune's saved state holds as done. Returns the results as plain data
     (what `tune --json` prints): the rows, the best row, best_config.toml's path. A sweep that
     ended without a best trial raises SweepFailed, after the table, carrying these results."""
-    rows = trial_rows(s, results)
     interrupted = finished < s.expected_trials
-    best = None if interrupted else best_row(s, rows)
-    print(f"\nsweep {s.name}: {finished}/{s.expected_trials} trials finished"
-          + (f", {results.num_errors} failed" if results.num_errors else ""))
-    print(format_table(s, rows, best), flush=True)
-    out = {"sweep": s.name, "folder": str(s.folder), "metric": s.metric, "mode": s.mode,
-           "finished": finished, "expected": s.expected_trials, "failed": results.num_errors,
-           "interrupted": interrupted, "rows": rows, "best": best, "best_config": None}
+    out = _report(s, results, finished, ranked=not interrupted)
+    out["interrupted"], best = interrupted, out["best"]
     if interrupted:
         print(f"sweep {s.name} interrupted; rerun the same command to resume it", flush=True)
         return out
-    write_hparams(s, rows)
+    write_hparams(s, out["rows"])
     if best is None:
         raise SweepFailed(f"sweep {s.name}: no trial completed all {s.max_t} outer iterations "
                           f"with {s.metric}; see the trial errors in {s.folder / 'tune'}", out)
     out["best_config"] = str(write_best_config(s, best))
     _print_best(s, best, out["best_config"])
     return out
+
+
+def tune_failed(s: Sweep, error: Exception, results, finished: int) -> SweepFailed:
+    """What to raise when Ray Tune itself failed (Tuner.fit raised; a trial's failure is in its
+    row instead): the error in one line, carrying the rows of the trials Tune saved, whose
+    table is printed first. `results`: the saved trials (as for `summarize`), None when Tune
+    saved none. No file is written: the sweep did not end."""
+    what = error_line(error)
+    if results is None:
+        return SweepFailed(f"sweep {s.name}: Ray Tune failed: {what}")
+    out = _report(s, results, finished, ranked=False)
+    return SweepFailed(f"sweep {s.name}: Ray Tune failed after {finished}/{s.expected_trials} "
+                       f"trials finished: {what}; rerun the same command to resume it", out)
+
+
+def _report(s: Sweep, results, finished: int, ranked: bool) -> dict:
+    """Print the header line and the table (the best trial marked when `ranked`); returns the
+    results as plain data, not interrupted, best_config not written (yet)."""
+    rows = trial_rows(s, results)
+    best = best_row(s, rows) if ranked else None
+    print(f"\nsweep {s.name}: {finished}/{s.expected_trials} trials finished"
+          + (f", {results.num_errors} failed" if results.num_errors else ""))
+    print(format_table(s, rows, best), flush=True)
+    return {"sweep": s.name, "folder": str(s.folder), "metric": s.metric, "mode": s.mode,
+            "finished": finished, "expected": s.expected_trials, "failed": results.num_errors,
+            "interrupted": False, "rows": rows, "best": best, "best_config": None}
 
 
 def _print_best(s: Sweep, best: dict, best_config: str) -> None:

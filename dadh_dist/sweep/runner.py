@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dadh_dist import config as config_mod
 from dadh_dist import run
+from dadh_dist.config import ConfigError
 from dadh_dist.run.local import data_here
 from dadh_dist.run.session import ensure_ray
 from dadh_dist.sweep.record import check_identity, save_record, saved_resources
 from dadh_dist.sweep.resources import Resources, plan_resources
-from dadh_dist.sweep.results import summarize
+from dadh_dist.sweep.results import summarize, tune_failed
 from dadh_dist.sweep.spec import Sweep, trial_config
 
 
@@ -157,8 +158,6 @@ def _new_or_restored_tuner(s: Sweep, trainable, res: Resources):
 
 def run_sweep(s: Sweep) -> dict:
     """Run (or resume) the sweep; prints Tune's table and a summary, writes best_config.toml."""
-    from ray import tune
-
     record = check_identity(s)
     data_here(s.base)  # the check, not once per trial after Ray has started
     ensure_ray(need_dashboard=True)
@@ -168,10 +167,35 @@ def run_sweep(s: Sweep) -> dict:
     before = _live_placement_groups()
     try:
         results = tuner.fit()
+    except ConfigError:
+        raise  # ours (the rung log, rungs.py): a mistake the message says how to fix
+    except Exception as e:  # Tune itself failed; a trial's failure is in its row instead
+        raise tune_failed(s, e, *_results_so_far(s)) from e
     finally:
         _remove_placement_groups(_live_placement_groups() - before)
     # After Ctrl-C Tune marks the trials it stopped as terminated in memory; the state it saved
     # (what a rerun restores) still has them pending or running.
-    saved = tune.ExperimentAnalysis(str(s.folder / "tune")).trials
-    finished = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
-    return summarize(s, results, finished)
+    return summarize(s, results, _finished(_saved_state(s)))
+
+
+def _saved_state(s: Sweep):
+    from ray import tune
+
+    return tune.ExperimentAnalysis(str(s.folder / "tune"))
+
+
+def _finished(analysis) -> int:
+    """Trials that Tune's saved state holds as done: a rerun does not run them again."""
+    return sum(t.status in ("TERMINATED", "ERROR") for t in analysis.trials)
+
+
+def _results_so_far(s: Sweep) -> tuple:
+    """The trials of the saved state as Tuner.fit returns them (a ResultGrid: the Tuner has
+    none once fit raised) and how many finished; (None, 0) when no state can be read."""
+    from ray import tune
+
+    try:
+        analysis = _saved_state(s)
+        return tune.ResultGrid(analysis), _finished(analysis)
+    except Exception:  # Tune's own error is the one to report, not this one
+        return None, 0
