@@ -456,6 +456,11 @@ def test_a_failed_trials_row_says_why_in_one_line(tmp_path):
         f"[Rank 0,1 Error Snippet]:\n{nan_text}", {1: nan, 0: MemoryError()}))
     assert type(workers).__name__ == "RayTaskError(WorkerGroupError)"
     assert sweep.results.error_line(workers) == "worker 0: MemoryError"
+    # as Train returns a worker's exception: wrapped with its traceback for a message
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    traced = WorkerGroupError("snippet", {0: UserExceptionWithTraceback(nan, nan_text)})
+    assert sweep.results.error_line(traced) == "worker 0: ValueError: loss is nan at t=2"
     startup, _ = from_trial(ControllerError(TimeoutError("workers did not start in 30 s")))
     assert sweep.results.error_line(startup) == "TimeoutError: workers did not start in 30 s"
     config_error, _ = from_trial(ConfigError("optim.lr_f: expected float, got 'fast'"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -293,19 +294,46 @@ def failure_message(cfg: Config, folder: Path, error: Exception) -> str:
         return (f"run stopped: Ray Train could not (re)start {size} worker(s) within "
                 f"scaling.start_timeout_s={s.start_timeout_s:g} s, {s.max_failures + 1} time(s) "
                 f"(a lost node?){hint}; {where}")
-    failures = getattr(error, "worker_failures", None) or {}
-    if failures:
-        rank, first = min(failures.items(), key=lambda kv: kv[0])
-        what = f"worker {rank}: {_one_line(first)}"
-    else:
-        what = _one_line(cause if cause is not None else error)
-    return (f"run stopped after scaling.max_failures={s.max_failures} restart(s): {what}; "
-            f"{where}")
+    return (f"run stopped after scaling.max_failures={s.max_failures} restart(s): "
+            f"{error_line(error)}; {where}")
 
 
-def _one_line(error: BaseException) -> str:
-    """A traceback's last line (the exception), or a message's first line."""
-    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(error).__name__
-    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+def error_line(error: BaseException | str) -> str:
+    """Why a Ray Train run, a Tune trial or Tune itself failed, in one line: the innermost
+    exception's type and message, found through Ray's wrappers (a RayTaskError's `cause`,
+    Train's `worker_failures` by rank, `controller_failure`, a worker's exception carried with
+    its traceback). `error` may also be a traceback's text: Tune's error.txt, which Result.error
+    holds when the exception could not be unpickled."""
+    where = ""
+    for _ in range(8):  # the wrappers nest a few levels deep; a cycle must not hang the table
+        if isinstance(error, str):
+            return where + _exception_line(error)
+        cause = getattr(error, "cause", None)
+        inner = getattr(error, "controller_failure", None)
+        failures = getattr(error, "worker_failures", None)
+        if failures:
+            rank, error = min(failures.items(), key=lambda kv: kv[0])
+            where += f"worker {rank}: "
+        elif isinstance(cause, BaseException) and cause is not error:
+            error = cause
+        elif isinstance(inner, BaseException):
+            error = inner
+        else:
+            break
+    text = str(error).strip()
+    if text.startswith("Traceback"):  # a worker's exception as Train returns it, with its
+        return where + _exception_line(text)  # traceback for a message
+    name, line = type(error).__name__, uris.first_line(error)
+    return where + (name if line == name else f"{name}: {line}")
+
+
+# a traceback's exception line: `ValueError: ...`, `dadh_dist.loop.NonFiniteLoss: ...`, unindented
+_RAISED = re.compile(r"[A-Za-z_][\w.]*(\([\w.]+\))?: \S")
+
+
+def _exception_line(text: str) -> str:
+    """The last exception line of a traceback's text (the innermost cause, when the text holds
+    several: a worker's traceback inside Train's error), else its last line."""
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    raised = [ln for ln in lines if _RAISED.match(ln)]
+    return (raised or lines or ["(no error text)"])[-1].strip()

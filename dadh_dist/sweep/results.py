@@ -8,14 +8,13 @@ Everything here reads Tune's results as plain attributes (`metrics`, `metrics_da
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 from dadh_dist import config as config_mod
 from dadh_dist.config import PATH_KEYS
+from dadh_dist.run.ray_train import error_line
 from dadh_dist.sweep.spec import Sweep
-from dadh_dist.uris import first_line
 
 
 class SweepFailed(RuntimeError):
@@ -26,43 +25,6 @@ class SweepFailed(RuntimeError):
     def __init__(self, message: str, result: dict | None = None):
         super().__init__(message)
         self.result = result
-
-
-def error_line(error: BaseException | str) -> str:
-    """Why a trial (or Tune) failed, in one line: the innermost exception's type and message,
-    found through Ray's wrappers (a RayTaskError's `cause`, Train's `worker_failures` by rank and
-    `controller_failure`). `error` may also be a traceback's text: Tune's error.txt, which
-    Result.error holds when the exception could not be unpickled."""
-    where = ""
-    for _ in range(8):  # the wrappers nest a few levels deep; a cycle must not hang the table
-        if isinstance(error, str):
-            return where + _exception_line(error)
-        cause = getattr(error, "cause", None)
-        inner = getattr(error, "controller_failure", None)
-        failures = getattr(error, "worker_failures", None)
-        if failures:
-            rank, error = min(failures.items(), key=lambda kv: kv[0])
-            where += f"worker {rank}: "
-        elif isinstance(cause, BaseException) and cause is not error:
-            error = cause
-        elif isinstance(inner, BaseException):
-            error = inner
-        else:
-            break
-    name, line = type(error).__name__, first_line(error)
-    return where + (name if line == name else f"{name}: {line}")
-
-
-# a traceback's exception line: `ValueError: ...`, `dadh_dist.loop.NonFiniteLoss: ...`, unindented
-_RAISED = re.compile(r"[A-Za-z_][\w.]*(\([\w.]+\))?: \S")
-
-
-def _exception_line(text: str) -> str:
-    """The last exception line of a traceback's text (the innermost cause, when the text holds
-    several: a worker's traceback inside Train's error), else its last line."""
-    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
-    raised = [ln for ln in lines if _RAISED.match(ln)]
-    return (raised or lines or ["(no error text)"])[-1].strip()
 
 
 def trial_rows(s: Sweep, results) -> list[dict]:
