@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from dadh_dist.checkpoint import write_atomic
 from dadh_dist.config import ConfigError
 from dadh_dist.sweep.resources import Resources
 from dadh_dist.sweep.spec import Sweep
@@ -48,6 +49,4 @@ def save_record(s: Sweep, res: Resources) -> None:
     record = {"sweep": s.identity(), "sweep_file": str(s.path),
               "resources": dataclasses.asdict(res),
               "asked_cpus_per_worker": s.base.scaling.cpus_per_worker}
-    tmp = s.folder / "sweep.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(s.folder / "sweep.json")
+    write_atomic(s.folder / "sweep.json", json.dumps(record, indent=1).encode())

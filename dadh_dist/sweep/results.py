@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from dadh_dist import config as config_mod
+from dadh_dist.checkpoint import write_atomic
 from dadh_dist.config import PATH_KEYS
 from dadh_dist.run.ray_train import error_line
 from dadh_dist.sweep.spec import Sweep
@@ -122,9 +123,7 @@ def write_best_config(s: Sweep, best: dict) -> Path:
               f"# {s.metric} = {best['val']:.4f} after {best['iters']} outer iterations.\n"
               f"# Train it: python jobs/train.py --config <this file>\n")
     path = s.folder / "best_config.toml"
-    tmp = path.with_name("best_config.toml.tmp")
-    tmp.write_text(header + text)
-    tmp.replace(path)
+    write_atomic(path, (header + text).encode())
     return path
 
 

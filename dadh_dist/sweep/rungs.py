@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler
 
+from dadh_dist.checkpoint import write_atomic
 from dadh_dist.config import ConfigError
 
 FILE = "asha_rungs.json"
@@ -55,9 +56,8 @@ class ResumableASHA(ASHAScheduler):
     def _save(self) -> None:
         path = Path(self._log_path)
         doc = {"brackets": [[[m, rec] for m, rec in rungs] for rungs in self._records()]}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc))
-        tmp.replace(path)  # a kill mid-write leaves the previous log, never half of one
+        # a kill mid-write leaves the previous log, never half of one
+        write_atomic(path, json.dumps(doc).encode())
 
     def _merge(self, saved: list[list[tuple[float, dict]]]) -> None:
         mine = self._records()
