@@ -108,6 +108,11 @@ class HashFunction:
             return None
         dest = uris.join(self.run_uri, rel.as_posix())
         storage.Publisher(Path(out), dest)()
+        # the folder there is this one: what an earlier output left that this one has not goes
+        here = {p.relative_to(out).as_posix() for p in Path(out).rglob("*") if p.is_file()}
+        for name, _ in uris.list_files(dest):
+            if name not in here:
+                uris.delete_file(uris.join(dest, name))
         return dest
 
     def outputs(self, images, encoders, batch: int | None = None) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -280,9 +281,14 @@ def _health_line(ev: Evaluation) -> list[str]:
 
 def write(out: str | Path, ev: Evaluation, hf: HashFunction, dataset: Dataset,
           examples: int = 6, tensorboard: bool = True) -> dict[str, Path]:
-    """Write metrics.json, the three PNGs, report.md and TensorBoard events into `out`."""
+    """Write metrics.json, the three PNGs, report.md and TensorBoard events into `out`. What an
+    earlier evaluation wrote there and this one does not (examples.png, tb/) goes: an events
+    file per evaluation would give TensorBoard two values per step."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)
+    if examples == 0:
+        (out / "examples.png").unlink(missing_ok=True)
     reported = run_reported(hf, ev)
     figs = {"precision–recall": ("pr_curve.png", pr_figure(ev, hf.bits)),
             "precision@N": ("precision_at_n.png", p_at_n_figure(ev))}

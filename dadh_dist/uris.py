@@ -175,6 +175,17 @@ def upload_file(local: Path, uri: str) -> None:
     _send(uri, write)
 
 
+def delete_file(uri: str) -> None:
+    """Delete one file (nothing happens when it does not exist)."""
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StorageError(f"{redact(uri)}: delete failed ({first_line(e)})") from None
+
+
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     _made_dirs.difference_update({d for d in _made_dirs

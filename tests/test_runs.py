@@ -324,6 +324,7 @@ def test_new_config_before_the_first_checkpoint_clears_the_old_ones_outputs(tmp_
         run = runner.run_uri(a)
         if run:
             uris.write_bytes(uris.join(run, "tb", "events.out.tfevents.1"), b"old")
+            uris.write_bytes(uris.join(run, "final_metrics.json"), b"old")
         runner.prepare_run(config.load(DEBUG, _overrides(where, "r", "log.tensorboard=false")))
         assert all(p.read_text() == "old" for p in outputs + kept)
         b = config.load(DEBUG, _overrides(where, "r", "objective.gamma=5"))
@@ -333,6 +334,7 @@ def test_new_config_before_the_first_checkpoint_clears_the_old_ones_outputs(tmp_
         assert config.load(folder / "config.toml").objective.gamma == 5
         if run:
             assert uris.list_files(uris.join(run, "tb")) == []
+            assert uris.read_bytes(uris.join(run, "final_metrics.json")) is None
             assert uris.read_bytes(uris.join(run, "config.toml")) == b.to_toml().encode()
 
     folder = tmp_path / "runs" / "r"

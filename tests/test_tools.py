@@ -923,6 +923,18 @@ def test_export_and_evaluate_of_a_run_uri_publish_next_to_the_run_an_out_stays_l
                               "--no-tensorboard", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["published"] == f"{uri}/eval/{newest}_query"
     assert (remote / "eval" / f"{newest}_query" / "report.md").is_file()
+    # evaluated again, with TensorBoard and no picture: one events file, no stale picture,
+    # here and there
+    sent = remote / "eval" / f"{newest}_query"
+    (sent / "examples.png").write_bytes(b"old")
+    for examples in ("1", "0"):
+        assert cli.evaluate_main(["--checkpoint", f"{uri}/{newest}", "--examples", examples,
+                                  "--json"]) == 0
+    here = Path(json.loads(capsys.readouterr().out.splitlines()[-1])["out"])
+    for folder in (here, sent):
+        assert not (folder / "examples.png").exists(), folder
+        assert len(list((folder / "tb").iterdir())) == 1, folder
+        assert (folder / "report.md").read_text() == (here / "report.md").read_text()
 
 
 def test_a_checkpoint_named_dot_or_dot_dot_gives_its_real_names(run, monkeypatch):

@@ -117,9 +117,7 @@ def _same_config(cfg: Config, saved: Path) -> bool:
 
 
 def _clear_outputs(folder: Path, uri: str | None) -> None:
-    """Remove the `OUTPUTS` of the config a new one replaces: here and, for a remote run, its
-    TensorBoard events at the URI (its final_metrics.json there stays until the new run sends
-    its own: `uris` deletes folders only)."""
+    """Remove the `OUTPUTS` of the config a new one replaces: here and at a remote run's URI."""
     for name in OUTPUTS:
         path = folder / name
         if path.is_dir():
@@ -128,6 +126,7 @@ def _clear_outputs(folder: Path, uri: str | None) -> None:
             path.unlink(missing_ok=True)
     if uri is not None:
         uris.delete_dir(uris.join(uri, "tb"))
+        uris.delete_file(uris.join(uri, "final_metrics.json"))
 
 
 def keep_checkpoint(folder: Path, staged: Path) -> Path:
