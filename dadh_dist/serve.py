@@ -23,9 +23,10 @@ Endpoints (JSON answers):
     GET  /healthz  {"status": "ok"}
 
 Images come as multipart files (`curl -F image=@a.png -F image=@b.png -F k=5`), as JSON
-`{"images": ["<base64>", ...], "ids": [...], "k": 5}` (ids optional; data: URLs accepted), or as
-one raw image body (`Content-Type: image/png`); `k` may also be a query parameter. A code is a
-string of `bits` characters, character c being 1 where bit c of the code is +1.
+`{"images": ["<base64>", ...], "ids": [...], "k": 5}` (ids optional, strings or integers; data:
+URLs accepted), or as one raw image body (`Content-Type: image/png`); `k` may instead be the
+query parameter `?k=5`, the only one taken, and is given once. HEAD is answered wherever GET is.
+A code is a string of `bits` characters, character c being 1 where bit c of the code is +1.
 
 Each replica loads the hash function (a checkpoint or a `jobs/export.py` export) and builds the
 database index once. Concurrent requests are batched by Serve into one forward pass; the batch is
@@ -83,12 +84,14 @@ logger = logging.getLogger("dadh_dist.serve")
 
 
 class RequestError(Exception):
-    """A request the service refuses: an HTTP status (4xx) and a one-line message."""
+    """A request the service refuses: an HTTP status (4xx), a one-line message and the headers
+    the answer carries (a 405's Allow)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = " ".join(message.split())
+        self.headers = headers or {}
 
 
 def _config_error(message: str) -> Exception:
@@ -415,24 +418,51 @@ def parse_k(raw, database_size: int) -> int:
     return k
 
 
-def read_images(body: bytes, content_type: str) -> tuple[list, list[bytes], object]:
-    """(names, image bytes, k or None) from a multipart, JSON or raw-image body."""
+def _is_image_type(kind: str) -> bool:
+    return kind.startswith("image/") or kind == "application/octet-stream"
+
+
+def query_k(params: dict) -> str | None:
+    """k of the query parameters (each a string, or the list of its values), the only one."""
+    unknown = sorted(set(params) - {"k"})
+    if unknown:
+        raise RequestError(400, f"query parameter {unknown[0]!r}: unknown (known: k)")
+    k = params.get("k")
+    if isinstance(k, list):
+        if len(k) > 1:
+            raise RequestError(400, f"k: given {len(k)} times in the query ({', '.join(k)})")
+        k = k[0] if k else None
+    return k
+
+
+def read_images(body: bytes, content_type: str, max_images: int
+                ) -> tuple[list, list[bytes], object]:
+    """(names, image bytes, k or None) from a multipart, JSON or raw-image body; a multipart
+    body of more than `max_images` files and k is refused before it is parsed."""
     kind = content_type.split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        return _read_multipart(body, content_type)
+        return _read_multipart(body, content_type, max_images)
     if kind == "application/json":
         return _read_json(body)
-    if kind.startswith("image/") or kind == "application/octet-stream":
+    if _is_image_type(kind):
         return [0], [body], None
     raise RequestError(415, f"Content-Type {kind or '(none)'!r} is not accepted: send "
                        "multipart/form-data files, application/json base64 images, or one "
                        "image/* body")
 
 
-def _read_multipart(body: bytes, content_type: str) -> tuple[list, list[bytes], object]:
+def _read_multipart(body: bytes, content_type: str, max_images: int
+                    ) -> tuple[list, list[bytes], object]:
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    boundary = BytesParser(policy=policy.HTTP).parsebytes(head, headersonly=True).get_boundary()
+    # the email parser takes seconds for 10^5 tiny parts: more than a request may hold are
+    # counted (each part opens with its delimiter, the last is the close) and refused unread
+    parts = body.count(b"--" + boundary.encode("utf-8", "surrogateescape")) - 1 if boundary else 0
+    if parts > max_images + 1:
+        raise RequestError(413, f"too many parts: {parts} in one multipart request, the limit "
+                           f"is {max_images} images (--max-images) and k")
     message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart() or not message.get_boundary():
+    if not message.is_multipart() or not boundary:
         raise RequestError(400, "multipart body without parts (no or a wrong boundary)")
     names, blobs, k = [], [], None
     for i, part in enumerate(message.iter_parts()):
@@ -440,20 +470,23 @@ def _read_multipart(body: bytes, content_type: str) -> tuple[list, list[bytes], 
         filename = part.get_filename()
         data = part.get_payload(decode=True) or b""
         if field == "k" and filename is None:
+            if k is not None:
+                raise RequestError(400, "k: given twice in the multipart body; give it once")
             k = data.decode("utf-8", "replace").strip()
         elif filename is not None or field in FILE_FIELDS:
             names.append(filename if filename else f"{field}[{i}]")
             blobs.append(data)
         else:
-            raise RequestError(400, f"multipart field {field!r}: unknown (send files as "
-                               f"{'/'.join(FILE_FIELDS)}, and k)")
+            what = f"field {field!r}: unknown" if field is not None else f"part {i + 1}: no name"
+            raise RequestError(400, f"multipart {what} (send files as {'/'.join(FILE_FIELDS)}, "
+                               "and k)")
     return names, blobs, k
 
 
 def _read_json(body: bytes) -> tuple[list, list[bytes], object]:
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also: numbers of 4300+ digits, deep nesting
         raise RequestError(400, f"body: not JSON ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise RequestError(400, 'body: expected {"images": ["<base64>", ...], "k": 10}')
@@ -464,17 +497,40 @@ def _read_json(body: bytes) -> tuple[list, list[bytes], object]:
     ids = doc.get("ids", list(range(len(images))))
     if not isinstance(ids, list) or len(ids) != len(images):
         raise RequestError(400, f"ids: expected a list of {len(images)} ids, one per image")
+    for i, name in enumerate(ids):  # echoed in the answer, which must be JSON (no NaN) and UTF-8
+        if isinstance(name, bool) or not isinstance(name, (str, int)):
+            raise RequestError(400, f"ids[{i}]: expected a string or an integer, got "
+                               f"{json.dumps(name)[:40]}")
+        if isinstance(name, str):
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(400, f"ids[{i}]: not Unicode text (a lone surrogate "
+                                   "escape)") from None
     blobs = []
     for i, text in enumerate(images):
         if not isinstance(text, str):
             raise RequestError(400, f"images[{i}]: expected a base64 string")
-        if text.startswith("data:") and "," in text:
-            text = text.split(",", 1)[1]
+        if text.startswith("data:"):
+            text = _data_url_payload(text, f"images[{i}]")
         try:
             blobs.append(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError) as e:
             raise RequestError(400, f"images[{i}]: not base64 ({e})") from None
     return ids, blobs, doc.get("k")
+
+
+def _data_url_payload(url: str, where: str) -> str:
+    """The base64 text of a data: URL of an image (RFC 2397: data:image/png;base64,<text>)."""
+    header, comma, payload = url.partition(",")
+    media, *params = header[len("data:"):].split(";")
+    kind = media.strip().lower()
+    if not comma or "base64" not in (p.strip().lower() for p in params):
+        raise RequestError(400, f"{where}: a data: URL that is not base64 (send "
+                           "data:image/png;base64,<base64>)")
+    if kind and not _is_image_type(kind):
+        raise RequestError(422, f"{where}: a data: URL of {kind!r}, not of an image (image/*)")
+    return payload
 
 
 def _colour_channels(img) -> int:
@@ -501,8 +557,9 @@ def decode_image(blob: bytes, name, model: Model, resize: bool) -> np.ndarray:
             got, (w, h) = _colour_channels(img), img.size
             # a gray model takes gray pixels however stored (a gray GIF, a gray palette, RGB
             # with R == G == B): the pixels decide, as they decide encode's "converted" note;
-            # a colour model refuses only images stored gray, which its user can convert
-            if not resize and c == 1 and got == 3 and pixels_are_gray(img):
+            # a colour model refuses only images stored gray, which its user can convert.
+            # Read only at the model's side: an image of another size is refused unread
+            if not resize and (w, h) == (s, s) and c == 1 and got == 3 and pixels_are_gray(img):
                 got = 1
     except UnidentifiedImageError:
         raise RequestError(422, f"{where}: not an image (no image format recognised)") from None
@@ -510,12 +567,12 @@ def decode_image(blob: bytes, name, model: Model, resize: bool) -> np.ndarray:
         raise RequestError(422, f"{where}: not an image ({e})") from None
     if not resize:
         kinds = {1: "gray", 3: "colour"}
-        if got != c:
-            raise RequestError(422, f"{where}: a {kinds[got]} image, the model takes {kinds[c]} "
-                               "images (convert it, or start the service with --resize)")
         if (w, h) != (s, s):
             raise RequestError(422, f"{where}: {w}x{h} px, the model takes {s}x{s} px (resize "
                                "it, or start the service with --resize)")
+        if got != c:
+            raise RequestError(422, f"{where}: a {kinds[got]} image, the model takes {kinds[c]} "
+                               "images (convert it, or start the service with --resize)")
     try:
         return decode(blob, c, s, where)
     except DataError as e:
@@ -565,8 +622,10 @@ class Service:
                 "version": ours}
 
     def parse(self, route: str, body: bytes, content_type: str, params: dict) -> Work:
-        """A /search or /encode request as Work, or RequestError."""
-        names, blobs, k_body = read_images(body, content_type)
+        """A /search or /encode request as Work, or RequestError. `params`: the query
+        parameters, each a string or the list of the values it was given."""
+        k_query = query_k(params)
+        names, blobs, k_body = read_images(body, content_type, self.options.max_images)
         if not blobs:
             raise RequestError(400, "no images in the request (send multipart files, or JSON "
                                '{"images": ["<base64>", ...]})')
@@ -575,7 +634,9 @@ class Service:
                                f"is {self.options.max_images} (--max-images)")
         k = 0
         if route == "search":
-            k = parse_k(k_body if k_body is not None else params.get("k"), len(self.database))
+            if k_body is not None and k_query is not None:
+                raise RequestError(400, "k: given in the body and in the query; give it once")
+            k = parse_k(k_body if k_body is not None else k_query, len(self.database))
         m = self.model
         images = np.empty((len(blobs), m.channels, m.image_size, m.image_size), np.uint8)
         for i, (name, blob) in enumerate(zip(names, blobs)):
@@ -630,13 +691,16 @@ class Service:
 
 
 def check_route(method: str, path: str) -> str:
-    """The endpoint a request names (any route prefix), or RequestError 404/405."""
+    """The endpoint a request names (any route prefix), or RequestError 404/405. HEAD is
+    answered wherever GET is (HTTP requires it; health checkers and proxies send it)."""
     route = path.rstrip("/").rsplit("/", 1)[-1]
     if route not in ROUTES:
         raise RequestError(404, f"{path}: no such endpoint (POST /search, POST /encode, "
                            "GET /info, GET /healthz)")
-    if method != ROUTES[route]:
-        raise RequestError(405, f"{method} {path}: use {ROUTES[route]}")
+    allowed = ROUTES[route]
+    if method != allowed and not (method == "HEAD" and allowed == "GET"):
+        raise RequestError(405, f"{method} {path}: use {allowed}",
+                           {"allow": "GET, HEAD" if allowed == "GET" else allowed})
     return route
 
 
@@ -674,21 +738,21 @@ class Retrieval:
     async def __call__(self, request):
         from starlette.responses import JSONResponse
 
-        headers = {}
         try:
             route = check_route(request.method, request.url.path)
             if route in ("info", "healthz"):
                 return JSONResponse(self.service.info() if route == "info" else {"status": "ok"})
             body = await _read_body(request, self.service.options.max_body_bytes)
-            work = self.service.parse(route, body, request.headers.get("content-type", ""),
-                                      dict(request.query_params))
+            query = request.query_params
+            # decoding (seconds for large images under --resize) runs in a thread, as the
+            # forward pass does: the replica's other requests and its batches go on meanwhile
+            work = await asyncio.to_thread(self.service.parse, route, body,
+                                           request.headers.get("content-type", ""),
+                                           {key: query.getlist(key) for key in query.keys()})
             answer, batch = await self.encode_batch(work)
-            headers[BATCH_HEADER] = str(batch)
-            return JSONResponse(answer, headers=headers)
+            return JSONResponse(answer, headers={BATCH_HEADER: str(batch)})
         except RequestError as e:
-            if e.status == 405:
-                headers["allow"] = ROUTES[request.url.path.rstrip("/").rsplit("/", 1)[-1]]
-            return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
+            return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
         except Exception as e:  # a fault of ours: logged in full, answered in one line
             logger.exception("request %s %s failed", request.method, request.url.path)
             msg = " ".join(f"internal error: {type(e).__name__}: {e}".split())

@@ -235,6 +235,8 @@ def test_bad_input_gets_a_one_line_4xx(service, queries):
         ("unknown endpoint", 404, "no such endpoint",
          lambda: requests.get(f"{service}/nearest", timeout=30)),
         ("wrong method", 405, "use POST", lambda: requests.get(f"{service}/search", timeout=30)),
+        ("k twice", 400, "k: given 2 times in the query",
+         lambda: _post(f"{service}/search?k=1&k=2", data=image, headers=png)),
     ]
     for what, status, needle, send in cases:
         resp = send()
@@ -243,6 +245,8 @@ def test_bad_input_gets_a_one_line_4xx(service, queries):
         assert needle in error and "\n" not in error and "Traceback" not in error, (what, error)
     # the service still answers after all of them
     assert _post(f"{service}/encode", data=image, headers=png).status_code == 200
+    head = requests.head(f"{service}/healthz", timeout=30)  # as health checkers ask
+    assert (head.status_code, head.content) == (200, b""), head.headers
 
 
 # ---------------------------------------------------------------------------- start-up, no server
@@ -528,3 +532,196 @@ def _has_faiss() -> bool:
     except ImportError:
         return False
     return True
+
+
+# ------------------------------------------------------------------ requests, without a server
+
+
+@pytest.fixture(scope="module")
+def plain(run) -> serving.Service:
+    """A Service of the run without Ray or HTTP (4 images a request), for `handle`."""
+    options = serving.Options(checkpoint=str(run), max_images=4, backend="packed")
+    model = serving.load_model(run)
+    return serving.Service(options, serving.load_database(options, model), model)
+
+
+def _json(service: serving.Service, doc, path: str = "/search", params=None):
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    return service.handle("POST", path, body, "application/json", params)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_json_python_cannot_read_is_a_400_not_a_500(plain, queries):
+    image = _b64(next(iter(queries.values())))
+    huge_k = f'{{"images": ["{image}"], "k": {"9" * 5000}}}'.encode()  # past int's 4300 digits
+    for body in (huge_k, b"[" * 100_000):  # 100 kB of nesting: past the recursion limit
+        status, doc = _json(plain, body)
+        assert status == 400 and doc["error"].startswith("body: not JSON ("), doc
+
+
+def test_ids_are_strings_or_integers_an_answer_can_carry(plain, queries):
+    """ids come back in the answer, which Starlette renders as strict UTF-8 JSON: a NaN or a
+    lone surrogate would fail there, after the search, as a 500."""
+    from starlette.responses import JSONResponse
+
+    images = [_b64(b) for b in list(queries.values())[:2]]
+    for ids, needle in (([float("nan"), 1], "ids[0]: expected a string or an integer, got NaN"),
+                        ([1, {"a": 1}], 'ids[1]: expected a string or an integer, got {"a": 1}'),
+                        ([True, 1], "ids[0]: expected a string or an integer, got true"),
+                        (["a", "\ud800"], "ids[1]: not Unicode text")):
+        status, doc = _json(plain, {"images": images, "ids": ids, "k": 1})
+        assert (status, doc["error"][:len(needle)]) == (400, needle), doc
+    status, doc = _json(plain, {"images": images, "ids": ["café", 7], "k": 1})
+    assert status == 200 and [r["query"] for r in doc["results"]] == ["café", 7]
+    JSONResponse(doc)  # renders
+
+
+def test_data_urls_are_base64_images(plain, queries):
+    image = _b64(next(iter(queries.values())))
+    for url in (f"data:image/png;base64,{image}", f"data:;base64,{image}",
+                f"data:application/octet-stream;BASE64,{image}"):
+        assert _json(plain, {"images": [url]}, "/encode")[0] == 200, url
+    for url, status, needle in (
+            (f"data:text/plain;base64,{image}", 422, "a data: URL of 'text/plain', not of an"),
+            (f"data:image/png,{image}", 400, "a data: URL that is not base64"),  # %-encoded
+            ("data:image/png;base64", 400, "a data: URL that is not base64")):
+        got = _json(plain, {"images": [url]}, "/encode")
+        assert got[0] == status and got[1]["error"].startswith(f"images[0]: {needle}"), got
+
+
+def test_k_is_given_once_and_no_other_parameter(plain, queries):
+    """A request that names k twice (or a parameter the service does not know, like ?K=5) is
+    refused, not answered with one of the values or with the default k."""
+    raw = next(iter(queries.values()))
+    doc = {"images": [_b64(raw)], "k": 3}
+    cases = [  # (what, status, message start, the request)
+        ("k twice in the query", 400, "k: given 2 times in the query (1, 2)",
+         lambda: plain.handle("POST", "/search", raw, "image/png", {"k": ["1", "2"]})),
+        ("k in the body and the query", 400, "k: given in the body and in the query; give it once",
+         lambda: _json(plain, doc, params={"k": "3"})),
+        ("an unknown parameter", 400, "query parameter 'K': unknown (known: k)",
+         lambda: plain.handle("POST", "/search", raw, "image/png", {"K": ["5"]})),
+        ("on /encode too", 400, "query parameter 'kk': unknown",
+         lambda: _json(plain, doc, "/encode", {"kk": "5"})),
+    ]
+    for what, status, needle, send in cases:
+        got = send()
+        assert got[0] == status and got[1]["error"].startswith(needle), (what, got)
+    for params in ({"k": ["4"]}, {"k": "4"}):
+        status, got = plain.handle("POST", "/search", raw, "image/png", params)
+        assert status == 200 and len(got["results"][0]["ids"]) == 4, got
+
+
+def test_multipart_parts_are_counted_before_they_are_parsed(plain, queries, monkeypatch):
+    """Python's email parser takes about 15 s for 16 MiB of tiny parts (the default body limit):
+    a request of more parts than images and k is refused unparsed."""
+    image = next(iter(queries.values()))
+
+    def body(*parts: tuple[str, str | None, bytes]) -> tuple[bytes, str]:
+        out = b"".join(b"--XX\r\nContent-Disposition: form-data" + (
+            f'; name="{name}"'.encode() if name else b"") + (
+            f'; filename="{filename}"'.encode() if filename else b"") + b"\r\n\r\n" + data +
+            b"\r\n" for name, filename, data in parts)
+        return out + b"--XX--\r\n", "multipart/form-data; boundary=XX"
+
+    parsed = []
+
+    class Parser(serving.BytesParser):
+        def parsebytes(self, text, headersonly=False):
+            parsed.append(headersonly)
+            return super().parsebytes(text, headersonly)
+
+    monkeypatch.setattr(serving, "BytesParser", Parser)
+    many = body(*[("image", "a.png", b"x")] * 1000)
+    status, doc = plain.handle("POST", "/search", *many)
+    assert (status, doc["error"]) == (413, "too many parts: 1000 in one multipart request, the "
+                                           "limit is 4 images (--max-images) and k")
+    assert False not in parsed  # only the header was parsed
+    # 4 images and k pass the count; 5 images pass it to the images' own refusal
+    k_part = ("k", None, b"2")
+    status, doc = plain.handle("POST", "/search", *body(*[("image", "a.png", image)] * 4, k_part))
+    assert status == 200 and doc["k"] == 2, doc
+    status, doc = plain.handle("POST", "/search", *body(*[("image", "a.png", image)] * 5))
+    assert status == 413 and doc["error"].startswith("too many images: 5 in one request"), doc
+    # a part without a name, and k twice
+    for parts, needle in (([(None, None, image)], "multipart part 1: no name (send files as"),
+                          ([("image", "a.png", image), k_part, k_part],
+                           "k: given twice in the multipart body")):
+        status, doc = plain.handle("POST", "/search", *body(*parts))
+        assert status == 400 and doc["error"].startswith(needle), doc
+
+
+def test_an_image_of_another_size_is_refused_from_its_header(monkeypatch):
+    """A colour file for a gray model has its pixels read to see whether they are gray, which
+    takes half a second for a 6000 x 6000 PNG of 100 kB: only done at the model's size."""
+    def read(img):
+        raise AssertionError(f"the pixels of a {img.size} image were read")
+
+    monkeypatch.setattr(inference, "pixels_are_gray", read)
+    gray_model = SimpleNamespace(channels=1, image_size=8)
+    with pytest.raises(serving.RequestError, match="image big: 600x600 px, the model takes 8x8"):
+        serving.decode_image(_png(np.zeros((600, 600, 3), np.uint8)), "big", gray_model, False)
+
+
+def _asgi_request(method: str, path: str, body: bytes = b"", content_type: str = "",
+                  query: str = ""):
+    """A Starlette request as Serve's proxy hands a replica one."""
+    from starlette.requests import Request
+
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    headers = [(b"content-length", str(len(body)).encode())]
+    if content_type:
+        headers.append((b"content-type", content_type.encode()))
+    return Request({"type": "http", "method": method, "path": path, "headers": headers,
+                    "query_string": query.encode()}, receive)
+
+
+def test_a_replica_answers_head_repeated_parameters_and_decodes_off_its_loop(plain, queries,
+                                                                             monkeypatch):
+    """`Retrieval.__call__` without Serve (its batch: the one request): HEAD where GET is, a
+    405 with its Allow header, ?k=1&k=2 refused, and the request decoded in a thread, not on
+    the replica's event loop, which its other requests and its batches share."""
+    import asyncio
+    import threading
+
+    replica = object.__new__(serving.Retrieval)
+    replica.service = plain
+
+    async def encode_batch(work):
+        return plain.run_batch([work])[0], len(work.images)
+
+    replica.encode_batch = encode_batch
+    threads = []
+    parse = plain.parse
+
+    def parse_recorded(*args):
+        threads.append(threading.current_thread())
+        return parse(*args)
+
+    monkeypatch.setattr(plain, "parse", parse_recorded)
+    image = next(iter(queries.values()))
+
+    async def send(*args):
+        resp = await replica(_asgi_request(*args))
+        return resp.status_code, json.loads(resp.body), resp.headers.get("allow")
+
+    def answer(*args):
+        return asyncio.run(send(*args))
+
+    assert answer("HEAD", "/healthz") == (200, {"status": "ok"}, None)
+    assert answer("HEAD", "/info")[:2] == (200, plain.info())
+    assert answer("GET", "/search") == (405, {"error": "GET /search: use POST"}, "POST")
+    assert answer("HEAD", "/encode")[2] == "POST"
+    assert answer("POST", "/info") == (405, {"error": "POST /info: use GET"}, "GET, HEAD")
+    status, doc, _ = answer("POST", "/search", image, "image/png", "k=1&k=2")
+    assert (status, doc["error"]) == (400, "k: given 2 times in the query (1, 2)")
+    status, doc, _ = answer("POST", "/search", image, "image/png", "k=2")
+    assert status == 200 and len(doc["results"][0]["ids"]) == 2
+    assert threads and threading.main_thread() not in threads
