@@ -36,6 +36,8 @@ installed and the code length is a multiple of 8, the packed XOR + popcount kern
 faiss only yields the k-th distance, and the ids come from a range search ordered by (distance,
 database index), so both backends answer the same lists.
 
+Images are PNG, JPEG, BMP, GIF, TIFF, WebP or PPM/PGM (`FORMATS`): PIL's other readers, EPS
+(which runs Ghostscript) among them, are not exposed to the network.
 Images must already have the model's geometry (gray or colour as trained, the training side in
 pixels) unless the service runs with --resize, which converts and resizes them as jobs/search.py
 does. A user mistake gets a 4xx with `{"error": "<one line>"}`; a database codes file whose bits
@@ -533,6 +535,11 @@ def _data_url_payload(url: str, where: str) -> str:
     return payload
 
 
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+"""PIL's readers a request's image may use (JPEG's reads a camera's multi-picture JPEG too, PPM's
+PGM): the formats of inference.IMAGE_SUFFIXES."""
+
+
 def _colour_channels(img) -> int:
     """1 for an image the file stores gray (one band, or a gray palette), else 3 (alpha
     ignored); whether a 3 holds colour is for `inference.pixels_are_gray` to say."""
@@ -553,7 +560,9 @@ def decode_image(blob: bytes, name, model: Model, resize: bool) -> np.ndarray:
     where = f"image {name}"
     c, s = model.channels, model.image_size
     try:
-        with Image.open(io.BytesIO(blob)) as img:  # the header, and the pixels only if needed
+        Image.init()  # every reader registered (open() looks FORMATS up among them), once
+        # the header, and the pixels only if needed
+        with Image.open(io.BytesIO(blob), formats=FORMATS) as img:
             got, (w, h) = _colour_channels(img), img.size
             # a gray model takes gray pixels however stored (a gray GIF, a gray palette, RGB
             # with R == G == B): the pixels decide, as they decide encode's "converted" note;
@@ -562,7 +571,8 @@ def decode_image(blob: bytes, name, model: Model, resize: bool) -> np.ndarray:
             if not resize and (w, h) == (s, s) and c == 1 and got == 3 and pixels_are_gray(img):
                 got = 1
     except UnidentifiedImageError:
-        raise RequestError(422, f"{where}: not an image (no image format recognised)") from None
+        raise RequestError(422, f"{where}: not an image of a format served here "
+                           f"({', '.join(FORMATS)})") from None
     except DECODE_ERRORS as e:
         raise RequestError(422, f"{where}: not an image ({e})") from None
     if not resize:

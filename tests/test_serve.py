@@ -725,3 +725,20 @@ def test_a_replica_answers_head_repeated_parameters_and_decodes_off_its_loop(pla
     status, doc, _ = answer("POST", "/search", image, "image/png", "k=2")
     assert status == 200 and len(doc["results"][0]["ids"]) == 2
     assert threads and threading.main_thread() not in threads
+
+
+def test_only_the_served_formats_are_read(monkeypatch):
+    """PIL reads dozens of formats, EPS through Ghostscript: a request's image may use only
+    FORMATS, whatever PIL has installed."""
+    from PIL import Image
+
+    model = SimpleNamespace(channels=1, image_size=8)
+    for kind in ("EPS", "PCX", "ICO"):  # readable by PIL, not served
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, kind)
+        with pytest.raises(serving.RequestError, match="not an image of a format served here"):
+            serving.decode_image(buf.getvalue(), "x", model, False)
+    for kind in serving.FORMATS:  # each one comes through
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8), 7, np.uint8)).save(buf, kind)
+        assert serving.decode_image(buf.getvalue(), kind, model, False).shape == (1, 8, 8)
