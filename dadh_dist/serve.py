@@ -910,8 +910,9 @@ def _gpus_before_ray(address: str | None) -> tuple[float, str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jobs/serve.py",
+    from dadh_dist.cli import ToolParser
+
+    p = ToolParser(  # --version as every tool has it: `<the command> <version>`
         description="Serve a trained hash function on Ray Serve: POST /search and /encode "
                     "(multipart files or base64 JSON), GET /info and /healthz.",
         epilog="curl -F image=@a.png 'http://127.0.0.1:8000/search?k=5'")
@@ -940,17 +941,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"most images in one batched forward pass ({d.batch_images})")
     p.add_argument("--batch-wait-s", type=float, default=d.batch_wait_s,
                    help=f"wait for more requests before a batch runs ({d.batch_wait_s} s)")
-    p.add_argument("--version", action="version", version=_version())
     return p
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"dadh_dist {version('dadh_dist')}"
-    except PackageNotFoundError:
-        return "dadh_dist (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
