@@ -210,9 +210,11 @@ def dcc(
 
     CPU tensors go to the compiled kernel (`kernels.dcc`, or `kernels.dcc_classes` for a
     `ClassQ`: rows in blocks of `block_rows`, blocks in parallel on `kernels.default_threads()`
-    threads); tensors on another device take the torch form below, on that device. Tests hold
-    the kernels bit-identical to the torch form on CPU; a GPU's matmul may sum in another order,
-    so a z within rounding of 0 could differ there.
+    threads); tensors on another device take the torch form below, on that device. The kernels
+    sum each coupling over j = 0..k-1 in order, so their bits do not depend on the blocks or
+    threads; torch's matmul (CPU or GPU) sums in its own order, so the torch form can differ
+    where a z is within rounding of 0. Tests hold the kernels to a plain loop in that order, and
+    to the torch form where the sums are exact.
     """
     if any(t.device.type != "cpu" for t in (B, H)) or (
             isinstance(Q, torch.Tensor) and Q.device.type != "cpu"):

@@ -112,8 +112,10 @@ def dcc(B, H, Q, two_eta, columns, sweeps, block):
         z = Q[i, c] − 2η·(Σ_j B[i, j]·H[j, c] − B[i, c]·H[c, c]),   B[i, c] = sign(z)
 
     and z = 0 keeps the previous bit (+1 where it is 0). The sum runs over j in order 0..k-1 for
-    every row (the order of `Bd @ H[:, c]` in the torch form on a ±1/0 B, whose products are
-    exact), so any block size gives the same bits. Rows are independent: blocks run in parallel.
+    every row, so any block size and thread count gives the same bits. torch's `Bd @ H[:, c]`
+    (the torch form) adds the same exact ±1·H products in an order of its own: the two agree
+    where the sums are exact (integer H and Q) and can differ where z is within rounding of 0.
+    Rows are independent: blocks run in parallel.
     """
     r, k = B.shape
     nblocks = (r + block - 1) // block

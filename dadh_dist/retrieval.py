@@ -27,6 +27,8 @@ import numpy as np
 from dadh_dist import kernels
 
 _TILE = 1 << 17  # uint64 words per XOR tile (1 MiB): still in cache when popcount reads it
+MAX_BITS = 32767
+"""The longest codes the metrics take: the kernels' key 2·distance + relevant is a uint16."""
 
 
 # ----------------------------------------------------------------------------- bits and distances
@@ -55,7 +57,8 @@ def unpack_codes(packed, bits: int) -> np.ndarray:
 def hamming_distances(query_packed, db_packed) -> np.ndarray:
     """Hamming distances (nq, n) between packed query rows and packed database rows.
 
-    dtype: uint8 when a row has at most 255 bits (ceil(k/8) <= 31 bytes), else uint16.
+    dtype: uint8 when a row has at most 255 bits (ceil(k/8) <= 31 bytes), uint16 up to 65535
+    bits, else uint32.
     """
     q = _check_packed(query_packed, "query_packed")
     db = _check_packed(db_packed, "db_packed")
@@ -99,13 +102,14 @@ def _words(packed: np.ndarray) -> np.ndarray:
 
 
 def _distance_dtype(width_bytes: int) -> type:
-    return np.uint8 if 8 * width_bytes <= 255 else np.uint16
+    bits = 8 * width_bytes
+    return np.uint8 if bits <= 255 else np.uint16 if bits <= 65535 else np.uint32
 
 
 def _hamming_into(out: np.ndarray, q_words: np.ndarray, db_words_t: np.ndarray) -> None:
     """out (c, n) = popcount(q XOR d) summed over words; q_words (c, W), db_words_t (W, n)."""
     c, n = out.shape
-    step = min(n, max(64, _TILE // max(c, 1)))
+    step = max(1, min(n, max(64, _TILE // max(c, 1))))  # 1 for an empty database: no tiles
     xor = np.empty((c, step), np.uint64)
     count = np.empty((c, step), np.uint8)
     for s in range(0, n, step):
@@ -152,6 +156,8 @@ class _Problem:
                 raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
         if qc.shape[1] != dc.shape[1]:
             raise ValueError(f"code lengths differ: {qc.shape[1]} vs {dc.shape[1]} bits")
+        if qc.shape[1] > MAX_BITS:
+            raise ValueError(f"codes of {qc.shape[1]} bits: the metrics take at most {MAX_BITS}")
         if ql.shape[1] != dl.shape[1]:
             raise ValueError(f"label widths differ: {ql.shape[1]} vs {dl.shape[1]}")
         if len(qc) != len(ql) or len(dc) != len(dl):

@@ -62,6 +62,42 @@ def test_dcc_kernel_is_bit_identical_to_reference(integer, k):
         assert (z0 == 0).sum() > 5
 
 
+def dcc_in_order(B, H, Q, eta, sweeps=1, order=None):
+    """DCC as a plain loop whose couplings add j = 0..k-1 in order (`order`: another order)."""
+    B = B.double().numpy().copy()
+    H, Q = H.numpy(), Q.numpy()
+    k = H.shape[0]
+    for _ in range(sweeps):
+        for c in range(k):
+            acc = np.zeros(B.shape[0])
+            for j in range(k) if order is None else order:
+                acc = acc + B[:, j] * H[j, c]
+            z = Q[:, c] - 2.0 * eta * (acc - B[:, c] * H[c, c])
+            B[:, c] = np.where(z > 0, 1.0, np.where(z < 0, -1.0, np.where(B[:, c] == 0, 1.0,
+                                                                           B[:, c])))
+    return torch.from_numpy(B.astype(np.int8))
+
+
+def test_dcc_kernel_adds_the_coupling_in_column_order():
+    """H of wide dynamic range and Q at the coupling itself: every z is within rounding of 0, so
+    the order of the sum decides bits (torch's matmul has an order of its own). The kernel's
+    bits are the in-order loop's for any block size and thread count."""
+    gen = torch.Generator().manual_seed(0)
+    r, k = 200, 24
+    B = torch.where(torch.rand(r, k, generator=gen) < 0.5, -1, 1).to(torch.int8)
+    H = torch.randn(k, k, generator=gen, dtype=torch.float64) * torch.exp(
+        6 * torch.randn(k, k, generator=gen, dtype=torch.float64))
+    Bd = B.double()
+    Q = 2.0 * (Bd @ H - Bd * torch.diagonal(H))  # z = 0 up to rounding, column by column
+    want = dcc_in_order(B, H, Q, 1.0, 2)
+    assert not torch.equal(want, dcc_in_order(B, H, Q, 1.0, 2, order=range(k - 1, -1, -1)))
+    for block, count in ((1, 1), (7, 2), (128, 2)):
+        with kernels.threads(count):
+            out = B.numpy().copy()
+            kernels.dcc(out, H.numpy(), Q.numpy(), 2.0, np.arange(k), 2, block)
+        np.testing.assert_array_equal(out, want.numpy(), err_msg=str(block))
+
+
 def test_dcc_from_zero_codes_and_tie_rule():
     """B = 0 (the first outer iteration) and Q = 0, H diagonal: every z is 0."""
     B, H, Q = random_case(50, 16, seed=3)

@@ -88,6 +88,21 @@ def test_hamming_distances_match_inner_product_reference(k, monkeypatch):
     np.testing.assert_array_equal(d, naive_distances(q, db))
 
 
+def test_hamming_distances_of_an_empty_database_and_of_long_codes():
+    """An empty database is an (nq, 0) result (it was a zero tile step); beyond 65535 bits a
+    distance needs more than uint16 (it wrapped around)."""
+    rng = np.random.default_rng(0)
+    q = np.where(rng.random((3, 16)) < 0.5, 1, -1).astype(np.int8)
+    d = retrieval.hamming_distances(retrieval.pack_codes(q), retrieval.pack_codes(q[:0]))
+    assert d.shape == (3, 0)
+    for k in (65535, 65536, 70001):
+        q = np.where(rng.random((2, k)) < 0.5, 1, -1).astype(np.int8)
+        db = np.concatenate([-q[:1], q[:1], np.where(rng.random((1, k)) < 0.5, 1, -1)])
+        d = retrieval.hamming_distances(retrieval.pack_codes(q), retrieval.pack_codes(db))
+        assert d[0, 0] == k
+        np.testing.assert_array_equal(d, naive_distances(q, db))
+
+
 def test_ranking_is_stable_by_distance():
     np.testing.assert_array_equal(retrieval.ranking([2, 0, 1, 0, 2, 1]), [1, 3, 2, 5, 0, 4])
     d = np.random.default_rng(0).integers(0, 9, 500)
@@ -371,3 +386,23 @@ def test_bad_inputs_raise():
         retrieval.mean_average_precision(HAND_Q[:0], HAND_DB, HAND_QL[:0], HAND_DL)
     with pytest.raises(ValueError, match="bytes"):
         retrieval.unpack_codes(retrieval.pack_codes(HAND_Q), 9)
+
+
+def test_codes_longer_than_the_kernels_take():
+    """The kernels keep 2·distance + relevant in a uint16: MAX_BITS bits are exact, one more is
+    refused (it wrapped around: an item at distance 33000 was counted at 232)."""
+    k = 32767  # retrieval.MAX_BITS
+    q = np.ones((1, k), np.int8)
+    db = np.ones((3, k), np.int8)
+    db[0] = -1  # distance k
+    db[1, : k // 2] = -1
+    ql, dl = np.eye(2, dtype=np.uint8)[[0]], np.eye(2, dtype=np.uint8)[[0, 1, 0]]
+    counts, hits = retrieval._Problem(q, db, ql, dl).histograms(threads=1)
+    d = naive_distances(q, db)[0].astype(np.int64)
+    np.testing.assert_array_equal(counts[0], np.bincount(d, minlength=k + 1))
+    np.testing.assert_array_equal(hits[0], np.bincount(d[[0, 2]], minlength=k + 1))
+    longer = np.ones((1, k + 1), np.int8), np.ones((3, k + 1), np.int8)
+    with pytest.raises(ValueError, match=f"{k + 1} bits"):
+        retrieval.precision_recall_curve(*longer, ql, dl)
+    with pytest.raises(ValueError, match=f"{k + 1} bits"):
+        retrieval.block_histograms(*longer, ql, dl, single=True)
