@@ -274,9 +274,9 @@ def _topk_packed(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.
     """`kernels.topk` on 64-bit words: histogram, smallest ball, one pass in database order."""
     k = min(k, len(db))
     q_words, db_words = retrieval._words(q), retrieval._words(db)
-    dtype = np.uint8 if 8 * db.shape[1] <= 255 else np.uint16
-    with kernels.threads() as t:
-        scratch = np.empty((max(1, min(t, len(q))), len(db)), dtype)
+    with kernels.threads() as t:  # distances of the codes' width: uint32 past 65535 bits
+        scratch = np.empty((max(1, min(t, len(q))), len(db)),
+                           retrieval._distance_dtype(db.shape[1]))
         return kernels.topk(q_words, db_words, k, 8 * db.shape[1] + 1, scratch)
 
 

@@ -406,3 +406,20 @@ def test_codes_longer_than_the_kernels_take():
         retrieval.precision_recall_curve(*longer, ql, dl)
     with pytest.raises(ValueError, match=f"{k + 1} bits"):
         retrieval.block_histograms(*longer, ql, dl, single=True)
+
+
+def test_top_k_of_codes_past_65535_bits_ranks_their_real_distances():
+    """The top-k scratch took uint16 distances, which wrap past 65535 bits."""
+    from dadh_dist import codesfile
+
+    bits = 70_000
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 2, (4, bits), dtype=np.uint8)
+    rows[1] = rows[0]
+    rows[1, :66_000] ^= 1  # 66,000 bits away: 464 once wrapped, the nearest
+    db = np.packbits(rows, axis=1)
+    ids, dist = codesfile._topk_packed(db[:1], db, 4)
+    want = retrieval.hamming_distances(db[:1], db)[0]
+    assert want[1] == 66_000
+    assert ids[0].tolist() == np.argsort(want, kind="stable").tolist()
+    assert dist[0].tolist() == sorted(want.tolist())
