@@ -838,3 +838,18 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
     # a changed sweep under the same name is refused instead of mixing two sweeps
     with pytest.raises(ConfigError, match="already exists .* different sweep"):
         sweep.run_sweep(sweep.load_sweep(sweep_file, args[0] + ["objective.bits=8"], 2))
+
+
+def test_a_damaged_saved_sweep_is_one_line_naming_its_folder(tmp_path):
+    """Tune's saved state cut short or edited: Tuner.restore raised whatever it met
+    (a ValueError from a damaged tuner.pkl) as a traceback."""
+    from dadh_dist.checkpoint import CheckpointError
+    from dadh_dist.sweep import runner as sweep_runner
+
+    path = _write(tmp_path, GOOD)
+    s = sweep.load_sweep(path, [f"log.run_dir={json.dumps(str(tmp_path / 'runs'))}"])
+    (s.folder / "tune").mkdir(parents=True)
+    (s.folder / "tune" / "tuner.pkl").write_text("garbage\n")
+    with pytest.raises(CheckpointError, match=rf"^sweep {s.name}: {s.folder / 'tune'} cannot be "
+                       r"resumed \(ValueError: .*\); move it away to start the sweep afresh$"):
+        sweep_runner._new_or_restored_tuner(s, lambda c: None, None)

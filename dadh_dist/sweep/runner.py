@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dadh_dist import config as config_mod
 from dadh_dist import run
+from dadh_dist.checkpoint import CheckpointError
 from dadh_dist.config import ConfigError
 from dadh_dist.run.local import data_here
+from dadh_dist.run.ray_train import error_line
 from dadh_dist.run.session import ensure_ray
 from dadh_dist.sweep.record import check_identity, save_record, saved_resources
 from dadh_dist.sweep.resources import Resources, plan_resources
@@ -151,7 +153,11 @@ def _new_or_restored_tuner(s: Sweep, trainable, res: Resources):
         print(f"sweep {s.name}: resuming the interrupted sweep in {exp}"
               + (f" (ASHA: {recorded} rung score(s) from before)" if recorded else ""),
               flush=True)
-        return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True)
+        try:
+            return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True)
+        except Exception as e:  # Tune's saved state damaged (a file cut short, edited by hand)
+            raise CheckpointError(f"sweep {s.name}: {exp} cannot be resumed ({error_line(e)}); "
+                                  "move it away to start the sweep afresh") from None
     log.unlink(missing_ok=True)  # a new sweep's trials are compared with its own trials only
     return _make_tuner(s, trainable, res)
 
