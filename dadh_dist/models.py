@@ -7,13 +7,23 @@ Backbone weights come from a local file when `pretrained_path` is set; nothing i
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from dadh_dist.config import ConfigError
+from dadh_dist.uris import first_line
+
 TORCHVISION_BACKBONES = ("alexnet", "resnet18", "resnet50", "vgg16")
+MIN_SIDE = {"small_cnn": 4, "alexnet": 63, "vgg16": 32}
+"""The smallest input side (px) each backbone's pooling leaves a pixel of (others: 1)."""
+HEAD_KEYS = ("fc.weight", "fc.bias", "classifier.6.weight", "classifier.6.bias")
+"""The classifier layer the hash head replaces: not loaded from pretrained weights, whatever
+its class count."""
 
 
 class Preprocess(nn.Module):
@@ -43,7 +53,8 @@ class SmallCNN(nn.Module):
 
     No batch norm and no dropout, so a forward pass is a pure function of the weights and the
     image: W workers and one worker compute the same outputs. `norm="group"` puts a GroupNorm
-    after every convolution; it normalises each image on its own, so that stays true.
+    after every convolution; it normalises each image on its own, so that stays true. Its group
+    count is the largest divisor of the channel count up to 8, so any width works.
     """
 
     def __init__(self, in_channels: int, width: int = 32, norm: str = "none"):
@@ -53,7 +64,8 @@ class SmallCNN(nn.Module):
         def block(cin: int, cout: int) -> list[nn.Module]:
             layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1)]
             if norm == "group":
-                layers.append(nn.GroupNorm(min(8, cout), cout))
+                groups = max(d for d in range(1, 9) if cout % d == 0)
+                layers.append(nn.GroupNorm(groups, cout))
             elif norm != "none":
                 raise ValueError(f"model.norm: unknown normalisation {norm!r}")
             return [*layers, nn.ReLU(inplace=True)]
@@ -74,19 +86,11 @@ class SmallCNN(nn.Module):
 def _torchvision_backbone(name: str, pretrained_path: str) -> tuple[nn.Module, int]:
     import torchvision
 
+    # the file first: a bad one is refused before a large network is built
+    state = _read_state_dict(Path(pretrained_path)) if pretrained_path else None
     net = getattr(torchvision.models, name)(weights=None)
-    if pretrained_path:
-        path = Path(pretrained_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.pretrained_path: {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        head_keys = {"fc.weight", "fc.bias", "classifier.6.weight", "classifier.6.bias"}
-        if set(missing) - head_keys or unexpected:
-            raise ValueError(
-                f"model.pretrained_path: {path} does not fit {name} "
-                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-            )
+    if state is not None:
+        _load_pretrained(net, name, state, pretrained_path)
     # Drop the classifier's last layer; the hash head replaces it.
     if name.startswith("resnet"):
         dim = net.fc.in_features
@@ -95,6 +99,53 @@ def _torchvision_backbone(name: str, pretrained_path: str) -> tuple[nn.Module, i
         dim = net.classifier[6].in_features
         net.classifier[6] = nn.Identity()
     return net, dim
+
+
+def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    """The tensors of a file saved with torch.save(state_dict), read with weights_only: a file
+    that would run code when unpickled (a whole pickled model, anything else) is refused."""
+    where = f"model.pretrained_path: {path}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a folder; name the weights file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{where} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"{where} holds pickled objects, not only tensors (a whole model?); "
+                          "save the backbone's state_dict() instead") from None
+    except Exception as e:  # truncated, empty or not a torch file: torch raises many kinds
+        raise ConfigError(f"{where} is not a readable torch weights file "
+                          f"({first_line(e)})") from None
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        raise ConfigError(f"{where} is a training checkpoint with a 'state_dict' entry; save "
+                          "that entry alone (torch.save(ckpt['state_dict'], path))")
+    if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConfigError(f"{where} holds a {type(state).__name__}, not a state_dict (names "
+                          "to tensors)")
+    return state
+
+
+def _load_pretrained(net: nn.Module, name: str, state: Mapping[str, torch.Tensor],
+                     path: str) -> None:
+    """The weights `state` (read from `path`) into `net`, all of them but the classifier layer
+    the hash head replaces; weights of another architecture are refused, naming what does not
+    fit."""
+    state = {k: v for k, v in state.items() if k not in HEAD_KEYS}
+    own = net.state_dict()
+    # BatchNorm fills a missing step count itself (files saved before torch 0.4.1 have none)
+    missing = sorted(k for k in own if k not in state and k not in HEAD_KEYS
+                     and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+                    if k in own and state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        found = [f"{what} {items[:3]}" for what, items in
+                 (("missing", missing), ("unexpected", unexpected), ("shapes", shapes)) if items]
+        raise ConfigError(f"model.pretrained_path: {path} does not fit {name} "
+                          f"({', '.join(found)})")
+    net.load_state_dict(state, strict=False)
 
 
 class HashStream(nn.Module):
@@ -112,17 +163,23 @@ class HashStream(nn.Module):
         norm: str = "none",
     ):
         super().__init__()
+        if backbone != "small_cnn" and backbone not in TORCHVISION_BACKBONES:
+            raise ValueError(f"model.backbone: unknown backbone {backbone!r}")
+        size = input_size or (image_size if backbone == "small_cnn" else 224)
+        if size < MIN_SIDE.get(backbone, 1):
+            given = f"got {size}" if input_size else f"the images are {size} px; set it"
+            raise ConfigError(f"model.input_size: {backbone} needs at least "
+                              f"{MIN_SIDE[backbone]} px ({given})")
         if backbone == "small_cnn":
-            size = input_size or image_size
+            if pretrained_path:
+                raise ConfigError(f"model.pretrained_path: small_cnn has no pretrained weights "
+                                  f"to load ({', '.join(TORCHVISION_BACKBONES)} do); drop it")
             self.preprocess = Preprocess(in_channels, in_channels, size, imagenet_norm=False)
             self.backbone: nn.Module = SmallCNN(in_channels, width, norm)
             dim = self.backbone.out_features
-        elif backbone in TORCHVISION_BACKBONES:
-            size = input_size or 224
+        else:
             self.preprocess = Preprocess(in_channels, 3, size, imagenet_norm=True)
             self.backbone, dim = _torchvision_backbone(backbone, pretrained_path)
-        else:
-            raise ValueError(f"model.backbone: unknown backbone {backbone!r}")
         self.head = nn.Linear(dim, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

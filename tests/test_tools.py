@@ -1004,3 +1004,37 @@ def test_a_run_whose_data_moved_is_read_from_data_root(run, tmp_path, capsys):
                      *argv, "--json"]) == 2
         error = json.loads(capsys.readouterr().out)["error"]
         assert error.startswith("--data-root: "), error
+
+
+def test_exported_program_counts_a_zero_as_minus_one_like_encoding_at_every_batch_size(tmp_path):
+    """sign(0) = -1 in encoding.query_codes and in the exported program alike: f's first unit
+    is 0 and g = -f exactly, so f + g is 0 everywhere. An odd GroupNorm width, colour images
+    and an input_size other than the images' side (resized inside the program) on the way."""
+    bits, side = 6, 12
+    cfg = config.Config().with_overrides({"objective.bits": bits, "model.width": 3,
+                                          "model.input_size": 8, "model.norm": "group"})
+    f = HashStream(bits, 3, side, width=3, input_size=8, norm="group")
+    with torch.no_grad():
+        f.head.weight[0].zero_()
+        f.head.bias[0] = 0.0
+    g = HashStream(bits, 3, side, width=3, input_size=8, norm="group")
+    g.load_state_dict(f.state_dict())
+    with torch.no_grad():
+        g.head.weight.neg_()
+        g.head.bias.neg_()
+    hf = inference.HashFunction(cfg=cfg, f=f.eval(), g=g.eval(), B=np.ones((2, bits), np.int8),
+                                t=0, checkpoint=tmp_path, channels=3, image_size=side,
+                                device=torch.device("cpu"),
+                                model_sha256=inference.model_sha256(f, g))
+    x = export.example_images(hf, 37, seed=5)
+    outputs = hf.outputs(x, ["fg"])
+    assert (outputs["f"][:, 0] == 0).all() and (outputs["f"] + outputs["g"] == 0).all()
+    codes_f = hf.codes(x, "f")
+    assert (codes_f[:, 0] == -1).all() and (codes_f[:, 1:] == 1).any()
+    want = hf.codes(x, "fg")
+    assert (want == -1).all()
+    program = export.load_program(export.export(hf, "fg", tmp_path / "fg")["program"])
+    for n in (1, 2, 37):
+        got = program(x[:n])
+        assert got.dtype == torch.int8 and got.shape == (n, bits)
+        np.testing.assert_array_equal(got.numpy(), want[:n])
