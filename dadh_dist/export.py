@@ -22,6 +22,7 @@ returns.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -63,6 +64,15 @@ def program_module(hf: HashFunction, encoder: str) -> CodeProgram:
     f = hf.f if "f" in encoder else None
     g = hf.g if "g" in encoder else None
     return CodeProgram(f, g).eval()
+
+
+def on_cpu(hf: HashFunction) -> HashFunction:
+    """`hf` itself on the CPU, else a CPU copy of its streams."""
+    if hf.device.type == "cpu":
+        return hf
+    streams = {name: copy.deepcopy(getattr(hf, name)).cpu() if getattr(hf, name) is not None
+               else None for name in ("f", "g")}
+    return dataclasses.replace(hf, **streams, device=torch.device("cpu"))
 
 
 def example_images(hf: HashFunction, n: int, seed: int = 0) -> torch.Tensor:
@@ -133,7 +143,9 @@ def check_round_trip(hf: HashFunction, encoder: str, path: str | Path,
     x = example_images(hf, CHECK_IMAGES, seed=1)
     with torch.no_grad():
         got = load_program(path)(x).numpy()
-    want = hf.codes(x, encoder)
+    # the program runs on the CPU: its reference too (a GPU's convolutions, TF32 among them,
+    # round otherwise, and an output within rounding of 0 would fail a good program)
+    want = on_cpu(hf).codes(x, encoder)
     if got.shape != want.shape or (got != want).any():
         raise ExportError(f"{name or path}: the exported program's codes differ from the "
                           f"checkpoint's on {int((got != want).any(1).sum())} of {len(x)} images")

@@ -1038,3 +1038,15 @@ def test_exported_program_counts_a_zero_as_minus_one_like_encoding_at_every_batc
         got = program(x[:n])
         assert got.dtype == torch.int8 and got.shape == (n, bits)
         np.testing.assert_array_equal(got.numpy(), want[:n])
+
+
+def test_the_round_trip_check_takes_its_reference_on_the_cpu_where_the_program_runs(
+        loaded, tmp_path):
+    """A hash function on a GPU had its reference codes computed there (other rounding: a good
+    program could fail near 0). Here the device is named but unused: the check must not touch
+    it."""
+    hf, _ = loaded
+    program = export.export(hf, "fg", tmp_path / "fg")["program"]
+    elsewhere = dataclasses.replace(hf, device=torch.device("cuda"))
+    export.check_round_trip(elsewhere, "fg", program)
+    assert export.on_cpu(hf) is hf and export.on_cpu(elsewhere).f is not hf.f
