@@ -253,6 +253,16 @@ ENCODERS = ("f", "g", "fg")
 PATH_KEYS = ("data.root", "model.pretrained_path")
 """The keys holding local paths (or URIs) that the workers read."""
 
+MIN_INPUT_SIDE = {"small_cnn": 4, "alexnet": 63, "vgg16": 32}
+"""The smallest input side (px) each backbone's pooling leaves a pixel of (others: 1)."""
+
+FLOAT32_SCALES = ("objective.alpha", "objective.gamma", "objective.eta", "optim.lr_f",
+                  "optim.lr_g", "optim.weight_decay")
+"""Keys that multiply float32 tensors (the loss, an optimiser's step)."""
+FLOAT32_SCALE_MAX = 3.4028234663852886e38 / 10
+"""float32's largest value over 10: Adam's first step is lr / (1 - β1) = 10·lr, and torch
+refuses (with a traceback mid-run) a scalar that does not fit float32."""
+
 CHOICES = {
     "data.source": ("fashion_mnist", "fashion_mnist_grid", "cifar10", "list", "parquet", "digits"),
     "model.backbone": ("small_cnn", "alexnet", "resnet18", "resnet50", "vgg16"),
@@ -429,8 +439,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("eval.encoders: name at least one of f, g, fg")
     if not cfg.objective.two_streams and any(e != "f" for e in cfg.eval.encoders):
         raise ConfigError("eval.encoders: with objective.two_streams = false only 'f' exists")
-    if not (cfg.objective.use_quant or cfg.objective.use_code):
-        raise ConfigError("objective.use_code: B is learned from L_quant and L_code; keep one on")
+    _validate_code_terms(cfg.objective)
     if not cfg.objective.two_streams and cfg.objective.use_pair:
         raise ConfigError(
             "objective.use_pair: L_pair ties two streams; set it false with two_streams = false"
@@ -453,6 +462,18 @@ def validate(cfg: Config) -> None:
     for key in nonneg:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
+    for key in FLOAT32_SCALES:
+        if flat[key] > FLOAT32_SCALE_MAX:
+            raise ConfigError(f"{key}: must be at most {FLOAT32_SCALE_MAX:.2g} (it scales float32 "
+                              f"tensors), got {flat[key]:g}")
+    if not cfg.optim.momentum < 1:
+        raise ConfigError(f"optim.momentum: must be below 1 (a momentum of 1 or more never "
+                          f"forgets a gradient: the steps grow without bound), got "
+                          f"{cfg.optim.momentum:g}")
+    m = cfg.model
+    if 0 < m.input_size < MIN_INPUT_SIDE.get(m.backbone, 1):
+        raise ConfigError(f"model.input_size: {m.backbone} needs at least "
+                          f"{MIN_INPUT_SIDE[m.backbone]} px (got {m.input_size})")
     if cfg.data.val_per_class < 1:
         raise ConfigError(f"data.val_per_class: must be >= 1, got {cfg.data.val_per_class}")
     for key in ("optim.lr_f", "optim.lr_g", "scaling.cpus_per_worker",
@@ -479,6 +500,23 @@ def validate(cfg: Config) -> None:
     if not cfg.scaling.use_ray and cfg.scaling.use_gpu:
         raise ConfigError("scaling.use_gpu: needs scaling.use_ray = true (a run without Ray "
                           "trains on the CPU)")
+
+
+def _validate_code_terms(o: ObjectiveConfig) -> None:
+    """The code step learns B from L_quant and L_code only (docs/design.md §2: Q's two parts);
+    a term switched off and one weighted 0 are the same (objective.LossWeights)."""
+    off = {}
+    for term, switch, weight in (("L_quant", "use_quant", "gamma"), ("L_code", "use_code", "eta")):
+        if not getattr(o, switch):
+            off[f"objective.{switch}"] = f"{term}: objective.{switch} = false"
+        elif getattr(o, weight) == 0:
+            off[f"objective.{weight}"] = f"{term}: objective.{weight} = 0"
+    if len(off) < 2:
+        return
+    weights = [k for k in off if not k.split(".")[1].startswith("use_")]
+    key = weights[0] if weights else "objective.use_code"
+    raise ConfigError(f"{key}: B is learned from L_quant and L_code, and both are off "
+                      f"({'; '.join(off.values())}); keep one on with a weight above 0")
 
 
 def _validate_run_dir(run_dir: str) -> None:

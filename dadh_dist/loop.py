@@ -345,7 +345,14 @@ def train_streams(run: _Run, omega: torch.Tensor, y_omega: torch.Tensor, t: int,
         for start in range(0, m, bsz):
             batch = perm[start : start + bsz]  # Ω positions of the global mini-batch
             skip_allowed = tr.nonfinite == "skip" and skipped < tr.max_skipped
-            terms = _step(run, om, batch, t, steps + skipped, env, skip_allowed)
+            try:
+                terms = _step(run, om, batch, t, steps + skipped, env, skip_allowed)
+            except NonFiniteLoss as e:
+                if tr.nonfinite != "skip":
+                    raise
+                raise NonFiniteLoss(f"{e}; train.nonfinite = skip had already dropped "
+                                    f"train.max_skipped = {tr.max_skipped} mini-batch(es) of "
+                                    "this outer iteration") from None
             bar.update()
             if terms is None:  # every worker dropped it: no update, F/G rows keep their values
                 skipped += 1
@@ -558,6 +565,9 @@ class _Run:
     wall_s: float
     """Training wall time of the iterations before t_start, summed over the run's attempts
     (from the checkpoint; 0 for a fresh run or a checkpoint from before it was kept)."""
+    notes: list[str] = field(default_factory=list)
+    """What the config asks beyond this database, and how the run takes it (`beyond_database`);
+    printed once and kept in final_metrics.json."""
 
 
 def train(cfg: Config, env: WorkerEnv) -> dict:
@@ -643,10 +653,34 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
         f"validation, {n} database; {cfg.objective.bits} bits; {c.world_size} worker(s)"
         + (f" (stream-parallel: {group.size} per stream)" if group is not None else "")
         + (f"; {data.skipped} bad images skipped" if getattr(data, "skipped", 0) else ""))
+    notes = beyond_database(cfg, n)
+    for line in notes:
+        monitor.progress(f"note: {line}")
     return _Run(data=data, monitor=monitor, streams=streams,
                 weights=obj.LossWeights.from_config(cfg.objective),
                 faults=faults.Faults(c.rank, env.run_dir), block=block,
-                labels_rows=labels_rows, t_start=t_start, wall_s=wall_s)
+                labels_rows=labels_rows, t_start=t_start, wall_s=wall_s, notes=notes)
+
+
+def beyond_database(cfg: Config, n: int) -> list[str]:
+    """One line per size the config asks that the n database rows cannot give, saying what the
+    run does instead: the metrics keep the config's names (map_at_<topk>, p_at_<N>), so a value
+    computed over fewer items must say so (retrieval's P@N beyond n is the precision over n)."""
+    tr, ev = cfg.train, cfg.eval
+    out = []
+    if tr.num_samples > n:
+        out.append(f"train.num_samples = {tr.num_samples} is more than the {n} database images: "
+                   f"Ω is the whole database every outer iteration")
+        if tr.batch_size > n:
+            out.append(f"train.batch_size = {tr.batch_size} is more than Ω's {n} images: each "
+                       f"epoch is one mini-batch of {n}")
+    for key, asked, instead in (
+            ("eval.topk", ev.topk, f"mAP@{ev.topk} is mAP@all"),
+            ("eval.precision_at", ev.precision_at,
+             f"P@{ev.precision_at} is the precision over all {n}")):
+        if asked > n:
+            out.append(f"{key} = {asked} is more than the {n} database codes: {instead}")
+    return out
 
 
 def _block_of(ds: Dataset, c) -> tuple[Dataset, slice, int]:
@@ -747,6 +781,8 @@ def _finish(run: _Run, cfg: Config, env: WorkerEnv, metrics: dict) -> dict:
                 if k.startswith("_warning_")}
     if warnings:
         final["warnings"] = warnings
+    if run.notes:
+        final["notes"] = run.notes
     run.monitor.write_json("final_metrics.json", final)
     run.monitor.close()
     if c.rank == 0 and env.publish is not None:

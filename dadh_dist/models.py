@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from dadh_dist.config import ConfigError
+from dadh_dist.config import MIN_INPUT_SIDE, ConfigError
 from dadh_dist.uris import first_line
 
 TORCHVISION_BACKBONES = ("alexnet", "resnet18", "resnet50", "vgg16")
-MIN_SIDE = {"small_cnn": 4, "alexnet": 63, "vgg16": 32}
-"""The smallest input side (px) each backbone's pooling leaves a pixel of (others: 1)."""
 HEAD_KEYS = ("fc.weight", "fc.bias", "classifier.6.weight", "classifier.6.bias")
 """The classifier layer the hash head replaces: not loaded from pretrained weights, whatever
 its class count."""
@@ -166,10 +164,10 @@ class HashStream(nn.Module):
         if backbone != "small_cnn" and backbone not in TORCHVISION_BACKBONES:
             raise ValueError(f"model.backbone: unknown backbone {backbone!r}")
         size = input_size or (image_size if backbone == "small_cnn" else 224)
-        if size < MIN_SIDE.get(backbone, 1):
+        if size < MIN_INPUT_SIDE.get(backbone, 1):
             given = f"got {size}" if input_size else f"the images are {size} px; set it"
             raise ConfigError(f"model.input_size: {backbone} needs at least "
-                              f"{MIN_SIDE[backbone]} px ({given})")
+                              f"{MIN_INPUT_SIDE[backbone]} px ({given})")
         if backbone == "small_cnn":
             if pretrained_path:
                 raise ConfigError(f"model.pretrained_path: small_cnn has no pretrained weights "

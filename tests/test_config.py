@@ -210,3 +210,69 @@ def test_a_data_root_for_digits_is_exit_2_not_ignored(tmp_path, monkeypatch, cap
                            f"log.run_dir={tmp_path / 'runs'}", "scaling.use_ray=true"])
     assert code == 2
     assert "data.root: data.source = parquet needs a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # weight 0 is the term switched off (LossWeights): B would never be learned
+    (["objective.gamma=0", "objective.eta=0"],
+     "objective.gamma: B is learned from L_quant and L_code, and both are off (L_quant: "
+     "objective.gamma = 0; L_code: objective.eta = 0); keep one on with a weight above 0"),
+    (["objective.gamma=0", "objective.use_code=false"],
+     "objective.gamma: B is learned from L_quant and L_code, and both are off (L_quant: "
+     "objective.gamma = 0; L_code: objective.use_code = false)"),
+    (["objective.use_quant=false", "objective.eta=0"],
+     "objective.eta: B is learned from L_quant and L_code, and both are off (L_quant: "
+     "objective.use_quant = false; L_code: objective.eta = 0)"),
+    (["objective.use_quant=false", "objective.use_code=false"],
+     "objective.use_code: B is learned from L_quant and L_code, and both are off"),
+    # torch refuses a scalar beyond float32 with a traceback at the first step (Adam: 10·lr)
+    (["optim.lr_f=1e38"], "optim.lr_f: must be at most 3.4e+37 (it scales float32 tensors), "
+     "got 1e+38"),
+    (["optim.lr_g=1e300"], "optim.lr_g: must be at most 3.4e+37"),
+    (["optim.weight_decay=1e39"], "optim.weight_decay: must be at most 3.4e+37"),
+    (["objective.gamma=1e300"], "objective.gamma: must be at most 3.4e+37"),
+    (["optim.momentum=1"], "optim.momentum: must be below 1"),
+    (["optim.optimizer=sgd", "optim.momentum=5"], "optim.momentum: must be below 1"),
+    # the backbone's pooling leaves no pixel: refused here, not in a Ray worker
+    (["model.input_size=3"], "model.input_size: small_cnn needs at least 4 px (got 3)"),
+    (["model.backbone=alexnet", "model.input_size=62"],
+     "model.input_size: alexnet needs at least 63 px (got 62)"),
+    (["model.backbone=vgg16", "model.input_size=31"],
+     "model.input_size: vgg16 needs at least 32 px (got 31)"),
+])
+def test_combinations_that_cannot_train_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(DEBUG, overrides)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    *[[f"{key}={value}"] for key, allowed in config.CHOICES.items() for value in allowed],
+    # the documented zeros: "all", "only at the end", "source default", "fixed size", ...
+    ["eval.topk=0", "train.eval_every=0", "data.database_limit=0", "data.image_size=0",
+     "model.input_size=0", "scaling.min_workers=0", "scaling.max_failures=0"],
+    ["objective.gamma=0"], ["objective.eta=0"], ["objective.alpha=0"],
+    ["objective.use_quant=false"], ["objective.use_code=false", "objective.use_pair=false"],
+    ["objective.two_streams=false", "objective.use_pair=false", "eval.encoders=['f']"],
+    ["optim.lr_f=3.4e37"], ["optim.momentum=0.99"], ["optim.momentum=0"],
+    ["model.input_size=4"], ["model.backbone=alexnet", "model.input_size=63"],
+    ["model.backbone=resnet18", "model.input_size=1"],
+    ["scaling.use_ray=false", "scaling.cpus_per_worker=0.5"],
+    ["train.nonfinite=skip", "train.max_skipped=0"],
+    ["objective.bits=1"], ["objective.bits=1025"], ["train.num_samples=1", "train.batch_size=1"],
+])
+def test_documented_values_are_accepted(overrides):
+    config.load(DEBUG, overrides)
+
+
+def test_cli_refuses_a_combination_in_one_line_before_any_run_folder(tmp_path, capsys):
+    from dadh_dist import cli
+
+    code = cli.train_main(["--config", str(DEBUG), "objective.gamma=0", "objective.eta=0",
+                           "scaling.use_ray=false", f"log.run_dir={tmp_path / 'runs'}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: objective.gamma: B is learned from L_quant and L_code, and both are off "
+        "(L_quant: objective.gamma = 0; L_code: objective.eta = 0); keep one on with a weight "
+        "above 0"]
+    assert not (tmp_path / "runs").exists()

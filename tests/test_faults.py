@@ -437,3 +437,20 @@ def _reaped_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_skip_policy_past_its_limit_says_the_limit_was_spent(tmp_path, monkeypatch, capsys):
+    """A stop under train.nonfinite = skip is not the stop policy's: the one line says that
+    train.max_skipped mini-batches had already been dropped."""
+    from dadh_dist import cli
+
+    monkeypatch.setenv("DADH_FAULT", "nan:0:0")  # iteration 0, rank 0
+    code = cli.train_main(["--config", str(DEBUG), "scaling.use_ray=false", "train.outer_iters=1",
+                           "train.num_samples=64", "train.nonfinite=skip", "train.max_skipped=0",
+                           "log.tensorboard=false", f"log.run_dir={json.dumps(str(tmp_path))}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_RUN_FAILED and len(err) == 1, err
+    assert err[0].startswith("error: non-finite loss on worker(s) [0] at outer iteration 0, "
+                             "step 0 ")
+    assert err[0].endswith("; train.nonfinite = skip had already dropped train.max_skipped = 0 "
+                           "mini-batch(es) of this outer iteration")

@@ -343,3 +343,45 @@ def test_new_config_before_the_first_checkpoint_clears_the_old_ones_outputs(tmp_
     with pytest.raises(ConfigError, match="already exists"):
         runner.prepare_run(config.load(DEBUG, _overrides(tmp_path / "runs", "r")))
     assert (folder / "tb").is_dir() and (folder / "checkpoint_000001").is_dir()
+
+
+def test_sizes_beyond_the_database_and_cpus_beyond_the_machine_are_said(tmp_path, monkeypatch,
+                                                                         capsys):
+    """Ω, mAP@k and P@N beyond the database's 200 rows are taken over all of it under the
+    config's metric names, which the run must say (console and final_metrics.json). More torch
+    threads than CPUs only contend (64 on 2 cores did not finish): capped, and said."""
+    from dadh_dist import loop
+    from dadh_dist.run import local
+
+    monkeypatch.setattr(local, "usable_cpus", lambda: 1)
+    threads = []
+
+    def train(cfg, env, _train=loop.train):
+        threads.append(torch.get_num_threads())
+        return _train(cfg, env)
+
+    monkeypatch.setattr(loop, "train", train)
+    cfg = config.load(DEBUG, _overrides(tmp_path, "big", "train.outer_iters=1",
+                                        "train.inner_epochs=1", "data.database_limit=200",
+                                        "train.batch_size=256", "eval.topk=5000",
+                                        "scaling.cpus_per_worker=4", "eval.encoders=['fg']",
+                                        "log.tensorboard=false"))
+    final = runner.run_local(cfg)
+    out = capsys.readouterr()
+    assert threads == [1]
+    assert "note: scaling.cpus_per_worker = 4 is more than the 1 CPU(s) this process may use: " \
+        "torch runs 1 thread(s)" in out.err
+    notes = [
+        "train.num_samples = 512 is more than the 200 database images: Ω is the whole database "
+        "every outer iteration",
+        "train.batch_size = 256 is more than Ω's 200 images: each epoch is one mini-batch of 200",
+        "eval.topk = 5000 is more than the 200 database codes: mAP@5000 is mAP@all",
+        "eval.precision_at = 1000 is more than the 200 database codes: P@1000 is the precision "
+        "over all 200"]
+    assert final["notes"] == notes
+    assert json.loads((tmp_path / "big" / "final_metrics.json").read_text())["notes"] == notes
+    for line in notes:
+        assert f"] note: {line}\n" in out.out
+    assert final["map_at_5000_fg"] == final["map_all_fg"]
+    assert local.worker_threads(config.load(DEBUG, ["scaling.cpus_per_worker=0.4"])) == 1
+    assert loop.beyond_database(cfg, 5000) == []  # none when the database holds them all

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 from dadh_dist import checkpoint as ckpt
@@ -32,8 +33,17 @@ def data_here(cfg: Config) -> Config:
 def worker_threads(cfg: Config) -> int:
     """torch's intra-op threads of one worker: its CPUs. In-process runs use the same count as
     a Ray worker: the thread count changes the order of float sums in convolutions, so 1 process
-    and W workers give the same B only when each runs with the same number of threads."""
-    return max(1, round(cfg.scaling.cpus_per_worker))
+    and W workers give the same B only when each runs with the same number of threads. Never
+    more than the CPUs this process may run on: threads beyond them only wait on each other
+    (measured on 2 cores: 4 threads train the debug config 7x slower, 64 do not finish)."""
+    return max(1, min(round(cfg.scaling.cpus_per_worker), usable_cpus()))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @contextlib.contextmanager
@@ -53,6 +63,11 @@ def run_local(cfg: Config, dataset=None, progress: bool = True) -> dict:
 
     if dataset is None:
         cfg = data_here(cfg)
+    threads = worker_threads(cfg)
+    if threads < round(cfg.scaling.cpus_per_worker):
+        print(f"note: scaling.cpus_per_worker = {cfg.scaling.cpus_per_worker:g} is more than the "
+              f"{threads} CPU(s) this process may use: torch runs {threads} thread(s)",
+              file=sys.stderr, flush=True)
     ckpt.remove_stale_staging()  # what a killed run left in the temporary directory
     folder, resume = prepare_run(cfg)
     uri = run_uri(cfg)
@@ -67,7 +82,7 @@ def run_local(cfg: Config, dataset=None, progress: bool = True) -> dict:
     env = loop.WorkerEnv(report=report, resume_from=resume, run_dir=folder, dataset=dataset,
                          publish=storage.Publisher(folder, uri) if uri else None,
                          progress=progress)
-    with torch_threads(worker_threads(cfg)):
+    with torch_threads(threads):
         final = loop.train(cfg, env)
     final["run_dir"] = uris.redact(uri) if uri else str(folder)
     return final
