@@ -21,7 +21,8 @@ GPU workers (scaling.use_gpu = true). The runs, most important first:
           with one worker per stream there is no DDP, so gloo never sees a CUDA tensor.
 
 Each run prints a RESULT line (test mAP, seconds per outer iteration, B's checksum
-`codes/checksum`); a failed run prints its traceback and the next one starts. A run still going
+`codes/checksum`, and whether jobs/evaluate.py's fp32 evaluation of the run's checkpoint on the
+same device gives the run's reported test mAP: under bf16 too, since the loop evaluates in fp32); a failed run prints its traceback and the next one starts. A run still going
 at its deadline is killed. The JSON is rewritten after every run. Exit status: the number of
 failed runs.
 
@@ -150,6 +151,13 @@ def _train_rank(spec: dict, folder: Path, started: float) -> dict:
 
         state, _ = ckpt.load(ckpt.latest_valid(folder))
         np.save(folder / "B.npy", state["B"].numpy())
+        # the tools' evaluation of the same checkpoint on the same device (fp32, as evaluate
+        # runs): the run's reported mAP must be it, under train.amp = bf16 too
+        from dadh_dist import inference, report
+
+        hf, ds = inference.load_with_data(folder, device)
+        ev = report.evaluate(hf, ds, ["fg"], "query")
+        out["tools_map_all_fg"] = ev.metrics["map_all_fg"]
     return out
 
 
@@ -262,11 +270,18 @@ def _map_cell(rec: dict) -> str:
     return " / ".join(f"{f[f'map_all_{e}']:.4f}" for e in ("f", "g", "fg"))
 
 
+def _tools_agree(rec: dict) -> bool:
+    """The run's test mAP fg is jobs/evaluate.py's (to 1e-9: W workers sum AP in blocks)."""
+    tools = rec.get("tools_map_all_fg")
+    return tools is not None and abs(tools - rec["final"]["map_all_fg"]) <= 1e-9
+
+
 def result_line(name: str, rec: dict) -> str:
     if rec["status"] != "ok":
         return f"RESULT {name}: {rec['status'].upper()}: {rec.get('error', rec.get('reason'))}"
     return (f"RESULT {name}: ok | test mAP f/g/fg {_map_cell(rec)} | s/iter {_iter_cell(rec)} | "
-            f"B checksum {rec['checksum']} | setup {rec['setup_s']:.1f} s, train "
+            f"B checksum {rec['checksum']} | evaluate.py's mAP fg "
+            f"{'equal' if _tools_agree(rec) else 'DIFFERS'} | setup {rec['setup_s']:.1f} s, train "
             f"{rec['train_s']:.1f} s, process {rec['seconds']:.1f} s")
 
 
@@ -416,6 +431,10 @@ def summary(records: dict, comparisons: dict) -> None:
               f"{'same' if cmp['same_checksum'] else 'different'} checksum, "
               f"{cmp['bits_apart']} bits of B apart, test mAP fg {cmp['map_fg_minus_nccl']:+.4f}")
     for name, rec in records.items():
+        if rec["status"] == "ok" and not _tools_agree(rec):
+            print(f"- {name}: the run reported test mAP fg {rec['final']['map_all_fg']:.6f}, "
+                  f"jobs/evaluate.py's evaluation of its checkpoint gives "
+                  f"{rec.get('tools_map_all_fg')}")
         if rec.get("ranks_agree") is False:
             print(f"- {name}: the ranks ended on different B or mAP")
         if rec.get("ray_imported"):

@@ -133,7 +133,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     """Write a checkpoint every this many outer iterations."""
     amp: str = "off"
-    """Mixed precision on GPU: off or bf16."""
+    """Mixed precision on GPU: off or bf16 (training; evaluation stays fp32, as the tools)."""
     tf32: bool = True
     """On GPU: TF32 matmuls and convolutions plus cuDNN autotuning, for speed (false: full fp32
     and a fixed algorithm choice)."""
