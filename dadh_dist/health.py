@@ -23,7 +23,8 @@ def distinct_codes(codes: np.ndarray) -> int:
 
 def chance_map(query_labels: np.ndarray, db_labels: np.ndarray) -> float:
     """mAP of a random ranking: per query, the fraction of the database that is relevant
-    (shares a label), averaged over queries with at least one relevant item."""
+    (shares a label), averaged over every query (one without a relevant item counts 0, as it
+    does in mAP)."""
     q = np.asarray(query_labels, dtype=np.float64)
     d = np.asarray(db_labels, dtype=np.float64)
     if q.shape[0] == 0 or d.shape[0] == 0:
@@ -33,10 +34,12 @@ def chance_map(query_labels: np.ndarray, db_labels: np.ndarray) -> float:
     for start in range(0, q.shape[0], 256):
         block = q[start : start + 256] @ d.T > 0
         relevant[start : start + 256] = block.sum(1)
-    has = relevant > 0
-    if not has.any():
-        return 0.0
-    return float((relevant[has] / d.shape[0]).mean())
+    return chance_of(relevant, d.shape[0])
+
+
+def chance_of(relevant: np.ndarray, n: int) -> float:
+    """`chance_map` from each query's count of relevant database items among n."""
+    return float((np.asarray(relevant, np.float64) / n).mean()) if len(relevant) and n else 0.0
 
 
 def collapse_warning(query_codes: np.ndarray, db_codes: np.ndarray | None,

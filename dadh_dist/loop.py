@@ -253,9 +253,7 @@ def evaluate(
         if with_curves:
             counts, hits = every[:, :, 0].sum(0), every[:, :, 1].sum(0)
             out[f"distinct_query_codes_{enc}"] = health.distinct_codes(q)
-            relevant = hits.sum(1)  # chance level: the relevant fraction of the database
-            has = relevant > 0
-            chance = float((relevant[has] / n).mean()) if has.any() else 0.0
+            chance = health.chance_of(hits.sum(1), n)  # from the relevant counts per query
             out["chance_map"] = chance  # the same for every encoder
             warning = health.collapse_warning(q, None, split.labels, None,
                                               out[f"map_all_{enc}"], db_distinct=db_distinct,

@@ -14,8 +14,11 @@ from dadh_dist import run as runner
 
 def test_chance_map_is_the_relevant_fraction_per_query():
     db = np.array([[1, 0], [1, 0], [0, 1], [1, 1]])
-    q = np.array([[1, 0], [0, 1], [0, 0]])  # relevant 3/4, 2/4; the last has none: left out
-    assert health.chance_map(q, db) == pytest.approx((0.75 + 0.5) / 2)
+    # relevant 3/4, 2/4; the last has none: it counts 0, as mAP counts it (it was left out,
+    # which put the chance level above any ranking's mAP on such splits)
+    q = np.array([[1, 0], [0, 1], [0, 0]])
+    assert health.chance_map(q, db) == pytest.approx((0.75 + 0.5 + 0) / 3)
+    assert health.chance_of(np.array([3, 2, 0]), 4) == health.chance_map(q, db)
 
 
 def test_distinct_codes_counts_rows():
