@@ -110,13 +110,15 @@ class Streams:
     """f and g with their DDP wrappers, optimisers and schedulers."""
 
     def __init__(self, cfg: Config, data: Dataset, device: torch.device,
-                 group: StreamGroup | None = None):
+                 group: StreamGroup | None = None, pretrained: bool = True):
+        """`pretrained`: load model.pretrained_path (a resume does not: the checkpoint's
+        weights replace them, and the file may have moved since)."""
         m = cfg.model
         self.group = group  # stream-parallel: the half of the workers this one trains with
         self.f, self.g = build_streams(
             cfg.objective.bits, data.channels, data.image_size, backbone=m.backbone,
-            width=m.width, input_size=m.input_size, pretrained_path=m.pretrained_path,
-            two_streams=cfg.objective.two_streams, seed=cfg.train.seed, norm=m.norm)
+            width=m.width, input_size=m.input_size,
+            pretrained_path=m.pretrained_path if pretrained else "", two_streams=cfg.objective.two_streams, seed=cfg.train.seed, norm=m.norm)
         self.f.to(device)
         if self.g is not None:
             self.g.to(device)
@@ -618,7 +620,7 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
             raise RuntimeError(f"scaling.stream_parallel: {c.world_size} worker(s) started; "
                                "it needs an even number >= 2")
         group = c.stream_group()
-    streams = Streams(cfg, data, env.device, group)
+    streams = Streams(cfg, data, env.device, group, pretrained=env.resume_from is None)
     t_start, wall_s, resumed = 0, 0.0, None
     if env.resume_from is not None:
         state, manifest = ckpt.load(env.resume_from, codes=False)

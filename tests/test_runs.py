@@ -385,3 +385,21 @@ def test_sizes_beyond_the_database_and_cpus_beyond_the_machine_are_said(tmp_path
     assert final["map_at_5000_fg"] == final["map_all_fg"]
     assert local.worker_threads(config.load(DEBUG, ["scaling.cpus_per_worker=0.4"])) == 1
     assert loop.beyond_database(cfg, 5000) == []  # none when the database holds them all
+
+
+def test_a_resume_does_not_read_the_pretrained_weights_the_checkpoint_replaces(tmp_path):
+    """The weights file moved after the first checkpoint: a resume (here of the finished run,
+    which reports its final state again) needs only the checkpoint."""
+    import torchvision
+
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    cfg = config.load(DEBUG, _overrides(
+        tmp_path, "p", "train.outer_iters=1", "train.num_samples=128", "train.inner_epochs=1",
+        "data.database_limit=300", "model.backbone=resnet18", "model.input_size=32",
+        f"model.pretrained_path={json.dumps(str(weights))}", "log.tensorboard=false",
+        "objective.two_streams=false", "objective.use_pair=false", 'eval.encoders=["f"]'))
+    first = runner.run_local(cfg, progress=False)
+    weights.rename(tmp_path / "moved.pt")
+    again = runner.run_local(cfg, progress=False)
+    assert again["resumed_at"] == 1 and again["map_all_f"] == first["map_all_f"]
