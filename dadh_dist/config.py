@@ -471,6 +471,10 @@ def validate(cfg: Config) -> None:
                           f"forgets a gradient: the steps grow without bound), got "
                           f"{cfg.optim.momentum:g}")
     m = cfg.model
+    if m.backbone == "small_cnn" and m.pretrained_path:
+        raise ConfigError(f"model.pretrained_path: small_cnn has no pretrained weights to load "
+                          f"({', '.join(b for b in CHOICES['model.backbone'] if b != 'small_cnn')}"
+                          " do); drop it")
     if 0 < m.input_size < MIN_INPUT_SIDE.get(m.backbone, 1):
         raise ConfigError(f"model.input_size: {m.backbone} needs at least "
                           f"{MIN_INPUT_SIDE[m.backbone]} px (got {m.input_size})")

@@ -118,7 +118,8 @@ class Streams:
         self.f, self.g = build_streams(
             cfg.objective.bits, data.channels, data.image_size, backbone=m.backbone,
             width=m.width, input_size=m.input_size,
-            pretrained_path=m.pretrained_path if pretrained else "", two_streams=cfg.objective.two_streams, seed=cfg.train.seed, norm=m.norm)
+            pretrained_path=m.pretrained_path if pretrained else "",
+            two_streams=cfg.objective.two_streams, seed=cfg.train.seed, norm=m.norm)
         self.f.to(device)
         if self.g is not None:
             self.g.to(device)

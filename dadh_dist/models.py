@@ -85,7 +85,7 @@ def _torchvision_backbone(name: str, pretrained_path: str) -> tuple[nn.Module, i
     import torchvision
 
     # the file first: a bad one is refused before a large network is built
-    state = _read_state_dict(Path(pretrained_path)) if pretrained_path else None
+    state = read_state_dict(Path(pretrained_path)) if pretrained_path else None
     net = getattr(torchvision.models, name)(weights=None)
     if state is not None:
         _load_pretrained(net, name, state, pretrained_path)
@@ -99,7 +99,7 @@ def _torchvision_backbone(name: str, pretrained_path: str) -> tuple[nn.Module, i
     return net, dim
 
 
-def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """The tensors of a file saved with torch.save(state_dict), read with weights_only: a file
     that would run code when unpickled (a whole pickled model, anything else) is refused."""
     where = f"model.pretrained_path: {path}"
@@ -109,7 +109,10 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
         raise FileNotFoundError(f"{where} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # bytes that are no pickle of objects at all
+            raise ConfigError(f"{where} is not a readable torch weights file "
+                              f"({first_line(e)})") from None
         raise ConfigError(f"{where} holds pickled objects, not only tensors (a whole model?); "
                           "save the backbone's state_dict() instead") from None
     except Exception as e:  # truncated, empty or not a torch file: torch raises many kinds

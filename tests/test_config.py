@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from _repo import DEBUG, ROOT, job
 
@@ -276,3 +278,20 @@ def test_cli_refuses_a_combination_in_one_line_before_any_run_folder(tmp_path, c
         "(L_quant: objective.gamma = 0; L_code: objective.eta = 0); keep one on with a weight "
         "above 0"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_pretrained_weights_are_checked_before_ray_starts_workers(tmp_path, monkeypatch):
+    """Under Ray the workers read model.pretrained_path: a missing or unreadable file failed
+    in every worker, max_failures times, then as a run failure (exit 1)."""
+    from dadh_dist.run.local import data_here
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(config.ConfigError, match="model.pretrained_path: small_cnn has no"):
+        config.load(DEBUG, ["model.pretrained_path=w.pt"])
+    base = ["model.backbone=resnet18", f"model.pretrained_path={json.dumps(str(tmp_path / 'w'))}"]
+    with pytest.raises(FileNotFoundError, match=r"model.pretrained_path: .*w does not exist"):
+        data_here(config.load(DEBUG, base))
+    (tmp_path / "w").write_bytes(b"not torch")
+    with pytest.raises(config.ConfigError, match="is not a readable torch weights file"):
+        data_here(config.load(DEBUG, base))
+    data_here(config.load(DEBUG, [*base, "scaling.use_ray=false"]))  # read when it is built

@@ -27,6 +27,12 @@ def data_here(cfg: Config) -> Config:
         return cfg
     cfg = cfg.with_absolute_paths()
     check_root(cfg.data)
+    if cfg.scaling.use_ray and cfg.model.pretrained_path:
+        # the workers read it: a missing or unreadable file refused before Ray starts them (in
+        # one line, not after max_failures restarts of workers that fail on it)
+        from dadh_dist.models import read_state_dict
+
+        read_state_dict(Path(cfg.model.pretrained_path))
     return cfg
 
 
