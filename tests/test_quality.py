@@ -33,12 +33,14 @@ def test_every_method_is_a_valid_configuration_of_the_same_code(tmp_path):
         plan.command(quality.Cell("unknown-method", 16, 0))
 
 
-def test_threads_reach_the_trainer_as_its_cpus_per_worker(tmp_path):
+def test_threads_reach_the_trainer_as_its_cpus_per_worker(tmp_path, monkeypatch):
     """--threads is the run's torch thread count: the in-process trainer sets it from
     scaling.cpus_per_worker, so an environment variable alone would not hold it (the trainer
     would use the config's 2)."""
+    from dadh_dist.run import local
     from dadh_dist.run.local import worker_threads
 
+    monkeypatch.setattr(local, "usable_cpus", lambda: 8)  # never capped by this machine's
     cell = quality.Cell("adsh", 16, 0)
     plan = quality.Plan(DEBUG, tmp_path, threads=3)
     assert worker_threads(config.load(DEBUG, plan.cell_overrides(cell))) == 3
