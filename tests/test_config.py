@@ -295,3 +295,23 @@ def test_pretrained_weights_are_checked_before_ray_starts_workers(tmp_path, monk
     with pytest.raises(config.ConfigError, match="is not a readable torch weights file"):
         data_here(config.load(DEBUG, base))
     data_here(config.load(DEBUG, [*base, "scaling.use_ray=false"]))  # read when it is built
+
+
+def test_a_run_that_cannot_fit_the_ray_started_here_is_refused():
+    """Ray started on this machine has what this machine has: workers asking for more waited
+    scaling.start_timeout_s, max_failures + 1 times, and the error blamed a lost node."""
+    from dadh_dist.run.ray_train import check_fits
+
+    two = {"CPU": 2.0}
+    check_fits(config.load(DEBUG, ["scaling.num_workers=2"]), two)
+    check_fits(config.load(DEBUG, ["scaling.num_workers=4", "scaling.cpus_per_worker=0.5"]), two)
+    with pytest.raises(ConfigError, match=r"^scaling.num_workers: 4 worker\(s\) x scaling."
+                       r"cpus_per_worker = 1 CPU = 4 CPU, but the Ray started here has 2;"):
+        check_fits(config.load(DEBUG, ["scaling.num_workers=4", "scaling.cpus_per_worker=1"]),
+                   two)
+    # an elastic run starts once its fewest fit
+    check_fits(config.load(DEBUG, ["scaling.num_workers=4", "scaling.min_workers=2",
+                                   "scaling.max_failures=1", "train.batch_size=36",
+                                   "scaling.cpus_per_worker=1"]), two)
+    with pytest.raises(ConfigError, match=r"^scaling.num_workers: 1 worker\(s\) x 1 GPU"):
+        check_fits(config.load(DEBUG, ["scaling.num_workers=1", "scaling.use_gpu=true"]), two)

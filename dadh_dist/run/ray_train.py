@@ -17,7 +17,7 @@ from pathlib import Path
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import config as config_mod
 from dadh_dist import storage, uris
-from dadh_dist.config import Config
+from dadh_dist.config import Config, ConfigError
 from dadh_dist.run.folders import KEEP_CHECKPOINTS, prepare_run, run_name, run_uri
 from dadh_dist.run.local import data_here, worker_threads
 from dadh_dist.run.resume import agreed_resume
@@ -159,12 +159,32 @@ def build_trainer(cfg: Config, folder: Path, callbacks=None, report_restored: bo
     )
 
 
+def check_fits(cfg: Config, resources: dict) -> None:
+    """ConfigError when the workers a run needs to start (min_workers of an elastic run) ask for
+    more CPUs or GPUs than `resources` (the Ray started here) holds: Ray Train would wait
+    scaling.start_timeout_s for them, max_failures + 1 times, and blame a lost node."""
+    s = cfg.scaling
+    workers = s.min_workers if s.elastic else s.num_workers
+    what = "scaling.min_workers" if s.elastic else "scaling.num_workers"
+    asks = {"CPU": workers * s.cpus_per_worker, "GPU": workers if s.use_gpu else 0}
+    for kind, need in asks.items():
+        have = float(resources.get(kind, 0))
+        if need > have + 1e-9:
+            per = f"scaling.cpus_per_worker = {s.cpus_per_worker:g}" if kind == "CPU" else "1"
+            raise ConfigError(f"{what}: {workers} worker(s) x {per} {kind} = {need:g} {kind}, but "
+                              f"the Ray started here has {have:g}; ask for fewer, or run on a "
+                              "cluster (RAY_ADDRESS)")
+
+
 def run_ray(cfg: Config) -> dict:
     import ray.train
 
     cfg = data_here(cfg)
     folder, _ = prepare_run(cfg)  # the workers find the checkpoint to resume from themselves
+    here = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
     ensure_ray()
+    if here:  # a Ray of this machine alone: no node will join, what it lacks never comes
+        check_fits(cfg, ray.cluster_resources())
     try:
         fit(build_trainer(cfg, folder))
     except ray.train.TrainingFailedError as e:
