@@ -470,6 +470,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.momentum: must be below 1 (a momentum of 1 or more never "
                           f"forgets a gradient: the steps grow without bound), got "
                           f"{cfg.optim.momentum:g}")
+    if cfg.data.image_size and cfg.data.source not in ("list", "parquet"):
+        raise ConfigError(f"data.image_size: data.source = {cfg.data.source} has images of one "
+                          "side and is not decoded from files (image_size is for list and "
+                          "parquet); model.input_size resizes what the network sees")
     m = cfg.model
     if m.backbone == "small_cnn" and m.pretrained_path:
         raise ConfigError(f"model.pretrained_path: small_cnn has no pretrained weights to load "

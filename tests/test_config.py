@@ -164,6 +164,7 @@ def test_missing_data_root_is_exit_2_before_ray_starts(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(ray_train, "build_trainer", capture)
     monkeypatch.setattr(ray_train, "ensure_ray", lambda **kw: None)
+    monkeypatch.setattr(ray_train, "check_fits", lambda cfg: None)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "idx").mkdir()
     with pytest.raises(AssertionError, match="Ray was started"):
@@ -301,6 +302,9 @@ def test_a_run_that_cannot_fit_the_ray_started_here_is_refused():
     """Ray started on this machine has what this machine has: workers asking for more waited
     scaling.start_timeout_s, max_failures + 1 times, and the error blamed a lost node."""
     from dadh_dist.run.ray_train import check_fits
+
+    with pytest.raises(ConfigError, match="data.image_size: data.source = digits has images"):
+        config.load(DEBUG, ["data.image_size=16"])  # was ignored
 
     two = {"CPU": 2.0}
     check_fits(config.load(DEBUG, ["scaling.num_workers=2"]), two)

@@ -159,10 +159,14 @@ def build_trainer(cfg: Config, folder: Path, callbacks=None, report_restored: bo
     )
 
 
-def check_fits(cfg: Config, resources: dict) -> None:
+def check_fits(cfg: Config, resources: dict | None = None) -> None:
     """ConfigError when the workers a run needs to start (min_workers of an elastic run) ask for
     more CPUs or GPUs than `resources` (the Ray started here) holds: Ray Train would wait
     scaling.start_timeout_s for them, max_failures + 1 times, and blame a lost node."""
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
     s = cfg.scaling
     workers = s.min_workers if s.elastic else s.num_workers
     what = "scaling.min_workers" if s.elastic else "scaling.num_workers"
@@ -184,7 +188,7 @@ def run_ray(cfg: Config) -> dict:
     here = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
     ensure_ray()
     if here:  # a Ray of this machine alone: no node will join, what it lacks never comes
-        check_fits(cfg, ray.cluster_resources())
+        check_fits(cfg)
     try:
         fit(build_trainer(cfg, folder))
     except ray.train.TrainingFailedError as e:
