@@ -408,6 +408,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         if args.topk is not None and args.topk > n:
             notes(f"--topk {args.topk} is more than the {n} database codes: "
                   f"mAP@{args.topk} is mAP@all")
+        p_at = hf.cfg.eval.precision_at
+        if p_at > n:  # as the run said of it (loop.beyond_database)
+            notes(f"eval.precision_at = {p_at} is more than the {n} database codes: P@{p_at} is "
+                  f"the precision over all {n}")
         out = check_out(args.out or hf.run_folder / "eval" / f"{hf.checkpoint.name}_{args.split}",
                         "output folder", folder=True)  # before the evaluation, not after it
         ev = report.evaluate(hf, dataset, encoders, args.split, args.topk,

@@ -1050,3 +1050,17 @@ def test_the_round_trip_check_takes_its_reference_on_the_cpu_where_the_program_r
     elsewhere = dataclasses.replace(hf, device=torch.device("cuda"))
     export.check_round_trip(elsewhere, "fg", program)
     assert export.on_cpu(hf) is hf and export.on_cpu(elsewhere).f is not hf.f
+
+
+def test_evaluate_notes_a_precision_at_beyond_the_database(run, tmp_path, capsys):
+    hf = inference.load(run)
+    state, manifest = ckpt.load(hf.checkpoint)
+    cfg = hf.cfg.with_overrides({"eval.precision_at": 5000})
+    folder = tmp_path / "checkpoint_000002"
+    ckpt.save(folder, state, cfg.to_toml(), manifest["fingerprint"])
+    assert cli.evaluate_main(["--checkpoint", str(folder), "--out", str(tmp_path / "e"),
+                              "--examples", "0", "--no-tensorboard", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert ("eval.precision_at = 5000 is more than the 1597 database codes: P@5000 is the "
+            "precision over all 1597") in result["notes"]
+    assert result["metrics"]["p_at_5000_fg"] == pytest.approx(0.1, abs=0.01)
