@@ -178,20 +178,19 @@ def upload_file(local: Path, uri: str) -> None:
 def delete_file(uri: str) -> None:
     """Delete one file (nothing happens when it does not exist)."""
     fs, path = resolve(uri)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise StorageError(f"{redact(uri)}: delete failed ({first_line(e)})") from None
+    _delete(uri, fs.delete_file, path)
 
 
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     _made_dirs.difference_update({d for d in _made_dirs
                                   if d[0] == id(fs) and (d[1] + "/").startswith(path + "/")})
+    _delete(uri, fs.delete_dir, path)
+
+
+def _delete(uri: str, delete, path: str) -> None:
     try:
-        fs.delete_dir(path)
+        delete(path)
     except FileNotFoundError:
         pass
     except OSError as e:
