@@ -35,7 +35,9 @@ from dadh_dist.data import (
     dataset_to_parquet,
     load_dataset,
 )
+from dadh_dist.data.check import duplicates
 from dadh_dist.data.idx import read_idx
+from dadh_dist.data.images import pixel_digests
 from dadh_dist.data.splits import one_hot
 
 
@@ -310,3 +312,89 @@ def test_parquet_missing_split_and_empty_class_are_named(tmp_path):
         f"{tmp_path / 'pq'}: no validation rows in any shard",
         f"{tmp_path / 'pq'}: class 3 has no database image",
     ]
+
+
+# ------------------------------------------------------------------ pixel-identical across splits
+
+def duplicate_lines(report) -> list[str]:
+    return [line for line in report.lines() if line.startswith("duplicates: ")]
+
+
+def noise_lists(root: Path) -> np.ndarray:
+    """A list folder of 8x8 RGB noise PNGs, 2 classes: test.txt 4 rows, val.txt 2, database.txt
+    6 (image files q0.., v0.., d0..); returns the images (12, 8, 8, 3) in that order."""
+    (root / "img").mkdir(parents=True)
+    x = np.random.default_rng(7).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    k = 0
+    for name, stem, n in (("test", "q", 4), ("val", "v", 2), ("database", "d", 6)):
+        lines = []
+        for i in range(n):
+            Image.fromarray(x[k]).save(root / "img" / f"{stem}{i}.png")
+            lines.append(f"img/{stem}{i}.png {i % 2} {1 - i % 2}")
+            k += 1
+        (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return x
+
+
+def test_list_duplicates_across_splits_are_reported_by_id(tmp_path):
+    root = tmp_path / "l"
+    x = noise_lists(root)
+    cfg = DataConfig(source="list", root=str(root), image_size=8)
+    assert duplicate_lines(check_dataset(cfg)) == [
+        "duplicates: no query or validation image is pixel-identical to a database image, nor a "
+        "query image to a validation image"]
+    # Planted: query rows 1 and 3 = database rows 4 and 0 (one as a BMP: pixels, not bytes,
+    # count), validation row 0 = database row 2, query row 2 = validation row 1.
+    Image.fromarray(x[6 + 4]).save(root / "img" / "q1.png")
+    Image.fromarray(x[6 + 0]).save(root / "img" / "q3.bmp")
+    (root / "test.txt").write_text((root / "test.txt").read_text().replace("q3.png", "q3.bmp"))
+    Image.fromarray(x[6 + 2]).save(root / "img" / "v0.png")
+    Image.fromarray(x[5]).save(root / "img" / "q2.png")
+    report = check_dataset(cfg)
+    assert report.ok  # a warning in the summary, not a problem
+    assert duplicate_lines(report) == [
+        "duplicates: 2 query images are pixel-identical to database images (query id 1 = "
+        "database id 4, query id 3 = database id 0)",
+        "duplicates: 1 validation image is pixel-identical to database images (validation id 0 "
+        "= database id 2)",
+        "duplicates: 1 query image is pixel-identical to validation images (query id 2 = "
+        "validation id 1)",
+    ]
+    assert all(s.digests is None for s in load_dataset(cfg).splits().values())  # training: none
+
+
+def test_parquet_duplicates_found_from_digests_kept_while_scanning(tmp_path):
+    ds = small_dataset()  # ids: query 0..19, validation 20..39, database 40..99
+    for q, d in ((3, 7), (5, 7), (11, 59), (12, 0), (19, 30)):  # four to the database, at most
+        ds.query.images[q] = ds.database.images[d]             # three named
+    (shard,) = dataset_to_parquet(ds, tmp_path / "pq")
+    cfg = DataConfig(source="parquet", root=str(tmp_path / "pq"))
+    report = check_dataset(cfg)
+    # the scan kept no pixels, only digests, and those of the pixels a run decodes
+    assert report.dataset.database.images.strides[0] == 0
+    loaded = load_dataset(cfg)
+    for name, s in report.dataset.splits().items():
+        np.testing.assert_array_equal(s.digests, pixel_digests(getattr(loaded, name).images))
+    assert duplicate_lines(report) == [
+        "duplicates: 5 query images are pixel-identical to database images (query id 3 = "
+        "database id 47, query id 5 = database id 47, query id 11 = database id 99, ...)"]
+    # database_limit keeps each kept row's digest with it
+    limited = check_dataset(DataConfig(source="parquet", root=str(tmp_path / "pq"),
+                                       database_limit=30, seed=1)).dataset.database
+    full = report.dataset.database
+    np.testing.assert_array_equal(limited.digests,
+                                  full.digests[np.searchsorted(full.ids, limited.ids)])
+
+
+def test_in_memory_duplicates_hash_the_rows_and_digits_holds_none():
+    ds = small_dataset()
+    ds.validation.images[4] = ds.database.images[9]
+    assert duplicates(ds) == ["duplicates: 1 validation image is pixel-identical to database "
+                              "images (validation id 24 = database id 49)"]
+    # scikit-learn's digits: all 1,797 images differ, so no split shares one
+    report = check_dataset(DataConfig(source="digits", query_per_class=10, val_per_class=10))
+    assert len(np.unique(np.concatenate([pixel_digests(s.images)
+                                         for s in report.dataset.splits().values()]))) == 1797
+    assert duplicate_lines(report) == [
+        "duplicates: no query or validation image is pixel-identical to a database image, nor a "
+        "query image to a validation image"]

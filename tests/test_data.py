@@ -64,10 +64,13 @@ def test_digits_split_sizes_disjoint_and_reproducible():
     assert not np.array_equal(ds.query.ids, other.query.ids)
 
 
-def test_class_too_small_names_the_class():
-    # digit 0 has 178 images, fewer than 170 + 10 + 1
-    with pytest.raises(DataError, match=r"class 0 has 178 images"):
+def test_class_too_small_leads_with_the_key_and_names_the_class():
+    # digit 0 has 178 images, fewer than 170 + 10 + 1; so have 4 other digits
+    with pytest.raises(DataError) as e:
         load_dataset(DataConfig(source="digits", query_per_class=170, val_per_class=10))
+    assert str(e.value).startswith("data.query_per_class: class 0 of digits has 178 images, "
+                                   "fewer than query_per_class + val_per_class + 1 = 181 (and 4 "
+                                   "more problems;")
 
 
 def test_database_limit_keeps_a_seeded_subset():
@@ -257,6 +260,18 @@ def test_grid_source_sizes(tmp_path):
     assert_same(ds, load_dataset(cfg))
 
 
+def test_grid_pool_too_small_leads_with_the_key(tmp_path):
+    fm = tmp_path / "fm"
+    fake_fashion(fm)  # 9 images per class; 3 * (2 + 1) + 1 = 10 tiles needed
+    cfg = DataConfig(source="fashion_mnist_grid", root=str(fm), query_per_class=2,
+                     val_per_class=1, grid_count=4)
+    with pytest.raises(DataError, match=r"^data\.query_per_class: class 0 of .*fm "
+                                        r"\(fashion_mnist_grid\) has 9 images, fewer than 3 tiles "
+                                        r"\* \(query_per_class \+ val_per_class\) \+ 1 = 10 \(and "
+                                        r"9 more problems"):
+        load_dataset(cfg)
+
+
 # --------------------------------------------------------------------------------------- CIFAR-10
 
 def fake_cifar(folder, per_class: int = 3, protocol: int | None = None) -> np.ndarray:
@@ -379,6 +394,15 @@ def test_list_files_multi_label_with_held_out_validation(tmp_path):
                                                                (3, 4, 4)))
     assert not set(ds.validation.ids) & set(ds.database.ids)
     assert_same(ds, load_dataset(cfg))
+
+
+def test_list_hold_out_too_large_leads_with_the_key(tmp_path):
+    fake_lists(tmp_path / "l")  # 12 database rows, 3 classes
+    cfg = DataConfig(source="list", root=str(tmp_path / "l"), val_per_class=4, image_size=4)
+    with pytest.raises(DataError) as e:
+        load_dataset(cfg)
+    assert str(e.value) == (f"data.val_per_class: {tmp_path / 'l' / 'database.txt'} has 12 rows, "
+                            "too few to hold out val_per_class * classes = 12 validation rows")
 
 
 def test_list_files_with_val_txt_and_train_txt(tmp_path):

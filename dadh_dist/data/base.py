@@ -17,6 +17,9 @@ class Split:
     labels: np.ndarray
     ids: np.ndarray
     """Index of each image in its source (file order, row of a list file, canvas number)."""
+    digests: np.ndarray | None = None
+    """(N,) uint64 pixel digest of each image (images.pixel_digest), kept only by check-data's
+    scan of file-based sources, whose images then hold no pixels; None otherwise."""
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -28,6 +31,9 @@ class Split:
                             f"{self.labels.shape}")
         if self.ids.dtype != np.int64 or self.ids.shape != (n,):
             raise DataError(f"ids must be int64 ({n},), got {self.ids.dtype} {self.ids.shape}")
+        d = self.digests
+        if d is not None and (d.dtype != np.uint64 or d.shape != (n,)):
+            raise DataError(f"digests must be uint64 ({n},), got {d.dtype} {d.shape}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -39,7 +45,8 @@ class Split:
             images = np.broadcast_to(self.images[:1], (len(ids), *self.images.shape[1:]))
         else:
             images = self.images[rows]
-        return Split(images, self.labels[rows], ids)
+        digests = None if self.digests is None else self.digests[rows]
+        return Split(images, self.labels[rows], ids, digests)
 
 
 @dataclass

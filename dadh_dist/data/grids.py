@@ -74,7 +74,8 @@ def grid_splits(
     per_q = math.ceil(MAX_TILES * query / num_classes)
     per_v = math.ceil(MAX_TILES * validation / num_classes)
     gens = [rng(seed, STREAM_GRID, i) for i in range(4)]
-    pools = split_per_class(y, num_classes, per_q, per_v, gens[0], what, problems)
+    pools = split_per_class(y, num_classes, per_q, per_v, gens[0], what, problems,
+                            f"{MAX_TILES} tiles * (query_per_class + val_per_class) + 1")
     counts = (query, validation, database)
     names = ("query", "validation", "database")
     return {name: make_grids(images, y, pool, n, num_classes, g)

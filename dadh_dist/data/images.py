@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import os
@@ -68,6 +69,18 @@ def decode(src: Path | bytes, size: int = 0, rgb: bool = False) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
+def pixel_digest(a: np.ndarray) -> int:
+    """An 8-byte blake2b of one image's pixels: what check-data compares to find an image that is
+    in two splits, where the pixels themselves are not kept."""
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(a), digest_size=8).digest(),
+                          "little")
+
+
+def pixel_digests(images: np.ndarray) -> np.ndarray:
+    """(N,) uint64: the pixel_digest of each image of images (N, C, H, W)."""
+    return np.fromiter((pixel_digest(a) for a in images), np.uint64, len(images))
+
+
 def run_chunked(n: int, fn: Callable[[int], None]) -> None:
     """Call fn(0..n-1) from a thread pool (PIL decodes without the GIL).
 
@@ -110,16 +123,17 @@ def check_image(src: Path | bytes | None, size: int = 0, rgb: bool = False
 def decode_all(
     items: Sequence[Path | bytes | None], describe: Callable[[int], tuple[str, str]], size: int,
     rgb: bool, problems: Problems,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Decode every item (an image file, encoded bytes, or None when missing): images
-    (n, C, H, W) uint8 and ok (n,) bool.
+    (n, C, H, W) uint8, ok (n,) bool, and digests (n,) uint64 when scanning (else None).
 
     The per-image check of the loaders and of check-data. A missing or unreadable image is
     recorded as a skippable problem; an image whose shape differs from the first good one's as a
     blocking one; neither is ok. describe(i) = (where, subject), e.g. ("test.txt:7", "image a.jpg").
     Problems are recorded in item order whatever order the threads finish in, so the same rows
     are skipped on every worker. When scanning, pixels are checked but not kept: images is then a
-    zero-stride placeholder of the right shape.
+    zero-stride placeholder of the right shape, and digests holds each good image's pixel_digest
+    (0 for the others), for check-data's duplicate check.
     """
     n = len(items)
     why: list[tuple[str, bool] | None] = [None] * n
@@ -132,12 +146,15 @@ def decode_all(
     ref = start - 1
     shape = probe.shape if probe is not None else (3 if rgb else 1, size, size)
     keep = not problems.scan
+    digests = None if keep else np.zeros(n, np.uint64)
     if keep:
         out = np.empty((n, *shape), np.uint8)
         if probe is not None:
             out[ref] = probe
     else:
         out = np.broadcast_to(np.zeros((1, *shape), np.uint8), (n, *shape))
+        if probe is not None:
+            digests[ref] = pixel_digest(probe)
 
     def fill(j: int) -> None:
         i = start + j
@@ -149,6 +166,8 @@ def decode_all(
                       "data.image_size to resize)", False)
         elif keep:
             out[i] = a
+        else:
+            digests[i] = pixel_digest(a)
 
     run_chunked(n - start, fill)
     ok = np.ones(n, bool)
@@ -157,4 +176,4 @@ def decode_all(
             where, subject = describe(i)
             problems.add(where, f"{subject} {w[0]}", skippable=w[1])
             ok[i] = False
-    return out, ok
+    return out, ok, digests

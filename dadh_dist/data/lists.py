@@ -96,11 +96,11 @@ def parse_list(file: Path, width: LabelWidth, problems: Problems) -> Entries:
 
 def decode_entries(entries: Entries, root: Path, size: int, problems: Problems) -> Split:
     """The split of the listed images that decode, as RGB size x size."""
-    images, ok = decode_all([root / p for p in entries.paths],
-                            lambda i: (f"{entries.file}:{entries.lines[i]}",
-                                       f"image {entries.paths[i]}"),
-                            size, True, problems)
-    split = Split(images, entries.labels, entries.ids)
+    images, ok, digests = decode_all([root / p for p in entries.paths],
+                                     lambda i: (f"{entries.file}:{entries.lines[i]}",
+                                                f"image {entries.paths[i]}"),
+                                     size, True, problems)
+    split = Split(images, entries.labels, entries.ids, digests)
     return split if ok.all() else split.take(np.flatnonzero(ok))
 
 
@@ -152,8 +152,8 @@ def load_list(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
     if validation is None:
         n_val = cfg.val_per_class * width.n
         if n_val >= len(database.paths):
-            problems.add(db, f"{len(database.paths)} rows, too few to hold out val_per_class * "
-                         f"classes = {n_val} validation rows")
+            problems.add("data.val_per_class", f"{db} has {len(database.paths)} rows, too few "
+                         f"to hold out val_per_class * classes = {n_val} validation rows")
             problems.fail()
         held = np.zeros(len(database.paths), bool)
         held[rng(cfg.seed, STREAM_HOLDOUT).choice(len(held), n_val, replace=False)] = True

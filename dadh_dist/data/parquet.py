@@ -245,15 +245,17 @@ def load_parquet(cfg: DataConfig, problems: Problems | None = None) -> Dataset:
     order = np.argsort(which, kind="stable")
     blobs = [b for s in shards for b in s.images]
     where = [(s.path, r) for s in shards for r in s.rows]
-    images, ok = decode_all([blobs[i] for i in order],
-                            lambda j: (f"{where[order[j]][0]}: row {where[order[j]][1]}", "image"),
-                            cfg.image_size, False, problems)
+    images, ok, digests = decode_all(
+        [blobs[i] for i in order],
+        lambda j: (f"{where[order[j]][0]}: row {where[order[j]][1]}", "image"),
+        cfg.image_size, False, problems)
     problems.barrier()
     labels, ids = labels[order], np.concatenate([s.ids for s in shards])[order]
     bounds = np.searchsorted(which[order], np.arange(len(SPLITS) + 1))
     splits = {}
     for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
-        s = Split(images[lo:hi], labels[lo:hi], ids[lo:hi])
+        s = Split(images[lo:hi], labels[lo:hi], ids[lo:hi],
+                  None if digests is None else digests[lo:hi])
         splits[name] = s if ok[lo:hi].all() else s.take(np.flatnonzero(ok[lo:hi]))
     if not ok.all() and full_classes:
         check_classes(splits["database"].labels, str(root), problems,

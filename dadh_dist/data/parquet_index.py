@@ -126,9 +126,9 @@ class SplitIndex:
             col = table.column("image").combine_chunks()
             if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
                 raise DataError(f"{g.path}: column image must be binary, got {col.type}")
-            got, good = decode_all(col.take(pa.array(picked)).to_pylist(),
-                                   lambda j, where=where: (where[j], "image"), size, False,
-                                   problems)
+            got, good, _ = decode_all(col.take(pa.array(picked)).to_pylist(),
+                                      lambda j, where=where: (where[j], "image"), size, False,
+                                      problems)
             del table, col
             if labels is None:
                 labels = np.empty((stop - start, values.shape[1]), np.uint8)

@@ -29,12 +29,14 @@ def one_hot(y: np.ndarray, num_classes: int) -> np.ndarray:
 def split_per_class(
     y: np.ndarray, num_classes: int, n_query: int, n_val: int, gen: np.random.Generator,
     what: str, problems: Problems | None = None,
+    need_is: str = "query_per_class + val_per_class + 1",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw `n_query` query and `n_val` validation indices per class; the rest is the database.
 
     y: (N,) class indices. Returns three sorted, disjoint int64 index arrays covering range(N).
-    Every class too small to split is recorded under `what` (the source's folder or name), then
-    the split fails.
+    Every class too small to split is recorded, then the split fails: an empty one under `what`
+    (the source's folder or name), one the split sizes outgrow under data.query_per_class, the
+    setting to lower, its need spelled `need_is` (= n_query + n_val + 1) in the settings' terms.
     """
     counts = np.bincount(y, minlength=num_classes)
     need = n_query + n_val + 1
@@ -42,9 +44,11 @@ def split_per_class(
     if small.size:
         problems = problems or Problems()
         for c in small:
-            problems.add(what, f"class {c} has no images" if counts[c] == 0 else
-                         f"class {c} has {counts[c]} images, fewer than query_per_class + "
-                         f"val_per_class + 1 = {need}")
+            if counts[c] == 0:
+                problems.add(what, f"class {c} has no images")
+            else:
+                problems.add("data.query_per_class", f"class {c} of {what} has {counts[c]} "
+                             f"images, fewer than {need_is} = {need}")
         problems.fail()
     # Shuffle, then group by class keeping the shuffled order: the rank of an image inside its
     # class block is uniformly random, so "rank < n_query" is a uniform draw per class.
