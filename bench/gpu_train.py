@@ -22,9 +22,10 @@ GPU workers (scaling.use_gpu = true). The runs, most important first:
 
 Each run prints a RESULT line (test mAP, seconds per outer iteration, B's checksum
 `codes/checksum`, and whether jobs/evaluate.py's fp32 evaluation of the run's checkpoint on the
-same device gives the run's reported test mAP: under bf16 too, since the loop evaluates in fp32); a failed run prints its traceback and the next one starts. A run still going
-at its deadline is killed. The JSON is rewritten after every run. Exit status: the number of
-failed runs.
+same device gives the run's reported test mAP: under bf16 too, since the loop evaluates in
+fp32); a failed run prints its traceback and the next one starts. A run still going at its
+deadline is killed. The JSON is rewritten after every run. Exit status: the number of failed
+runs.
 
 `--cpu-smoke` runs the same plan on the CPU with gloo everywhere and fewer iterations, to test the
 script where there is no GPU (`nccl` and `bf16` then are CPU runs; bf16 autocast is GPU-only in

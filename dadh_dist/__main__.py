@@ -93,7 +93,8 @@ COMMANDS = {
     "export": (_job("export"), "export a run's hash function (jobs/export.py, dadh-export)"),
     "quality": (_job("quality"), "the retrieval-quality table (jobs/quality.py, dadh-quality)"),
     "serve": (_job("serve"), "serve a trained run on Ray Serve (jobs/serve.py, dadh-serve)"),
-    "check-data": (check_data_main, "check the configured dataset: every problem, then images shared across splits"),
+    "check-data": (check_data_main, "check the configured dataset: every problem, then the "
+                   "images shared across splits"),
     "config": (config_main, "print the resolved config, or every key with --list"),
 }
 
