@@ -751,10 +751,10 @@ def quality_main(argv: list[str] | None = None) -> int:
                             threads=threads)
         cells = [quality.Cell(m, b, s) for b in args.bits for m in args.methods
                  for s in args.seeds]
-        for cell in cells:  # every config file and override checked before anything runs
-            plan.load(cell)
-        check_out(plan.out, "folder of the runs and the table", folder=True)
+        # every config file and override, and what already finished there, checked before
+        # anything runs or --out is made
         quality.check_reuse(plan, cells)
+        check_out(plan.out, "folder of the runs and the table", folder=True)
 
         def progress(line: str) -> None:  # a cell's line as it finishes
             if not args.quiet:

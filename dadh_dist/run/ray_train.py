@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -239,8 +238,7 @@ def prune_unregistered(cfg: Config, folder: Path) -> None:
     try:
         _prune_unregistered(cfg, folder)
     except (OSError, uris.StorageError) as e:
-        print(f"warning: checkpoints Ray never registered were not pruned: {uris.first_line(e)}",
-              file=sys.stderr)
+        ckpt.warning(f"checkpoints Ray never registered were not pruned: {uris.first_line(e)}")
 
 
 def _prune_unregistered(cfg: Config, folder: Path) -> None:
