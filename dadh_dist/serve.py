@@ -19,7 +19,8 @@ Endpoints (JSON answers):
                    size is refused) -> per image its code, the top-k database ids and
                    their Hamming distances, ties in database order (the rule of jobs/search.py)
     POST /encode   images -> per image its code
-    GET  /info     bits, encoder, model hash, database size, backend, input geometry, limits
+    GET  /info     bits, encoder, model hash, database size, backend, input geometry, limits,
+                   and the names (not the paths) of the checkpoint and the codes file
     GET  /healthz  {"status": "ok"}
 
 Images come as multipart files (`curl -F image=@a.png -F image=@b.png -F k=5`), as JSON
@@ -622,11 +623,14 @@ class Service:
         except PackageNotFoundError:
             ours = "unknown"
         m, o = self.model, self.options
+        # names, not paths: a client learns which files, not the server's folders (its own
+        # start-up line prints the paths)
+        db = self.database.path
+        learned = m.run_checkpoint.name if m.run_checkpoint else m.path.name
         return {"bits": m.bits, "encoder": m.encoder, "model_sha256": m.model_sha256,
                 "database_size": len(self.database),
-                "database": str(self.database.path) if self.database.path else
-                f"learned B of {m.run_checkpoint}", "backend": self.index.backend,
-                "checkpoint": str(m.path),
+                "database": db.name if db else f"learned B of {learned}",
+                "backend": self.index.backend, "checkpoint": m.path.name,
                 "input": {"channels": m.channels, "size": m.image_size, "resize": o.resize},
                 "limits": {"max_images": o.max_images, "max_body_bytes": o.max_body_bytes},
                 "version": ours}

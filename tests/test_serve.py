@@ -296,6 +296,10 @@ def test_an_export_serves_the_checkpoints_codes_and_database(run, queries, tmp_p
     assert status == 200 and doc["encoder"] == "f" and doc["k"] == serving.DEFAULT_K
     with pytest.raises(config.ConfigError, match="computes f, not fg"):
         serving.load_model(tmp_path / "export", "fg")
+    # /info names the files without the server's folders
+    info = serving.Service(options, database, model).info()
+    assert info["checkpoint"] == "export" and info["database"] == f"learned B of {run.name}"
+    assert str(tmp_path) not in json.dumps(info) and str(run.parent) not in json.dumps(info)
 
     # an export written before checkpoints were recorded absolute holds the path as given,
     # relative to the working directory of jobs/export.py (here: a folder above both)
