@@ -1,4 +1,4 @@
-"""Fault injection for tests: `DADH_FAULT` holds comma-separated specs, each firing once.
+"""Fault injection for tests: `DADH_FAULT` holds comma-separated specs.
 
     kill:<phase>:<t>:<rank>   the worker exits (code 17) in phase streams|codes|checkpoint
                               of outer iteration t (0-based)
@@ -9,8 +9,10 @@
                               node was started as its own session (`ray start --block` under
                               setsid, as tests/test_lost_node.py does); any other worker ignores it
 
-A fired kill leaves a marker in the run folder, so the restarted worker runs through. The
-training loop reaches these points through one `Faults` object per worker.
+A fired kill leaves a marker in the run folder, so it fires once and the restarted worker runs
+through (a node's session is gone with the node). nan and flip fire every time their point is
+reached: a restart from an earlier checkpoint meets them again, as it would a fault of the data.
+The training loop reaches these points through one `Faults` object per worker.
 """
 
 from __future__ import annotations

@@ -454,3 +454,161 @@ def test_skip_policy_past_its_limit_says_the_limit_was_spent(tmp_path, monkeypat
                              "step 0 ")
     assert err[0].endswith("; train.nonfinite = skip had already dropped train.max_skipped = 0 "
                            "mini-batch(es) of this outer iteration")
+
+
+@pytest.mark.parametrize("fault", ["full_disk", "ctrl_c"])
+def test_a_checkpoint_copy_cut_short_leaves_nothing_behind(tmp_path, monkeypatch, fault):
+    """A full disk (or Ctrl-C) while a checkpoint is copied into the run folder: the half copy
+    goes (it held the space the disk lacks), the checkpoints before it stay, and the disk's
+    error is one line saying so (it was shutil's list of every file, the half copy kept)."""
+    import errno
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    runner.folders.keep_checkpoint(run, _save(tmp_path / "s1", 1))
+    copytree = shutil.copytree
+
+    def cut_short(src, dst, **kw):
+        def copy(s, d):
+            if Path(s).name != ckpt.STATE:
+                return shutil.copy2(s, d)
+            Path(d).write_bytes(Path(s).read_bytes()[:50])
+            if fault == "ctrl_c":
+                raise KeyboardInterrupt
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), d)
+
+        return copytree(src, dst, copy_function=copy, **kw)
+
+    monkeypatch.setattr(runner.folders.shutil, "copytree", cut_short)
+    if fault == "ctrl_c":
+        with pytest.raises(KeyboardInterrupt):
+            runner.folders.keep_checkpoint(run, _save(tmp_path / "s2", 2))
+    else:
+        with pytest.raises(runner.folders.uris.StorageError, match=(
+                rf"^{run}: checkpoint_000002 could not be written \(No space left on device\); "
+                r"the run's earlier checkpoints are kept: rerun the same command to resume "
+                r"once there is room$")):
+            runner.folders.keep_checkpoint(run, _save(tmp_path / "s2", 2))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_000001"]
+    assert ckpt.latest_valid(run) == run / "checkpoint_000001"
+
+
+def test_an_error_every_restart_repeats_stops_the_ray_run_at_once(tmp_path, monkeypatch):
+    """Bad data or config, or a non-finite loss, in a worker: Ray Train restarted the group
+    scaling.max_failures times, each start reloading the data to fail the same way, then said
+    "run stopped after ... restart(s)", exit 1 even for bad input. Now Ray's controller stops
+    the run at the first (one line; the input's fault a ConfigError, exit 2), and any other
+    error (a lost worker) restarts it as before. Ray's side as its 2.60 controller runs it: the
+    callback gets the workers' errors unwrapped, and the failure policy never retries the
+    ControllerError it raises. Built and decided in this process: no Ray cluster starts."""
+    import pickle
+
+    import ray
+    import ray.cloudpickle
+    from ray.train import ControllerError, FailureConfig, WorkerGroupError
+    from ray.train.v2._internal.callbacks.user_callback import UserCallbackHandler
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+    from ray.train.v2._internal.execution.worker_group.poll import (
+        WorkerGroupPollStatus,
+        WorkerStatus,
+    )
+
+    from dadh_dist.config import ConfigError
+    from dadh_dist.data import DataError
+
+    cfg = config.load(DEBUG, [f"log.run_dir={json.dumps(str(tmp_path))}", "log.name=r",
+                              "scaling.max_failures=3"])
+    trainer = runner.build_trainer(cfg, tmp_path / "r")
+    (stop,) = [c for c in trainer.run_config.callbacks if type(c).__name__ == "StopAtOnce"]
+    stop = ray.cloudpickle.loads(ray.cloudpickle.dumps(stop))  # as the controller gets it
+    handler = UserCallbackHandler([stop], train_run_context=None)
+    policy = DefaultFailurePolicy(FailureConfig(max_failures=3))
+
+    def poll(errors: dict) -> WorkerGroupPollStatus:  # as the workers' threads hand them over
+        return WorkerGroupPollStatus({rank: WorkerStatus(
+            running=False, error=UserExceptionWithTraceback(e, "Traceback ...")
+        ) for rank, e in errors.items()})
+
+    handler.after_worker_group_poll_status(poll({1: RuntimeError("connection reset")}))
+    assert policy.make_decision(WorkerGroupError("", {1: DataError("x")})) == \
+        FailureDecision.RETRY  # what Ray does with any worker's error
+    monkeypatch.setattr(runner.ray_train, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(runner.ray_train, "check_fits", lambda *a: None)
+    for error, user in ((DataError("list.txt:3: image a.png is unreadable"), True),
+                        (ConfigError("objective.bits: must be >= 1, got 0"), True),
+                        (loop.NonFiniteLoss("loss_f is nan at outer iteration 1"), False)):
+        with pytest.raises(ControllerError) as raised:
+            handler.after_worker_group_poll_status(poll({0: RuntimeError("peer gone"),
+                                                         1: error}))
+        assert policy.make_decision(raised.value) == FailureDecision.RAISE
+        failed = pickle.loads(pickle.dumps(raised.value))  # as the driver gets it
+        line = (f"worker 1: {type(error).__name__}: {error}; not restarted (a restart fails "
+                "the same way)")
+        assert failed.controller_failure.user is user and str(failed.controller_failure) == line
+        assert runner.ray_train.error_line(failed) == line  # a Tune trial's row
+
+        def fit(trainer, failed=failed):
+            raise failed
+
+        monkeypatch.setattr(runner.ray_train, "fit", fit)
+        with pytest.raises(ConfigError if user else runner.RunFailed) as stopped:
+            runner.run_ray(cfg)
+        assert str(stopped.value) == f"run stopped: {line}; no checkpoint was written"
+    assert not ray.is_initialized()
+
+
+def test_a_ray_run_and_a_tune_trial_hold_their_runs_lock(tmp_path, monkeypatch):
+    """run_ray is refused while another process drives the run, before Ray starts; a Tune
+    trial waits for the lock a little (an interrupted attempt of it that Tune is still
+    stopping), then runs, or is refused past the wait."""
+    import fcntl
+    import threading
+
+    import ray
+    import ray.tune.integration.ray_train
+    from ray import tune
+
+    from dadh_dist.config import ConfigError
+    from dadh_dist.sweep import runner as sweeps
+
+    def hold(folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / runner.folders.LOCK, "a")
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fh
+
+    cfg = config.load(DEBUG, [f"log.run_dir={json.dumps(str(tmp_path))}", "log.name=r"])
+    with hold(tmp_path / "r"):
+        with pytest.raises(ConfigError, match=r"^log.name: run 'r' in .* is being trained by "
+                                              "another process on this machine"):
+            runner.run_ray(cfg)
+    assert not ray.is_initialized() and not (tmp_path / "r" / "config.toml").exists()
+
+    class Context:
+        def get_trial_id(self):
+            return "x"
+
+    fitted = []
+
+    class Trainer:
+        def fit(self):
+            fitted.append(time.monotonic())
+
+    monkeypatch.setattr(tune, "get_context", Context)  # a trial of Tune, without Tune
+    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", object)
+    monkeypatch.setattr(runner, "build_trainer", lambda *a, **k: Trainer())
+    sweep = {"base": cfg.to_dict(), "folder": str(tmp_path / "sweep"), "cpus_per_worker": 1.0}
+    trial = tmp_path / "sweep" / "trial_x"
+    held = hold(trial)
+    threading.Timer(0.5, held.close).start()  # the earlier attempt's process ends
+    start = time.monotonic()
+    sweeps.trial_main({}, sweep)
+    assert len(fitted) == 1 and fitted[0] - start >= 0.5
+    assert (trial / "config.toml").is_file()
+    monkeypatch.setattr(runner.folders, "TRIAL_LOCK_WAIT_S", 0.3)
+    with hold(trial), pytest.raises(ConfigError, match="run 'trial_x' in .* is being trained"):
+        sweeps.trial_main({}, sweep)
+    assert len(fitted) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -403,3 +404,73 @@ def test_a_resume_does_not_read_the_pretrained_weights_the_checkpoint_replaces(t
     weights.rename(tmp_path / "moved.pt")
     again = runner.run_local(cfg, progress=False)
     assert again["resumed_at"] == 1 and again["map_all_f"] == first["map_all_f"]
+
+
+def _hold_lock(folder: Path):
+    """The run's lock, held as another driver holds it: through an open file of its own."""
+    import fcntl
+
+    fh = open(folder / runner.folders.LOCK, "a")
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fh
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != runner.folders.LOCK}
+
+
+def test_a_second_driver_of_a_running_run_is_refused_and_touches_nothing(tmp_path, monkeypatch):
+    """While a process drives a run (holds its lock), a second driver of the same run, here
+    with a new config that would replace the saved one and clear the outputs before the first
+    checkpoint, is refused in one line, and the run folder (and URI) stays as it was. The lock
+    goes with its holder, however it ended: the next driver takes it (local and remote runs)."""
+    import subprocess
+    import sys
+
+    from dadh_dist import uris
+
+    monkeypatch.setenv("DADH_MIRROR_DIR", str(tmp_path / "mirrors"))
+    remote = f"file://{tmp_path / 'remote'}"
+    for where in (tmp_path / "runs", remote):
+        a = config.load(DEBUG, _overrides(where, "r"))
+        b = config.load(DEBUG, _overrides(where, "r", "objective.gamma=5"))
+        with runner.open_run(a) as (folder, resume):
+            assert resume is None and (folder / runner.folders.LOCK).is_file()
+            (folder / "tb").mkdir()
+            (folder / "final_metrics.json").write_text("old")
+            before = _files(folder)
+            with pytest.raises(ConfigError, match=(
+                    r"^log.name: run 'r' in .* is being trained by another process on this "
+                    rf"machine \(pid {os.getpid()}\); wait for it to end or stop it, or use "
+                    r"another log.name$")):
+                runner.run_local(b)
+            assert _files(folder) == before
+            run = runner.run_uri(a)
+            if run:
+                assert uris.read_bytes(uris.join(run, "config.toml")) == a.to_toml().encode()
+        # ended: the next driver takes it, and b's config replaces a's
+        with runner.open_run(b) as (again, _):
+            assert again == folder and config.load(folder / "config.toml").objective.gamma == 5
+        # a holder killed while it held the lock leaves none behind
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+             "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+             str(folder / runner.folders.LOCK)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True)
+        try:
+            assert holder.stdout.readline() == "held\n"
+            with pytest.raises(ConfigError, match=r"being trained by another process on this "
+                                                  r"machine; wait"):
+                runner.folders.run_lock(a).__enter__()
+        finally:
+            holder.kill()
+            holder.wait()
+        with runner.open_run(a) as (again, _):
+            assert again == folder
+    # a run folder that cannot be made is one line naming it (here a file stands in the way)
+    (tmp_path / "file").write_text("")
+    bad = config.load(DEBUG, _overrides(tmp_path / "file" / "runs", "r"))
+    with pytest.raises(ConfigError, match=r"^log.run_dir: cannot write the run folder "
+                                          r".*file/runs/r \(Not a directory\)$"):
+        runner.run_local(bad)

@@ -55,3 +55,30 @@ def test_training_shows_per_batch_progress_on_a_terminal_only(tmp_path):
         timeout=300, env=job_env())
     assert quiet.returncode == 0, shown
     assert "batch/s" not in shown and "iter 1/1" in quiet.stdout + shown
+
+
+def test_training_a_run_another_process_trains_and_an_unwritable_run_dir_are_one_line(
+        tmp_path, capsys):
+    """`train` twice with one run name (two terminals): the second says so in one line, exit 2,
+    and writes nothing; a run folder that cannot be made is one line too (was a traceback)."""
+    import fcntl
+
+    from dadh_dist import cli
+
+    def train(run_dir, *extra) -> tuple[int, str]:
+        code = cli.train_main(["--config", str(DEBUG), "scaling.use_ray=false", "--name", "r",
+                               f"log.run_dir={json.dumps(str(run_dir))}", *extra])
+        return code, capsys.readouterr().err
+
+    (tmp_path / "r").mkdir()
+    with open(tmp_path / "r" / ".run.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, err = train(tmp_path, "objective.gamma=5")
+    assert code == 2 and err == (f"error: log.name: run 'r' in {tmp_path / 'r'} is being trained "
+                                 "by another process on this machine; wait for it to end or "
+                                 "stop it, or use another log.name\n")
+    assert [p.name for p in (tmp_path / "r").iterdir()] == [".run.lock"]
+    (tmp_path / "file").write_text("")
+    code, err = train(tmp_path / "file")
+    assert code == 2 and err == (f"error: log.run_dir: cannot write the run folder "
+                                 f"{tmp_path / 'file' / 'r'} (Not a directory)\n")

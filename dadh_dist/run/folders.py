@@ -7,11 +7,18 @@ once the run has a checkpoint (before that, as after a run that stopped on bad d
 nothing a new config could mix with: the new config replaces the saved one, and what the old
 one wrote besides, `OUTPUTS`, goes).
 With log.run_dir a URI the folder here is a local mirror and the run's files live at the URI.
+
+One process at a time drives a run: `open_run` holds the run's lock (`LOCK`) from before
+`prepare_run` touches anything until the run ends; a second driver is refused in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import shutil
+import time
 from pathlib import Path
 
 from dadh_dist import checkpoint as ckpt
@@ -23,6 +30,14 @@ KEEP_CHECKPOINTS = 2
 
 OUTPUTS = ("tb", "final_metrics.json")
 """What a run writes into its folder besides the config and the checkpoints."""
+
+LOCK = ".run.lock"
+"""The file in the run folder (a remote run's mirror) whose flock the run's driver holds; a dot
+name, so nothing that lists the folder takes it for a checkpoint or an output to publish."""
+
+TRIAL_LOCK_WAIT_S = 30.0
+"""How long a Tune trial waits for its run's lock: a resumed sweep may start a trial again while
+the process of its interrupted attempt is still being stopped (Tune kills it after 5 s)."""
 
 
 def run_name(cfg: Config) -> str:
@@ -44,6 +59,82 @@ def run_folder(cfg: Config) -> Path:
     if uri is not None:
         return storage.mirror_dir(uri)
     return Path(cfg.log.run_dir).expanduser().resolve() / run_name(cfg)
+
+
+@contextlib.contextmanager
+def open_run(cfg: Config, wait_s: float = 0.0):
+    """Drive the run for the block: take its lock (`run_lock`), then `prepare_run`; yields
+    (folder, checkpoint to resume from or None). A run folder that cannot be made or written is
+    one ConfigError naming it."""
+    with run_lock(cfg, wait_s) as folder:
+        try:
+            prepared = prepare_run(cfg)
+        except OSError as e:
+            raise _unwritable(folder, e) from None
+        yield prepared
+
+
+@contextlib.contextmanager
+def run_lock(cfg: Config, wait_s: float = 0.0):
+    """Hold the run's lock for the block (yields the run folder, made if missing): a second
+    process that asks for it while it is held waits `wait_s`, then is refused with a ConfigError
+    naming the run, and nothing of the run it would have driven is touched.
+
+    An exclusive flock: the kernel releases it when the holder's process ends, however it ends,
+    so no stale lock ever blocks a restart. It guards this machine only: for a run URI the lock
+    is on this machine's mirror, and a driver of the same URI on another machine is not seen.
+    """
+    import fcntl
+
+    folder = run_folder(cfg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / LOCK, "a+")
+    except OSError as e:
+        raise _unwritable(folder, e) from None
+    with fh:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise _held(cfg, folder, fh) from None
+                time.sleep(0.2)
+        with contextlib.suppress(OSError):  # the holder's pid is only for the refusal's line
+            fh.truncate(0)
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+        try:
+            yield folder
+        finally:
+            with contextlib.suppress(OSError):
+                fh.truncate(0)
+
+
+def _held(cfg: Config, folder: Path, fh) -> ConfigError:
+    fh.seek(0)
+    pid = fh.read().strip()
+    uri = run_uri(cfg)
+    where = f"{uris.redact(uri)} (its mirror here: {folder})" if uri else str(folder)
+    return ConfigError(
+        f"log.name: run {run_name(cfg)!r} in {where} is being trained by another process on "
+        f"this machine{f' (pid {pid})' if pid.isdigit() else ''}; wait for it to end or stop "
+        "it, or use another log.name")
+
+
+def _unwritable(folder: Path, e: OSError) -> ConfigError:
+    return ConfigError(f"log.run_dir: cannot write the run folder {folder} ({_reason(e)})")
+
+
+def _reason(e: OSError) -> str:
+    """What went wrong, in a few words: the error's strerror, or for shutil.copytree's Error (a
+    list of (source, destination, why)) the first file's."""
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        why = str(e.args[0][0][-1])
+        return re.sub(r"^\[Errno \d+\] ([^:]*).*$", r"\1", why)
+    return e.strerror or uris.first_line(e)
 
 
 def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
@@ -131,16 +222,23 @@ def _clear_outputs(folder: Path, uri: str | None) -> None:
 
 def keep_checkpoint(folder: Path, staged: Path) -> Path:
     """Copy a staged checkpoint into the run folder. Nothing there is deleted before the copy
-    verifies: neither the older checkpoints nor one of the same t (a restart writing it again)."""
+    verifies: neither the older checkpoints nor one of the same t (a restart writing it again).
+    A copy that fails (a full disk) or is interrupted leaves nothing behind; the failure is a
+    one-line StorageError."""
     manifest = ckpt.verify(staged)
     dest = folder / f"checkpoint_{manifest['t']:06d}"
     tmp = folder / f".incoming_{dest.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(staged, tmp)
     try:
+        shutil.copytree(staged, tmp)
         ckpt.verify(tmp)
-    except ckpt.CheckpointError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a copy cut short keeps no space
+        if isinstance(e, OSError):
+            raise uris.StorageError(
+                f"{folder}: {dest.name} could not be written ({_reason(e)}); the run's earlier "
+                "checkpoints are kept: rerun the same command to resume once there is room"
+            ) from None
         raise
     # a checkpoint of the same t is set aside under a name latest_valid still finds, should we
     # die before the swap ends, and removed after it

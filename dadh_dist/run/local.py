@@ -10,7 +10,7 @@ from pathlib import Path
 from dadh_dist import checkpoint as ckpt
 from dadh_dist import storage, uris
 from dadh_dist.config import Config
-from dadh_dist.run.folders import KEEP_CHECKPOINTS, keep_checkpoint, prepare_run, run_uri
+from dadh_dist.run.folders import KEEP_CHECKPOINTS, keep_checkpoint, open_run, run_uri
 
 
 def data_here(cfg: Config) -> Config:
@@ -65,6 +65,7 @@ def torch_threads(n: int):
 
 
 def run_local(cfg: Config, dataset=None, progress: bool = True) -> dict:
+    """Train the run in this process, holding its lock throughout (`folders.open_run`)."""
     from dadh_dist import loop
 
     if dataset is None:
@@ -75,20 +76,20 @@ def run_local(cfg: Config, dataset=None, progress: bool = True) -> dict:
               f"{threads} CPU(s) this process may use: torch runs {threads} thread(s)",
               file=sys.stderr, flush=True)
     ckpt.remove_stale_staging()  # what a killed run left in the temporary directory
-    folder, resume = prepare_run(cfg)
     uri = run_uri(cfg)
+    with open_run(cfg) as (folder, resume):
 
-    def report(metrics: dict, staged: Path | None) -> None:
-        if staged is not None:
-            kept = keep_checkpoint(folder, staged)
-            if uri is not None:
-                storage.upload_checkpoint(kept, uris.join(uri, kept.name))
-                storage.prune_checkpoints(uri, KEEP_CHECKPOINTS)
+        def report(metrics: dict, staged: Path | None) -> None:
+            if staged is not None:
+                kept = keep_checkpoint(folder, staged)
+                if uri is not None:
+                    storage.upload_checkpoint(kept, uris.join(uri, kept.name))
+                    storage.prune_checkpoints(uri, KEEP_CHECKPOINTS)
 
-    env = loop.WorkerEnv(report=report, resume_from=resume, run_dir=folder, dataset=dataset,
-                         publish=storage.Publisher(folder, uri) if uri else None,
-                         progress=progress)
-    with torch_threads(threads):
-        final = loop.train(cfg, env)
+        env = loop.WorkerEnv(report=report, resume_from=resume, run_dir=folder, dataset=dataset,
+                             publish=storage.Publisher(folder, uri) if uri else None,
+                             progress=progress)
+        with torch_threads(threads):
+            final = loop.train(cfg, env)
     final["run_dir"] = uris.redact(uri) if uri else str(folder)
     return final

@@ -4,6 +4,7 @@ function each of its workers runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from dadh_dist import checkpoint as ckpt
 from dadh_dist import config as config_mod
 from dadh_dist import storage, uris
 from dadh_dist.config import Config, ConfigError
-from dadh_dist.run.folders import KEEP_CHECKPOINTS, prepare_run, run_name, run_uri
+from dadh_dist.run.folders import KEEP_CHECKPOINTS, open_run, run_name, run_uri
 from dadh_dist.run.local import data_here, worker_threads
 from dadh_dist.run.resume import agreed_resume
 from dadh_dist.run.session import ensure_ray
@@ -44,6 +45,50 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 class RunFailed(RuntimeError):
     """The run stopped: its workers failed, or could not be (re)started, more often than
     scaling.max_failures allows. The message is one line; the checkpoints stay for a resume."""
+
+
+# What a worker raises that a restart from the last checkpoint raises again (the same data,
+# config, seed and t): matched by class name along the exception's MRO, as the CLI matches its
+# exit codes. A mistake in the input (exit 2), or a run that failed (exit 1).
+STOP_AT_ONCE = {"ConfigError": True, "DataError": True, "NonFiniteLoss": False}
+
+
+class WorkerStopped(RuntimeError):
+    """A worker failed in a way no restart mends (`STOP_AT_ONCE`): Ray Train's controller
+    stopped the run at once instead of restarting it scaling.max_failures times. The message
+    is one line; `user`: the input is at fault (bad data or config), not the run."""
+
+    def __init__(self, message: str, user: bool = False):
+        super().__init__(message)
+        self.user = user  # pickled with the instance's __dict__ (controller -> driver)
+
+
+def stop_at_once(rank: int, error: BaseException) -> WorkerStopped | None:
+    """The WorkerStopped a worker's exception calls for, or None (Ray's restarts go on)."""
+    for cls in type(error).__mro__:
+        if cls.__module__.startswith("dadh_dist") and cls.__name__ in STOP_AT_ONCE:
+            return WorkerStopped(f"worker {rank}: {error_line(error)}; not restarted (a restart "
+                                 "fails the same way)", user=STOP_AT_ONCE[cls.__name__])
+    return None
+
+
+@functools.cache
+def _stop_at_once_callback():
+    """The Ray Train callback that stops a run at once on a `STOP_AT_ONCE` error. Ray Train
+    (2.60) restarts the group on any worker's exception, up to scaling.max_failures times; a
+    ControllerError raised from a callback on Ray's controller is one its failure policy never
+    retries. The class is made on first use (Ray is imported only for a Ray run) and travels to
+    the controller by value."""
+    from ray.train import ControllerError, UserCallback
+
+    class StopAtOnce(UserCallback):
+        def after_exception(self, run_context, worker_exceptions: dict) -> None:
+            for rank, error in sorted(worker_exceptions.items()):
+                stopped = stop_at_once(rank, error)
+                if stopped is not None:
+                    raise ControllerError(stopped)
+
+    return StopAtOnce
 
 
 def ray_worker(config: dict) -> None:
@@ -113,6 +158,9 @@ def build_trainer(cfg: Config, folder: Path, callbacks=None, report_restored: bo
     as the cluster holds, down to min_workers, and grows it back when nodes return; each start
     splits the batch and B's rows over its own worker count.
 
+    A worker's error that a restart would raise again (`STOP_AT_ONCE`: bad data or config, a
+    non-finite loss) stops the run at once, whatever scaling.max_failures (`WorkerStopped`).
+
     `report_restored` (Tune trials): a resumed run reports its restored iteration once more
     (`loop.WorkerEnv.report_restored`).
     """
@@ -153,7 +201,7 @@ def build_trainer(cfg: Config, folder: Path, callbacks=None, report_restored: bo
             failure_config=ray.train.FailureConfig(
                 max_failures=s.max_failures, controller_failure_limit=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), _stop_at_once_callback()()],
         ),
     )
 
@@ -180,29 +228,33 @@ def check_fits(cfg: Config, resources: dict | None = None) -> None:
 
 
 def run_ray(cfg: Config) -> dict:
+    """Train the run on Ray Train, this process its driver: it holds the run's lock throughout
+    (`folders.open_run`); the workers find the checkpoint to resume from themselves."""
     import ray.train
 
     cfg = data_here(cfg)
-    folder, _ = prepare_run(cfg)  # the workers find the checkpoint to resume from themselves
-    here = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
-    ensure_ray()
-    if here:  # a Ray of this machine alone: no node will join, what it lacks never comes
-        check_fits(cfg)
-    try:
-        fit(build_trainer(cfg, folder))
-    except ray.train.TrainingFailedError as e:
-        raise RunFailed(failure_message(cfg, folder, e)) from e
-    finally:
-        prune_unregistered(cfg, folder)  # never raises: the run's own outcome goes on
-    uri = run_uri(cfg)
-    if uri is None:
-        final = json.loads((folder / "final_metrics.json").read_text())
-    else:
-        raw = uris.read_bytes(uris.join(uri, "final_metrics.json"))
-        if raw is None:
-            raise uris.StorageError(f"{uris.redact(uri)}: the run finished but its "
-                                       "final_metrics.json never arrived")
-        final = json.loads(raw)
+    with open_run(cfg) as (folder, _):
+        here = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+        ensure_ray()
+        if here:  # a Ray of this machine alone: no node will join, what it lacks never comes
+            check_fits(cfg)
+        try:
+            fit(build_trainer(cfg, folder))
+        except ray.train.TrainingFailedError as e:
+            stopped = getattr(e, "controller_failure", None)
+            user = isinstance(stopped, WorkerStopped) and stopped.user
+            raise (ConfigError if user else RunFailed)(failure_message(cfg, folder, e)) from e
+        finally:
+            prune_unregistered(cfg, folder)  # never raises: the run's own outcome goes on
+        uri = run_uri(cfg)
+        if uri is None:
+            final = json.loads((folder / "final_metrics.json").read_text())
+        else:
+            raw = uris.read_bytes(uris.join(uri, "final_metrics.json"))
+            if raw is None:
+                raise uris.StorageError(f"{uris.redact(uri)}: the run finished but its "
+                                        "final_metrics.json never arrived")
+            final = json.loads(raw)
     final["run_dir"] = uris.redact(uri) if uri else str(folder)
     return final
 
@@ -308,6 +360,9 @@ def failure_message(cfg: Config, folder: Path, error: Exception) -> str:
     else:
         found = storage.checkpoints(uri)
         latest = uris.redact(uris.join(uri, found[0][1])) if found else None
+    if isinstance(cause, WorkerStopped):  # the same command would fail the same way again
+        return f"run stopped: {cause}; " + (f"last checkpoint {latest}" if latest
+                                            else "no checkpoint was written")
     where = (f"last checkpoint {latest}; rerun the same command to resume" if latest
              else "no checkpoint was written")
     if type(cause).__name__ in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):
@@ -330,6 +385,8 @@ def error_line(error: BaseException | str) -> str:
     for _ in range(8):  # the wrappers nest a few levels deep; a cycle must not hang the table
         if isinstance(error, str):
             return where + _exception_line(error)
+        if isinstance(error, WorkerStopped):  # its line names the worker and the error already
+            return where + str(error)
         cause = getattr(error, "cause", None)
         inner = getattr(error, "controller_failure", None)
         failures = getattr(error, "worker_failures", None)

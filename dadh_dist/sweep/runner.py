@@ -37,12 +37,14 @@ def trial_main(params: dict, sweep: dict) -> None:
     # An interrupted trial reopens its run folder and resumes from its last checkpoint. That
     # checkpoint's report may never have reached Tune (Ctrl-C after the upload, before Tune
     # took the result): the trial reports it again, or ASHA would skip the trial's rung there.
-    folder, _ = run.prepare_run(cfg)
-    try:
-        run.build_trainer(cfg, folder, callbacks=[TuneReportCallback()],
-                          report_restored=True).fit()
-    finally:
-        run.prune_unregistered(cfg, folder)
+    # The trial drives its run: it holds the run's lock, waiting a little for the process of an
+    # interrupted attempt that Tune is still stopping.
+    with run.open_run(cfg, wait_s=run.folders.TRIAL_LOCK_WAIT_S) as (folder, _):
+        try:
+            run.build_trainer(cfg, folder, callbacks=[TuneReportCallback()],
+                              report_restored=True).fit()
+        finally:
+            run.prune_unregistered(cfg, folder)
 
 
 def _live_placement_groups() -> set[str]:
