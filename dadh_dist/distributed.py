@@ -211,7 +211,9 @@ class TorchCollectives:
             sizes = [math.prod(specs[i][1]) for i in mine]
             for i, part in zip(mine, buf.split(sizes)):
                 part = part.reshape(specs[i][1])
-                received[i] = part.cpu() if specs[i][2] else part
+                # each tensor in memory of its own: views would keep the whole buffer alive, and
+                # an optimiser state loaded from them would save it all into every checkpoint
+                received[i] = part.to("cpu", copy=True) if specs[i][2] else part.clone()
         return unpack_state(skeleton, received)
 
     def stream_group(self) -> StreamGroup:
@@ -226,16 +228,33 @@ class TorchCollectives:
                            leaders={"f": 0, "g": half})
 
     def check_identical(self, what: str, t: torch.Tensor) -> int:
-        """Compare a checksum of `t` across ranks; raise ReplicaMismatch on any difference."""
+        """Compare a checksum of `t` across ranks (one all-gather of W numbers); on any
+        difference raise ReplicaMismatch on every rank, naming the ranks that differ from
+        rank 0."""
         mine = tensor_checksum(t)
-        both = torch.tensor([mine, -mine], dtype=torch.int64)
-        hi = self.all_reduce_max(both)
-        if int(hi[0]) != mine or int(-hi[1]) != mine:
+        sums = self.start_gather_rows(torch.tensor([mine], dtype=torch.int64),
+                                      [1] * self.world_size)().tolist()
+        odd = [r for r, s in enumerate(sums) if s != sums[0]]
+        if odd:
             raise ReplicaMismatch(
-                f"{what} differs across workers after the code step "
-                f"(rank {self.rank} checksum {mine:#x}); stopping instead of diverging"
-            )
+                f"{what}: worker(s) {odd} hold other values than worker 0 (checksums "
+                + ", ".join(f"{r}: {s:#x}" for r, s in enumerate(sums))
+                + "); stopping instead of diverging")
         return mine
+
+
+def broadcast_buffers(c, module: torch.nn.Module, src: int = 0) -> None:
+    """Rank `src`'s persistent buffers of `module` (BatchNorm's running statistics) copied in
+    place into every rank's; a module without any (GroupNorm only) sends nothing."""
+    kept = module.state_dict(keep_vars=True)
+    buffers = {name: b for name, b in module.named_buffers() if name in kept}
+    if not buffers:
+        return
+    got = c.broadcast_state(buffers, src=src)
+    if c.rank != src:
+        with torch.no_grad():
+            for name, b in buffers.items():
+                b.copy_(got[name])
 
 
 def init_process_group_for_test(rank: int, world_size: int, port: int, timeout_s: int = 60):

@@ -36,7 +36,13 @@ from dadh_dist import objective as obj
 from dadh_dist.config import Config
 from dadh_dist.data import Dataset, Split, load_dataset
 from dadh_dist.data.per_worker import load_block
-from dadh_dist.distributed import LocalCollectives, StreamGroup, even_split, wrap_ddp
+from dadh_dist.distributed import (
+    LocalCollectives,
+    StreamGroup,
+    broadcast_buffers,
+    even_split,
+    wrap_ddp,
+)
 from dadh_dist.encoding import encode, query_codes, stream_outputs
 from dadh_dist.models import build_streams
 from dadh_dist.monitor import Monitor, progress_bar
@@ -174,10 +180,18 @@ class Streams:
             self.sched_g.load_state_dict(state["sched_g"])
 
     def share(self, c) -> None:
-        """Stream-parallel: after an outer iteration's steps, each half's stream (weights and
-        optimiser state) goes from its leader to every worker, so all hold the identical pair,
-        as in a run that trains both streams everywhere. Schedulers step on every worker alike."""
+        """After an outer iteration's steps every worker takes each stream from one source, so
+        the F/G refill, the evaluation (each worker encodes its share of the queries) and rank
+        0's checkpoint all see the same pair. Plain DDP keeps weights and optimiser states
+        identical, but not BatchNorm's running statistics: each worker updates them from its
+        own share of the last mini-batch, and DDP sends rank 0's only at the next forward; here
+        rank 0's go to every worker at once. Stream-parallel: each half's stream (weights,
+        buffers and optimiser state) goes from its leader to every other worker, of both
+        halves. Schedulers step on every worker alike."""
         if self.group is None:
+            for module in (self.f, self.g):
+                if module is not None and c.world_size > 1:
+                    broadcast_buffers(c, module, src=0)
             return
         for name in ("f", "g"):
             module, opt = getattr(self, name), getattr(self, f"opt_{name}")
@@ -185,7 +199,7 @@ class Streams:
             mine = {"model": module.state_dict(), "opt": opt.state_dict()} if c.rank == src \
                 else None
             state = c.broadcast_state(mine, src=src)
-            if self.group.stream != name:
+            if c.rank != src:
                 module.load_state_dict(state["model"])
                 opt.load_state_dict(state["opt"])
 
@@ -330,7 +344,7 @@ def train_streams(run: _Run, omega: torch.Tensor, y_omega: torch.Tensor, t: int,
                   env: WorkerEnv,
                   ) -> tuple[torch.Tensor, torch.Tensor | None, obj.SoftSimilarity, dict]:
     """T_in epochs over Ω (y_omega: its labels); returns the F, G buffers (m, k), Ω's
-    similarity and the loss terms."""
+    similarity and the loss terms with the learning rates they were trained at."""
     c, tr = env.collectives, cfg.train
     om = _open_omega(run, omega, y_omega, t, cfg, env)
     m, bsz = omega.shape[0], tr.batch_size
@@ -376,6 +390,7 @@ def train_streams(run: _Run, omega: torch.Tensor, y_omega: torch.Tensor, t: int,
         for s in ("f", "g")
     )
     metrics["perf/images_per_s"] = seen * (2 if om.G is not None else 1) / max(seconds, 1e-9)
+    metrics.update(run.streams.lrs())  # the rates these steps took, before the schedules move
     if tr.nonfinite == "skip":
         metrics["train/skipped_batches"] = float(skipped)
     return om.F.float().cpu(), (om.G.float().cpu() if om.G is not None else None), om.sim, metrics
@@ -600,8 +615,8 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         F, G, sim, net = train_streams(run, omega, y_omega, t, cfg, env)
         code_metrics = update_codes(run, F, G, omega, y_omega, sim=sim, t=t, cfg=cfg, env=env)
         run.streams.step_schedulers()
-        metrics = {"t": t + 1, **net, **code_metrics, **run.streams.lrs(),
-                   **_evaluate(run, cfg, env, t), "time/wall_s": time.time() - wall0}
+        metrics = {"t": t + 1, **net, **code_metrics, **_evaluate(run, cfg, env, t),
+                   "time/wall_s": time.time() - wall0}
         _report(run, cfg, env, t, metrics, checkpoint=(
             t == T - 1 or (t + 1) % cfg.train.checkpoint_every == 0))
     return _finish(run, cfg, env, metrics)

@@ -249,3 +249,75 @@ def _broadcast_state_worker(rank, world, src):
 
 def test_broadcast_state_gives_every_rank_the_sources_tensors_bit_for_bit():
     run_workers(_broadcast_state_worker, 2, 1, timeout_s=30)  # the source is not rank 0
+
+
+# a few steps are enough where only what the workers hold is compared
+SMALL = ["train.inner_epochs=1", "train.num_samples=64", "data.database_limit=300"]
+
+
+def test_logged_learning_rate_is_the_one_the_iteration_trained_with():
+    """Cosine over 2 outer iterations: iteration 1 trains at lr·1, iteration 2 at lr·½; the
+    value logged for step t is iteration t's, not the next one's (which is 0 after the last)."""
+    cfg = _cfg(["optim.schedule=cosine", "optim.lr_f=0.002", "optim.lr_g=0.004", *SMALL])
+    seen = []
+    loop.train(cfg, loop.WorkerEnv(report=lambda metrics, staged: seen.append(metrics)))
+    assert [(m["t"], m["lr/f"], m["lr/g"]) for m in seen] == [
+        (1, pytest.approx(0.002, rel=1e-12), pytest.approx(0.004, rel=1e-12)),
+        (2, pytest.approx(0.001, rel=1e-12), pytest.approx(0.002, rel=1e-12))]
+
+
+def _batch_norm_streams(*args, **kwargs):
+    """models.build_streams with BatchNorm (running statistics, as resnet's) for GroupNorm."""
+    from torch import nn
+
+    from dadh_dist import models
+
+    streams = models.build_streams(*args, **kwargs)
+    for stream in streams:
+        layers = stream.backbone.features
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.GroupNorm):
+                layers[i] = nn.BatchNorm2d(layer.num_channels)
+    return streams
+
+
+def _same_streams_worker(rank, world):
+    from dadh_dist.distributed import ReplicaMismatch, TorchCollectives
+
+    c = TorchCollectives()
+    cfg = _cfg(SMALL)
+    cfg.scaling.num_workers = world
+    checked = []
+
+    def evaluate(streams, *args, **kwargs):
+        state = {**streams.f.state_dict(), **streams.g.state_dict()}
+        assert any(k.endswith("running_var") for k in state)
+        everything = torch.cat([v.detach().flatten().view(torch.uint8) for v in state.values()])
+        c.check_identical("the streams, buffers included", everything)
+        checked.append(1)
+        return evaluate_loop(streams, *args, **kwargs)
+
+    evaluate_loop = loop.evaluate
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "build_streams", _batch_norm_streams)
+        mp.setattr(loop, "evaluate", evaluate)
+        loop.train(cfg, loop.WorkerEnv(collectives=c, progress=False))
+    assert len(checked) == 3  # validation after both iterations, the test queries at the end
+    # a mismatch names the workers that differ, on every worker
+    with pytest.raises(ReplicaMismatch, match=r"^Ω: worker\(s\) \[1\] hold other values than "
+                                              r"worker 0 \(checksums 0: 0x[0-9a-f]+, 1: 0x"):
+        c.check_identical("Ω", torch.tensor([rank]))
+    # a received state's tensors own their memory: an optimiser state loaded from views of one
+    # buffer would keep (and a checkpoint save) the whole buffer, the model's weights included
+    got = c.broadcast_state(_state_with_every_kind() if rank == 0 else None)
+    for t in dist_mod.pack_state(got)[1]:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_every_worker_evaluates_the_same_streams_batch_norm_statistics_included():
+    """Two DDP workers with BatchNorm streams: each updates the running statistics from its
+    own share of the batch, yet every evaluation (each worker encodes a share of the queries)
+    and the F/G refill must see the one pair rank 0 checkpoints. One 2-process gloo run (~5 s,
+    most of it starting the processes) also checks check_identical's error and that
+    broadcast_state hands over tensors that own their memory."""
+    run_workers(_same_streams_worker, 2, timeout_s=60)
