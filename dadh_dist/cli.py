@@ -88,10 +88,14 @@ class ToolParser(argparse.ArgumentParser):
         return super().parse_known_args(argv, namespace)
 
     def error(self, message):
+        """A usage mistake (unknown option, a value of the wrong type, a missing argument): one
+        line naming it, as every other user error, and exit code 2; --help has the usage."""
+        text = f"{self.prog}: {message} (see --help)"
         if self.json_errors:
-            _print_json({"error": f"{self.prog}: {message}", "exit_code": EXIT_USER_ERROR})
-            sys.exit(EXIT_USER_ERROR)
-        super().error(message)
+            _print_json({"error": text, "exit_code": EXIT_USER_ERROR})
+        else:
+            print(f"error: {text}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, dest: str,
@@ -182,15 +186,79 @@ def resolve_device(text: str, here: bool = True):
         raise ConfigError(f"--device: {e}") from None
 
 
-def check_out(path: str | Path, what: str, folder: bool = False, option: str = "--out") -> Path:
+RUN_FILES = ("config.toml", "final_metrics.json", "tb")
+"""What a training run keeps in its folder besides its checkpoint_* folders (the saved config and
+`run.folders.OUTPUTS`): no tool's output may land on them."""
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    from dadh_dist import checkpoint as ckpt  # no torch: its loaders import it when they load
+
+    return (folder / ckpt.MANIFEST).is_file() or (folder / ckpt.STATE).is_file()
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / RUN_FILES[0]).is_file() and (
+        any((folder / name).exists() for name in RUN_FILES[1:])
+        or any(folder.glob(CHECKPOINT_PREFIX + "*")))
+
+
+def _run_owned(path: Path) -> str | None:
+    """Why `path` (absolute) is a training run's own, or None: a run or checkpoint folder, or
+    inside a checkpoint, tb/ or a saved config or metrics file (a run's eval/, export/ and other
+    folders of the tools are not its own)."""
+    for folder in (path, *path.parents):
+        if _is_checkpoint(folder):
+            return f"is the checkpoint {folder}" if folder == path else \
+                f"lies inside the checkpoint {folder}"
+        if _is_run(folder):
+            if folder == path:
+                return "is the folder of a training run"
+            first = path.relative_to(folder).parts[0]
+            if first in RUN_FILES or first.startswith(CHECKPOINT_PREFIX):
+                return (f"is the run {folder}'s own {first}" if path == folder / first
+                        else f"lies inside {folder / first}, the run's own")
+            return None
+    return None
+
+
+def _replaces_input(path: Path, inputs: dict[str, str | Path | None]) -> str | None:
+    """Why writing `path` would destroy an input of the tool, or None: it is one, or an existing
+    file inside an input folder (a codes file there is output, not input)."""
+    for option, given in inputs.items():
+        if given is None or uris.is_uri(str(given)):
+            continue
+        source = Path(given).expanduser().resolve()
+        if path == source:
+            return f"is the {option} input"
+        if source.is_dir() and source in path.parents and path.is_file():
+            from dadh_dist import codesfile
+
+            if not codesfile.is_codes_file(path):
+                return f"is a file of the {option} input {source}"
+    return None
+
+
+def check_out(path: str | Path, what: str, folder: bool = False, option: str = "--out",
+              inputs: dict[str, str | Path | None] | None = None) -> Path:
     """`path` as a Path, or a ConfigError unless `what` (a file, or a folder with `folder`) can
     be written there: checked before the work, not after it, and with nothing there touched.
-    The folder (a file's parent) is made if missing."""
+    Refused too: a URI, a path that is (or is inside) a training run's own files, and one that
+    would replace an input (`inputs`: option -> path). The folder (a file's parent) is made if
+    missing."""
+    if uris.is_uri(str(path)):
+        raise ConfigError(f"{option} {uris.redact(str(path))}: is a URI; {option} names a local "
+                          f"{what}")
     path = Path(path).expanduser()
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path}: is a file; {option} names the {what} to write into")
     if not folder and path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder; {option} names the {what} to write")
+    full = path.resolve()
+    why = _run_owned(full) or _replaces_input(full, inputs or {})
+    if why:
+        raise ConfigError(f"{option} {path}: {why}; write the {what} elsewhere")
     where = path if folder else path.parent
     try:
         where.mkdir(parents=True, exist_ok=True)
@@ -470,7 +538,8 @@ def encode_main(argv: list[str] | None = None) -> int:
 
         from dadh_dist import codesfile, inference
 
-        check_out(args.out, "codes file")  # before the encoding, not after it
+        # before the encoding, not after it
+        check_out(args.out, "codes file", inputs={"--images": args.images})
         check_data_root(args)
         notes = Notes()
         hf = inference.load(args.checkpoint, device, args.data_root)
@@ -533,7 +602,8 @@ def search_main(argv: list[str] | None = None) -> int:
         from dadh_dist import codesfile, probe
 
         if args.out:  # before the encoding and the search, not after them
-            check_out(args.out, "results file")
+            check_out(args.out, "results file",
+                      inputs={"--database": args.database, "--query": args.query})
         check_data_root(args)
         notes = Notes()
         probe.check_codes_file(args.database)
@@ -554,7 +624,7 @@ def search_main(argv: list[str] | None = None) -> int:
             queries = inference.query_codes_from(
                 args.query, args.checkpoint, args.encoder, args.split, device,
                 not (args.quiet or args.json), args.batch_size, note=notes,
-                data_root=args.data_root)
+                data_root=args.data_root, database=database)
         if args.topk > len(database):
             notes(f"-k {args.topk} is more than the {len(database)} codes in {database.name}: "
                   f"each query gets all {len(database)}")
@@ -569,8 +639,10 @@ def search_main(argv: list[str] | None = None) -> int:
         else:
             text = result.table()
         if args.out:
-            with writing(args.out):
-                Path(args.out).expanduser().write_text(text + "\n")
+            from dadh_dist import checkpoint as ckpt
+
+            with writing(args.out):  # whole or not at all: never half a table where one was
+                ckpt.write_atomic(Path(args.out).expanduser(), (text + "\n").encode())
             if not args.quiet:
                 print(f"results: {args.out}", file=sys.stderr)
             return 0

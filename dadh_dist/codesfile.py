@@ -103,21 +103,39 @@ def write(path: str | Path, codes: Codes) -> Path:
         _check_int64(f"{path}: column 'id'", ids)
         id_col = pa.array(ids.astype(np.int64), pa.int64())
     else:
-        id_col = pa.array([str(i) for i in ids], pa.string())
+        text = [str(i) for i in ids]
+        bad = next((t for t in text if not is_utf8(t)), None)
+        if bad is not None:  # a file name in no UTF-8 (Parquet strings are UTF-8)
+            raise CodesError(f"{path}: id {bad!r} is not valid UTF-8 (rename the file)")
+        id_col = pa.array(text, pa.string())
     meta = {"format": FORMAT, "bits": str(codes.bits), "encoder": codes.encoder,
             "model_sha256": codes.model_sha256, "config": codes.config_toml,
             "source": codes.source, "checkpoint": codes.checkpoint}
     table = pa.Table.from_arrays([id_col, code_col], names=["id", "code"]).replace_schema_metadata(
         {(KEY + k).encode(): v.encode() for k, v in meta.items()})
     path.parent.mkdir(parents=True, exist_ok=True)  # the CLI checked it can (cli.check_out)
-    tmp = path.with_name(path.name + ".tmp")
+    # streamed into a name of this writer's own (checkpoint.write_atomic's rule, without holding
+    # the file as bytes), which goes however the write ends: an interrupt included
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise CodesError(f"{path}: cannot write ({e.strerror or e})") from None
+        if isinstance(e, OSError):
+            raise CodesError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise
     return path
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be stored as a Parquet string: no lone surrogates (the form Python
+    gives file names whose bytes are not UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_codes_file(path: str | Path) -> bool:
@@ -135,6 +153,8 @@ def is_codes_file(path: str | Path) -> bool:
 def read(path: str | Path) -> Codes:
     """Read and check a codes file; CodesError naming the file for anything unusable."""
     path = Path(path)
+    if path.is_dir():
+        raise CodesError(f"{path}: is a folder, not a codes file")
     if not path.is_file():
         raise CodesError(f"{path}: codes file not found")
     try:
@@ -172,6 +192,11 @@ def read(path: str | Path) -> Codes:
     data = code.buffers()[1]
     packed = (np.frombuffer(data, np.uint8)[code.offset * width:(code.offset + n) * width]
               .reshape(n, width).copy() if n else np.zeros((0, width), np.uint8))
+    padding = np.uint8((1 << (8 * width - bits)) - 1)  # the last byte's bits past the k-th
+    if bits % 8 and (packed[:, -1] & padding).any():  # XOR + popcount would count them
+        row = int(np.flatnonzero(packed[:, -1] & padding)[0])
+        raise CodesError(f"{path}: row {row} sets padding bits (past bit {bits}) of its last "
+                         "code byte; they must be 0 (not codes packed by dadh_dist)")
     id_col = table.column("id")
     if pa.types.is_integer(id_col.type):
         ids = id_col.to_numpy()
@@ -198,13 +223,19 @@ def check_pair(query: Codes, database: Codes) -> None:
     for codes, role in ((database, "database"), (query, "query")):
         if len(codes) == 0:
             raise CodesError(f"{codes.name}: the {role} holds no codes")
-    if query.bits != database.bits:
-        raise CodesError(f"{query.name}: {query.bits}-bit codes, but {database.name} holds "
+    check_model(database, query.bits, query.model_sha256, query.name)
+
+
+def check_model(database: Codes, bits: int, model_sha256: str, queries: str) -> None:
+    """Refuse queries of `bits` bits made by the model `model_sha256` (`queries` names their
+    file or checkpoint) against `database`: known before any image is encoded."""
+    if bits != database.bits:
+        raise CodesError(f"{queries}: {bits}-bit codes, but {database.name} holds "
                          f"{database.bits}-bit codes")
-    if query.model_sha256 != database.model_sha256:
+    if model_sha256 != database.model_sha256:
         raise CodesError(
             f"{database.name}: made by model {database.model_sha256[:12]}, but the queries "
-            f"({query.name}) by model {query.model_sha256[:12]}; encode both with one checkpoint")
+            f"({queries}) by model {model_sha256[:12]}; encode both with one checkpoint")
 
 
 # ---------------------------------------------------------------------------------------- search
@@ -223,7 +254,7 @@ class SearchResult:
 
     def table(self) -> str:
         """One line per result: query id, rank (1 = nearest), database id, distance."""
-        rows = [(str(_plain(q)), str(r + 1), str(_plain(i)), str(int(d)))
+        rows = [(_cell(q), str(r + 1), _cell(i), str(int(d)))
                 for q, ids, dist in zip(self.query_ids, self.ids, self.distances)
                 for r, (i, d) in enumerate(zip(ids, dist))]
         head = ("query", "rank", "id", "distance")
@@ -244,6 +275,17 @@ class SearchResult:
 def _plain(x):
     """A numpy scalar as the Python int or str that JSON and tables print."""
     return x.item() if isinstance(x, np.generic) else x
+
+
+def _cell(x) -> str:
+    """An id as a table cell: as it is, or quoted as a JSON string when it is empty or holds
+    white space or control characters, which would read as the table's own spacing and lines."""
+    x = _plain(x)
+    text = str(x)
+    if isinstance(x, str) and (not text or not text.isprintable()
+                               or any(c.isspace() for c in text)):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 def search(query: Codes, database: Codes, k: int, backend: str = "packed") -> SearchResult:

@@ -93,8 +93,11 @@ def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path | 
     mirror (`HashFunction.publish`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # a CPU copy: the program is traced on the CPU whatever device hf runs on
-    module = copy.deepcopy(program_module(hf, encoder)).cpu()
+    # the CPU's streams, whatever device hf runs on: the program is traced there, the weights
+    # saved from there (streams.pt then loads on a machine without a GPU) and the check's
+    # reference taken there; the copy keeps tracing from touching hf's modules
+    cpu = on_cpu(hf)
+    module = copy.deepcopy(program_module(cpu, encoder))
     x = example_images(hf, 2)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with torch.no_grad():
@@ -104,7 +107,7 @@ def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path | 
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
         torch.export.save(program, staging / names["program"])
-        streams = {name: getattr(hf, name).state_dict() for name in ("f", "g") if name in encoder}
+        streams = {name: getattr(cpu, name).state_dict() for name in ("f", "g") if name in encoder}
         torch.save(streams, staging / names["weights"])
         meta = {
             "encoder": encoder, "bits": hf.bits, "streams": sorted(streams),
@@ -115,7 +118,7 @@ def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path | 
             "torch": torch.__version__, "config": hf.cfg.to_dict(),
         }
         (staging / names["metadata"]).write_text(json.dumps(meta, indent=1))
-        check_round_trip(hf, encoder, staging / names["program"], out / names["program"])
+        check_round_trip(cpu, encoder, staging / names["program"], out / names["program"])
         for name in names.values():
             os.replace(staging / name, out / name)
     finally:

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from dadh_dist import checkpoint as ckpt
-from dadh_dist import codesfile, encoding, storage, uris
+from dadh_dist import codesfile, encoding, probe, storage, uris
 from dadh_dist import config as config_mod
 from dadh_dist.config import Config, ConfigError
 from dadh_dist.data import DataError, Dataset, check_root, load_dataset
@@ -149,9 +149,20 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str | None]:
         return p, None
     found = ckpt.latest_valid(p)
     if found is None:
-        raise ckpt.CheckpointError(f"{p}: holds no valid checkpoint_* folder (is it a run "
-                                   "folder of jobs/train.py?)")
+        raise _no_checkpoint(str(p), (p / ckpt.CONFIG).is_file(), "run folder")
     return found, None
+
+
+def _no_checkpoint(where: str, is_run: bool, what: str) -> ckpt.CheckpointError:
+    """The error for a run (or folder) without a valid checkpoint: a run that has its
+    config.toml stopped (or is still) before its first checkpoint."""
+    if is_run:
+        return ckpt.CheckpointError(
+            f"{where}: the run has no valid checkpoint yet (training stopped before its first, "
+            "or has not reached it; checkpoints come every train.checkpoint_every outer "
+            "iterations)")
+    return ckpt.CheckpointError(f"{where}: holds no valid checkpoint_* folder (is it a {what} "
+                                "of jobs/train.py?)")
 
 
 def _fetch_remote(uri: str) -> tuple[Path, str]:
@@ -166,8 +177,7 @@ def _fetch_remote(uri: str) -> tuple[Path, str]:
             ckpt.write_atomic(mirror / name, raw)
     found = storage.latest_valid(uri, mirror)
     if found is None:
-        raise ckpt.CheckpointError(f"{uris.redact(uri)}: holds no valid checkpoint_* folder "
-                                   "(is it a run of jobs/train.py?)")
+        raise _no_checkpoint(uris.redact(uri), (mirror / ckpt.CONFIG).is_file(), "run")
     return found, uri
 
 
@@ -390,6 +400,11 @@ def _conversion(img: Image.Image, channels: int) -> bool:
 
 def _decoded_source(description: str, ids, fetch: Callable[[int], Path | bytes],
                     where: Callable[[int], str], channels: int, size: int) -> ImageSource:
+    odd = [i for i, name in enumerate(ids) if not codesfile.is_utf8(name)]
+    if odd:  # refused before any image is encoded, not when the codes are written
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        raise DataError(f"{where(odd[0])!r}{more}: file name is not valid UTF-8, which the ids of "
+                        "a codes file must be; rename the file(s)")
     adapted = Adaptations()
 
     def read(start: int, stop: int) -> np.ndarray:
@@ -458,7 +473,7 @@ def open_source(path: str | Path | None, hf: HashFunction, split: str | None = N
         ids = [q.relative_to(p).as_posix() for q in files]
         return _decoded_source(f"{len(files)} images in {p}", np.array(ids, dtype=object),
                                lambda i: files[i], lambda i: str(files[i]), c, s)
-    if p.suffix.lower() == ".parquet":
+    if probe.is_parquet_like(p):  # by suffix (.parquet, .pq) or by its magic bytes
         if codesfile.is_codes_file(p):
             raise DataError(f"{p}: is a codes file (columns id, code), not images; encode the "
                             "images it was made from")
@@ -627,11 +642,11 @@ def encode_to_codes(hf: HashFunction, images: str | Path | None, split: str | No
 def query_codes_from(path: str | Path | None, checkpoint: str | Path | None,
                      encoder: str | None, split: str | None, device: str = "cpu",
                      progress: bool = True, batch: int | None = None,
-                     note: Note = _ignore, data_root: str | None = None) -> codesfile.Codes:
+                     note: Note = _ignore, data_root: str | None = None,
+                     database: codesfile.Codes | None = None) -> codesfile.Codes:
     """Query codes from a codes file, or from images encoded with `checkpoint`; a file that is
-    neither (empty, corrupt Parquet) is a CodesError saying so."""
-    from dadh_dist import probe
-
+    neither (empty, corrupt Parquet) is a CodesError saying so. A checkpoint whose codes cannot
+    be compared with `database` (other bits or model) is refused before any image is read."""
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such codes file or images")
     if path is not None and probe.query_kind(path) == probe.CODES:
@@ -640,4 +655,6 @@ def query_codes_from(path: str | Path | None, checkpoint: str | Path | None,
         raise ConfigError(f"--checkpoint: {path or '--split'} holds images, not codes; name the "
                           "run or checkpoint that encodes them")
     hf = load(checkpoint, device, data_root)
+    if database is not None:
+        codesfile.check_model(database, hf.bits, hf.model_sha256, str(hf.checkpoint))
     return encode_to_codes(hf, path, split, encoder, batch=batch, progress=progress, note=note)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,27 +283,46 @@ def _health_line(ev: Evaluation) -> list[str]:
 
 def write(out: str | Path, ev: Evaluation, hf: HashFunction, dataset: Dataset,
           examples: int = 6, tensorboard: bool = True) -> dict[str, Path]:
-    """Write metrics.json, the three PNGs, report.md and TensorBoard events into `out`. What an
-    earlier evaluation wrote there and this one does not (examples.png, tb/) goes: an events
-    file per evaluation would give TensorBoard two values per step."""
+    """Write metrics.json, the three PNGs, report.md and TensorBoard events into `out`. They
+    are made in a staging folder inside `out` and moved in once all are made, so an evaluation
+    stopped on the way (an error, a full disk, Ctrl-C) leaves the earlier one's files whole and
+    no file half-written. What an earlier evaluation wrote there and this one does not
+    (examples.png, tb/) goes: an events file per evaluation would give TensorBoard two values
+    per step."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "tb", ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=out))
+    try:
+        made = _write_files(staging, ev, hf, dataset, examples, tensorboard)
+        for name in made:
+            if (staging / name).is_dir() and (out / name).exists():
+                os.replace(out / name, staging / f"{name}.earlier")  # a folder: moved aside
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not tensorboard:
+        shutil.rmtree(out / "tb", ignore_errors=True)
     if examples == 0:
         (out / "examples.png").unlink(missing_ok=True)
+    return {key: out / name for key, name in made.items()}
+
+
+def _write_files(folder: Path, ev: Evaluation, hf: HashFunction, dataset: Dataset,
+                 examples: int, tensorboard: bool) -> dict[str, str]:
+    """`write`'s files, made in `folder`: {key of write's result: name in folder}."""
     reported = run_reported(hf, ev)
     figs = {"precision–recall": ("pr_curve.png", pr_figure(ev, hf.bits)),
             "precision@N": ("precision_at_n.png", p_at_n_figure(ev))}
     if examples > 0:
         figs["example retrievals"] = ("examples.png",
                                       examples_figure(ev, hf, dataset, examples, ev.best()))
-    paths = {}
+    made = {}
     for name, fig in figs.values():
-        fig.savefig(out / name, dpi=120)
-        paths[name] = out / name
+        fig.savefig(folder / name, dpi=120)
+        made[name] = name
     md = markdown(ev, hf, dataset, reported, {t: name for t, (name, _) in figs.items()})
-    paths["report.md"] = out / "report.md"
-    paths["report.md"].write_text(md)
+    (folder / "report.md").write_text(md)
+    made["report.md"] = "report.md"
     payload = {
         "checkpoint": str(hf.checkpoint), "t": hf.t, "model_sha256": hf.model_sha256,
         "dataset": dataset.name, "split": ev.split, "queries": len(getattr(dataset, ev.split)),
@@ -315,13 +336,14 @@ def write(out: str | Path, ev: Evaluation, hf: HashFunction, dataset: Dataset,
     }
     if ev.by_labels:
         payload["by_label_count"] = ev.by_labels
-    paths["metrics.json"] = out / "metrics.json"
-    paths["metrics.json"].write_text(json.dumps(payload, indent=1, allow_nan=False))
+    (folder / "metrics.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
+    made["metrics.json"] = "metrics.json"
     if tensorboard:
         # tags: the file names without .png, nothing to quote in a TensorBoard filter
-        paths["tb"] = _tensorboard(out / "tb", ev, hf.t,
-                                   {name.removesuffix(".png"): f for name, f in figs.values()}, md)
-    return paths
+        _tensorboard(folder / "tb", ev, hf.t,
+                     {name.removesuffix(".png"): f for name, f in figs.values()}, md)
+        made["tb"] = "tb"
+    return made
 
 
 def _tensorboard(folder: Path, ev: Evaluation, step: int, figures: dict, md: str) -> Path:

@@ -247,3 +247,19 @@ def test_python_m_dadh_dist_commands_name_themselves_as_typed(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert capsys.readouterr().out.startswith("usage: python -m dadh_dist train ")
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["-k", "many"], "argument --topk/-k: invalid int value: 'many'"),
+    (["--frobnicate", "3"], "unrecognized arguments: --frobnicate 3"),
+    (["--backend", "annoy"], "argument --backend: invalid choice: 'annoy'"),
+])
+def test_usage_errors_are_one_line_naming_the_option_and_exit_2(capsys, argv, says):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.search_main(["--database", "db.parquet", "--query", "q.parquet", *argv])
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert lines[0].endswith("(see --help)")

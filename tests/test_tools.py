@@ -1064,3 +1064,313 @@ def test_evaluate_notes_a_precision_at_beyond_the_database(run, tmp_path, capsys
     assert ("eval.precision_at = 5000 is more than the 1597 database codes: P@5000 is the "
             "precision over all 1597") in result["notes"]
     assert result["metrics"]["p_at_5000_fg"] == pytest.approx(0.1, abs=0.01)
+
+
+# ------------------------------------------------------- outputs that would destroy something
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_no_tool_writes_over_a_run_its_checkpoints_or_its_input(run, tmp_path, monkeypatch,
+                                                               capsys):
+    """Every --out that is a run's own (its folder, config, tb/, a checkpoint) or a tool's own
+    input is refused in one line before the work; the run's eval/ and export/ stay writable."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = _files(copy)
+    newest = ckpt.latest_valid(copy)
+    db = _write_codes(tmp_path / "db.parquet", 16, 20, "ab" * 32)
+    q = _write_codes(tmp_path / "q.parquet", 16, 2, "ab" * 32)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _png_file(photos / "a.png", np.zeros((8, 8), np.uint8))
+    monkeypatch.setattr(report, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr(export, "export", lambda *a, **k: pytest.fail("exported"))
+    monkeypatch.setattr(inference, "encode_to_codes", lambda *a, **k: pytest.fail("encoded"))
+    encode = ["--checkpoint", str(copy), "--split", "query", "--out"]
+    search = ["--database", str(db), "--query", str(q), "--out"]
+    cases = [
+        (cli.evaluate_main, ["--checkpoint", str(copy), "--out"], copy,
+         "is the folder of a training run"),
+        (cli.evaluate_main, ["--checkpoint", str(copy), "--out"], copy / "tb" / "eval",
+         f"lies inside {copy / 'tb'}, the run's own"),
+        (cli.export_main, ["--checkpoint", str(copy), "--out"], newest,
+         f"is the checkpoint {newest}"),
+        (cli.encode_main, encode, newest / ckpt.STATE, f"lies inside the checkpoint {newest}"),
+        (cli.encode_main, encode, copy / "config.toml", f"is the run {copy}'s own config.toml"),
+        (cli.encode_main, encode, copy / "final_metrics.json", "own final_metrics.json"),
+        (cli.search_main, search, db, "is the --database input"),
+        (cli.search_main, search, q, "is the --query input"),
+        (cli.encode_main, ["--checkpoint", str(copy), "--images", str(photos), "--out"],
+         photos / "a.png", f"is a file of the --images input {photos}"),
+    ]
+    inputs = {p: p.read_bytes() for p in (db, q, photos / "a.png")}
+    for main, argv, out, says in cases:
+        assert main([*argv, str(out)]) == 2, out
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --out {out}: ") and says in err, err
+        assert "\n" not in err
+    assert _files(copy) == before
+    assert all(p.read_bytes() == data for p, data in inputs.items())
+
+    # a codes file in the image folder is output, not input: written again
+    monkeypatch.undo()
+    codes = photos / "codes.parquet"
+    for _ in range(2):
+        assert cli.encode_main(["--checkpoint", str(copy), "--images", str(photos), "--out",
+                                str(codes), "--quiet"]) == 0
+    assert cli.encode_main([*encode, str(copy / "eval" / "q.parquet"), "--quiet"]) == 0
+
+
+def test_an_out_that_is_a_uri_is_refused_not_made_a_local_folder(centred, tmp_path,
+                                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    db = _write_codes(tmp_path / "db.parquet", 16, 20, "ab" * 32)
+    uri = "s3://bucket/results.txt"
+    assert cli.search_main(["--database", str(db), "--query", str(db), "--out", uri]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {uri}: is a URI; --out names a "
+                                               "local results file")
+    assert cli.encode_main(["--checkpoint", str(centred), "--split", "query", "--out",
+                            "s3://bucket/q.parquet"]) == 2
+    assert "is a URI" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [db]  # no folder named s3:
+
+
+def _interrupt_writes_to(monkeypatch, name: str) -> None:
+    """Every file opened for writing whose name starts with `name` (its temporary names too)
+    takes half of what is written to it, then the write raises KeyboardInterrupt (Ctrl-C)."""
+    import builtins
+
+    real = builtins.open
+
+    class Half:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            self.fh.write(data[:len(data) // 2])
+            self.fh.flush()
+            raise KeyboardInterrupt
+
+        def __getattr__(self, attr):
+            return getattr(self.fh, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def opening(file, mode="r", *args, **kwargs):
+        fh = real(file, mode, *args, **kwargs)
+        writes = any(c in mode for c in "wax+")
+        return Half(fh) if writes and Path(str(file)).name.startswith(name) else fh
+
+    monkeypatch.setattr(builtins, "open", opening)
+    monkeypatch.setattr(io, "open", opening)
+
+
+def test_outputs_interrupted_mid_write_leave_the_earlier_file_whole(loaded, tmp_path,
+                                                                    monkeypatch, capsys):
+    import pyarrow.parquet as pq
+
+    db = _write_codes(tmp_path / "db.parquet", 16, 20, "ab" * 32)
+    out = tmp_path / "results.txt"
+    assert cli.search_main(["--database", str(db), "--query", str(db), "--out", str(out),
+                            "--quiet"]) == 0
+    good = out.read_bytes()
+    with monkeypatch.context() as m:
+        _interrupt_writes_to(m, "results.txt")
+        assert cli.search_main(["--database", str(db), "--query", str(db), "-k", "3", "--out",
+                                str(out), "--quiet"]) == 130
+    assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == [
+        "db.parquet", "results.txt"]
+
+    # a codes file: pyarrow writes it (not Python's open); Ctrl-C halfway leaves no .tmp
+    codes = _write_codes(tmp_path / "codes.parquet", 16, 5, "ab" * 32)
+    good = codes.read_bytes()
+
+    def half_then_interrupt(table, where, **kwargs):
+        Path(where).write_bytes(good[:len(good) // 2])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pq, "write_table", half_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            _write_codes(codes, 16, 7, "ab" * 32)
+    assert codes.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.parquet", "db.parquet",
+                                                          "results.txt"]
+
+    # an evaluation stopped on its last file keeps the earlier one's files, tb/ included
+    hf, ds = loaded
+    ev_dir = tmp_path / "ev"
+    ev = report.evaluate(hf, ds, ["fg"])
+    report.write(ev_dir, ev, hf, ds, examples=0)
+    earlier = _files(ev_dir)
+    assert "tb" in {name.split("/")[0] for name in earlier}
+    second = dataclasses.replace(ev, metrics={k: v / 2 for k, v in ev.metrics.items()})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "_tensorboard", interrupted)  # the last thing written
+    with pytest.raises(KeyboardInterrupt):
+        report.write(ev_dir, second, hf, ds, examples=0)
+    assert _files(ev_dir) == earlier
+    assert not [p for p in ev_dir.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+# ------------------------------------------------------------------- codes files from elsewhere
+
+
+def test_foreign_codes_files_are_refused_or_shown_for_what_they_hold(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # padding bits past the k-th would count in every XOR + popcount distance
+    good = _write_codes(tmp_path / "12.parquet", 12, 3, "ab" * 32)
+    codes = codesfile.read(good)
+    assert codes.bits == 12 and not (codes.packed[:, 1] & 0x0F).any()
+    packed = codes.packed.copy()
+    packed[2, 1] |= 0x01
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2), 3,
+                                                  [None, pa.py_buffer(packed)])
+    bad = tmp_path / "padded.parquet"
+    pq.write_table(pq.read_table(good).set_column(1, "code", column), bad)
+    assert cli.search_main(["--database", str(bad), "--query", str(good)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {bad}: row 2 sets padding bits (past bit 12) of its last code byte; they must "
+        "be 0 (not codes packed by dadh_dist)")
+
+    folder = tmp_path / "codes"
+    folder.mkdir()
+    assert cli.search_main(["--database", str(folder), "--query", str(good)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {folder}: is a folder, not a codes file"
+
+    # ids that would read as the table's own spacing or lines are quoted; JSON has them as is
+    ids = np.array(["a b.png", "two\nlines.png", "tab\t.png", "", "é.png"], dtype=object)
+    odd = codesfile.Codes.from_pm1(ids, np.ones((5, 12), np.int8), encoder="f",
+                                   model_sha256="ab" * 32)
+    result = codesfile.search(odd, odd, 1)
+    rows = result.table().splitlines()
+    assert len(rows) == 6 and [row.split("  ")[0].strip() for row in rows[1:]] == [
+        '"a b.png"', '"two\\nlines.png"', '"tab\\t.png"', '""', "é.png"]
+    assert [r["query"] for r in json.loads(result.to_json(odd))["results"]] == ids.tolist()
+
+    # a file name whose bytes are not UTF-8 cannot be a Parquet string id: one line, not
+    # pyarrow's traceback after the encoding
+    name = "\udcff.png"  # how Python names a file called b"\xff.png"
+    with pytest.raises(codesfile.CodesError, match=r"id '\\udcff.png' is not valid UTF-8"):
+        codesfile.write(tmp_path / "x.parquet", codesfile.Codes.from_pm1(
+            np.array([name], dtype=object), np.ones((1, 12), np.int8), encoder="f",
+            model_sha256="ab" * 32))
+    assert not list(tmp_path.glob("x.parquet*"))
+
+
+def test_an_image_named_in_no_utf_8_is_refused_before_encoding(centred, tmp_path, monkeypatch,
+                                                                capsys):
+    import os
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _png_file(folder / "a.png", np.zeros((8, 8), np.uint8))
+    try:
+        _png_file(Path(os.fsdecode(os.fsencode(folder) + b"/\xff.png")), np.zeros((8, 8),
+                                                                              np.uint8))
+    except OSError:
+        pytest.skip("this filesystem takes UTF-8 file names only")
+    monkeypatch.setattr(inference, "encode_source", lambda *a, **k: pytest.fail("encoded"))
+    out = tmp_path / "codes.parquet"
+    assert cli.encode_main(["--checkpoint", str(centred), "--images", str(folder), "--out",
+                            str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: '") and "\\udcff.png': file name is not valid UTF-8" in err
+    assert "\n" not in err and not out.exists()
+
+
+def test_search_refuses_a_database_of_another_model_before_encoding_its_images(
+        centred, loaded, tmp_path, monkeypatch, capsys):
+    hf, _ = loaded
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _png_file(folder / "a.png", np.zeros((8, 8), np.uint8))
+    monkeypatch.setattr(inference, "encode_source", lambda *a, **k: pytest.fail("encoded"))
+    for db, says in ((_write_codes(tmp_path / "other.parquet", 16, 5, "0" * 64),
+                      f"made by model 000000000000, but the queries ({centred}) by model "
+                      f"{hf.model_sha256[:12]}"),
+                     (_write_codes(tmp_path / "24.parquet", 24, 5, hf.model_sha256),
+                      f"{centred}: 16-bit codes, but {tmp_path / '24.parquet'} holds 24-bit")):
+        assert cli.search_main(["--database", str(db), "--query", str(folder), "--checkpoint",
+                                str(centred)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err, err
+
+
+def test_a_single_pq_shard_is_read_as_image_shards(centred, loaded, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hf, ds = loaded
+    blobs = []
+    for image in ds.query.images[:3, 0]:
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, "PNG")
+        blobs.append(png.getvalue())
+    shard = tmp_path / "part-0.pq"
+    pq.write_table(pa.table({"image": pa.array(blobs, pa.binary()), "id": [7, 8, 9]}), shard)
+    out = tmp_path / "codes.parquet"
+    assert cli.encode_main(["--checkpoint", str(centred), "--images", str(shard), "--out",
+                            str(out), "--quiet"]) == 0
+    codes = codesfile.read(out)
+    assert codes.ids.tolist() == [7, 8, 9]
+    np.testing.assert_array_equal(codes.pm1(), hf.codes(ds.query.images[:3], "fg"))
+
+
+# ----------------------------------------------------------------- runs that are not finished
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_so_local_or_uri(run, tmp_path, capsys):
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copy(run / "config.toml", early / "config.toml")
+    for given in (str(early), f"file://{early}"):
+        assert cli.evaluate_main(["--checkpoint", given]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: {given}: the run has no valid checkpoint yet (training stopped "
+                       "before its first, or has not reached it; checkpoints come every "
+                       "train.checkpoint_every outer iterations)"), err
+    # a folder that is no run at all is still called that
+    assert cli.export_main(["--checkpoint", str(tmp_path)]) == 2
+    assert "holds no valid checkpoint_* folder" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- export
+
+
+def test_export_takes_program_weights_and_check_from_the_cpu_copy(loaded, tmp_path,
+                                                                  monkeypatch):
+    """A run on a GPU exports from its CPU copy (`export.on_cpu`): streams.pt then loads on a
+    machine without one. Here the copy differs from the streams (a shifted bias) so that what
+    came from which shows."""
+    import copy
+
+    hf, _ = loaded
+
+    def cpu_copy(h):
+        if h.device.type == "cpu":
+            return h
+        f, g = copy.deepcopy(h.f), copy.deepcopy(h.g)
+        with torch.no_grad():
+            f.head.bias.add_(0.5)
+        return dataclasses.replace(h, f=f, g=g, device=torch.device("cpu"))
+
+    monkeypatch.setattr(export, "on_cpu", cpu_copy)
+    on_gpu = dataclasses.replace(hf, device=torch.device("cuda"))  # named, never used
+    paths = export.export(on_gpu, "fg", tmp_path / "e")  # the round trip checks the program
+    saved = torch.load(paths["weights"], weights_only=True)
+    torch.testing.assert_close(saved["f"]["head.bias"], hf.f.head.bias + 0.5)
+    torch.testing.assert_close(saved["g"]["head.bias"], hf.g.head.bias)
