@@ -82,6 +82,32 @@ def verdict(ok: bool) -> str:
     return "pass" if ok else "MISS"
 
 
+def exit_status(checks: Sequence[tuple[str, bool]], targets: Sequence[tuple[str, bool]] = (),
+                judged: bool = True) -> int:
+    """Print what the exit status rests on and return it (for `sys.exit`).
+
+    checks: (what, ok) of results that must equal the baseline's, judged in every run, so a
+    fast but wrong kernel fails. targets: (what, met) of speed and memory targets, judged only
+    when `judged` (not in a smoke run, whose toy sizes say nothing about the targets' sizes).
+    1 when a check failed or a judged target was missed, else 0.
+    """
+    failed = [what for what, ok in checks if not ok]
+    missed = [what for what, ok in targets if not ok]
+    print()
+    if checks:
+        print(f"- checks against the baseline: {len(checks) - len(failed)} of {len(checks)} pass"
+              + (f"; FAILED: {'; '.join(failed)}" if failed else ""))
+    if targets and judged:
+        print(f"- targets: {len(targets) - len(missed)} of {len(targets)} met"
+              + (f"; MISSED: {'; '.join(missed)}" if missed else ""))
+    elif targets:
+        print(f"- targets: not judged at smoke sizes ({len(targets) - len(missed)} of "
+              f"{len(targets)} would be met)")
+    status = 1 if failed or (judged and missed) else 0
+    print(f"- exit status {status}")
+    return status
+
+
 def memory_mib() -> tuple[float, float]:
     """(current RSS, peak RSS) of this process in MiB, from /proc/self/status."""
     rss = hwm = float("nan")

@@ -87,6 +87,17 @@ def _git() -> str:
     return head + (" (dadh_dist modified)" if dirty else "")
 
 
+def _blas_threads() -> str:
+    """Threads of the BLAS libraries loaded now (numpy's matmul baselines run on these)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (no threadpoolctl)"
+    pools = [f"{i['internal_api']} {i['num_threads']}" for i in threadpool_info()
+             if i.get("user_api") == "blas"]
+    return ", ".join(pools) or "none loaded"
+
+
 def environment() -> dict[str, str]:
     """What a reader needs to compare these numbers with theirs."""
     info = {
@@ -98,6 +109,7 @@ def environment() -> dict[str, str]:
         "commit": _git(),
     }
     info.update({name: _version(name) for name in LIBRARIES})
+    info["BLAS threads"] = _blas_threads()
     try:
         import torch
 

@@ -2,6 +2,7 @@
 reading every label: memory and seconds per worker at W = 1, 2, 4 (issue 18; docs/scaling.md §4).
 
     python bench/block_labels.py [--n 16M] [--workers 1,2,4] [--json PATH]
+    python bench/block_labels.py --quick     # smoke run: n = 200k, W = 1, 2
 
 The shards are synthetic and have no image column: 10,000 query and validation rows, then n
 database rows, in shards of 1M rows and row groups of 128Ki rows. Columns: labels (list<uint8>,
@@ -13,20 +14,21 @@ its RSS after a warm-up read of one row group (which loads pyarrow's code and th
 same ~100 MiB for any n), with the high-water mark reset there. The baseline, in the same run,
 reads the labels and split columns of every shard whole (`pyarrow.parquet.read_table`) and keeps
 the database rows' labels: what every worker does today, though `load_parquet` also reads and
-decodes the images.
+decodes the images. Exit status 1 when some worker's labels are not the generator's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import _env
 import numpy as np
-from _common import memory_mib, run_child, table
+from _common import exit_status, memory_mib, run_child, table
 from scale import CLASSES, classes_of, one_hot, parse_size
 
 OTHERS = 10_000  # query and validation rows before the database
@@ -96,16 +98,20 @@ def child(spec: dict) -> None:
                       "seconds": seconds, "peak_mib": peak, "scanned": scanned}))
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", default="16M", help="database rows (k, M suffixes)")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: --n 200k --workers 1,2 (~20 s)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
-        return
+        return 0
+    if args.quick:
+        args.n, args.workers = "200k", "1,2"
     n, workers = parse_size(args.n), [int(w) for w in args.workers.split(",")]
     load0, started, wall0 = _env.load_average(), time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
     with tempfile.TemporaryDirectory(prefix="block_labels_") as tmp:
@@ -143,7 +149,10 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"n": n, "whole": whole, "runs": runs, "checks": checks,
                                          "environment": _env.environment()}, indent=1))
+    return exit_status([("every label (today) = the generator's", whole["correct"])]
+                       + [(f"W = {W}: every worker's labels = the generator's",
+                           all(r["correct"] for r in ranks)) for W, ranks in runs.items()])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,16 +10,20 @@ Three parts, each timed with the device synchronised and printed as a Markdown t
    step) and encoding (forward, no grad), for the small CNN at 28 px, AlexNet@224 and
    ResNet-50@224. A DADH step runs two such streams, so its images/s is about half.
 2. The code step at n = 1M, k = 64, m = 2,000 (single-label): `codes.code_hessian`,
-   `codes.code_linear`, `codes.dcc` on cuda tensors, against the dense m×n similarity form on
-   the same GPU and against the library on this machine's CPUs; B must match.
+   `codes.code_linear(by_class=True)`, `codes.dcc` (the loop's calls) on cuda tensors, against
+   the dense m×n similarity form on the same GPU and against the library on this machine's
+   CPUs (its compiled kernels loaded by an untimed call first); B must match.
 3. Hamming ranking of 1,000 queries against 1M 64-bit codes on the GPU, two ways: packed int64
    XOR + a SWAR popcount, and an fp16 ±1 matrix product (exact for integers this small); then
    a stable sort per query and mAP@all, checked against `retrieval.mean_average_precision` on
-   the CPU (the baseline of the ratio).
+   the CPU (the baseline of the ratio, after an untimed call that loads its kernel); the
+   distances of the first queries are checked against `retrieval.hamming_distances`.
 
 `--cpu-smoke` runs every part at toy sizes on the CPU (float32 instead of bf16) so the script
 can be tested where there is no GPU; its numbers mean nothing. A part that fails prints its error
-and the others still run. Needs torch, torchvision and numpy only (no Ray, no faiss).
+and the others still run; --json is rewritten after every part, so a run killed at its time
+limit keeps the parts it finished. Exit status 1 when a part failed or a result differs from
+its baseline. Needs torch, torchvision, numpy and numba (no Ray, no faiss).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dadh_dist fro
 import _env  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import ratio, table  # noqa: E402
+from _common import exit_status, ratio, table  # noqa: E402
 
 from dadh_dist import codes, retrieval  # noqa: E402
 from dadh_dist.models import HashStream  # noqa: E402
@@ -90,7 +94,7 @@ def stream_speed(net, host: torch.Tensor, device: torch.device, steps: int,
     return t_train, clock(encode_step, device, steps, warmup)
 
 
-def stream_rows(device: torch.device, smoke: bool) -> list[list]:
+def stream_rows(device: torch.device, smoke: bool) -> tuple[list[list], str, list]:
     cases = [("small CNN @ 28", "small_cnn", 0, 1024), ("AlexNet @ 224", "alexnet", 224, 256),
              ("ResNet-50 @ 224", "resnet50", 224, 128)]
     steps, warmup = (2, 1) if smoke else (30, 8)
@@ -113,7 +117,7 @@ def stream_rows(device: torch.device, smoke: bool) -> list[list]:
         del net
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return rows, "", []
 
 
 # ---------------------------------------------------------------------------- 2. code step
@@ -146,34 +150,40 @@ def code_step(Y, omega, F, G, sim, bits: int, device: torch.device, dense: bool)
             Q.index_add_(0, omega, 2.0 * GAMMA * U)
             Q = Q.double()
         else:
-            Q = codes.code_linear(slice(0, n), Y, omega, F, G, sim, gamma=GAMMA, eta=ETA, bits=bits)
+            Q = codes.code_linear(slice(0, n), Y, omega, F, G, sim, gamma=GAMMA, eta=ETA,
+                                  bits=bits, by_class=True)
         H = codes.code_hessian(F, G)
         B = codes.dcc(torch.zeros(n, bits, dtype=torch.int8), H, Q, ETA)
     sync(device)
     return B.cpu()
 
 
-def code_rows(device: torch.device, smoke: bool) -> tuple[list[list], str]:
+def code_rows(device: torch.device, smoke: bool) -> tuple[list[list], str, list]:
     n, m, bits = (20_000, 200, 16) if smoke else (1_000_000, 2000, 64)
     # TF32 would round U to 10 mantissa bits in the dense S_Ωᵀ·U and flip bits of B
     torch.backends.cuda.matmul.allow_tf32 = False
     inputs = code_inputs(n, m, bits)
     cpu = torch.device("cpu")
-    rows, results = [], {}
+    rows, results, checks = [], {}, []
     for key, label, dev, dense in (("cpu", "ours on the CPU (baseline)", cpu, False),
                                    ("dense", f"dense m×n S on {device.type}", device, True),
                                    ("ours", f"ours on {device.type}", device, False)):
         if dev.type == "cuda":
             code_step(*inputs, bits, dev, dense)  # warm-up: kernels, allocator
+        else:  # warm-up: numba's kernels (a compile on a fresh machine), on a small case
+            code_step(*code_inputs(1000, 50, bits), bits, dev, dense)
         t0 = time.perf_counter()
         results[key] = code_step(*inputs, bits, dev, dense)
         elapsed = time.perf_counter() - t0
         differ = int((results[key] != results["cpu"]).sum())
         rows.append([label, elapsed, differ])
+        if key != "cpu":
+            checks.append((f"code step, {label}: B = the CPU's ({differ} bits differ)",
+                           differ == 0))
     base = rows[0][1]
     for row in rows:
         row.insert(2, ratio(base, row[1]))
-    return rows, f"n = {n:,}, k = {bits}, m = {m:,}"
+    return rows, f"n = {n:,}, k = {bits}, m = {m:,}", checks
 
 
 # ------------------------------------------------------------------------------ 3. Hamming
@@ -214,12 +224,13 @@ def gpu_map(dist_fn, q_count: int, rel_fn, chunk: int) -> float:
     return total / q_count
 
 
-def hamming_rows(device: torch.device, smoke: bool) -> tuple[list[list], str]:
+def hamming_rows(device: torch.device, smoke: bool) -> tuple[list[list], str, list]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from hamming import make_codes
 
     n, nq, bits = (50_000, 64, 64) if smoke else (1_000_000, 1000, 64)
     q, db, ql, dl = make_codes(n, nq, bits, 10, 0.25, seed=0)
+    retrieval.mean_average_precision(q[:2], db[:100], ql[:2], dl[:100])  # loads the kernel
     t0 = time.perf_counter()
     map_cpu = retrieval.mean_average_precision(q, db, ql, dl)
     t_cpu = time.perf_counter() - t0
@@ -253,6 +264,8 @@ def hamming_rows(device: torch.device, smoke: bool) -> tuple[list[list], str]:
     same = same and bool(torch.equal(check.cpu(), ref))
     rows = [["ours on the CPU: mean_average_precision (baseline)", t_cpu, 1e3 * t_cpu / nq,
              "1.0×", f"{map_cpu:.6f}"]]
+    checks = [(f"Hamming: both GPU ways' distances = the library's ({min(chunk, nq)} queries)",
+               same)]
     for label, fn in (("GPU: int64 XOR + SWAR popcount, stable sort", dist_popcount),
                       ("GPU: fp16 ±1 matmul, stable sort", dist_matmul)):
         gpu_map(fn, min(chunk, nq), rel, chunk)  # warm-up
@@ -262,6 +275,8 @@ def hamming_rows(device: torch.device, smoke: bool) -> tuple[list[list], str]:
         sync(device)
         t = time.perf_counter() - t0
         rows.append([label, t, 1e3 * t / nq, ratio(t_cpu, t), f"{value:.6f}"])
+        checks.append((f"Hamming, {label}: mAP@all = the CPU's (|Δ| {abs(value - map_cpu):.1e})",
+                       abs(value - map_cpu) <= 1e-9))
     for label, fn in (("GPU distances only: XOR + popcount", dist_popcount),
                       ("GPU distances only: fp16 matmul", dist_matmul)):
         t = clock(lambda fn=fn: [fn(s, min(s + chunk, nq)) for s in range(0, nq, chunk)],
@@ -269,13 +284,13 @@ def hamming_rows(device: torch.device, smoke: bool) -> tuple[list[list], str]:
         rows.append([label, t, 1e3 * t / nq, ratio(t_cpu, t), ""])
     note = (f"{nq:,} queries × {n:,} codes × {bits} bits; distances of both GPU ways equal the "
             f"library's: {'yes' if same else 'NO'}")
-    return rows, note
+    return rows, note, checks
 
 
 # ---------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="toy sizes on the CPU, to test the script where there is no GPU")
@@ -291,22 +306,30 @@ def main() -> None:
     load0 = _env.load_average()
     started = time.perf_counter()
     out: dict = {"device": str(device), "smoke": args.cpu_smoke}
+    checks: list[tuple[str, bool]] = []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
     print(f"# GPU check on {name}{' — smoke run, numbers mean nothing' if args.cpu_smoke else ''}")
+
+    def save() -> None:
+        out["checks"] = [{"what": what, "ok": ok} for what, ok in checks]
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1, default=str))
 
     def part(title: str, headers: list[str], fn) -> None:
         t0 = time.perf_counter()
         try:
-            result = fn(device, args.cpu_smoke)
-            rows, note = result if isinstance(result, tuple) else (result, "")
+            rows, note, got = fn(device, args.cpu_smoke)
             print(f"\n## {title}{': ' + note if note else ''}\n")
             print(table(headers, rows))
+            checks.extend(got)
             out[title] = {"rows": rows, "note": note}
         except Exception as e:  # one broken part must not cost the others their numbers
             print(f"\n## {title}\n\nFAILED: {type(e).__name__}: {e}")
             traceback.print_exc()
+            checks.append((f"{title}: ran (FAILED: {type(e).__name__})", False))
             out[title] = {"error": f"{type(e).__name__}: {e}"}
         print(f"\n({title}: {time.perf_counter() - t0:.1f} s)", flush=True)
+        save()
 
     part("Hash streams (one stream; uint8 in, preprocessed on the device)",
          ["backbone", "batch", "precision", "train images/s", "encode images/s",
@@ -317,9 +340,11 @@ def main() -> None:
          ["method", "total s", "ms / query", "speed-up vs CPU", "mAP@all"], hamming_rows)
     print(f"\n- total {time.perf_counter() - started:.0f} s")
     _env.print_environment(load0)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    status = exit_status(checks)
+    out["exit_status"] = status
+    save()
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,7 +25,8 @@ Each run prints a RESULT line (test mAP, seconds per outer iteration, B's checks
 same device gives the run's reported test mAP: under bf16 too, since the loop evaluates in
 fp32); a failed run prints its traceback and the next one starts. A run still going at its
 deadline is killed. The JSON is rewritten after every run. Exit status: the number of failed
-runs.
+runs plus failed checks (`resume` ends on `nccl`'s B checksum; every run's mAP is evaluate.py's;
+the stream-parallel ranks agree); a skipped run counts as neither.
 
 `--cpu-smoke` runs the same plan on the CPU with gloo everywhere and fewer iterations, to test the
 script where there is no GPU (`nccl` and `bf16` then are CPU runs; bf16 autocast is GPU-only in
@@ -52,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # dadh_dist from a bare checkout
 
 import _env  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
-from _common import free_port, table  # noqa: E402
+from _common import exit_status, free_port, table  # noqa: E402
 
 DEBUG = REPO / "configs" / "debug_cpu.toml"
 OUTER_ITERS = 4  # the debug config's own: it learns (test mAP ~0.9) in that many
@@ -407,10 +408,29 @@ def main() -> int:
               f"{sum(r['status'] == 'skipped' for r in records.values())} skipped; "
               f"total {time.perf_counter() - started:.0f} s")
         _env.print_environment(load0)
+        checks = run_checks(records, out["comparisons"])
+        out["checks"] = [{"what": what, "ok": ok} for what, ok in checks]
+        exit_status(checks)
+        failed += sum(not ok for _, ok in checks)
+        out["exit_status"] = failed
         save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return failed
+
+
+def run_checks(records: dict, comparisons: dict) -> list[tuple[str, bool]]:
+    """What the finished runs must show (bf16 and the CPU may differ from `nccl`: not here)."""
+    checks = []
+    if "resume" in comparisons:
+        checks.append(("resume ends on nccl's B (checksum)",
+                       comparisons["resume"]["same_checksum"]))
+    for name, rec in records.items():
+        if rec["status"] == "ok":
+            checks.append((f"{name}: test mAP fg = evaluate.py's", _tools_agree(rec)))
+        if "ranks_agree" in rec:
+            checks.append((f"{name}: every rank ends on the same B and mAP", rec["ranks_agree"]))
+    return checks
 
 
 def summary(records: dict, comparisons: dict) -> None:

@@ -5,6 +5,7 @@ docs/scaling.md §4).
 
     python bench/per_worker_data.py [--n 400k] [--workers 1,2,4] [--m 2000,12000] [--reps 5]
                                     [--json PATH]
+    python bench/per_worker_data.py --quick     # smoke run: n = 20k, W = 1, 2, m = 500
 
 The shards are synthetic: 1,000 query rows, 1,000 validation rows, then n database rows, in
 shards of 100,000 rows and row groups of 10,000, with the columns and schema of
@@ -288,12 +289,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed gathers per m")
     parser.add_argument("--timeout-s", type=int, default=600, help="per configuration")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: --n 20k --workers 1,2 --m 500 --reps 1 (~40 s)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps((whole_child if spec["mode"] == "whole" else block_child)(spec)))
         return
+    if args.quick:
+        args.n, args.workers, args.m, args.reps = "20k", "1,2", "500", 1
     n, workers = parse_size(args.n), [int(w) for w in args.workers.split(",")]
     ms = [int(m) for m in args.m.split(",")]
     load0, started, wall0 = _env.load_average(), time.strftime("%Y-%m-%d %H:%M:%S"), time.time()

@@ -17,12 +17,16 @@ Measured, on the same requests:
 * the baseline, the command line: jobs/search.py over a folder holding every request's image
   (one process: model load, decoding, encoding and search of all of them), and jobs/search.py
   with one image per invocation (what answering one request from the command line costs).
+
+Exit status 1 when a request failed or an answer differs from the command line's. No target:
+the ratios are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import _env
 import numpy as np
-from _common import free_port, table
+from _common import exit_status, free_port, table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,8 +152,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         tmp = Path(tmp)
-        run = (Path(args.checkpoint) if args.checkpoint
-               else train_debug_run(tmp / "runs", args.quick))
+        with contextlib.redirect_stdout(sys.stderr):  # training's lines; stdout is the table
+            run = (Path(args.checkpoint) if args.checkpoint
+                   else train_debug_run(tmp / "runs", args.quick))
         pool = query_pool(run)
         names = [f"r{i:05d}.png" for i in range(args.requests)]
         blobs = [pool[i % len(pool)] for i in range(args.requests)]
@@ -158,8 +163,11 @@ def main() -> None:
         for name, blob in zip(names, blobs):
             (folder / name).write_bytes(blob)
         database = tmp / "db.parquet"
-        assert cli.encode_main(["--checkpoint", str(run), "--split", "database", "--learned",
-                                "--out", str(database), "--quiet"]) == 0
+        with contextlib.redirect_stdout(sys.stderr):
+            encoded = cli.encode_main(["--checkpoint", str(run), "--split", "database",
+                                       "--learned", "--out", str(database), "--quiet"])
+        if encoded != 0:
+            raise SystemExit(f"jobs/encode.py of the database failed (exit {encoded})")
 
         cli_all_s, want = cli_search(run, database, folder, args.k)
         single = []
@@ -220,9 +228,12 @@ def main() -> None:
     print("- the one-process baseline's p50/p99 is its whole wall time (one answer for all)")
     print(f"- finished {time.strftime('%Y-%m-%d %H:%M:%S')}")
     _env.print_environment(load0)
-    if par["errors"] or par["mismatches"] or seq["errors"] or seq["mismatches"]:
-        sys.exit(1)
-
+    passes = (("1 client", seq), (f"{args.clients} clients", par))
+    checks = [(f"{what}: every request answered ({r['errors']} errors)", r["errors"] == 0)
+              for what, r in passes]
+    checks += [(f"{what}: answers = jobs/search.py's ({r['mismatches']} mismatches)",
+                r["mismatches"] == 0) for what, r in passes]
+    sys.exit(exit_status(checks))
 
 def _get(url: str) -> bytes:
     from urllib.request import urlopen
