@@ -191,7 +191,8 @@ class LogConfig:
     run_dir: str = "runs"
     """Folder (or Ray storage URI) holding all runs."""
     name: str = ""
-    """Run name; empty = derived from the config. The same name resumes."""
+    """Run name; empty = derived from the config. The same name resumes. One process at a time
+    trains a run (a lock in the run folder, this machine only)."""
     tensorboard: bool = True
     """Write TensorBoard events (rank 0)."""
 
