@@ -43,20 +43,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file and rename, so readers never see half a file. The
-    temporary file is the writer's own (processes of one machine may write one file at once:
-    serve replicas opening one run) and goes when the write fails (a full disk keeps its space)."""
+@contextlib.contextmanager
+def replacing(path: Path):
+    """Yield a temporary name beside `path` for the block to write; `path` is replaced by it
+    when the block ends, so readers never see half a file. The temporary file is the writer's
+    own (processes of one machine may write one file at once: serve replicas opening one run)
+    and goes however the block fails, an interrupt included (a full disk keeps its space)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all (`replacing`), synced before the rename."""
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def save_block(folder: str | Path, start: int, stop: int, B_rows) -> tuple[str, str]:

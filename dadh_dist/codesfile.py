@@ -20,7 +20,6 @@ differently.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dadh_dist import config, kernels, retrieval
+from dadh_dist.checkpoint import replacing
 
 FORMAT = "1"
 KEY = "dadh_dist."
@@ -114,17 +114,11 @@ def write(path: str | Path, codes: Codes) -> Path:
     table = pa.Table.from_arrays([id_col, code_col], names=["id", "code"]).replace_schema_metadata(
         {(KEY + k).encode(): v.encode() for k, v in meta.items()})
     path.parent.mkdir(parents=True, exist_ok=True)  # the CLI checked it can (cli.check_out)
-    # streamed into a name of this writer's own (checkpoint.write_atomic's rule, without holding
-    # the file as bytes), which goes however the write ends: an interrupt included
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CodesError(f"{path}: cannot write ({e.strerror or e})") from None
-        raise
+        with replacing(path) as tmp:  # streamed, not held as bytes
+            pq.write_table(table, tmp)
+    except OSError as e:
+        raise CodesError(f"{path}: cannot write ({e.strerror or e})") from None
     return path
 
 
