@@ -186,10 +186,16 @@ def resolve_device(text: str, here: bool = True):
         raise ConfigError(f"--device: {e}") from None
 
 
-RUN_FILES = ("config.toml", "final_metrics.json", "tb")
-"""What a training run keeps in its folder besides its checkpoint_* folders (the saved config and
-`run.folders.OUTPUTS`): no tool's output may land on them."""
 CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def _run_files() -> tuple[str, ...]:
+    """What a training run keeps in its folder besides its checkpoint_* folders (the saved config
+    and `run.folders.OUTPUTS`): no tool's output may land on them. Imported when a tool checks its
+    --out, not when the CLI starts."""
+    from dadh_dist.run.folders import OUTPUTS
+
+    return ("config.toml", *OUTPUTS)
 
 
 def _is_checkpoint(folder: Path) -> bool:
@@ -199,8 +205,9 @@ def _is_checkpoint(folder: Path) -> bool:
 
 
 def _is_run(folder: Path) -> bool:
-    return (folder / RUN_FILES[0]).is_file() and (
-        any((folder / name).exists() for name in RUN_FILES[1:])
+    config, *outputs = _run_files()
+    return (folder / config).is_file() and (
+        any((folder / name).exists() for name in outputs)
         or any(folder.glob(CHECKPOINT_PREFIX + "*")))
 
 
@@ -216,7 +223,7 @@ def _run_owned(path: Path) -> str | None:
             if folder == path:
                 return "is the folder of a training run"
             first = path.relative_to(folder).parts[0]
-            if first in RUN_FILES or first.startswith(CHECKPOINT_PREFIX):
+            if first in _run_files() or first.startswith(CHECKPOINT_PREFIX):
                 return (f"is the run {folder}'s own {first}" if path == folder / first
                         else f"lies inside {folder / first}, the run's own")
             return None
