@@ -474,3 +474,68 @@ def test_a_second_driver_of_a_running_run_is_refused_and_touches_nothing(tmp_pat
     with pytest.raises(ConfigError, match=r"^log.run_dir: cannot write the run folder "
                                           r".*file/runs/r \(Not a directory\)$"):
         runner.run_local(bad)
+
+
+def test_a_run_resumes_on_its_data_moved_to_another_root(tmp_path, capsys):
+    """All that changed is data.root, and the files there are those the run recorded: it goes
+    on from its checkpoint, and the run takes the new root. Other files at the new root are
+    refused, naming them; nothing of the run is touched."""
+    import shutil
+
+    from dadh_dist.data import dataset_to_parquet, load_dataset
+    from dadh_dist.run.folders import DATA_RECORD
+
+    def cfg_at(root: Path):
+        return config.load(DEBUG, _overrides(tmp_path / "runs", "m", "train.outer_iters=1",
+                                             "data.source=parquet",
+                                             f"data.root={json.dumps(str(root))}"))
+
+    dataset_to_parquet(load_dataset(config.load(DEBUG).data), tmp_path / "a",
+                       rows_per_shard=800)
+    first = runner.run_local(cfg_at(tmp_path / "a"), progress=False)
+    folder = tmp_path / "runs" / "m"
+    recorded = json.loads((folder / DATA_RECORD).read_text())
+    assert recorded["root"] == str(tmp_path / "a") and len(recorded["files"]) == 3
+    (tmp_path / "a").rename(tmp_path / "b")
+    capsys.readouterr()
+    again = runner.run_local(cfg_at(tmp_path / "b"), progress=False)
+    assert f"data.root moved from {tmp_path / 'a'} to {tmp_path / 'b'}" in capsys.readouterr().out
+    assert again["map_all_fg"] == first["map_all_fg"]  # the finished run, evaluated again
+    assert config.load(folder / "config.toml").data.root == str(tmp_path / "b")
+    assert json.loads((folder / DATA_RECORD).read_text())["root"] == str(tmp_path / "b")
+    # the same shards but one of them rewritten: refused before anything is written
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    shard = sorted((tmp_path / "c").glob("*.parquet"))[1]
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    def written():  # the lock's holder writes its pid into it
+        return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".run.lock"}
+
+    before = written()
+    with pytest.raises(ConfigError, match=rf"data.root: .*; the files at the new data.root "
+                                          rf"differ from those the run recorded \({shard.name}\)$"):
+        runner.run_local(cfg_at(tmp_path / "c"), progress=False)
+    assert written() == before
+
+
+def test_files_changed_in_place_are_named_on_resume(tmp_path, capsys):
+    """The same config over a data.root whose defining files changed since the run last
+    started: it resumes (a fixed image is a reason to), saying which files changed."""
+    from dadh_dist.data.identity import identity
+
+    root = tmp_path / "lists"
+    root.mkdir()
+    for name in ("test.txt", "database.txt"):
+        (root / name).write_text("img.png 1 0\n")
+    cfg = config.load(DEBUG, _overrides(tmp_path, "l", "data.source=list",
+                                        f"data.root={json.dumps(str(root))}"))
+    saved = tmp_path / "saved.toml"
+    saved.write_text(cfg.to_toml())
+    recorded = identity(cfg.data)
+    assert sorted(recorded) == ["database.txt", "test.txt"]
+    runner.folders._refuse_changed(cfg, saved, "here", recorded, identity(cfg.data))
+    assert capsys.readouterr().out == ""
+    (root / "database.txt").write_text("img.png 0 1\n")
+    runner.folders._refuse_changed(cfg, saved, "here", recorded, identity(cfg.data))
+    assert capsys.readouterr().out == ("warning: data.root's files changed since the run last "
+                                       "started (database.txt): resuming on them as they are "
+                                       "now\n")

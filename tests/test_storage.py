@@ -332,3 +332,30 @@ def test_skipped_checkpoint_warnings_do_not_go_through_print(tmp_path, monkeypat
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("warning: skipping checkpoint: ") for line in err)
     assert "checkpoint_000002" in err[0] and "checkpoint_000003" in err[1]
+
+
+def test_remote_run_resumes_on_its_data_moved_and_refuses_other_data(tmp_path, s3, capsys):
+    """The data record travels with a remote run: from a fresh mirror (another machine), a
+    moved copy of the run's data is taken, and other files at the new root are refused."""
+    def cfg_at(root):
+        return config.load(DEBUG, _overrides(s3("moved/runs"), "m", "data.source=list",
+                                             f"data.root={json.dumps(str(root))}"))
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for split in ("test.txt", "database.txt"):
+            (tmp_path / name / split).write_text(f"{split}.png 1 0\n")
+    runner.prepare_run(cfg_at(tmp_path / "a"))
+    run = s3("moved/runs/m")
+    assert json.loads(uris.read_bytes(uris.join(run, "data.json")))["root"] == str(tmp_path / "a")
+    # a checkpoint at the URI makes the saved config binding (its content is not read here)
+    uris.write_bytes(uris.join(run, "checkpoint_000001", ckpt.MANIFEST), b'{"t": 1}')
+    shutil.rmtree(runner.folders.run_folder(cfg_at(tmp_path / "a")))  # another machine
+    capsys.readouterr()
+    runner.prepare_run(cfg_at(tmp_path / "b"))
+    assert "data.root moved from" in capsys.readouterr().out
+    (tmp_path / "saved.toml").write_bytes(uris.read_bytes(uris.join(run, "config.toml")))
+    assert config.load(tmp_path / "saved.toml").data.root == str(tmp_path / "b")
+    (tmp_path / "a" / "test.txt").write_text("other.png 1 0\n")
+    with pytest.raises(ConfigError, match=r"differ from those the run recorded \(test.txt\)$"):
+        runner.prepare_run(cfg_at(tmp_path / "a"))

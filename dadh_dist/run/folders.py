@@ -15,6 +15,7 @@ One process at a time drives a run: `open_run` holds the run's lock (`LOCK`) fro
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -25,10 +26,16 @@ from dadh_dist import checkpoint as ckpt
 from dadh_dist import config as config_mod
 from dadh_dist import storage, uris
 from dadh_dist.config import Config, ConfigError
+from dadh_dist.data.identity import differing, identity
+from dadh_dist.monitor import say
 
 KEEP_CHECKPOINTS = 2
 
-OUTPUTS = ("tb", "final_metrics.json")
+DATA_RECORD = "data.json"
+"""The identity of the data under data.root (`data.identity`) as the run last started on it: a
+run resumes at another data.root only on the same files."""
+
+OUTPUTS = ("tb", "final_metrics.json", DATA_RECORD)
 """What a run writes into its folder besides the config and the checkpoints."""
 
 LOCK = ".run.lock"
@@ -142,11 +149,13 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
 
     For a remote run (log.run_dir a URI) the folder is the local mirror, the saved config is read
     from and written to the URI, and the checkpoint is a verified local copy of the newest remote
-    one.
+    one. Either way the data's identity is recorded (`DATA_RECORD`) where this machine sees the
+    data.
     """
     folder = run_folder(cfg)
     uri = run_uri(cfg)
     saved = folder / "config.toml"
+    found = identity(cfg.data)
     if uri is not None:
         raw = uris.read_bytes(uris.join(uri, "config.toml"))
         folder.mkdir(parents=True, exist_ok=True)
@@ -154,20 +163,41 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
             fetched = folder / ".remote_config.toml"
             ckpt.write_atomic(fetched, raw)
             if storage.checkpoints(uri):
-                _refuse_changed(cfg, fetched, uris.redact(cfg.log.run_dir))
+                _refuse_changed(cfg, fetched, uris.redact(cfg.log.run_dir),
+                                _read_record(uris.read_bytes(uris.join(uri, DATA_RECORD))), found)
             elif not _same_config(cfg, fetched):
                 _clear_outputs(folder, uri)
         uris.write_bytes(uris.join(uri, "config.toml"), cfg.to_toml().encode())
         ckpt.write_atomic(saved, cfg.to_toml().encode())
+        if found is not None:
+            uris.write_bytes(uris.join(uri, DATA_RECORD), _record(cfg, found))
         return folder, newest_checkpoint(folder, uri)
+    record = folder / DATA_RECORD
     if saved.is_file():
         if any(folder.glob("checkpoint_*")):
-            _refuse_changed(cfg, saved, str(folder.parent))
+            _refuse_changed(cfg, saved, str(folder.parent),
+                            _read_record(record.read_bytes() if record.is_file() else None), found)
         elif not _same_config(cfg, saved):
             _clear_outputs(folder, None)
     folder.mkdir(parents=True, exist_ok=True)
     ckpt.write_atomic(saved, cfg.to_toml().encode())
+    if found is not None:
+        ckpt.write_atomic(record, _record(cfg, found))
     return folder, newest_checkpoint(folder, None)
+
+
+def _record(cfg: Config, found: dict) -> bytes:
+    return json.dumps({"root": cfg.data.root, "files": found}, indent=1).encode()
+
+
+def _read_record(raw: bytes | None) -> dict | None:
+    """The files of a DATA_RECORD (None when there is none, or it is unreadable: a run from
+    before records were kept, or a machine that did not see the data)."""
+    try:
+        files = json.loads(raw)["files"] if raw is not None else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return files if isinstance(files, dict) else None
 
 
 def newest_checkpoint(run_dir: Path, uri: str | None) -> Path | None:
@@ -176,26 +206,43 @@ def newest_checkpoint(run_dir: Path, uri: str | None) -> Path | None:
     return storage.latest_valid(uri, run_dir) if uri else ckpt.latest_valid(run_dir)
 
 
-def _refuse_changed(cfg: Config, saved: Path, where: str) -> None:
+def _refuse_changed(cfg: Config, saved: Path, where: str, recorded: dict | None = None,
+                    found: dict | None = None) -> None:
     """ConfigError unless the config saved with the run of this name in `where` (the runs'
-    folder or URI) equals `cfg`, log.* aside."""
+    folder or URI) equals `cfg`, log.* aside. A data.root that is all that changed passes when
+    the files there are those the run recorded (`recorded`; `found`: the new root's)."""
     try:
         old = config_mod.load(saved)
     except ConfigError as e:
         raise ConfigError(f"log.name: the saved config of run {run_name(cfg)!r} in {where} is "
                           f"unreadable ({e})") from None
-    if old.fingerprint() != cfg.fingerprint():
-        changed = old.differences(cfg) or ["scaling"]
+    if old.fingerprint() == cfg.fingerprint():
+        odd = differing(recorded, found) if recorded is not None and found is not None else []
+        if odd:
+            say(f"warning: data.root's files changed since the run last started "
+                f"({', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''}): resuming on them as "
+                "they are now")
+        return
+    changed = old.differences(cfg) or ["scaling"]
+    moved = ""
+    if old.data.root and [c.split(":")[0] for c in changed] == ["data.root"]:
         # the data's place is part of the run: a run resumes only on the data it trained on
-        moved = (f"; if the data moved, resume at its old data.root (a link from "
-                 f"{old.data.root} to the new folder does it)"
-                 if old.data.root and [c.split(":")[0] for c in changed] == ["data.root"]
-                 else "")
-        raise ConfigError(
-            f"log.name: run {run_name(cfg)!r} already exists in {where} with a "
-            f"different config ({', '.join(changed[:4])}); use another log.name or the same "
-            f"config{moved}"
-        )
+        if recorded is not None and not differing(recorded, found):
+            say(f"note: data.root moved from {old.data.root} to {cfg.data.root}; its "
+                f"{len(found)} file(s) are those the run recorded: resuming on them")
+            return
+        if recorded is None or found is None:  # a run from before records, or data not here
+            moved = (f"; if the data moved, resume at its old data.root (a link from "
+                     f"{old.data.root} to the new folder does it)")
+        else:
+            odd = differing(recorded, found)
+            moved = (f"; the files at the new data.root differ from those the run recorded "
+                     f"({', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''})")
+    raise ConfigError(
+        f"log.name: run {run_name(cfg)!r} already exists in {where} with a "
+        f"different config ({', '.join(changed[:4])}); use another log.name or the same "
+        f"config{moved}"
+    )
 
 
 def _same_config(cfg: Config, saved: Path) -> bool:
@@ -218,6 +265,7 @@ def _clear_outputs(folder: Path, uri: str | None) -> None:
     if uri is not None:
         uris.delete_dir(uris.join(uri, "tb"))
         uris.delete_file(uris.join(uri, "final_metrics.json"))
+        uris.delete_file(uris.join(uri, DATA_RECORD))
 
 
 def keep_checkpoint(folder: Path, staged: Path) -> Path:
