@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,6 +29,27 @@ def tensor_checksum(t: torch.Tensor) -> int:
     """A 63-bit hash of a tensor's bytes (for comparing B across workers)."""
     digest = hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=8)
     return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def state_checksum(state: Mapping[str, torch.Tensor]) -> int:
+    """A 63-bit hash of a module's state_dict: each entry's name, dtype, shape and bytes (on
+    the CPU, in standard layout: a channels_last weight hashes as its contiguous copy), in the
+    state_dict's order, which is the modules' registration order and so the same on every
+    worker."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_checksum: entry {name!r} is a {type(t).__name__}, not a "
+                            "tensor")
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        # bytes as uint8: numpy has no bfloat16, and a 0-d tensor views as one element
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def checksum(x: torch.Tensor | Mapping[str, torch.Tensor]) -> int:
+    """`tensor_checksum` of a tensor, `state_checksum` of a state_dict."""
+    return tensor_checksum(x) if isinstance(x, torch.Tensor) else state_checksum(x)
 
 
 @dataclass(frozen=True)
@@ -118,6 +140,9 @@ class LocalCollectives:
 
     def check_identical(self, what: str, t: torch.Tensor) -> int:
         return tensor_checksum(t)
+
+    def check_parts_identical(self, parts: dict) -> None:
+        pass  # nothing to compare with, so nothing is hashed
 
     def broadcast_object(self, obj, src: int = 0):
         return obj
@@ -232,15 +257,30 @@ class TorchCollectives:
         difference raise ReplicaMismatch on every rank, naming the ranks that differ from
         rank 0."""
         mine = tensor_checksum(t)
-        sums = self.start_gather_rows(torch.tensor([mine], dtype=torch.int64),
-                                      [1] * self.world_size)().tolist()
-        odd = [r for r, s in enumerate(sums) if s != sums[0]]
-        if odd:
-            raise ReplicaMismatch(
-                f"{what}: worker(s) {odd} hold other values than worker 0 (checksums "
-                + ", ".join(f"{r}: {s:#x}" for r, s in enumerate(sums))
-                + "); stopping instead of diverging")
+        self._compare({what: mine})
         return mine
+
+    def check_parts_identical(self, parts: dict) -> None:
+        """`check_identical` for several named parts at once (tensors or state_dicts, see
+        `checksum`), in one all-gather of W×P numbers: the error names each part that differs
+        and, per part, the ranks that differ from rank 0."""
+        self._compare({what: checksum(x) for what, x in parts.items()})
+
+    def _compare(self, mine: dict[str, int]) -> None:
+        """Gather every rank's checksum of every part (every rank names the same parts, in the
+        same order) and raise ReplicaMismatch on every rank when any part differs."""
+        row = torch.tensor([list(mine.values())], dtype=torch.int64)
+        every = self.start_gather_rows(row, [1] * self.world_size)().tolist()
+        odd = []
+        for i, what in enumerate(mine):
+            sums = [r[i] for r in every]
+            ranks = [r for r, s in enumerate(sums) if s != sums[0]]
+            if ranks:
+                odd.append(f"{what}: worker(s) {ranks} hold other values than worker 0 "
+                           "(checksums " + ", ".join(f"{r}: {s:#x}" for r, s in enumerate(sums))
+                           + ")")
+        if odd:
+            raise ReplicaMismatch("; ".join(odd) + "; stopping instead of diverging")
 
 
 def broadcast_buffers(c, module: torch.nn.Module, src: int = 0) -> None:

@@ -10,8 +10,9 @@ Per outer iteration t (identical on every worker):
   2. The F/G buffers are filled by a forward pass over Ω, then T_in epochs of mini-batch steps
      update both streams (DDP averages the gradients) and all-gather the batch outputs.
   3. The code step: each worker holds only its block of B's rows (`blocks`) and solves it; no
-     rows of B are exchanged. The code step's inputs are compared across workers, and each
-     block is re-hashed before it is used again (a block changed in memory stops the run).
+     rows of B are exchanged. The code step's inputs and both streams' weights and buffers
+     are compared across workers, and each block is re-hashed before it is used again (a
+     block changed in memory stops the run).
   4. Validation (and, at the end, test) mAP, sharded by database rows: per-block distance
      histograms are gathered, so every worker ranks all queries against its own block.
 """
@@ -287,7 +288,9 @@ def _agree_finite(finite: list[bool], terms: dict[str, torch.Tensor], t: int, st
     """Every worker's finite flag for one mini-batch (exchanged with the outputs, so all agree
     before any update). Returns True when the mini-batch is finite everywhere; False when it is
     to be skipped by every worker (only if `skip_allowed`); otherwise raises NonFiniteLoss on
-    every worker, with context."""
+    every worker, with context. `t` and `step` (the mini-batch's index in the outer iteration,
+    skipped ones included) count from 0; the message counts both from 1, as the progress line
+    and the per-batch bar do."""
     if all(finite):
         return True
     if skip_allowed:
@@ -295,7 +298,7 @@ def _agree_finite(finite: list[bool], terms: dict[str, torch.Tensor], t: int, st
     bad = [r for r, ok in enumerate(finite) if not ok]
     detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
     raise NonFiniteLoss(
-        f"non-finite loss on worker(s) {bad} at outer iteration {t}, step {step} "
+        f"non-finite loss on worker(s) {bad} at outer iteration {t + 1}, step {step + 1} "
         f"(worker {rank}'s terms: {detail})")
 
 
@@ -403,7 +406,7 @@ def _open_omega(run: _Run, omega: torch.Tensor, y_omega: torch.Tensor, t: int, c
     c, dev = env.collectives, env.device
     amp = cfg.train.amp == "bf16" and dev.type == "cuda"
     # B's statistics from every block (one all-reduce; nothing of size n leaves a worker)
-    blocks.verify(c, run.block, f"before outer iteration {t}")
+    blocks.verify(c, run.block, f"before outer iteration {t + 1}")
     stats, sim = blocks.code_stats(c, run.block, cfg.objective.similarity, y_omega,
                                    run.labels_rows, cfg.codes.chunk_rows)
     # Ω's images from their owners: a worker holds only its own block's
@@ -501,14 +504,29 @@ def code_step_inputs(F: torch.Tensor, G: torch.Tensor | None, omega: torch.Tenso
                       for t in parts if t is not None])
 
 
+def replicated_parts(streams: Streams, F: torch.Tensor, G: torch.Tensor | None,
+                     omega: torch.Tensor, r: float) -> dict:
+    """What every worker must hold alike once the streams are shared, by name, for
+    `check_parts_identical`: each stream's weights and persistent buffers (what evaluation
+    encodes with and rank 0 checkpoints; a BatchNorm statistic left to diverge passes every
+    other check) and the code step's inputs."""
+    parts = {"stream f's weights and buffers": streams.f.state_dict()}
+    if streams.g is not None:
+        parts["stream g's weights and buffers"] = streams.g.state_dict()
+    parts["the code step's inputs (F, G, Ω, r)"] = code_step_inputs(F, G, omega, r)
+    return parts
+
+
 def update_codes(run: _Run, F: torch.Tensor, G: torch.Tensor | None, omega: torch.Tensor,
                  labels_omega: torch.Tensor, *, sim, t: int, cfg: Config, env: WorkerEnv,
                  ) -> dict:
     """Each worker solves its own block of B's rows (all k bits) and keeps it: no gather."""
     c = env.collectives
+    # the block follows from these and the block's previous rows, the evaluation and the
+    # checkpoint from the streams: all workers must agree on them (one all-gather; not in
+    # codes/seconds, which hashing two resnet18 streams, ~0.1 s on a CPU core, would swamp)
+    c.check_parts_identical(replicated_parts(run.streams, F, G, omega, sim.r))
     t0 = time.time()
-    # the block follows from these and the block's previous rows: all workers must agree on them
-    c.check_identical("the code step's inputs (F, G, Ω, r)", code_step_inputs(F, G, omega, sim.r))
     w = run.weights
     B_new = blocks.solve(run.block, F, G, omega, labels_omega, run.labels_rows, sim,
                          gamma=w.gamma, eta=w.eta, bits=cfg.objective.bits,
@@ -651,8 +669,9 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
         B_rows = ckpt.load_rows(env.resume_from, manifest, state, rows.start, rows.stop)
         t_start = int(state["t"])
         wall_s = float(state.get(WALL_KEY, 0.0))
-        resumed = (f"resumed from {env.resume_from.name} at outer iteration {t_start} (written "
-                   f"by {state.get('workers', '?')} worker(s)), now {c.world_size} worker(s)")
+        resumed = (f"resumed from {env.resume_from.name} after outer iteration {t_start} "
+                   f"(written by {state.get('workers', '?')} worker(s)), now {c.world_size} "
+                   "worker(s)")
         del state
     else:
         B_rows = initial_rows(cfg, rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -303,6 +304,15 @@ def _same_streams_worker(rank, world):
         mp.setattr(loop, "evaluate", evaluate)
         loop.train(cfg, loop.WorkerEnv(collectives=c, progress=False))
     assert len(checked) == 3  # validation after both iterations, the test queries at the end
+    # share()'s buffer broadcast left out (the divergence it fixes): the loop's own check of
+    # the streams stops every worker at the first code step, naming both streams
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "build_streams", _batch_norm_streams)
+        mp.setattr(loop, "broadcast_buffers", lambda *args, **kwargs: None)
+        with pytest.raises(ReplicaMismatch, match=r"^stream f's weights and buffers: worker\(s\) "
+                                                  r"\[1\] .*; stream g's weights and buffers: "
+                                                  r"worker\(s\) \[1\] .*; stopping"):
+            loop.train(cfg, loop.WorkerEnv(collectives=c, progress=False))
     # a mismatch names the workers that differ, on every worker
     with pytest.raises(ReplicaMismatch, match=r"^Ω: worker\(s\) \[1\] hold other values than "
                                               r"worker 0 \(checksums 0: 0x[0-9a-f]+, 1: 0x"):
@@ -321,3 +331,121 @@ def test_every_worker_evaluates_the_same_streams_batch_norm_statistics_included(
     most of it starting the processes) also checks check_identical's error and that
     broadcast_state hands over tensors that own their memory."""
     run_workers(_same_streams_worker, 2, timeout_s=60)
+
+
+def test_state_checksum_sees_one_ulp_names_and_order_not_layout():
+    """A state_dict's checksum: bytes on the CPU in the state_dict's order, so one ulp of one
+    weight, a renamed or reordered entry change it; a channels_last copy (a GPU stream's
+    layout) and odd dtypes and shapes do not trouble it; only tensors are hashed."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    state = net.state_dict()
+    base = dist_mod.state_checksum(state)
+    assert base == dist_mod.checksum(net.state_dict()) and 0 <= base < 2**63
+    nudged = {**state, "0.weight": state["0.weight"].clone()}
+    nudged["0.weight"].view(-1)[5] = torch.nextafter(nudged["0.weight"].view(-1)[5],
+                                                     torch.tensor(float("inf")))
+    assert dist_mod.state_checksum(nudged) != base
+    buffer = {**state, "1.running_var": state["1.running_var"] + 1e-6}
+    assert dist_mod.state_checksum(buffer) != base
+    renamed = {("x" + k if k == "0.bias" else k): v for k, v in state.items()}
+    assert dist_mod.state_checksum(renamed) != base
+    assert dist_mod.state_checksum(dict(reversed(list(state.items())))) != base
+    layout = {k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v
+              for k, v in state.items()}
+    assert not layout["0.weight"].is_contiguous()
+    assert dist_mod.state_checksum(layout) == base
+    odd = {"bf16": torch.ones(3, dtype=torch.bfloat16), "scalar": torch.tensor(2),
+           "empty": torch.empty(0, 5)}
+    assert dist_mod.state_checksum(odd) != dist_mod.state_checksum({**odd, "scalar":
+                                                                    torch.tensor(3)})
+    with pytest.raises(TypeError, match="entry 'note' is a str, not a tensor"):
+        dist_mod.state_checksum({"note": "x"})
+    # one process has nothing to compare with, and hashes nothing
+    assert LocalCollectives().check_parts_identical({"x": {"note": "x"}}) is None
+
+
+def _named_parts_worker(rank, world):
+    from dadh_dist.distributed import ReplicaMismatch, TorchCollectives
+
+    c = TorchCollectives()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+
+    def parts(net_differs: bool, tensor_differs: bool) -> dict:
+        state = net.state_dict()
+        if net_differs and rank == 1:
+            state = {**state, "1.running_mean": state["1.running_mean"] + 1}
+        return {"a tensor": torch.arange(4.0) + (rank if tensor_differs else 0),
+                "the net": state, "another": torch.tensor([rank == 1 and tensor_differs])}
+
+    gathers, all_gather = [], dist_mod.dist.all_gather
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dist_mod.dist, "all_gather",
+                   lambda *args, **kwargs: gathers.append(1) or all_gather(*args, **kwargs))
+        c.check_parts_identical(parts(False, False))  # identical: passes on every rank
+    assert len(gathers) == 1  # three parts, one collective
+    hexa = r"0x[0-9a-f]+"
+    with pytest.raises(ReplicaMismatch) as raised:
+        c.check_parts_identical(parts(True, False))
+    assert re.fullmatch(rf"the net: worker\(s\) \[1\] hold other values than worker 0 "
+                        rf"\(checksums 0: {hexa}, 1: {hexa}\); stopping instead of diverging",
+                        str(raised.value)), str(raised.value)
+    with pytest.raises(ReplicaMismatch) as raised:
+        c.check_parts_identical(parts(True, True))
+    assert re.fullmatch(r"a tensor: worker\(s\) \[1\] .*\); the net: worker\(s\) \[1\] .*\); "
+                        r"another: worker\(s\) \[1\] .*\); stopping instead of diverging",
+                        str(raised.value)), str(raised.value)
+    for stream_parallel in (False, True):
+        _nudged_g_stops_the_loop(c, world, stream_parallel)
+
+
+def _nudged_g_stops_the_loop(c, world, stream_parallel):
+    """The whole loop: one ulp of one weight of g on rank 1, after share(), stops every worker
+    at the first code step, naming g and the rank only; without it the run passes every
+    outer iteration's check, both streams' included."""
+    from dadh_dist.distributed import ReplicaMismatch
+
+    share = loop.Streams.share
+
+    def share_then_nudge(self, c):
+        share(self, c)
+        if c.rank == 1:
+            with torch.no_grad():
+                w = next(self.g.parameters()).view(-1)
+                w[0] = torch.nextafter(w[0], torch.tensor(float("inf")))
+
+    cfg = _cfg(SMALL)
+    cfg.scaling.num_workers = world
+    cfg.scaling.stream_parallel = stream_parallel
+    reports, checked = [], []
+    env = loop.WorkerEnv(collectives=c, progress=False,
+                         report=lambda metrics, staged: reports.append(metrics))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop.Streams, "share", share_then_nudge)
+        with pytest.raises(ReplicaMismatch) as raised:
+            loop.train(cfg, env)
+    assert re.fullmatch(r"stream g's weights and buffers: worker\(s\) \[1\] hold other values "
+                        r"than worker 0 \(checksums 0: 0x[0-9a-f]+, 1: 0x[0-9a-f]+\); "
+                        r"stopping instead of diverging", str(raised.value)), \
+        (stream_parallel, str(raised.value))
+    assert reports == []  # stopped at the first outer iteration's code step
+    check = c.check_parts_identical
+
+    def recording(parts):
+        checked.append(list(parts))
+        return check(parts)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(c, "check_parts_identical", recording)
+        loop.train(cfg, env)
+    assert [m["t"] for m in reports] == [1, 2]
+    assert checked == [["stream f's weights and buffers", "stream g's weights and buffers",
+                        "the code step's inputs (F, G, Ω, r)"]] * 2
+
+
+def test_stream_weights_are_compared_with_the_code_steps_inputs_in_one_gather():
+    """check_parts_identical on 2 gloo processes: identical parts pass, each differing part is
+    named with its ranks; in the loop (plain DDP and stream-parallel) one ulp of one weight of
+    g on rank 1 stops both workers with g and rank 1 named, and an unnudged run passes."""
+    run_workers(_named_parts_worker, 2, timeout_s=30)

@@ -58,12 +58,14 @@ def _outcomes(tmp_path, fault, extra=()):
 
 
 def test_non_finite_loss_on_one_worker_stops_all_with_context(tmp_path):
-    out = _outcomes(tmp_path, "nan:1:1")  # rank 1's outputs turn NaN in outer iteration 1
+    # rank 1's outputs turn NaN at t = 1 (DADH_FAULT counts from 0): the message and the
+    # progress line count outer iterations and mini-batches from 1
+    out = _outcomes(tmp_path, "nan:1:1")
     for o in out:
         assert o["error"] == "NonFiniteLoss"
-        assert "on worker(s) [1] at outer iteration 1, step 0" in o["message"]
+        assert "on worker(s) [1] at outer iteration 2, step 1 " in o["message"]
     assert "pair_f=nan" in out[1]["message"] and "nan" not in out[0]["message"]
-    # the checkpoint of iteration 0 was kept; nothing non-finite was written after it
+    # the checkpoint of t = 0 (outer iteration 1) was kept; nothing non-finite was written after it
     assert out[0]["kept"] == ["checkpoint_000001"]
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == ["checkpoint_000001"]
 
@@ -71,12 +73,12 @@ def test_non_finite_loss_on_one_worker_stops_all_with_context(tmp_path):
 def test_non_finite_loss_in_process_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
     from dadh_dist import cli
 
-    monkeypatch.setenv("DADH_FAULT", "nan:1:0")  # iteration 1, rank 0
+    monkeypatch.setenv("DADH_FAULT", "nan:1:0")  # t = 1 (outer iteration 2), rank 0
     code = cli.train_main(["--config", str(DEBUG), "scaling.use_ray=false", "train.outer_iters=2",
                            "train.num_samples=128", f"log.run_dir={json.dumps(str(tmp_path))}"])
     err = capsys.readouterr().err
     assert code == cli.EXIT_RUN_FAILED and "Traceback" not in err
-    assert err.startswith("error: ") and "outer iteration 1, step 0" in err, err
+    assert err.startswith("error: ") and "outer iteration 2, step 1 " in err, err
 
 
 def test_skip_policy_drops_the_batch_on_every_worker_counts_it_and_finishes(tmp_path):
@@ -93,7 +95,7 @@ def test_skip_policy_still_stops_past_its_limit(tmp_path):
     out = _outcomes(tmp_path, "nan:1:1", ["train.nonfinite=skip", "train.max_skipped=0"])
     for o in out:
         assert o["error"] == "NonFiniteLoss"
-        assert "at outer iteration 1, step 0" in o["message"]
+        assert "at outer iteration 2, step 1 " in o["message"]
 
 
 def test_flipped_bit_of_B_on_one_worker_is_caught_by_its_block_checksum(tmp_path):
@@ -102,6 +104,22 @@ def test_flipped_bit_of_B_on_one_worker_is_caught_by_its_block_checksum(tmp_path
         assert o["error"] == "ReplicaMismatch"
         assert "B's row block on worker(s) [1] changed since the code step" in o["message"]
     assert out[0]["kept"] == []
+
+
+def test_flipped_bit_caught_at_the_next_outer_iteration_names_it_from_1(monkeypatch):
+    """With no evaluation or checkpoint in between, the flip after t = 0's code step is caught
+    as the next outer iteration opens: the second, counted from 1 as the progress line does."""
+    from dadh_dist.distributed import ReplicaMismatch
+
+    monkeypatch.setenv("DADH_FAULT", "flip:0:0")
+    cfg = _cfg(["train.outer_iters=2", "train.inner_epochs=1", "train.num_samples=64",
+                "train.eval_every=0", "train.checkpoint_every=2"])
+    reports = []
+    with pytest.raises(ReplicaMismatch, match=r"^B's row block on worker\(s\) \[0\] changed "
+                                              r"since the code step wrote it \(before outer "
+                                              r"iteration 2\); "):
+        loop.train(cfg, loop.WorkerEnv(report=lambda m, f: reports.append(m), progress=False))
+    assert [m["t"] for m in reports] == [1]  # the first iteration went through
 
 
 def _dies_early(rank, world, out_dir, how):
@@ -444,14 +462,14 @@ def test_skip_policy_past_its_limit_says_the_limit_was_spent(tmp_path, monkeypat
     train.max_skipped mini-batches had already been dropped."""
     from dadh_dist import cli
 
-    monkeypatch.setenv("DADH_FAULT", "nan:0:0")  # iteration 0, rank 0
+    monkeypatch.setenv("DADH_FAULT", "nan:0:0")  # t = 0 (outer iteration 1), rank 0
     code = cli.train_main(["--config", str(DEBUG), "scaling.use_ray=false", "train.outer_iters=1",
                            "train.num_samples=64", "train.nonfinite=skip", "train.max_skipped=0",
                            "log.tensorboard=false", f"log.run_dir={json.dumps(str(tmp_path))}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == cli.EXIT_RUN_FAILED and len(err) == 1, err
-    assert err[0].startswith("error: non-finite loss on worker(s) [0] at outer iteration 0, "
-                             "step 0 ")
+    assert err[0].startswith("error: non-finite loss on worker(s) [0] at outer iteration 1, "
+                             "step 1 ")
     assert err[0].endswith("; train.nonfinite = skip had already dropped train.max_skipped = 0 "
                            "mini-batch(es) of this outer iteration")
 

@@ -160,7 +160,7 @@ def test_resume_by_name_skips_a_damaged_newest_checkpoint(tmp_path, capsys, dama
     final = runner.run_local(cfg)
     out, err = capsys.readouterr()
     assert refused in err
-    assert "resumed from checkpoint_000002 at outer iteration 2" in out
+    assert "resumed from checkpoint_000002 after outer iteration 2" in out
     assert final["resumed_at"] == 2
     resumed, _ = ckpt.load(ckpt.latest_valid(folder))
     assert_same_state(resumed, reference)
