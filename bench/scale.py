@@ -211,7 +211,7 @@ def child(spec: dict) -> None:
         if not torch.equal(labels_omega, want_omega):
             raise RuntimeError("Ω's labels gathered from the blocks are not Ω's labels")
         with c.phase("verify"):
-            blocks.verify(c, block, f"before outer iteration {t}")
+            blocks.verify(c, block, f"before outer iteration {t + 1}")
         with c.phase("code_stats"):
             _, sim = blocks.code_stats(c, block, o.similarity, labels_omega, labels_rows,
                                        cfg.codes.chunk_rows)
