@@ -302,21 +302,22 @@ def _agree_finite(finite: list[bool], terms: dict[str, torch.Tensor], t: int, st
         f"(worker {rank}'s terms: {detail})")
 
 
-def _exchange(c, om: _Omega, batch: torch.Tensor, mine: torch.Tensor, finite: bool):
+def _exchange(c, om: _Omega, batch: torch.Tensor, mine: torch.Tensor, finite: torch.Tensor):
     """Start a mini-batch step's one collective: every worker's outputs for its share of the
-    batch, with its finite flag as one extra row. Returns a function that waits for it and
-    gives the outputs in rank order and every worker's flag. Shares are the even split of the
-    batch over each stream's workers, so every rank knows every rank's row count."""
+    batch, with its finite flag (a 0-d bool tensor, still on the device) as one extra row.
+    Returns a function that waits for it and gives the outputs in rank order and every
+    worker's flag: the step's one read of the device by the host. Shares are the even split
+    of the batch over each stream's workers, so every rank knows every rank's row count."""
     shares = [even_split(batch.shape[0], om.share_world, r % om.share_world)
               for r in range(c.world_size)]
     counts = [share.stop - share.start + 1 for share in shares]
-    flag = torch.full((1, mine.shape[1]), 1.0 if finite else 0.0, device=mine.device)
+    flag = finite.to(mine.device, mine.dtype).reshape(1, 1).expand(1, mine.shape[1])
     started = c.start_gather_rows(torch.cat([mine.detach(), flag]), counts)
 
     def result() -> tuple[torch.Tensor, list[bool]]:
         got = started()
         ends = np.cumsum(counts).tolist()
-        flags = [bool(got[end - 1, 0] > 0.5) for end in ends]
+        flags = (got[[end - 1 for end in ends], 0] > 0.5).tolist()
         return torch.cat([got[end - n : end - 1] for n, end in zip(counts, ends)]), flags
 
     return result
@@ -376,15 +377,15 @@ def train_streams(run: _Run, omega: torch.Tensor, y_omega: torch.Tensor, t: int,
             if terms is None:  # every worker dropped it: no update, F/G rows keep their values
                 skipped += 1
                 continue
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
+            for k, v in terms.items():  # summed where they are: no host sync per step
+                sums[k] = sums.get(k, 0.0) + v.detach().double()
             steps += 1
             seen += batch.shape[0]
     bar.close()
     run.streams.share(c)
     seconds = time.time() - t0
     keys = sorted(sums)
-    totals = c.all_reduce_sum(torch.stack([sums[k] for k in keys])) if keys else []
+    totals = c.all_reduce_sum(torch.stack([sums[k] for k in keys]).cpu()) if keys else []
     metrics = {f"loss/{k}": float(v) / max(steps, 1) for k, v in zip(keys, totals)}
     w = run.weights
     metrics["loss/total"] = sum(
@@ -462,7 +463,9 @@ def _step(run: _Run, om: _Omega, batch: torch.Tensor, t: int, step: int, env: Wo
         for k in list(terms):
             other = k[:-1] + ("g" if k.endswith("_f") else "f")
             terms.setdefault(other, torch.zeros_like(terms[k]))
-    finite = all(bool(torch.isfinite(v).all()) for v in terms.values())
+    # one flag for all terms, left on the device: the exchange carries it, so the host waits
+    # for the device once a step (reading every worker's flag), not once per term
+    finite = torch.stack([torch.isfinite(v).all() for v in terms.values()]).all()
     if group is None:  # every worker's rows of both streams' outputs, side by side
         mine = F_M if G_M is None else torch.cat([F_M, G_M], dim=1)
     else:  # each worker's own stream's rows; rank order: f's half's, then g's half's
