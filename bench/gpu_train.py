@@ -23,7 +23,8 @@ GPU workers (scaling.use_gpu = true). The runs, most important first:
 Each run prints a RESULT line (test mAP, seconds per outer iteration, B's checksum
 `codes/checksum`, and whether jobs/evaluate.py's fp32 evaluation of the run's checkpoint on the
 same device gives the run's reported test mAP: under bf16 too, since the loop evaluates in
-fp32); a failed run prints its traceback and the next one starts. A run still going at its
+fp32; on a GPU also the synchronizing CUDA calls inside one mini-batch step, median and most, as
+torch's sync debug mode counts them); a failed run prints its traceback and the next one starts. A run still going at its
 deadline is killed. The JSON is rewritten after every run. Exit status: the number of failed
 runs plus failed checks (`resume` ends on `nccl`'s B checksum; every run's mAP is evaluate.py's;
 the stream-parallel ranks agree); a skipped run counts as neither.
@@ -128,6 +129,7 @@ def _train_rank(spec: dict, folder: Path, started: float) -> dict:
         resume = Path(spec["resume_from"]) if spec["resume_from"] else None
         env = loop.WorkerEnv(collectives=c, device=device, report=report, resume_from=resume,
                              run_dir=folder if c.rank == 0 else None, progress=False)
+        syncs = _count_step_syncs(loop, torch) if device.type == "cuda" else []
         setup_s = time.perf_counter() - started
         t0 = time.perf_counter()
         final = loop.train(cfg, env)
@@ -145,6 +147,9 @@ def _train_rank(spec: dict, folder: Path, started: float) -> dict:
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else "CPU"),
         "torch": torch.__version__, "stand_ins": stand_ins,
+        # the host's waits for the device inside one mini-batch step (torch's sync debug mode):
+        # median and most over the run's steps; the loop aims at one (the finite flags)
+        "step_syncs": ([sorted(syncs)[len(syncs) // 2], max(syncs)] if syncs else None),
     }
     if device.type == "cuda":
         out["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -161,6 +166,28 @@ def _train_rank(spec: dict, folder: Path, started: float) -> dict:
         ev = report.evaluate(hf, ds, ["fg"], "query")
         out["tools_map_all_fg"] = ev.metrics["map_all_fg"]
     return out
+
+
+def _count_step_syncs(loop, torch) -> list[int]:
+    """Wrap `loop._step` so that each call counts the synchronizing CUDA operations torch's
+    sync debug mode warns about inside it; returns the list the counts go into."""
+    import warnings
+
+    counts: list[int] = []
+    step = loop._step
+
+    def counted(*args, **kwargs):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return step(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                counts.append(sum("synchroniz" in str(w.message) for w in seen))
+
+    loop._step = counted
+    return counts
 
 
 def _stand_in_missing_tqdm() -> list[str]:
@@ -283,7 +310,8 @@ def result_line(name: str, rec: dict) -> str:
         return f"RESULT {name}: {rec['status'].upper()}: {rec.get('error', rec.get('reason'))}"
     return (f"RESULT {name}: ok | test mAP f/g/fg {_map_cell(rec)} | s/iter {_iter_cell(rec)} | "
             f"B checksum {rec['checksum']} | evaluate.py's mAP fg "
-            f"{'equal' if _tools_agree(rec) else 'DIFFERS'} | setup {rec['setup_s']:.1f} s, train "
+            f"{'equal' if _tools_agree(rec) else 'DIFFERS'} | host syncs per step (median, max) "
+            f"{rec.get('step_syncs') or 'n/a'} | setup {rec['setup_s']:.1f} s, train "
             f"{rec['train_s']:.1f} s, process {rec['seconds']:.1f} s")
 
 
