@@ -24,10 +24,11 @@ Each run prints a RESULT line (test mAP, seconds per outer iteration, B's checks
 `codes/checksum`, and whether jobs/evaluate.py's fp32 evaluation of the run's checkpoint on the
 same device gives the run's reported test mAP: under bf16 too, since the loop evaluates in
 fp32; on a GPU also the synchronizing CUDA calls inside one mini-batch step, median and most, as
-torch's sync debug mode counts them); a failed run prints its traceback and the next one starts. A run still going at its
-deadline is killed. The JSON is rewritten after every run. Exit status: the number of failed
-runs plus failed checks (`resume` ends on `nccl`'s B checksum; every run's mAP is evaluate.py's;
-the stream-parallel ranks agree); a skipped run counts as neither.
+torch's sync debug mode counts them); a failed run prints its traceback and the next one
+starts. A run still going at its deadline is killed. The JSON is rewritten after every run.
+Exit status: the number of failed runs plus failed checks (`resume` ends on `nccl`'s B
+checksum; every run's mAP is evaluate.py's; the stream-parallel ranks agree); a skipped run
+counts as neither.
 
 `--cpu-smoke` runs the same plan on the CPU with gloo everywhere and fewer iterations, to test the
 script where there is no GPU (`nccl` and `bf16` then are CPU runs; bf16 autocast is GPU-only in

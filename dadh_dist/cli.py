@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -253,7 +256,8 @@ def check_out(path: str | Path, what: str, folder: bool = False, option: str = "
     be written there: checked before the work, not after it, and with nothing there touched.
     Refused too: a URI, a path that is (or is inside) a training run's own files, and one that
     would replace an input (`inputs`: option -> path). The folder (a file's parent) is made if
-    missing."""
+    missing; should the tool then fail (`run_main`), what was made here goes again if it is still
+    empty."""
     if uris.is_uri(str(path)):
         raise ConfigError(f"{option} {uris.redact(str(path))}: is a URI; {option} names a local "
                           f"{what}")
@@ -267,13 +271,39 @@ def check_out(path: str | Path, what: str, folder: bool = False, option: str = "
     if why:
         raise ConfigError(f"{option} {path}: {why}; write the {what} elsewhere")
     where = path if folder else path.parent
+    missing = _missing_folders(where)
     try:
         where.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{option} {path}: cannot create {where} ({e.strerror or e})") from None
+    made = _MADE.get()
+    if made is not None:
+        made.extend(missing)
     if not os.access(where, os.W_OK):
         raise ConfigError(f"{option} {path}: {where} is not writable")
     return path
+
+
+_MADE: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("made", default=None)
+"""The folders `check_out` made for the tool that `run_main` runs (None outside one)."""
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders that making `folder` (parents included) creates, absolute."""
+    missing = []
+    for p in (folder.absolute(), *folder.absolute().parents):
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_made(folders: list[Path]) -> None:
+    """Remove the folders a failed tool made, deepest first, each only if empty: what anyone put
+    in one (a partial output of ours included, should a writer ever leave one) keeps it."""
+    for p in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            p.rmdir()
 
 
 @contextlib.contextmanager
@@ -366,22 +396,104 @@ def fail(message: str, code: int, as_json: bool, problems: list[str] | None = No
     return code
 
 
-def run_main(body: Callable[[], int | None], as_json: bool = False) -> int:
+STOPPED = "stopped by SIGTERM"
+RERUN = "rerun the same command"
+TRAIN_RESUME = "the run keeps its checkpoints: rerun the same command to resume it"
+SWEEP_RESUME = "the sweep keeps its finished trials: rerun the same command to resume it"
+EXIT_SIGTERM = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended
+
+
+def run_main(body: Callable[[], int | None], as_json: bool = False, resume: str = RERUN) -> int:
     """Run an entry point; user mistakes print one line and exit 2, never a traceback; a run
     that Ray Train gave up on (lost workers or nodes) prints one line and exits 1. With
-    `as_json` the error is a JSON object on stdout instead."""
+    `as_json` the error is a JSON object on stdout instead.
+
+    SIGTERM (`ray job stop`, a scheduler, a service manager) stops the body as Ctrl-C does, and
+    is said in one line, `resume` its second half, with exit status 143. A tool that fails
+    removes the folders `check_out` made for it that are still empty."""
+    made: list[Path] = []
+    token = _MADE.set(made)
+    code = EXIT_RUN_FAILED  # a traceback's
     try:
-        return body() or 0
-    except KeyboardInterrupt:
-        return fail("interrupted", 130, as_json)
-    except Exception as e:
-        code = _exit_code(e)
+        with _sigterm_as_interrupt() as sigterm:
+            code = _run_body(body, as_json, sigterm, resume)
+    finally:
+        _MADE.reset(token)
+        if code != 0:
+            _remove_made(made)
+    return code
+
+
+def _run_body(body: Callable[[], int | None], as_json: bool, sigterm: _Sigterm,
+              resume: str) -> int:
+    try:
+        code = body() or 0
+    except BaseException as e:
+        if sigterm.received or _ray_sigterm_exit(e):  # whatever the body made of the interrupt
+            return fail(f"{STOPPED}; {resume}", EXIT_SIGTERM, as_json)
+        if isinstance(e, KeyboardInterrupt):
+            # a run's or sweep's Ctrl-C says how to go on, as its SIGTERM does
+            return fail("interrupted" if resume == RERUN else f"interrupted; {resume}", 130,
+                        as_json)
+        code = _exit_code(e) if isinstance(e, Exception) else None
         if code is None:
             raise
         summary = getattr(e, "summary", None)  # several problems: each, then the summary
         if summary is not None and len(e.problems) > 1:
             return fail(summary, code, as_json, [str(p) for p in e.problems])
         return fail(str(e), code, as_json)
+    if sigterm.received:  # the body caught the interrupt and returned (a sweep: "interrupted");
+        # what it printed stays the only JSON on stdout
+        return fail(f"{STOPPED}; {resume}", EXIT_SIGTERM, as_json=False)
+    return code
+
+
+class _Sigterm:
+    """A SIGTERM handler that raises KeyboardInterrupt, so that the body stops exactly as on
+    Ctrl-C (every cleanup written for Ctrl-C runs), and remembers it was SIGTERM. A second
+    SIGTERM, while the first one's cleanup runs, ends the process at once, as it would have
+    without this handler."""
+
+    def __init__(self):
+        self.received = False
+
+    def __call__(self, signum, frame):
+        if self.received:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = True
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """`_Sigterm` installed while the block runs, in the main thread only (the only one Python
+    delivers signals to). The handler that was there before comes back after, unless the block
+    installed its own meanwhile: `ray.init` does, and a Ray still up needs it."""
+    sigterm = _Sigterm()
+    if threading.current_thread() is not threading.main_thread():
+        yield sigterm
+        return
+    before = signal.signal(signal.SIGTERM, sigterm)
+    try:
+        yield sigterm
+    finally:
+        if signal.getsignal(signal.SIGTERM) is sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+
+
+def _ray_sigterm_exit(e: BaseException | None) -> bool:
+    """Whether `e` is (or was raised from) the SystemExit of the SIGTERM handler `ray.init`
+    installs in a driver, which replaces ours: `sys.exit(signum)`. Under Ray Train's fit it
+    arrives as the cause of a KeyboardInterrupt (`run.ray_train.fit`)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, SystemExit) and e.code == signal.SIGTERM:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class Notes:
@@ -428,7 +540,7 @@ def train_main(argv: list[str] | None = None) -> int:
             if k.startswith(("map_", "p_at_")) and isinstance(v, float)))
         return 0
 
-    return run_main(body)
+    return run_main(body, resume=TRAIN_RESUME)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,7 +860,7 @@ def tune_main(argv: list[str] | None = None) -> int:
         _print_json(result)
         return result.get("exit_code", 0)
 
-    return run_main(body, wants_json(argv))
+    return run_main(body, wants_json(argv), resume=SWEEP_RESUME)
 
 
 def _ray_is_up() -> bool:

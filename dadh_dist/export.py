@@ -9,9 +9,12 @@
     codes = program(images)         # no dadh_dist needed to run it
 
 Writing into a folder that holds an export of another encoder removes that export's program, so
-the folder holds one export, the one export.json describes. An `out` inside the local mirror of
-a remote run (a run URI's default export folder) is then published to the same place under the
-run URI, as evaluate publishes its report.
+the folder holds one export, the one export.json describes; the folder's other files (the
+user's) stay. An export is never mixed with an earlier one: it is made in a staging folder, and
+`install` removes the earlier export's files before moving the new ones in, export.json last, so
+export.json is there only with the whole export it describes. An `out` inside the local mirror
+of a remote run (a run URI's default export folder) is then published to the same place under
+the run URI, as evaluate publishes its report.
 
 The batch dimension is dynamic (any N >= 1); channels and side are fixed to the training
 geometry. The codes are sign(f), sign(g) or sign(f + g) with 0 counted as -1, the rule of
@@ -21,6 +24,7 @@ returns.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -87,10 +91,11 @@ def program_name(encoder: str) -> str:
 
 def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path | str]:
     """Write the program, the weights and their metadata into `out` once the program has been
-    verified, removing the program of an earlier export of another encoder there; a program
-    that fails the check leaves `out` as it was. Returns the paths written, and under
-    "published" where they were sent (user-info masked) when `out` lies in a remote run's
-    mirror (`HashFunction.publish`)."""
+    verified, in place of an earlier export there (another encoder's program included); the
+    folder's other files stay. A program that fails the check leaves `out` as it was; an export
+    stopped while its files are put in place leaves no export.json (never a mix of two). Returns
+    the paths written, and under "published" where they were sent (user-info masked) when `out`
+    lies in a remote run's mirror (`HashFunction.publish`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # the CPU's streams, whatever device hf runs on: the program is traced there, the weights
@@ -103,9 +108,8 @@ def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path | 
     with torch.no_grad():
         program = torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}})
     names = {"program": program_name(encoder), "weights": "streams.pt",
-             "metadata": "export.json"}
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
-    try:
+             "metadata": METADATA}
+    with staging_for(out) as staging:
         torch.export.save(program, staging / names["program"])
         streams = {name: getattr(cpu, name).state_dict() for name in ("f", "g") if name in encoder}
         torch.save(streams, staging / names["weights"])
@@ -119,18 +123,44 @@ def export(hf: HashFunction, encoder: str, out: str | Path) -> dict[str, Path | 
         }
         (staging / names["metadata"]).write_text(json.dumps(meta, indent=1))
         check_round_trip(cpu, encoder, staging / names["program"], out / names["program"])
-        for name in names.values():
-            os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for other in ENCODERS:  # export.json and streams.pt now describe `encoder` only
-        if other != encoder:
-            (out / program_name(other)).unlink(missing_ok=True)
+        install(staging, out, list(names.values()))
     paths: dict[str, Path | str] = {key: out / name for key, name in names.items()}
     published = hf.publish(out)
     if published:
         paths["published"] = uris.redact(published)
     return paths
+
+
+# ------------------------------------------------------ never mixed with an earlier export
+
+
+METADATA = "export.json"
+OWN_FILES = frozenset({*(program_name(e) for e in ENCODERS), "streams.pt", METADATA})
+"""Every name an export writes into its folder: what an earlier export left under one of them is
+replaced or removed by the next; any other file there is the user's and stays."""
+
+
+@contextlib.contextmanager
+def staging_for(out: Path):
+    """A staging folder inside `out` (the same file system, so its files rename in) for the
+    block to write an export into; whatever is left of it afterwards goes."""
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def install(staging: Path, out: Path, names: list[str]) -> None:
+    """Make the export staged as `names` in `staging` the one in `out`, so that no file of it is
+    ever beside one of an earlier export, however it is stopped: the earlier export's files go
+    first, export.json first, then the new ones come in, export.json last. export.json is thus
+    there only with the whole export it describes; a stopped install leaves no export.json (the
+    export is to be run again), never a mix."""
+    for name in sorted(OWN_FILES, key=lambda n: n != METADATA):
+        (out / name).unlink(missing_ok=True)
+    for name in sorted(names, key=lambda n: n == METADATA):
+        os.replace(staging / name, out / name)
 
 
 def load_program(path: str | Path) -> nn.Module:

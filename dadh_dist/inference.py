@@ -185,8 +185,47 @@ def load(path: str | Path, device: str | torch.device = "cpu",
          data_root: str | None = None) -> HashFunction:
     """The hash function of a run or checkpoint folder (the checkpoint is verified first).
     `data_root` (the tools' --data-root): the run's data, read from there rather than from the
-    data.root it was trained on (moved, or mounted elsewhere); nothing else changes."""
+    data.root it was trained on (moved, or mounted elsewhere); nothing else changes.
+
+    A run still training removes its older checkpoints as it writes new ones, and may remove the
+    one chosen here while it is read. A run folder's newest is then chosen again, once, with a
+    warning: the newest is what was asked for, and a rerun would do just that. A checkpoint
+    named itself (or a second one lost) is a one-line CheckpointError naming it."""
     folder, run_uri = resolve_checkpoint(path)
+    chosen = run_uri is None and folder != Path(path).expanduser().resolve()
+    try:
+        return _load(folder, run_uri, device, data_root)
+    except (OSError, ckpt.CheckpointError, ConfigError) as e:
+        if run_uri is not None or not _removed(folder, e, chosen):
+            raise
+    if not chosen:
+        raise ckpt.CheckpointError(
+            f"{folder}: was removed while being read (is its run still training? it keeps only "
+            "its newest checkpoints: name the run folder to take its newest)")
+    again = ckpt.latest_valid(folder.parent)
+    if again is not None:
+        ckpt.warning(f"{folder.name} was removed while being read (the run is still training?); "
+                     f"reading its newest now, {again.name}")
+        try:
+            return _load(again, None, device, data_root)
+        except (OSError, ckpt.CheckpointError, ConfigError) as e:
+            if not _removed(again, e, True):
+                raise
+    raise ckpt.CheckpointError(f"{again or folder}: was removed while being read (is the run "
+                               "still training? rerun to take its newest)")
+
+
+def _removed(folder: Path, error: BaseException, verified: bool) -> bool:
+    """Whether reading the checkpoint `folder` failed because it was removed meanwhile: the folder
+    is gone, or a file it held when `ckpt.load` verified it (a FileNotFoundError comes only
+    after that check), or its manifest when it was `verified` on being chosen (a run's newest:
+    an incomplete checkpoint named itself also lacks one)."""
+    return (not folder.is_dir() or isinstance(error, FileNotFoundError)
+            or (verified and not (folder / ckpt.MANIFEST).is_file()))
+
+
+def _load(folder: Path, run_uri: str | None, device: str | torch.device,
+          data_root: str | None) -> HashFunction:
     state, manifest = ckpt.load(folder)
     cfg = _moved(config_mod.load(folder / ckpt.CONFIG), data_root)
     if "geometry" not in state:

@@ -4,8 +4,10 @@ import, one flag vocabulary, JSON errors, and the generated table of config keys
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 import tomllib
 
 import pytest
@@ -163,6 +165,116 @@ def test_errors_are_classified_without_importing_their_modules():
         cli.run_main(lambda: (_ for _ in ()).throw(Unrelated("boom")))
 
 
+# ----------------------------------------------------------------------------------- SIGTERM
+
+# A driver whose body says "ready" on stdout, then sleeps until a SIGTERM (`ray job stop`, a
+# scheduler) reaches it; MAIN is its last line.
+_DRIVER = """
+import signal, sys, time
+from dadh_dist import cli
+
+def sleep():
+    print("ready", flush=True)
+    time.sleep(60)
+
+def made_a_folder_then_sleep():  # check_out makes --out, the tool is then stopped
+    cli.check_out(sys.argv[1], "output folder", folder=True)
+    sleep()
+
+def ray_init_then_sleep():  # ray.init replaces the handler by its own: sys.exit(signum)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    sleep()
+
+def ray_fit():  # ...and run.ray_train.fit turns that SystemExit into a KeyboardInterrupt
+    try:
+        ray_init_then_sleep()
+    except SystemExit as e:
+        raise KeyboardInterrupt from e
+
+def slow_cleanup():
+    try:
+        sleep()
+    except KeyboardInterrupt:
+        sleep()
+
+def train():  # train_main as jobs/train.py runs it, its training a sleep
+    from dadh_dist import run
+    run.run = lambda cfg, progress: sleep()
+    return cli.train_main(["--config", sys.argv[2]])
+
+MAIN
+"""
+
+
+def _stopped(main: str, *args, signals: int = 1) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of the driver running `main`, sent SIGTERM `signals` times,
+    each once the body says it is ready."""
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER.replace("MAIN", main), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        for _ in range(signals):
+            assert proc.stdout.readline() == "ready\n", proc.stderr.read()
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
+
+
+def test_sigterm_stops_a_tool_as_ctrl_c_does_in_one_line_with_exit_143(tmp_path):
+    """It ended the process with status 143 and said nothing; now it stops as Ctrl-C does (the
+    body's cleanups run: here the --out folder check_out made goes), says so in one line and
+    still exits 143, what a scheduler expects of a process it sent SIGTERM."""
+    out = tmp_path / "new" / "out"
+    code, stdout, stderr = _stopped("sys.exit(cli.run_main(made_a_folder_then_sleep))", out)
+    assert (code, stdout, stderr) == (143, "", "error: stopped by SIGTERM; rerun the same "
+                                               "command\n")
+    assert list(tmp_path.iterdir()) == []
+    code, _, stderr = _stopped("sys.exit(train())", tmp_path, DEBUG)
+    assert code == 143 and stderr.splitlines() == [
+        "error: stopped by SIGTERM; the run keeps its checkpoints: rerun the same command to "
+        "resume it"], stderr
+
+
+@pytest.mark.parametrize("body", ["ray_init_then_sleep", "ray_fit"])
+def test_sigterm_under_rays_own_handler_is_said_too_and_json_with_json(body):
+    code, stdout, stderr = _stopped(f"sys.exit(cli.run_main({body}, as_json=True))")
+    assert code == 143 and stderr == ""
+    assert json.loads(stdout) == {"error": "stopped by SIGTERM; rerun the same command",
+                                  "exit_code": 143}
+
+
+def test_a_second_sigterm_during_the_cleanup_ends_the_process_at_once():
+    code, _, stderr = _stopped("sys.exit(cli.run_main(slow_cleanup))", signals=2)
+    assert code == -signal.SIGTERM and "Traceback" not in stderr  # the shell's 143
+
+
+def test_run_main_holds_its_sigterm_handler_only_while_it_runs_in_the_main_thread():
+    before = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def body():
+        seen["during"] = signal.getsignal(signal.SIGTERM)
+
+    assert cli.run_main(body) == 0
+    assert seen["during"] not in (before, signal.SIG_DFL, signal.SIG_IGN, None)
+    assert signal.getsignal(signal.SIGTERM) is before
+    # another thread cannot install one (ValueError): it runs the body without
+    thread = threading.Thread(target=lambda: seen.update(thread=cli.run_main(lambda: 7)))
+    thread.start()
+    thread.join()
+    assert seen["thread"] == 7
+
+    def ray_init(signum, frame):  # a handler the body installs (ray.init's) is left in place
+        pass
+
+    try:
+        assert cli.run_main(lambda: signal.signal(signal.SIGTERM, ray_init) and 0) == 0
+        assert signal.getsignal(signal.SIGTERM) is ray_init
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_train_name_flag_is_log_name(tmp_path):
     parser = cli.config_parser("x")
     parser.add_argument("--name")
@@ -263,3 +375,14 @@ def test_usage_errors_are_one_line_naming_the_option_and_exit_2(capsys, argv, sa
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
     assert lines[0].endswith("(see --help)")
+
+
+def test_ctrl_c_says_how_to_go_on_for_a_run_and_a_sweep(capsys):
+    def stopped():
+        raise KeyboardInterrupt
+
+    assert cli.run_main(stopped) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+    assert cli.run_main(stopped, resume=cli.TRAIN_RESUME) == 130
+    assert capsys.readouterr().err == ("error: interrupted; the run keeps its checkpoints: rerun "
+                                       "the same command to resume it\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import shutil
 import tomllib
 from pathlib import Path
@@ -827,6 +828,45 @@ def test_evaluate_and_export_refuse_an_out_they_cannot_write_before_the_work(
         "space left on device)")
 
 
+def test_a_tool_that_fails_removes_the_folders_it_made_not_those_that_were_there(
+        centred, tmp_path, monkeypatch, capsys):
+    """check_out makes a missing --out folder (a file's parent for encode); a tool that then
+    fails (exit 1, 2 or 130) removes what it made, parents included, and nothing else."""
+    real = inference.HashFunction.codes
+    with monkeypatch.context() as m:  # the program disagrees: export fails after check_out
+        m.setattr(inference.HashFunction, "codes",
+                  lambda self, images, encoder: -real(self, images, encoder))
+        assert cli.export_main(["--checkpoint", str(centred), "--out",
+                                str(tmp_path / "new" / "export")]) == 1
+    assert "codes differ" in capsys.readouterr().err
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "bad.png").write_bytes(b"not a png")
+    empty = tmp_path / "empty"  # there before: stays, as it was
+    empty.mkdir()
+    for out in (tmp_path / "made" / "deeper" / "codes.parquet", empty / "codes.parquet"):
+        assert cli.encode_main(["--checkpoint", str(centred), "--images", str(photos), "--out",
+                                str(out)]) == 2
+        assert "bad.png" in capsys.readouterr().err
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("mine")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "evaluate", interrupted)
+    for out in (tmp_path / "ev", kept):
+        assert cli.evaluate_main(["--checkpoint", str(centred), "--out", str(out)]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "kept", "photos"]
+    assert list(empty.iterdir()) == [] and _files(kept) == {"mine.txt": b"mine"}
+    monkeypatch.undo()  # and a tool that succeeds keeps the folder it made
+    out = tmp_path / "made" / "codes.parquet"
+    assert cli.encode_main(["--checkpoint", str(centred), "--split", "query", "--out", str(out),
+                            "--quiet"]) == 0
+    assert out.is_file()
+
+
 def test_search_refuses_an_out_it_cannot_write_before_encoding(centred, tmp_path, monkeypatch,
                                                                capsys):
     db = _write_codes(tmp_path / "db.parquet", 16, 20, "ab" * 32)
@@ -951,10 +991,102 @@ def test_an_export_over_another_encoders_export_leaves_only_its_own_files(centre
     out.mkdir()
     for name in ("notes.txt", "hash_f.pt2", "hash_fg.pt2"):  # earlier exports', and the user's
         (out / name).write_text("earlier")
+    notes = os.stat(out / "notes.txt")
     export.export(hf, "g", out)
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "hash_g.pt2", "notes.txt",
                                                      "streams.pt"]
     assert json.loads((out / "export.json").read_text())["encoder"] == "g"
+    # the user's file is left as it was, and no staging folder is left
+    assert os.path.samestat(os.stat(out / "notes.txt"), notes)
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def _stop_at(k: int, calls: list):
+    """A wrapper of a call that raises KeyboardInterrupt instead of making the k-th call
+    counted in `calls` (shared by every call wrapped)."""
+    def wrap(real):
+        def call(*args, **kwargs):
+            calls.append(real)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+def _one_export(files: dict, exports: tuple[dict, ...]) -> bool:
+    """Whether `files` (the user's aside) are some of one export's, export.json only with all."""
+    return (any(files.items() <= one.items() for one in exports)
+            and ("export.json" not in files or files in exports))
+
+
+def test_an_export_stopped_between_its_writes_is_never_mixed_with_the_earlier(
+        centred, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at each rename as the files are put in place: the folder holds some of the new
+    export's files, export.json only with all of them, and the user's file; never a file of the
+    earlier export beside one of the new (the three files were renamed in one by one over the
+    earlier ones, and a stop between two left a new program beside the earlier weights and
+    export.json)."""
+    earlier = tmp_path / "earlier"
+    assert cli.export_main(["--checkpoint", str(centred), "--encoder", "fg", "--out",
+                            str(earlier), "--quiet"]) == 0
+    before = _files(earlier)
+    (earlier / "notes.txt").write_text("mine")
+    done = tmp_path / "done"
+    assert cli.export_main(["--checkpoint", str(centred), "--encoder", "g", "--out",
+                            str(done), "--quiet"]) == 0
+    new = _files(done)
+    for k in (1, 2, 3):
+        out = tmp_path / f"out{k}"
+        shutil.copytree(earlier, out)
+        wrap = _stop_at(k, [])
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", wrap(os.replace))
+            assert cli.export_main(["--checkpoint", str(centred), "--encoder", "g", "--out",
+                                    str(out), "--quiet"]) == 130
+        files = _files(out)
+        assert files.pop("notes.txt") == b"mine", k
+        assert "export.json" not in files and _one_export(files, (before, new)), (k, files)
+        assert not any(p.name.startswith(".export-") for p in out.iterdir())  # nothing staged
+    capsys.readouterr()
+
+
+def test_an_export_install_stopped_at_any_step_is_never_mixed_with_the_earlier(tmp_path,
+                                                                               monkeypatch):
+    """Every step of putting a staged export in place (each unlink and rename), stopped in
+    turn: `out` holds files of one export only, export.json only with all of them, and the
+    user's file; the install run to its end leaves the new export and nothing staged."""
+    earlier = {"hash_fg.pt2": b"old program", "streams.pt": b"old weights",
+               "export.json": b"old fg"}
+    new = {"hash_g.pt2": b"new program", "streams.pt": b"new weights", "export.json": b"new g"}
+    for k in range(1, 60):
+        out = tmp_path / str(k)
+        out.mkdir()
+        for name, data in {**earlier, "notes.txt": b"mine"}.items():
+            (out / name).write_bytes(data)
+        wrap = _stop_at(k, [])
+        finished = False
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", wrap(os.replace))
+            m.setattr(Path, "unlink", wrap(Path.unlink))
+            try:
+                with export.staging_for(out) as staging:
+                    for name, data in new.items():
+                        (staging / name).write_bytes(data)
+                    export.install(staging, out, list(new))
+                finished = True
+            except KeyboardInterrupt:
+                pass
+        files = _files(out)
+        assert files.pop("notes.txt") == b"mine", k
+        assert _one_export(files, (earlier, new)), (k, files)
+        if finished:
+            assert files == new and sorted(os.listdir(out)) == sorted([*new, "notes.txt"])
+            break
+    else:
+        pytest.fail("the install never finished")
 
 
 def test_evaluate_reports_an_encoder_named_twice_once(centred, tmp_path, capsys):
@@ -1346,6 +1478,64 @@ def test_a_run_stopped_before_its_first_checkpoint_says_so_local_or_uri(run, tmp
     # a folder that is no run at all is still called that
     assert cli.export_main(["--checkpoint", str(tmp_path)]) == 2
     assert "holds no valid checkpoint_* folder" in capsys.readouterr().err
+
+
+def test_a_checkpoint_the_run_removes_while_it_is_read_is_read_again_or_said(
+        run, tmp_path, monkeypatch, capsys):
+    """A run still training prunes its older checkpoints: the one a tool chose may go while
+    it is read. A run folder's newest is chosen again, once, with a warning; a checkpoint named
+    itself, or a second one gone, is one line naming it (it was "No such file or directory",
+    or a "missing manifest" that called the checkpoint incomplete)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    newest = ckpt.latest_valid(copy)
+    older = max(p for p in copy.glob("checkpoint_*") if p != newest)
+    real_load, real_verify = ckpt.load, ckpt.verify
+    removed: list[Path] = []
+
+    def pruning(times: int):
+        """ckpt.load that removes the first `times` checkpoints it opens, as it opens them."""
+        def load(folder, *args, **kwargs):
+            if len(removed) < times:
+                removed.append(Path(folder))
+                shutil.rmtree(folder)
+            return real_load(folder, *args, **kwargs)
+
+        return load
+
+    monkeypatch.setattr(ckpt, "load", pruning(1))
+    hf = inference.load(copy)
+    assert removed == [newest] and hf.checkpoint == older
+    assert capsys.readouterr().err == (f"warning: {newest.name} was removed while being read "
+                                       "(the run is still training?); reading its newest now, "
+                                       f"{older.name}\n")
+
+    # the newest chosen again goes too: one line naming it
+    shutil.rmtree(copy)
+    shutil.copytree(run, copy)
+    removed.clear()
+    monkeypatch.setattr(ckpt, "load", pruning(2))
+    assert cli.evaluate_main(["--checkpoint", str(copy)]) == 2
+    assert removed == [newest, older]
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {older}: was removed while being read (is the run still training? rerun to "
+        "take its newest)")
+
+    # named itself, and removed after its check, as its state.pt is read
+    shutil.rmtree(copy)
+    shutil.copytree(run, copy)
+
+    def pruned_after_check(folder):
+        manifest = real_verify(folder)
+        shutil.rmtree(folder)
+        return manifest
+
+    monkeypatch.setattr(ckpt, "load", real_load)
+    monkeypatch.setattr(ckpt, "verify", pruned_after_check)
+    assert cli.evaluate_main(["--checkpoint", str(newest), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"] == (
+        f"{newest}: was removed while being read (is its run still training? it keeps only "
+        "its newest checkpoints: name the run folder to take its newest)")
 
 
 # -------------------------------------------------------------------------------- export

@@ -26,7 +26,6 @@ from dadh_dist import checkpoint as ckpt
 from dadh_dist import config as config_mod
 from dadh_dist import storage, uris
 from dadh_dist.config import Config, ConfigError
-from dadh_dist.data.identity import differing, identity
 from dadh_dist.monitor import say
 
 KEEP_CHECKPOINTS = 2
@@ -152,6 +151,9 @@ def prepare_run(cfg: Config) -> tuple[Path, Path | None]:
     one. Either way the data's identity is recorded (`DATA_RECORD`) where this machine sees the
     data.
     """
+    # not at module level: the data package is heavy, and the tools' --help imports this one
+    from dadh_dist.data.identity import identity
+
     folder = run_folder(cfg)
     uri = run_uri(cfg)
     saved = folder / "config.toml"
@@ -211,6 +213,8 @@ def _refuse_changed(cfg: Config, saved: Path, where: str, recorded: dict | None 
     """ConfigError unless the config saved with the run of this name in `where` (the runs'
     folder or URI) equals `cfg`, log.* aside. A data.root that is all that changed passes when
     the files there are those the run recorded (`recorded`; `found`: the new root's)."""
+    from dadh_dist.data.identity import differing
+
     try:
         old = config_mod.load(saved)
     except ConfigError as e:
