@@ -675,6 +675,11 @@ def _start(cfg: Config, env: WorkerEnv) -> _Run:
         resumed = (f"resumed from {env.resume_from.name} after outer iteration {t_start} "
                    f"(written by {state.get('workers', '?')} worker(s)), now {c.world_size} "
                    "worker(s)")
+        T = cfg.train.outer_iters
+        if t_start >= T:  # a rerun of a finished run: say that nothing is trained
+            resumed = (f"the run had already finished ({env.resume_from.name}, {t_start}/{T} "
+                       "outer iterations): nothing to train; its final state is evaluated "
+                       "and reported again")
         del state
     else:
         B_rows = initial_rows(cfg, rows)

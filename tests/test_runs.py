@@ -499,7 +499,10 @@ def test_a_run_resumes_on_its_data_moved_to_another_root(tmp_path, capsys):
     (tmp_path / "a").rename(tmp_path / "b")
     capsys.readouterr()
     again = runner.run_local(cfg_at(tmp_path / "b"), progress=False)
-    assert f"data.root moved from {tmp_path / 'a'} to {tmp_path / 'b'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"data.root moved from {tmp_path / 'a'} to {tmp_path / 'b'}" in out
+    assert ("the run had already finished (checkpoint_000001, 1/1 outer iterations): nothing to "
+            "train" in out)
     assert again["map_all_fg"] == first["map_all_fg"]  # the finished run, evaluated again
     assert config.load(folder / "config.toml").data.root == str(tmp_path / "b")
     assert json.loads((folder / DATA_RECORD).read_text())["root"] == str(tmp_path / "b")
@@ -539,3 +542,24 @@ def test_files_changed_in_place_are_named_on_resume(tmp_path, capsys):
     assert capsys.readouterr().out == ("warning: data.root's files changed since the run last "
                                        "started (database.txt): resuming on them as they are "
                                        "now\n")
+
+
+def test_rays_worker_prefix_is_uncoloured_into_a_file_unless_the_user_chose(monkeypatch):
+    """Ray colours its `(RayTrainWorker pid=…)` prefixes: escape codes in a job's log file.
+    Off where stdout is no terminal; a terminal's, and a user's own setting, are left alone."""
+    import io
+
+    from dadh_dist.run.session import plain_log_prefix
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    plain_log_prefix(Terminal())
+    assert "RAY_COLOR_PREFIX" not in os.environ
+    plain_log_prefix(io.StringIO())
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
+    plain_log_prefix(io.StringIO())
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"

@@ -43,6 +43,18 @@ def _pin_ray_address() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
+def plain_log_prefix(stream=None) -> None:
+    """Ray colours the `(RayTrainWorker pid=…)` prefix of the workers' lines it relays; into a
+    file or a pipe (a job's log, `> out`) those colours are escape codes. Off there, unless the
+    user set RAY_COLOR_PREFIX (Ray reads it as it prints each line)."""
+    import sys
+
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty is not None and isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True,
                need_dashboard: bool = False):
     """Connect to the cluster (RAY_ADDRESS, as `ray job submit` sets it) or start Ray here.
@@ -53,6 +65,7 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True,
     """
     import ray
 
+    plain_log_prefix()
     if ray.is_initialized():
         if not need_dashboard:
             return None  # a second ray.init() would only log that Ray is already running
