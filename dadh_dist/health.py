@@ -25,16 +25,28 @@ def chance_map(query_labels: np.ndarray, db_labels: np.ndarray) -> float:
     """mAP of a random ranking: per query, the fraction of the database that is relevant
     (shares a label), averaged over every query (one without a relevant item counts 0, as it
     does in mAP)."""
+    n = np.asarray(db_labels).shape[0]
+    if np.asarray(query_labels).shape[0] == 0 or n == 0:
+        return 0.0
+    return chance_of(relevant_counts(query_labels, db_labels), n)
+
+
+def relevant_counts(query_labels: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
+    """Per query, how many database items are relevant (share a label: y_q · y_d > 0), in
+    blocks of queries: no (queries, n) matrix is held."""
     q = np.asarray(query_labels, dtype=np.float64)
     d = np.asarray(db_labels, dtype=np.float64)
-    if q.shape[0] == 0 or d.shape[0] == 0:
-        return 0.0
-    # relevant iff y_q · y_d > 0; count per query without an (nq, n) matrix for single labels
     relevant = np.zeros(q.shape[0])
     for start in range(0, q.shape[0], 256):
-        block = q[start : start + 256] @ d.T > 0
-        relevant[start : start + 256] = block.sum(1)
-    return chance_of(relevant, d.shape[0])
+        relevant[start : start + 256] = (q[start : start + 256] @ d.T > 0).sum(1)
+    return relevant
+
+
+def best_precision_at(relevant: np.ndarray, N: int) -> float:
+    """The highest P@N any ranking can reach: a query with fewer than N relevant items has at
+    most that many among its first N (mean over queries of min(relevant, N) / N)."""
+    relevant = np.asarray(relevant, np.float64)
+    return float((np.minimum(relevant, N) / N).mean()) if len(relevant) and N > 0 else 0.0
 
 
 def chance_of(relevant: np.ndarray, n: int) -> float:

@@ -98,7 +98,9 @@ def evaluate(hf: HashFunction, dataset: Dataset, encoders: list[str] | None = No
         topk = hf.cfg.eval.topk or min(DEFAULT_TOPK, len(db))
     outputs = hf.outputs(queries.images, encoders, batch_size)
     ev = Evaluation(split, encoders, {}, topk, precision_at)
-    ev.health = {"chance_map": health.chance_map(queries.labels, db.labels),
+    relevant = health.relevant_counts(queries.labels, db.labels)
+    ev.health = {"chance_map": health.chance_of(relevant, len(db)),
+                 "best_p_at_n": health.best_precision_at(relevant, min(precision_at, len(db))),
                  "distinct_database_codes": health.distinct_codes(hf.B),
                  "distinct_query_codes": {}}
     n = len(db)
@@ -276,9 +278,14 @@ def _health_line(ev: Evaluation) -> list[str]:
     if not ev.health:
         return []
     counts = ", ".join(f"{NAMES[e]} {c}" for e, c in ev.health["distinct_query_codes"].items())
-    return [f"- health: {ev.health['distinct_database_codes']} distinct database codes; "
-            f"distinct query codes {counts}; a random ranking's mAP is "
-            f"{ev.health['chance_map']:.4f}"]
+    lines = [f"- health: {ev.health['distinct_database_codes']} distinct database codes; "
+             f"distinct query codes {counts}; a random ranking's mAP is "
+             f"{ev.health['chance_map']:.4f}"]
+    best = ev.health.get("best_p_at_n")
+    if best is not None and best < 0.9995:
+        lines.append(f"- P@{ev.precision_at} is at most {best:.4f} here, for any ranking: some "
+                     f"queries have fewer than {ev.precision_at} relevant database images")
+    return lines
 
 
 def write(out: str | Path, ev: Evaluation, hf: HashFunction, dataset: Dataset,

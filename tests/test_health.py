@@ -55,3 +55,22 @@ def test_collapsed_run_warns_in_log_and_final_metrics(tmp_path, capsys):
     for enc, warning in final["warnings"].items():
         assert f"WARNING: encoder {enc}: {warning}" in out
     assert final["chance_map"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_best_precision_at_n_is_bounded_by_each_querys_relevant_count():
+    q = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.uint8)
+    db = np.array([[1, 0], [1, 0], [1, 0], [0, 1]], np.uint8)
+    relevant = health.relevant_counts(q, db)
+    assert relevant.tolist() == [3, 1, 4, 0]
+    assert health.best_precision_at(relevant, 2) == pytest.approx((1 + 0.5 + 1 + 0) / 4)
+    assert health.best_precision_at(np.array([5, 9]), 4) == 1.0
+    from dadh_dist import report
+
+    ev = report.Evaluation("query", ["fg"], {}, 0, 1000)
+    ev.health = {"distinct_database_codes": 5, "distinct_query_codes": {"fg": 3},
+                 "chance_map": 0.1, "best_p_at_n": 0.16}
+    assert report._health_line(ev)[1] == ("- P@1000 is at most 0.1600 here, for any ranking: "
+                                          "some queries have fewer than 1000 relevant database "
+                                          "images")
+    ev.health["best_p_at_n"] = 1.0
+    assert len(report._health_line(ev)) == 1
