@@ -1,6 +1,6 @@
 """The code step at database scale: factored vs the dense similarity matrix (issue 6 item 2).
 
-    python bench/code_step.py [--quick]
+    python bench/code_step.py [--quick] [--repeats N]
 
 One code step (docs/design.md §2): H = FᵀF + GᵀG, Q = 2ηk·S_Ωᵀ(F + G) + 2γ·(F̄ + Ḡ), then one
 DCC sweep over the k bit columns, from B = 0 (the first outer iteration; `codes.init = "zeros"`).
@@ -172,6 +172,18 @@ def child(spec: dict) -> None:
 # ------------------------------------------------------------------------------------ parent
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """One variant's runs as one row: median times, the total's range, the memory of the run
+    with the median total, and whether every run gave the same B."""
+    by_total = sorted(runs, key=lambda r: r["t_total"])
+    out = dict(by_total[len(by_total) // 2])
+    for key in ("t_linear", "t_dcc", "t_total"):
+        out[key] = float(np.median([r[key] for r in runs]))
+    out["total_range"] = f"{by_total[0]['t_total']:.3f}-{by_total[-1]['t_total']:.3f}"
+    out["same_B"] = all(np.array_equal(r["B"], runs[0]["B"]) for r in runs)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -187,8 +199,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per variant")
     parser.add_argument("--skip-dense-single", action="store_true",
                         help="leave out the 8 GB dense variant at n = 1M")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the single-label variants, interleaved (each variant once "
+                             "a round, so load drifts hit all alike): times are medians, and the "
+                             "total's min-max is shown")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats: must be >= 1, got {args.repeats}")
     if args.child:
         child(json.loads(args.child))
         return 0
@@ -221,17 +239,21 @@ def main() -> int:
              " by_class={})\ncodes.dcc(B, H, Q, 1.0)\nseconds = time.perf_counter() - t0")
     first = {by_class: first_call_seconds(probe.format(by_class))  # --quick: the loop's path
              for by_class in ((True,) if args.quick else (True, False))}
-    single = {"ours": variant("ours", n=args.n, multi=False)}
-    single["ours1"] = variant("ours", n=args.n, multi=False, threads=1)
-    single["written"] = variant("written", n=args.n, multi=False)
-    single["before"] = variant("before", n=args.n, multi=False)
-    single["torch"] = variant("torch", n=args.n, multi=False)
+    plan = [("ours", "ours", {}), ("ours1", "ours", {"threads": 1}), ("written", "written", {}),
+            ("before", "before", {}), ("torch", "torch", {})]
     if not args.skip_dense_single:
-        single["dense"] = variant("dense", n=args.n, multi=False)
+        plan.append(("dense", "dense", {}))
+    runs: dict[str, list[dict]] = {key: [] for key, _, _ in plan}
+    for _ in range(args.repeats):
+        for key, name, kw in plan:
+            runs[key].append(variant(name, n=args.n, multi=False, **kw))
+    single = {key: _median_run(rs) for key, rs in runs.items()}
+    checks = [(f"{key}: the same B in each of its {args.repeats} runs", r["same_B"])
+              for key, r in single.items() if args.repeats > 1]
 
     ref_key = "dense" if "dense" in single else "torch"
     ref = single[ref_key]
-    rows, checks, targets = [], [], []
+    rows, targets = [], []
     labels = {"dense": "dense S_Ω (m×n float32) + torch DCC (baseline)",
               "torch": "factored S, Q written + torch DCC (DCC baseline)",
               "before": "before the Q fix: torch Q (n×k gather) + compiled DCC",
@@ -243,8 +265,8 @@ def main() -> int:
             continue
         r = single[key]
         differ = int(np.count_nonzero(r["B"] != ref["B"]))
-        row = [labels[key], r["t_linear"], r["t_dcc"], r["t_total"], r["hwm"],
-               r["hwm"] - r["rss0"]]
+        row = [labels[key], r["t_linear"], r["t_dcc"], r["t_total"], r["total_range"],
+               r["hwm"], r["hwm"] - r["rss0"]]
         d = single.get("dense")
         row.append(f"{ratio(d['t_linear'], r['t_linear'])} / {ratio(d['t_total'], r['t_total'])}"
                    if d else "(no dense run)")
@@ -287,7 +309,8 @@ def main() -> int:
 
     print(f"# Code step: n = {args.n:,}, k = {args.bits}, m = {args.m:,}, single-label "
           "(10 classes), one DCC sweep from B = 0\n")
-    print(table(["variant", "Q s", "DCC s", "total s", "peak RSS MiB",
+    print(f"({args.repeats} interleaved run(s) per variant: medians)\n")
+    print(table(["variant", "Q s", "DCC s", "total s", "total s min-max", "peak RSS MiB",
                  "peak − inputs MiB", "speed-up vs dense: Q / total", "DCC speed-up vs torch DCC",
                  f"bits ≠ {'dense' if 'dense' in single else 'torch DCC'}",
                  "targets: total ≥ 20×, DCC ≥ 5×, same B"], rows))
