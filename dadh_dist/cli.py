@@ -83,7 +83,34 @@ class ToolParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.json_errors = False
+        self.overrides_help: str | None = None
+        """Set by `takes_overrides`: the tool reads dotted overrides after its options."""
         self.add_argument("--version", action=_Version)
+
+    def format_usage(self):
+        with self._overrides_shown():
+            return super().format_usage()
+
+    def format_help(self):
+        with self._overrides_shown():
+            return super().format_help()
+
+    @contextlib.contextmanager
+    def _overrides_shown(self):
+        """The overrides as a positional argument while the usage or help is written, and only
+        then: parsing leaves them to `overrides_in`, in the order they were given."""
+        if self.overrides_help is None:
+            yield
+            return
+        shown = argparse.Action([], "overrides", nargs="*", metavar=OVERRIDES_METAVAR,
+                                help=self.overrides_help)
+        self._actions.append(shown)
+        self._positionals._group_actions.append(shown)
+        try:
+            yield
+        finally:
+            self._actions.remove(shown)
+            self._positionals._group_actions.remove(shown)
 
     def parse_known_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
@@ -99,6 +126,31 @@ class ToolParser(argparse.ArgumentParser):
         else:
             print(f"error: {text}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+
+
+OVERRIDES_METAVAR = "section.key=value"
+
+
+def takes_overrides(parser: ToolParser, help: str) -> None:
+    """Show in `parser`'s usage and help that the tool takes dotted config overrides."""
+    parser.overrides_help = help
+
+
+def overrides_in(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
+    """The dotted overrides among what `parser` did not recognise (`extra`): anything else that
+    looks like an option (`--nope`, `--nope=3`, `-x`: no section.key) is the usage error a tool
+    without overrides gives, not taken for an override without a value."""
+    unknown, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if item.startswith("-") and "." not in item.split("=", 1)[0]:
+            unknown.append(item)
+        elif item.startswith("--") and "=" not in item:
+            i += 1  # `--section.key VALUE`: the next item is its value, whatever it looks like
+        i += 1
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return extra
 
 
 def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, dest: str,
@@ -324,10 +376,13 @@ def check_at_least(option: str, value: int | None, low: int) -> None:
 def config_parser(description: str, prog: str | None = None) -> ToolParser:
     parser = ToolParser(
         prog=prog, description=description,
-        epilog="Any config key can be overridden: --objective.gamma=200 train.outer_iters=5 "
-               "(every key: python -m dadh_dist config --list)",
+        epilog="Any config key can be overridden after the options, as section.key=value (or "
+               "--section.key=value): data.root=/data/lists train.outer_iters=5 "
+               "--objective.gamma=200 (every key: python -m dadh_dist config --list)",
     )
     parser.add_argument("--config", help="TOML config file (defaults < file < overrides)")
+    takes_overrides(parser, "config overrides, e.g. data.root=/data/lists; they win over "
+                            "--config")
     return parser
 
 
@@ -335,10 +390,12 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None,
                  flag_overrides: Callable[[argparse.Namespace], list[str]] | None = None,
                  ) -> tuple:
     """(args, Config) from the command line; `flag_overrides` turns flags such as --name into
-    dotted overrides, applied after the ones written out."""
+    dotted overrides, applied after the ones written out. `args.overrides`: all of them, in the
+    order applied."""
     args, extra = parser.parse_known_args(argv)
-    overrides = [*extra, *(flag_overrides(args) if flag_overrides else [])]
-    cfg = config_mod.load(args.config, overrides)
+    args.overrides = [*overrides_in(parser, extra),
+                      *(flag_overrides(args) if flag_overrides else [])]
+    cfg = config_mod.load(args.config, args.overrides)
     return args, cfg
 
 
@@ -533,7 +590,11 @@ def train_main(argv: list[str] | None = None) -> int:
         args, cfg = parse_config(parser, argv, flags)
         from dadh_dist import run
 
-        final = run.run(cfg, progress=not args.quiet)
+        try:
+            final = run.run(cfg, progress=not args.quiet)
+        except Exception as e:
+            _name_check_data_command(e, args.config, args.overrides)
+            raise
         print(f"run folder: {final['run_dir']}")
         print("final metrics: " + ", ".join(
             f"{k}={v:.4f}" for k, v in sorted(final.items())
@@ -541,6 +602,28 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_main(body, resume=TRAIN_RESUME)
+
+
+def check_data_command(config: str | None, overrides: list[str]) -> str:
+    """The check-data command line of the config a tool was given, quoted for a shell."""
+    import shlex
+
+    words = ["python", "-m", "dadh_dist", "check-data",
+             *(["--config", config] if config is not None else []), *overrides]
+    return shlex.join(words)
+
+
+def _name_check_data_command(e: BaseException, config: str | None,
+                             overrides: list[str]) -> None:
+    """A data error's hint names check-data with a placeholder for the config (the loaders do
+    not know the command line): here it becomes the command to paste. The same exception goes
+    on, its message edited in place (a worker's DataError arrives as another class)."""
+    if not (len(e.args) == 1 and isinstance(e.args[0], str) and "check-data" in e.args[0]):
+        return
+    from dadh_dist.data.problems import CHECK_COMMAND
+
+    if CHECK_COMMAND in e.args[0]:
+        e.args = (e.args[0].replace(CHECK_COMMAND, check_data_command(config, overrides)),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,7 +774,9 @@ def search_main(argv: list[str] | None = None) -> int:
         "Top-k Hamming search: query codes, or images encoded with --checkpoint, against a "
         "database codes file."))
     add_model_args(parser, required=False,
-                   help="run or checkpoint folder that encodes query images", reads_data=True)
+                   help="run or checkpoint folder that encodes query images; with a codes file "
+                        "as --query nothing is encoded: the codes are checked to be this "
+                        "model's", reads_data=True)
     parser.add_argument("--database", required=True, metavar="FILE",
                         help="database codes file (.parquet)")
     query = parser.add_mutually_exclusive_group(required=True)
@@ -736,6 +821,8 @@ def search_main(argv: list[str] | None = None) -> int:
             kind = probe.query_kind(args.query)
         if kind == probe.CODES:
             queries = codesfile.read(args.query)
+            if args.checkpoint is not None:
+                check_codes_of(queries, args.checkpoint)
         else:  # images: the network is needed only here
             from dadh_dist import inference
 
@@ -772,6 +859,19 @@ def search_main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_main(body, wants_json(argv))
+
+
+def check_codes_of(codes, checkpoint: str) -> None:
+    """Refuse a --checkpoint that did not make `codes` (a codes file given as --query): the
+    user meant those codes to be its model's, and search would otherwise say nothing of it."""
+    from dadh_dist import codesfile, inference
+
+    hf = inference.load(checkpoint, "cpu")  # its weights' hash only: no image is encoded
+    if hf.model_sha256 != codes.model_sha256:
+        raise codesfile.CodesError(
+            f"--checkpoint {checkpoint}: model {hf.model_sha256[:12]} ({hf.bits} bits), but "
+            f"{codes.name} holds codes of model {codes.model_sha256[:12]} ({codes.bits} bits); "
+            "name the run that made them, or drop --checkpoint")
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -822,6 +922,7 @@ def tune_main(argv: list[str] | None = None) -> int:
         epilog="Extra section.key=value arguments override the base training config "
                "(after the sweep file's [overrides]), e.g. train.outer_iters=5.",
     )
+    takes_overrides(parser, "overrides of the base training config, e.g. train.outer_iters=5")
     parser.add_argument("--config", required=True, help="sweep TOML file (configs/sweep_*.toml)")
     parser.add_argument("--name", help="sweep name (default: the file's name key or stem)")
     parser.add_argument("--num-samples", type=int, help="trials to sample (overrides the file)")
@@ -834,7 +935,8 @@ def tune_main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         from dadh_dist import sweep as sweeps
 
-        sweep = sweeps.load_sweep(args.config, config_mod.parse_overrides(extra),
+        sweep = sweeps.load_sweep(args.config,
+                                  config_mod.parse_overrides(overrides_in(parser, extra)),
                                   args.num_samples, args.name)
         if not args.json:
             return 130 if sweeps.run_sweep(sweep)["interrupted"] else 0
@@ -885,15 +987,22 @@ def _comma_list(item: type):
     return parse
 
 
+QUALITY_CONFIG = "configs/fashion_mnist_{bits}.toml"
+
+
 def quality_main(argv: list[str] | None = None) -> int:
     parser = ToolParser(
         description="Train every (method, bits, seed) cell of the retrieval-quality table as an "
-                    "in-process run and print the Markdown table (finished runs are reused).",
+                    "in-process run and print the Markdown table (finished runs are reused). "
+                    "The default grid (Fashion-MNIST, dadh and adsh at 32 bits) takes hours on "
+                    "a CPU; a quick run: --config configs/debug_cpu.toml --bits 16.",
         epilog="Extra section.key=value arguments apply to every run (the shared budget), "
                "e.g. train.outer_iters=10.",
     )
-    parser.add_argument("--config", default="configs/fashion_mnist_{bits}.toml",
-                        help="run config; {bits} is replaced by the code length")
+    takes_overrides(parser, "overrides for every run, e.g. train.outer_iters=10")
+    parser.add_argument("--config", default=QUALITY_CONFIG,
+                        help="run config; {bits} is replaced by the code length (default: "
+                             f"{QUALITY_CONFIG})")
     parser.add_argument("--methods", type=_comma_list(str), default=["dadh", "adsh"],
                         help="comma-separated, any of: dadh, adsh, dadh-no-code, dadh-no-pair")
     parser.add_argument("--bits", type=_comma_list(int), default=[32],
@@ -921,6 +1030,7 @@ def quality_main(argv: list[str] | None = None) -> int:
         from dadh_dist import quality
 
         args, extra = parser.parse_known_args(argv)
+        extra = overrides_in(parser, extra)
         unknown = sorted(set(args.methods) - set(quality.METHODS))
         if unknown:
             raise ConfigError(f"--methods: unknown {', '.join(unknown)}; "

@@ -307,10 +307,37 @@ def coerce(key: str, value, typ):
         (item,) = typing.get_args(typ)
         if isinstance(value, list):
             return [coerce(key, v, item) for v in value]
+        raise ConfigError(f"{key}: expected a list of {item.__name__} ({_list_syntax(key)}), "
+                          f"got {value!r}")
     else:  # pragma: no cover - every field has one of the types above
         raise TypeError(typ)
     name = getattr(typ, "__name__", str(typ))
     raise ConfigError(f"{key}: expected {name}, got {value!r}")
+
+
+def _list_syntax(key: str) -> str:
+    """The two spellings of a list of strings, shown with the key's default as the example."""
+    example = Config().flat().get(key) or ["a", "b"]
+    return (f"on the command line {key}={','.join(map(str, example))}, in TOML "
+            f"{_toml_value(example)}")
+
+
+def _is_str_list(key: str) -> bool:
+    """Whether dotted `key` names a list-of-strings field (False for a key that is none)."""
+    section, _, name = key.partition(".")
+    sections = {f.name: f.default_factory().__class__ for f in dataclasses.fields(Config)}
+    typ = _section_types(sections[section]).get(name) if section in sections else None
+    return typing.get_origin(typ) is list and typing.get_args(typ) == (str,)
+
+
+def _comma_list(key: str, value):
+    """A command-line value of a list-of-strings field: bare text (what is not TOML) is read as
+    comma-separated members, `eval.encoders=f,fg` as the tools' `--encoders f,fg`; the TOML list
+    syntax stays as it is, and so does text that starts one (`[f,fg]`: refused by `coerce`
+    with the syntax that works)."""
+    if isinstance(value, str) and not value.lstrip().startswith("[") and _is_str_list(key):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
 
 
 def _parse_cli_value(raw: str):
@@ -371,28 +398,32 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
 
 def parse_overrides(items: list[str] | dict) -> dict:
     """The one override parser: `["a.b=1", "--a.b=1", "--a.b", "1"]` (or a dict of dotted keys)
-    to `{"a.b": 1}`. Values are read as TOML (bare words are strings); later items win. Keys are
-    checked for shape here and against the config's sections by `with_overrides`."""
+    to `{"a.b": 1}`. Values are read as TOML (bare words are strings); a list-of-strings field's
+    bare text is comma-separated (`eval.encoders=f,fg`); later items win. Keys are checked for
+    shape here and against the config's sections by `with_overrides`."""
     if isinstance(items, dict):
-        pairs = list(items.items())
+        triples = [(key, value, key) for key, value in items.items()]
     else:
-        pairs, i = [], 0
+        triples, i = [], 0
         while i < len(items):
             item = items[i]
             if item.startswith("--") and "=" not in item:
                 if i + 1 >= len(items):
                     raise ConfigError(f"{item[2:]}: missing value (use {item[2:]}=VALUE)")
-                key, raw, i = item[2:], items[i + 1], i + 2
+                key, raw, given, i = item[2:], items[i + 1], f"{item} {items[i + 1]}", i + 2
             elif "=" not in item:
                 raise ConfigError(f"{item}: overrides have the form section.key=value")
             else:
-                key, raw = item.removeprefix("--").split("=", 1)
+                (key, raw), given = item.removeprefix("--").split("=", 1), item
                 i += 1
-            pairs.append((key.strip(), _parse_cli_value(raw.strip())))
+            key = key.strip()
+            triples.append((key, _comma_list(key, _parse_cli_value(raw.strip())), given))
     out = {}
-    for key, value in pairs:
-        if len(key.split(".")) != 2:
-            raise ConfigError(f"{key}: keys have the form section.field (e.g. objective.gamma)")
+    for key, value, given in triples:
+        if len(key.split(".")) != 2 or not all(key.split(".")):
+            # the whole override: an empty key alone would show as nothing
+            raise ConfigError(f"override {given!r}: keys have the form section.field (e.g. "
+                              "train.outer_iters=3)")
         out[key] = value
     return out
 

@@ -921,7 +921,7 @@ def parser() -> argparse.ArgumentParser:
                     "(multipart files or base64 JSON), GET /info and /healthz.",
         epilog="curl -F image=@a.png 'http://127.0.0.1:8000/search?k=5'")
     d = Options("")
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", required=True, metavar="RUN|CKPT",
                    help="run folder (its newest valid checkpoint), checkpoint_* or export folder")
     p.add_argument("--database", help="database codes file (.parquet; default: the run's "
                    "learned B with the database split's ids)")

@@ -156,6 +156,43 @@ def test_loader_fails_on_the_checks_first_problem(tmp_path):
     assert "check-data" in str(e.value)
 
 
+def test_a_run_stopped_by_its_data_names_the_check_data_command_to_paste(tmp_path, capsys):
+    """The hint was `python -m dadh_dist check-data --config ...`, a placeholder: it is now
+    the run's own config and overrides, quoted for a shell, and pasted it lists every problem."""
+    import shlex
+
+    from dadh_dist import cli
+
+    root = tmp_path / "my data"  # a space: the command must quote it
+    fake_lists(root)
+    expected = break_lists(root)
+    cfg = tmp_path / "my cfg.toml"
+    cfg.write_text('[data]\nsource = "list"\nval_per_class = 1\nimage_size = 4\n')
+    overrides = [f"data.root={root}", "scaling.use_ray=false", "--log.run_dir", str(tmp_path)]
+    assert cli.train_main(["--config", str(cfg), *overrides, "--name", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(and 1 more problem; `" in err, err
+    command = err.split("`")[1]
+    assert command == shlex.join(["python", "-m", "dadh_dist", "check-data", "--config", str(cfg),
+                                  *overrides, 'log.name="r"'])
+    words = shlex.split(command)
+    assert words[:4] == ["python", "-m", "dadh_dist", "check-data"]
+    assert main(words[3:]) == 2
+    assert len(problem_lines(capsys.readouterr().out)) == len(expected)
+
+
+def test_the_hint_a_ray_run_gives_names_the_command_too_without_a_config_file():
+    """Under Ray the worker's DataError reaches the driver as a ConfigError of another text."""
+    from dadh_dist import cli
+    from dadh_dist.config import ConfigError
+    from dadh_dist.data.problems import CHECK_HINT
+
+    e = ConfigError(f"worker 0: a.txt:3: bad (and 2 more problems; {CHECK_HINT}); not restarted")
+    cli._name_check_data_command(e, None, ["data.root=/my data"])
+    assert str(e) == ("worker 0: a.txt:3: bad (and 2 more problems; `python -m dadh_dist "
+                      "check-data 'data.root=/my data'` lists them all); not restarted")
+
+
 def test_truncated_and_missing_idx_files_are_all_named(tmp_path):
     fm = tmp_path / "fm"
     fake_fashion(fm)

@@ -386,3 +386,81 @@ def test_ctrl_c_says_how_to_go_on_for_a_run_and_a_sweep(capsys):
     assert cli.run_main(stopped, resume=cli.TRAIN_RESUME) == 130
     assert capsys.readouterr().err == ("error: interrupted; the run keeps its checkpoints: rerun "
                                        "the same command to resume it\n")
+
+
+def _check_data_main(argv):
+    from dadh_dist.__main__ import check_data_main
+
+    return check_data_main(argv)
+
+
+def _config_main(argv):
+    from dadh_dist.__main__ import config_main
+
+    return config_main(argv)
+
+
+@pytest.mark.parametrize("main,argv", [
+    (cli.train_main, ["--config", str(DEBUG)]),
+    (cli.tune_main, ["--config", str(ROOT / "configs" / "sweep_debug.toml")]),
+    (cli.quality_main, ["--config", str(DEBUG), "--bits", "16"]),
+    (_check_data_main, ["--config", str(DEBUG)]),
+    (_config_main, []),
+])
+@pytest.mark.parametrize("unknown", [["--nope"], ["--nope=3"], ["-x", "train.seed=1"]])
+def test_tools_taking_overrides_refuse_an_unknown_option_as_a_usage_error(main, argv, unknown,
+                                                                          capsys):
+    """`train --nope` said `nope: missing value (use nope=VALUE)`: an option that is no
+    section.key is refused as evaluate refuses it, one line and exit 2, before anything runs."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *unknown])
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert err.endswith(f": unrecognized arguments: {unknown[0]} (see --help)\n"), err
+
+
+def test_overrides_in_keeps_every_spelling_of_an_override():
+    parser = cli.config_parser("x")
+    given = ["--objective.gamma", "5", "--train.seed", "-3", "--optim.lr_f=0.5",
+             "train.outer_iters=2"]
+    args, extra = parser.parse_known_args(["--config", str(DEBUG), *given])
+    assert cli.overrides_in(parser, extra) == given and args.config == str(DEBUG)
+
+
+def test_help_of_the_tools_taking_overrides_shows_them_and_parsing_is_unchanged(capsys):
+    """check-data --help did not say it takes data.root=...; the usage of each tool that takes
+    overrides now ends with them, and they are listed with an example."""
+    from dadh_dist.__main__ import main
+
+    for command in ("check-data", "train", "tune", "quality", "config"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = capsys.readouterr().out
+        usage = shown.split("\n\n", 1)[0]
+        assert usage.rstrip().endswith(f"[{cli.OVERRIDES_METAVAR} ...]"), (command, usage)
+        assert f"  {cli.OVERRIDES_METAVAR}  " in shown, command
+    with pytest.raises(SystemExit):
+        main(["check-data", "--help"])
+    assert "data.root=" in capsys.readouterr().out
+    # shown only: the parser still leaves every override to overrides_in, in order
+    parser = cli.config_parser("x")
+    parser.format_help()
+    args, extra = parser.parse_known_args(["a.b=1", "--config", "c", "d.e=2"])
+    assert extra == ["a.b=1", "d.e=2"] and not hasattr(args, "overrides")
+    assert "[--config CONFIG] [section.key=value ...]" in parser.format_usage()
+
+
+def test_quality_help_shows_its_default_config_and_a_quick_run(capsys):
+    with pytest.raises(SystemExit):
+        cli.quality_main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: configs/fashion_mnist_{bits}.toml)" in shown
+    assert "takes hours on a CPU" in shown
+    assert "--config configs/debug_cpu.toml --bits 16" in shown
+
+
+def test_serve_help_names_its_checkpoint_as_the_other_tools_do():
+    from dadh_dist import serve
+
+    assert "--checkpoint RUN|CKPT" in serve.parser().format_usage()

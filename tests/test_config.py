@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import typing
 
 import pytest
 from _repo import DEBUG, ROOT, job
@@ -56,6 +58,45 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         config.load(None, [override, *extra])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["=3", " =3", ".gamma=1", "objective.=1",
+                                      "objective.gamma.x=1", "--=3"])
+def test_an_override_with_a_key_of_the_wrong_shape_is_named_whole(override):
+    """`=3` said `: keys have the form ...`: the empty key it named showed as nothing."""
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override])
+    assert str(e.value) == (f"override {override!r}: keys have the form section.field "
+                            "(e.g. train.outer_iters=3)")
+
+
+def test_list_fields_take_comma_separated_values_on_the_command_line(tmp_path):
+    """eval.encoders=f,fg as the tools' --encoders f,fg, besides TOML's ['f', 'fg'] (it said
+    `expected list, got 'f,fg'`); members are checked as before."""
+    lists = {f"{s.name}.{n}" for s in dataclasses.fields(config.Config)
+             for n, t in config._section_types(s.default_factory().__class__).items()
+             if typing.get_origin(t) is list}
+    assert lists == {"eval.encoders"}  # a new list field: give it the rule below, or say why not
+    assert all(config._is_str_list(k) for k in lists)
+    for given, expected in (("f,fg", ["f", "fg"]), (" fg , g ", ["fg", "g"]), ("fg", ["fg"]),
+                            ('["f", "fg"]', ["f", "fg"]), ('"g"', ["g"])):
+        assert config.load(None, [f"eval.encoders={given}"]).eval.encoders == expected, given
+        assert config.load(None, ["--eval.encoders", given]).eval.encoders == expected, given
+    with pytest.raises(ConfigError, match=r"^eval.encoders: 'x' is not one of f, g, fg$"):
+        config.load(None, ["eval.encoders=f,x"])
+    with pytest.raises(ConfigError, match="^eval.encoders: name at least one of f, g, fg$"):
+        config.load(None, ["eval.encoders=,"])
+    syntax = ('eval.encoders: expected a list of str (on the command line eval.encoders=f,g,fg, '
+              'in TOML ["f", "g", "fg"]), got ')
+    for given, shown in (("3", "3"), ("[f,fg]", "'[f,fg]'")):  # not a list: the syntax that is
+        with pytest.raises(ConfigError) as e:
+            config.load(None, [f"eval.encoders={given}"])
+        assert str(e.value) == syntax + shown
+    # a config file is data: a string there stays a string, refused with the same hint
+    (tmp_path / "c.toml").write_text('[eval]\nencoders = "f,fg"\n')
+    with pytest.raises(ConfigError) as e:
+        config.load(tmp_path / "c.toml")
+    assert str(e.value) == syntax + "'f,fg'"
 
 
 def test_run_dir_uri_may_name_a_user_without_secret():

@@ -1442,6 +1442,29 @@ def test_search_refuses_a_database_of_another_model_before_encoding_its_images(
         assert err.startswith("error: ") and says in err and "\n" not in err, err
 
 
+def test_search_of_query_codes_checks_the_checkpoint_given_with_them(centred, loaded, tmp_path,
+                                                                     capsys):
+    """A codes file as --query with --checkpoint: the checkpoint was ignored, even of another
+    model; it is now checked against the codes (nothing is encoded)."""
+    hf, _ = loaded
+    for sha in (hf.model_sha256, "0" * 64):
+        db = _write_codes(tmp_path / f"db_{sha[:4]}.parquet", 16, 20, sha)
+        q = _write_codes(tmp_path / f"q_{sha[:4]}.parquet", 16, 3, sha)
+        search = ["--database", str(db), "--query", str(q), "-k", "2", "--quiet"]
+        assert cli.search_main(search) == 0  # without --checkpoint both pairs search
+        capsys.readouterr()
+        code = cli.search_main([*search, "--checkpoint", str(centred)])
+        captured = capsys.readouterr()
+        if sha == hf.model_sha256:  # its own codes: searched as without it
+            assert code == 0 and len(captured.out.splitlines()) == 1 + 3 * 2, captured
+            continue
+        assert code == 2 and captured.out == ""
+        assert captured.err == (
+            f"error: --checkpoint {centred}: model {hf.model_sha256[:12]} (16 bits), but {q} "
+            "holds codes of model 000000000000 (16 bits); name the run that made them, or "
+            "drop --checkpoint\n")
+
+
 def test_a_single_pq_shard_is_read_as_image_shards(centred, loaded, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

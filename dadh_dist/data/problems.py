@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHECK_HINT = "`python -m dadh_dist check-data --config ...` lists them all"
+CHECK_COMMAND = "python -m dadh_dist check-data --config ..."
+"""The command the hint names; a tool that knows its command line puts the real one in."""
+CHECK_HINT = f"`{CHECK_COMMAND}` lists them all"
 
 
 @dataclass(frozen=True)
