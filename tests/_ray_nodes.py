@@ -90,15 +90,24 @@ def kill_session(sid: int) -> None:
             pass
 
 
+_HANDED_OUT: set[int] = set()
+"""Every port free_ports has given in this process: a head's ports and its node's own come from
+two calls, and nothing holds a port between a call and `ray start` binding it (two calls once
+gave the GCS and the dashboard agent the same one, and Ray refused to start)."""
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct ports free now, below the OS's ephemeral range (32768+) and above Ray's worker
     ports (10002-19999): the ports Ray picks for itself at start-up come from the ephemeral range,
-    so they can never equal one of these (Ray refuses to start when two components share one)."""
+    so they can never equal one of these (Ray refuses to start when two components share one).
+    None is one an earlier call gave."""
     import random
     import socket
 
     chosen: list[int] = []
     for port in random.sample(range(20000, 32000), 200):
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -106,6 +115,7 @@ def free_ports(n: int) -> list[int]:
                 continue
         chosen.append(port)
         if len(chosen) == n:
+            _HANDED_OUT.update(chosen)
             return chosen
     raise RuntimeError(f"no {n} free ports in 20000-32000")
 

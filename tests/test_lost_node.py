@@ -191,8 +191,8 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_other(head, second_node, t
     assert final["resumed_at"] == KILL_AT
     assert "; 2 worker(s)" in out  # the first attempt ran on both nodes
     assert "resumed from checkpoint_" in out, out[-6000:]
-    assert (f" at outer iteration {final['resumed_at']} (written by 2 worker(s)), now 1 worker(s)"
-            in out)
+    assert (f" after outer iteration {final['resumed_at']} (written by 2 worker(s)), now 1 "
+            "worker(s)" in out)
     assert "iter 4/4" in out
     state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "elastic"))
     assert (state["t"], state["workers"]) == (4, 1)
