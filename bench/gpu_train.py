@@ -24,7 +24,8 @@ Each run prints a RESULT line (test mAP, seconds per outer iteration, B's checks
 `codes/checksum`, and whether jobs/evaluate.py's fp32 evaluation of the run's checkpoint on the
 same device gives the run's reported test mAP: under bf16 too, since the loop evaluates in
 fp32; on a GPU also the synchronizing CUDA calls inside one mini-batch step, median and most, as
-torch's sync debug mode counts them); a failed run prints its traceback and the next one
+torch's sync debug mode warns of them in the main thread: the backward pass's own threads are not
+seen); a failed run prints its traceback and the next one
 starts. A run still going at its deadline is killed. The JSON is rewritten after every run.
 Exit status: the number of failed runs plus failed checks (`resume` ends on `nccl`'s B
 checksum; every run's mAP is evaluate.py's; the stream-parallel ranks agree); a skipped run

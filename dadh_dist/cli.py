@@ -486,6 +486,7 @@ def _run_body(body: Callable[[], int | None], as_json: bool, sigterm: _Sigterm,
     try:
         code = body() or 0
     except BaseException as e:
+        sigterm.armed = False  # the body is over: a SIGTERM from here on only counts
         if sigterm.received or _ray_sigterm_exit(e):  # whatever the body made of the interrupt
             return fail(f"{STOPPED}; {resume}", EXIT_SIGTERM, as_json)
         if isinstance(e, KeyboardInterrupt):
@@ -499,6 +500,7 @@ def _run_body(body: Callable[[], int | None], as_json: bool, sigterm: _Sigterm,
         if summary is not None and len(e.problems) > 1:
             return fail(summary, code, as_json, [str(p) for p in e.problems])
         return fail(str(e), code, as_json)
+    sigterm.armed = False
     if sigterm.received:  # the body caught the interrupt and returned (a sweep: "interrupted");
         # what it printed stays the only JSON on stdout
         return fail(f"{STOPPED}; {resume}", EXIT_SIGTERM, as_json=False)
@@ -513,6 +515,9 @@ class _Sigterm:
 
     def __init__(self):
         self.received = False
+        self.armed = True
+        """While the body runs; after it, a SIGTERM is only noted (raising then would escape
+        the error line being written as a traceback)."""
 
     def __call__(self, signum, frame):
         if self.received:
@@ -520,7 +525,8 @@ class _Sigterm:
             os.kill(os.getpid(), signum)
             return
         self.received = True
-        raise KeyboardInterrupt
+        if self.armed:
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -608,8 +614,17 @@ def check_data_command(config: str | None, overrides: list[str]) -> str:
     """The check-data command line of the config a tool was given, quoted for a shell."""
     import shlex
 
+    # check-data reads no log.* key, and a URI's user-info is no one's business in a log
+    kept, i = [], 0
+    while i < len(overrides):
+        item = overrides[i]
+        # `--section.key VALUE` is two items
+        n = 2 if item.startswith("--") and "=" not in item and i + 1 < len(overrides) else 1
+        if not item.removeprefix("--").startswith("log."):
+            kept += [uris.redact(o) for o in overrides[i : i + n]]
+        i += n
     words = ["python", "-m", "dadh_dist", "check-data",
-             *(["--config", config] if config is not None else []), *overrides]
+             *(["--config", config] if config is not None else []), *kept]
     return shlex.join(words)
 
 
@@ -871,7 +886,8 @@ def check_codes_of(codes, checkpoint: str) -> None:
         raise codesfile.CodesError(
             f"--checkpoint {checkpoint}: model {hf.model_sha256[:12]} ({hf.bits} bits), but "
             f"{codes.name} holds codes of model {codes.model_sha256[:12]} ({codes.bits} bits); "
-            "name the run that made them, or drop --checkpoint")
+            "name the checkpoint_* folder that made them (a run folder means its newest), or "
+            "drop --checkpoint")
 
 
 def export_main(argv: list[str] | None = None) -> int:

@@ -263,7 +263,10 @@ class TorchCollectives:
     def check_parts_identical(self, parts: dict) -> None:
         """`check_identical` for several named parts at once (tensors or state_dicts, see
         `checksum`), in one all-gather of W×P numbers: the error names each part that differs
-        and, per part, the ranks that differ from rank 0."""
+        and, per part, the ranks that differ from rank 0. A group of one (a 1-worker Ray run)
+        has nothing to compare with and hashes nothing."""
+        if self.world_size == 1:
+            return
         self._compare({what: checksum(x) for what, x in parts.items()})
 
     def _compare(self, mine: dict[str, int]) -> None:

@@ -173,8 +173,9 @@ def test_a_run_stopped_by_its_data_names_the_check_data_command_to_paste(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "(and 1 more problem; `" in err, err
     command = err.split("`")[1]
+    # log.* (the run's place and name) are no data settings: left out
     assert command == shlex.join(["python", "-m", "dadh_dist", "check-data", "--config", str(cfg),
-                                  *overrides, 'log.name="r"'])
+                                  *overrides[:2]])
     words = shlex.split(command)
     assert words[:4] == ["python", "-m", "dadh_dist", "check-data"]
     assert main(words[3:]) == 2
@@ -191,6 +192,10 @@ def test_the_hint_a_ray_run_gives_names_the_command_too_without_a_config_file():
     cli._name_check_data_command(e, None, ["data.root=/my data"])
     assert str(e) == ("worker 0: a.txt:3: bad (and 2 more problems; `python -m dadh_dist "
                       "check-data 'data.root=/my data'` lists them all); not restarted")
+    # a URI's user-info is masked
+    assert cli.check_data_command(None, ["data.root=s3://KEY:secret@bucket/lists",
+                                         "--log.run_dir", "s3://KEY:secret@bucket/runs"]) == (
+        "python -m dadh_dist check-data 'data.root=s3://***@bucket/lists'")
 
 
 def test_truncated_and_missing_idx_files_are_all_named(tmp_path):

@@ -4,6 +4,7 @@ import, one flag vocabulary, JSON errors, and the generated table of config keys
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -464,3 +465,23 @@ def test_serve_help_names_its_checkpoint_as_the_other_tools_do():
     from dadh_dist import serve
 
     assert "--checkpoint RUN|CKPT" in serve.parser().format_usage()
+
+
+def test_a_sigterm_while_the_error_line_is_written_is_no_traceback(monkeypatch, capsys):
+    """Once the body is over, a SIGTERM only counts: raising in the handler then escaped the
+    error line being written as a traceback (exit 130)."""
+    def bad():
+        raise config.ConfigError("x.y: bad")
+
+    real_fail = cli.fail
+
+    def fail_signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the main thread
+        return real_fail(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "fail", fail_signalled)
+    try:
+        code = cli.run_main(bad)
+    except KeyboardInterrupt:  # what escaped before (caught: it would stop pytest)
+        pytest.fail("the SIGTERM escaped run_main")
+    assert code == 2 and capsys.readouterr().err == "error: x.y: bad\n"

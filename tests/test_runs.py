@@ -563,3 +563,40 @@ def test_rays_worker_prefix_is_uncoloured_into_a_file_unless_the_user_chose(monk
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
     plain_log_prefix(io.StringIO())
     assert os.environ["RAY_COLOR_PREFIX"] == "1"
+
+
+def test_data_identity_reads_what_the_loader_reads_and_is_cheap_on_shards(tmp_path,
+                                                                          monkeypatch):
+    """A raw IDX file beside its .gz is not the data (the loader reads the .gz); a shard is
+    hashed by its first and last MiB, not whole; a file that cannot be read makes the identity
+    unknown (the loaders then name it), never an error blamed on the run folder."""
+    import dataclasses
+
+    from dadh_dist.config import DataConfig
+    from dadh_dist.data import identity as ident
+
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"):
+        (idx / name).write_bytes(b"x")
+    cfg = dataclasses.replace(DataConfig(), source="fashion_mnist", root=str(idx))
+    assert list(ident.identity(cfg)) == ["train-images-idx3-ubyte.gz"]
+    shards = tmp_path / "pq"
+    shards.mkdir()
+    shard = shards / "part-00000.parquet"
+    shard.write_bytes(bytes(3 * ident.SAMPLE_BYTES))
+    cfg = dataclasses.replace(cfg, source="parquet", root=str(shards))
+    before = ident.identity(cfg)
+    data = bytearray(shard.read_bytes())
+    data[ident.SAMPLE_BYTES + 5] = 1  # the middle: not read
+    shard.write_bytes(bytes(data))
+    assert ident.identity(cfg) == before
+    data[-1] = 1  # the footer's end
+    shard.write_bytes(bytes(data))
+    assert ident.differing(before, ident.identity(cfg)) == ["part-00000.parquet"]
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ident, "_file_hash", unreadable)
+    assert ident.identity(cfg) is None

@@ -1461,8 +1461,8 @@ def test_search_of_query_codes_checks_the_checkpoint_given_with_them(centred, lo
         assert code == 2 and captured.out == ""
         assert captured.err == (
             f"error: --checkpoint {centred}: model {hf.model_sha256[:12]} (16 bits), but {q} "
-            "holds codes of model 000000000000 (16 bits); name the run that made them, or "
-            "drop --checkpoint\n")
+            "holds codes of model 000000000000 (16 bits); name the checkpoint_* folder that "
+            "made them (a run folder means its newest), or drop --checkpoint\n")
 
 
 def test_a_single_pq_shard_is_read_as_image_shards(centred, loaded, tmp_path):

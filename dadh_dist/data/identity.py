@@ -4,8 +4,10 @@ data it trained on from other data (docs/design.md §3.6, resuming).
 The identity of a folder is, for each file its source reads the splits from (the IDX files,
 the CIFAR batches, the list files, the Parquet shards), its size and a hash of its bytes. A
 list's images are named by the list, so the list's bytes stand for them; a Parquet shard holds
-its images. Files up to `WHOLE_HASH_BYTES` are hashed whole; larger ones by their first and
-last `SAMPLE_BYTES` and their size, which keeps a start cheap on shards of many GB.
+its images. The few named files of a source (up to `WHOLE_HASH_BYTES` each) are hashed whole;
+Parquet shards, which may be thousands, and larger files by their first and last
+`SAMPLE_BYTES` and their size (a shard's last MiB holds its footer: schema, row groups and their
+statistics), so a start reads at most 2 MiB a shard.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 from dadh_dist.config import DataConfig
 
 IDX = tuple(f"{part}-{kind}-idx{dim}-ubyte{gz}" for part in ("train", "t10k")
-            for kind, dim in (("images", 3), ("labels", 1)) for gz in ("", ".gz"))
+            for kind, dim in (("images", 3), ("labels", 1)) for gz in (".gz", ""))
+"""Each IDX file compressed, then raw: the loader reads the first of the two it finds."""
 
 DEFINING = {
     "fashion_mnist": IDX,
@@ -41,17 +44,30 @@ def identity(cfg: DataConfig) -> dict[str, list] | None:
     root = Path(cfg.root)
     if not root.is_dir():
         return None
-    files = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
-    if not files:
+    try:
+        files = _defining_files(root, patterns)
+        return {p.name: [p.stat().st_size, _file_hash(p, whole=p.suffix != ".parquet")]
+                for p in files} or None
+    except OSError:  # unreadable or gone: the loaders name the file; here it cannot be told
         return None
-    return {p.name: [p.stat().st_size, _file_hash(p)] for p in files}
 
 
-def _file_hash(path: Path) -> str:
+def _defining_files(root: Path, patterns: tuple[str, ...]) -> list[Path]:
+    files = []
+    for pattern in patterns:
+        if "*" in pattern:
+            files += sorted(p for p in root.glob(pattern) if p.is_file())
+        elif (root / pattern).is_file() and not (
+                pattern.endswith("-ubyte") and (root / f"{pattern}.gz").is_file()):
+            files.append(root / pattern)  # a raw IDX file beside its .gz is not read
+    return files
+
+
+def _file_hash(path: Path, whole: bool) -> str:
     size = path.stat().st_size
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
-        if size <= WHOLE_HASH_BYTES:
+        if size <= (WHOLE_HASH_BYTES if whole else 2 * SAMPLE_BYTES):
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         else:
