@@ -31,14 +31,23 @@ def chance_map(query_labels: np.ndarray, db_labels: np.ndarray) -> float:
     return chance_of(relevant_counts(query_labels, db_labels), n)
 
 
+RELEVANT_BLOCK = 1 << 24
+"""Query × database pairs per block of `relevant_counts`' multi-label path (128 MiB float64)."""
+
+
 def relevant_counts(query_labels: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
-    """Per query, how many database items are relevant (share a label: y_q · y_d > 0), in
-    blocks of queries: no (queries, n) matrix is held."""
-    q = np.asarray(query_labels, dtype=np.float64)
-    d = np.asarray(db_labels, dtype=np.float64)
+    """Per query, how many database items are relevant (share a label: y_q · y_d > 0). Single
+    labels (one per row everywhere): the database's count of the query's class. Otherwise in
+    blocks of queries of at most RELEVANT_BLOCK pairs: no (queries, n) matrix is held."""
+    q = np.asarray(query_labels)
+    d = np.asarray(db_labels)
+    if q.size and d.size and (q.sum(1) == 1).all() and (d.sum(1) == 1).all():
+        return d.sum(0, dtype=np.float64)[q.argmax(1)]
+    q, d = q.astype(np.float64), d.astype(np.float64)
     relevant = np.zeros(q.shape[0])
-    for start in range(0, q.shape[0], 256):
-        relevant[start : start + 256] = (q[start : start + 256] @ d.T > 0).sum(1)
+    step = max(1, RELEVANT_BLOCK // max(d.shape[0], 1))
+    for start in range(0, q.shape[0], step):
+        relevant[start : start + step] = (q[start : start + step] @ d.T > 0).sum(1)
     return relevant
 
 

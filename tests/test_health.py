@@ -74,3 +74,16 @@ def test_best_precision_at_n_is_bounded_by_each_querys_relevant_count():
                                           "images")
     ev.health["best_p_at_n"] = 1.0
     assert len(report._health_line(ev)) == 1
+
+
+def test_relevant_counts_single_label_shortcut_equals_the_pairwise_count(monkeypatch):
+    rng = np.random.default_rng(0)
+    q = np.eye(4, dtype=np.uint8)[rng.integers(0, 4, 37)]
+    db = np.eye(4, dtype=np.uint8)[rng.integers(0, 4, 101)]
+    naive = np.array([sum(int((a @ b) > 0) for b in db) for a in q], np.float64)
+    assert health.relevant_counts(q, db).tolist() == naive.tolist()
+    multi = db.copy()
+    multi[0, :] = 1  # one multi-label row: the pairwise path, in blocks of a few queries
+    monkeypatch.setattr(health, "RELEVANT_BLOCK", 300)
+    naive = np.array([sum(int((a @ b) > 0) for b in multi) for a in q], np.float64)
+    assert health.relevant_counts(q, multi).tolist() == naive.tolist()
