@@ -140,14 +140,8 @@ def overrides_in(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]
     """The dotted overrides among what `parser` did not recognise (`extra`): anything else that
     looks like an option (`--nope`, `--nope=3`, `-x`: no section.key) is the usage error a tool
     without overrides gives, not taken for an override without a value."""
-    unknown, i = [], 0
-    while i < len(extra):
-        item = extra[i]
-        if item.startswith("-") and "." not in item.split("=", 1)[0]:
-            unknown.append(item)
-        elif item.startswith("--") and "=" not in item:
-            i += 1  # `--section.key VALUE`: the next item is its value, whatever it looks like
-        i += 1
+    unknown = [group[0] for group in config_mod.override_groups(extra)
+               if group[0].startswith("-") and "." not in group[0].split("=", 1)[0]]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return extra
@@ -615,14 +609,8 @@ def check_data_command(config: str | None, overrides: list[str]) -> str:
     import shlex
 
     # check-data reads no log.* key, and a URI's user-info is no one's business in a log
-    kept, i = [], 0
-    while i < len(overrides):
-        item = overrides[i]
-        # `--section.key VALUE` is two items
-        n = 2 if item.startswith("--") and "=" not in item and i + 1 < len(overrides) else 1
-        if not item.removeprefix("--").startswith("log."):
-            kept += [uris.redact(o) for o in overrides[i : i + n]]
-        i += n
+    kept = [uris.redact(item) for group in config_mod.override_groups(overrides)
+            if not group[0].removeprefix("--").startswith("log.") for item in group]
     words = ["python", "-m", "dadh_dist", "check-data",
              *(["--config", config] if config is not None else []), *kept]
     return shlex.join(words)

@@ -396,6 +396,17 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
                           "UTF-8") from None
 
 
+def override_groups(items: list[str]) -> list[list[str]]:
+    """Command-line items grouped by override: `--section.key VALUE` is two items, whatever the
+    value looks like; every other item (`a.b=1`, `--a.b=1`, a trailing `--a.b`) is one."""
+    groups, i = [], 0
+    while i < len(items):
+        n = 2 if items[i].startswith("--") and "=" not in items[i] and i + 1 < len(items) else 1
+        groups.append(items[i : i + n])
+        i += n
+    return groups
+
+
 def parse_overrides(items: list[str] | dict) -> dict:
     """The one override parser: `["a.b=1", "--a.b=1", "--a.b", "1"]` (or a dict of dotted keys)
     to `{"a.b": 1}`. Values are read as TOML (bare words are strings); a list-of-strings field's
@@ -404,18 +415,17 @@ def parse_overrides(items: list[str] | dict) -> dict:
     if isinstance(items, dict):
         triples = [(key, value, key) for key, value in items.items()]
     else:
-        triples, i = [], 0
-        while i < len(items):
-            item = items[i]
-            if item.startswith("--") and "=" not in item:
-                if i + 1 >= len(items):
-                    raise ConfigError(f"{item[2:]}: missing value (use {item[2:]}=VALUE)")
-                key, raw, given, i = item[2:], items[i + 1], f"{item} {items[i + 1]}", i + 2
+        triples = []
+        for group in override_groups(items):
+            item = group[0]
+            if len(group) == 2:
+                key, raw, given = item[2:], group[1], " ".join(group)
+            elif item.startswith("--") and "=" not in item:
+                raise ConfigError(f"{item[2:]}: missing value (use {item[2:]}=VALUE)")
             elif "=" not in item:
                 raise ConfigError(f"{item}: overrides have the form section.key=value")
             else:
                 (key, raw), given = item.removeprefix("--").split("=", 1), item
-                i += 1
             key = key.strip()
             triples.append((key, _comma_list(key, _parse_cli_value(raw.strip())), given))
     out = {}
