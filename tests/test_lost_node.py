@@ -177,7 +177,8 @@ DEFAULT_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}
 
 def test_elastic_run_loses_a_node_and_finishes_on_the_other(head, second_node, tmp_path):
     code, out, _ = _train(
-        head, tmp_path, "elastic", f"node:{KILL_AT}:{second_node.sid}", "train.outer_iters=4",
+        head, tmp_path, "elastic", f"node:{KILL_AT}:{second_node.sid}",
+        f"train.outer_iters={KILL_AT + 1}",
         "scaling.min_workers=1", "scaling.max_failures=2", "scaling.start_timeout_s=15",
         timeout_s=240, env=DEFAULT_POLL)
     assert code == 0, out[-6000:]
@@ -193,22 +194,24 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_other(head, second_node, t
     assert "resumed from checkpoint_" in out, out[-6000:]
     assert (f" after outer iteration {final['resumed_at']} (written by 2 worker(s)), now 1 "
             "worker(s)" in out)
-    assert "iter 4/4" in out
+    assert f"iter {KILL_AT + 1}/{KILL_AT + 1}" in out
     state, _ = ckpt.load(ckpt.latest_valid(tmp_path / "elastic"))
-    assert (state["t"], state["workers"]) == (4, 1)
+    assert (state["t"], state["workers"]) == (KILL_AT + 1, 1)
     B = state["B"]
     assert B.shape == (final["database"], 16)
     assert set(B.unique().tolist()) == {-1, 1}
     assert_learned(final)
     # after the shrink the run goes on as one process does from the same checkpoint: its last
-    # outer iteration, redone in-process from checkpoint 3, gives the same B and metrics (the
+    # outer iteration, redone in-process from checkpoint KILL_AT (which the shrunk run resumed
+    # too), gives the same B and metrics (the
     # whole run cannot be compared with one process's bit for bit: iterations 1-2 summed the
     # gradient over two workers, tests/_nontrivial.py; the shrink's re-split of a two-worker
     # checkpoint is test_checkpoint_of_two_workers_resumed_by_one_equals_one_worker_run's)
-    third = dict(storage.checkpoints(str(tmp_path / "elastic")))[3]
-    shutil.copytree(tmp_path / "elastic" / third, tmp_path / "tail" / "checkpoint_000003")
-    tail = runner.run_local(_cfg(tmp_path, "tail", "train.outer_iters=4", "train.eval_every=0"))
-    assert (tail["resumed_at"], tail["workers"]) == (3, 1)
+    last = dict(storage.checkpoints(str(tmp_path / "elastic")))[KILL_AT]
+    shutil.copytree(tmp_path / "elastic" / last, tmp_path / "tail" / f"checkpoint_{KILL_AT:06d}")
+    tail = runner.run_local(_cfg(tmp_path, "tail", f"train.outer_iters={KILL_AT + 1}",
+                                 "train.eval_every=0"))
+    assert (tail["resumed_at"], tail["workers"]) == (KILL_AT, 1)
     assert torch.equal(B, ckpt.load(ckpt.latest_valid(tmp_path / "tail"))[0]["B"])
     for key in ("map_all_f", "map_all_g", "map_all_fg"):
         assert tail[key] == final[key], key
