@@ -1042,7 +1042,7 @@ def quality_main(argv: list[str] | None = None) -> int:
         per_method: dict[str, list[str]] = {}
         for item in args.method_override:
             method, sep, override = item.partition(":")
-            if not sep or method not in quality.METHODS:
+            if not sep or method not in quality.METHODS or "=" not in override:
                 raise ConfigError(f"--method-override {item!r}: expected METHOD:KEY=VALUE with "
                                   f"METHOD one of {', '.join(quality.METHODS)}")
             per_method.setdefault(method, []).extend(

@@ -377,3 +377,12 @@ def test_a_non_numeric_metric_is_an_error_row_not_a_traceback(tmp_path, key, val
                                 f"{json.dumps(value)}, not a number); delete it to rerun the cell")
     assert "metrics" not in rows[0] and lines == [f"adsh_16b_s0: {rows[0]['error']}"]
     assert quality.table(rows) == "(no finished runs)\n"
+
+
+@pytest.mark.parametrize("item", ["adsh:--nope", "adsh:train.outer_iters"])
+def test_a_method_override_without_key_value_names_the_form(item, capsys):
+    """`--method-override adsh:--nope` read as an override missing its value."""
+    assert cli.quality_main(["--config", DEBUG, "--method-override", item]) == \
+        cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"--method-override {item!r}: expected METHOD:KEY=VALUE" in err, err
