@@ -299,7 +299,7 @@ def remove_stale_staging(root: str | Path | None = None, now: float | None = Non
 
     root = Path(root or tempfile.gettempdir())
     now = time.time() if now is None else now
-    alive = alive or _process_alive
+    alive = alive or process_alive
     removed = []
     for prefix in STAGING_PREFIXES:
         for folder in root.glob(f"{prefix}*"):
@@ -315,7 +315,8 @@ def remove_stale_staging(root: str | Path | None = None, now: float | None = Non
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine is alive (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

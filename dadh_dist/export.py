@@ -140,11 +140,23 @@ OWN_FILES = frozenset({*(program_name(e) for e in ENCODERS), "streams.pt", METAD
 replaced or removed by the next; any other file there is the user's and stays."""
 
 
+STAGING_PREFIX = ".export-"
+"""Staging folders inside an export's `out`: `.export-<pid>-<random>`."""
+
+
 @contextlib.contextmanager
 def staging_for(out: Path):
     """A staging folder inside `out` (the same file system, so its files rename in) for the
-    block to write an export into; whatever is left of it afterwards goes."""
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    block to write an export into; whatever is left of it afterwards goes. Its name holds this
+    process's id: the staging folders of exports into `out` whose process is gone (killed, which
+    no cleanup survives) are removed first."""
+    from dadh_dist.checkpoint import process_alive
+
+    for folder in out.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
     try:
         yield staging
     finally:

@@ -13,6 +13,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -1587,3 +1589,21 @@ def test_export_takes_program_weights_and_check_from_the_cpu_copy(loaded, tmp_pa
     saved = torch.load(paths["weights"], weights_only=True)
     torch.testing.assert_close(saved["f"]["head.bias"], hf.f.head.bias + 0.5)
     torch.testing.assert_close(saved["g"]["head.bias"], hf.g.head.bias)
+
+
+def test_an_export_killed_mid_way_leaves_a_staging_folder_the_next_export_removes(tmp_path):
+    """A SIGKILLed export never reaches its cleanup: its `.export-<pid>-*` folder stayed in
+    --out for good. The next export into the folder removes those of processes that are gone,
+    and leaves a live process's and any name without a process id."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    out = tmp_path / "out"
+    left = {f".export-{gone}-abc": False, f".export-{os.getpid()}-live": True,
+            ".export-nopid": True}
+    for name in left:
+        (out / name).mkdir(parents=True)
+        (out / name / "hash_fg.pt2").write_bytes(b"half")
+    with export.staging_for(out) as staging:
+        assert staging.name.startswith(f".export-{os.getpid()}-")
+    assert {name: (out / name).exists() for name in left} == left
+    assert sorted(p.name for p in out.iterdir()) == sorted(n for n, kept in left.items() if kept)
