@@ -287,26 +287,31 @@ def staging_prefix(kind: str) -> str:
 
 
 def remove_stale_staging(root: str | Path | None = None, now: float | None = None,
-                         alive: Callable[[int], bool] | None = None) -> list[Path]:
+                         alive: Callable[[int], bool] | None = None,
+                         prefixes: tuple[str, ...] = STAGING_PREFIXES,
+                         stale_after_s: float = STALE_AFTER_S) -> list[Path]:
     """Delete the private folders under `root` (the temporary directory) that a killed worker
     left behind: those whose process is gone and that have not changed for STALE_AFTER_S (a
     worker killed mid-checkpoint never reaches its cleanup; on a node that restarts workers
     these would pile up, a checkpoint's size each). A folder of a live process, a recent one,
-    or one whose name holds no process id is left alone. Returns what was deleted."""
+    or one whose name holds no process id is left alone (the id follows the prefix, then `_`,
+    `-` or the name's end). An export's own staging inside its --out: other `prefixes`, with
+    `stale_after_s` = 0. Returns what was deleted."""
+    import re
     import shutil
     import tempfile
     import time
 
     root = Path(root or tempfile.gettempdir())
     now = time.time() if now is None else now
-    alive = alive or process_alive
+    alive = alive or _process_alive
     removed = []
-    for prefix in STAGING_PREFIXES:
+    for prefix in prefixes:
         for folder in root.glob(f"{prefix}*"):
-            pid = folder.name[len(prefix):].split("_", 1)[0]
+            pid = re.match(r"(\d+)(?:[_-]|$)", folder.name[len(prefix):])
             try:
-                if (not folder.is_dir() or not pid.isdigit() or alive(int(pid))
-                        or now - folder.stat().st_mtime < STALE_AFTER_S):
+                if (not folder.is_dir() or pid is None or alive(int(pid[1]))
+                        or now - folder.stat().st_mtime < stale_after_s):
                     continue
             except OSError:  # removed meanwhile by another worker of this node
                 continue
@@ -315,8 +320,7 @@ def remove_stale_staging(root: str | Path | None = None, now: float | None = Non
     return removed
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` of this machine is alive (another user's counts as alive)."""
+def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -150,12 +150,9 @@ def staging_for(out: Path):
     block to write an export into; whatever is left of it afterwards goes. Its name holds this
     process's id: the staging folders of exports into `out` whose process is gone (killed, which
     no cleanup survives) are removed first."""
-    from dadh_dist.checkpoint import process_alive
+    from dadh_dist.checkpoint import remove_stale_staging
 
-    for folder in out.glob(f"{STAGING_PREFIX}*"):
-        pid = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if folder.is_dir() and pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+    remove_stale_staging(out, prefixes=(STAGING_PREFIX,), stale_after_s=0.0)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
     try:
         yield staging
