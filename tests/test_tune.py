@@ -1,7 +1,8 @@
 """Ray Tune sweeps: the sweep file's checks, resources, the resume record and the results
-(table, best config, hparams) without Ray; then two real sweeps of two trials each on digits, in
-one Ray cluster (127.0.0.1, 2 CPUs, one trial at a time; each trial is a full Ray Train run of
-about 20 s, most of it starting its actors)."""
+(table, best config, hparams) and the restores Tune does on resume (ASHA's rungs, Optuna's
+state) without Ray; then one real sweep of two trials on digits, interrupted and resumed
+(127.0.0.1, 2 CPUs, one trial at a time; each trial is a full Ray Train run of about 20 s, most
+of it starting its actors)."""
 
 from __future__ import annotations
 
@@ -665,6 +666,41 @@ def test_asha_rungs_survive_the_restore_that_tune_does_from_tuner_pkl(tmp_path):
         rungs.read(log)
 
 
+def test_optuna_search_restored_from_its_saved_state_goes_on_where_it_stopped(tmp_path):
+    """What Tune does on resume, without a cluster: the search made from tuner.pkl (no trials
+    yet) reads the state Tune saved beside it. It must neither draw the base config's values
+    again (include_base) nor repeat a draw: it suggests what the uninterrupted search would."""
+    pytest.importorskip("optuna")
+    from dadh_dist.sweep import runner as sweep_runner
+
+    text = (ROOT / "configs" / "sweep_debug.toml").read_text()
+    for line in ('search = "random"', "include_base = false", 'base = "debug_cpu.toml"'):
+        assert line in text
+    s = sweep.load_sweep(_write(tmp_path, text.replace('search = "random"', 'search = "optuna"')
+                                .replace("include_base = false", "include_base = true")
+                                .replace("high = 1000\n", "high = 5000\n")
+                                .replace('base = "debug_cpu.toml"',
+                                         f"base = {json.dumps(str(DEBUG))}")))
+
+    def new_search():
+        search, _ = sweep_runner._search(s, sweep.Resources(0.2, 1.0, 1, 0))
+        assert type(search).__name__ == "OptunaSearch"
+        search.set_search_properties(s.metric, s.mode, {k: d.to_tune() for k, d in s.space.items()})
+        return search
+
+    running = new_search()
+    assert running.suggest("a") == s.base_point()
+    running.on_trial_complete("a", {s.metric: 0.5, "t": 3})
+    second = running.suggest("b")
+    assert second != s.base_point()
+    (tmp_path / "saved").mkdir()  # Tune's experiment folder, which exists by then
+    running.save_to_dir(str(tmp_path / "saved"))
+    restored = new_search()
+    restored.restore_from_dir(str(tmp_path / "saved"))
+    assert restored.suggest("c") == running.suggest("c") not in (s.base_point(), second)
+    assert new_search().suggest("c") == s.base_point()  # what a search without its state does
+
+
 # ---------------------------------------------------------------------------------------------
 # Real sweeps
 
@@ -692,92 +728,51 @@ def test_ray_started_here_listens_on_loopback_only(ray_tune):
     assert listening_beyond_loopback(os.getpid()) == []
 
 
-@pytest.mark.slow
-def test_debug_sweep_stops_weak_trials_and_its_best_config_trains(tmp_path, ray_tune):
-    # lr_f = 1e-7 leaves stream f untrained: ASHA must stop that trial at its rung (t = 2),
-    # which the learning trial (the grid's first, one trial at a time) reached before it, and
-    # the best trial must be the one whose f learned. gamma stays near the debug config's 200:
-    # at 50 a trained f is still at mAP ~0.5 at the rung, where ASHA may stop it too.
-    path = _write(tmp_path, f"""
-base = {json.dumps(str(DEBUG))}
-num_samples = 1
-metric = "val/map_all_f"
-[overrides]
-"train.outer_iters" = 3
-"train.inner_epochs" = 4
-"log.run_dir" = {json.dumps(str(tmp_path / "runs"))}
-[asha]
-grace_period = 2
-[space."optim.lr_f"]
-kind = "grid"
-values = [3e-3, 1e-7]
-[space."objective.gamma"]
-kind = "loguniform"
-low = 150
-high = 400
-""", "stops.toml")
-    s = sweep.load_sweep(path)
-    out = sweep.run_sweep(s)
-    rows, best = out["rows"], out["best"]
-    assert not out["interrupted"] and len(rows) == 2
-    stopped = [r for r in rows if r["iters"] < 3]
-    assert stopped, "ASHA stopped no trial"
-    assert all(r["params"]["optim.lr_f"] == 1e-7 and r["iters"] == 2 for r in stopped)
-    assert best["params"]["optim.lr_f"] == 3e-3 and best["iters"] == 3
-    assert best["val"] == max(r["val"] for r in rows if r["iters"] == 3)
-    for r in rows:  # every trial is a run with its own folder and TensorBoard events
-        assert list((s.folder / r["trial"] / "tb").glob("events.out.tfevents.*")), r["trial"]
-    hparams = list((s.folder / "hparams").glob("trial_*/events.out.tfevents.*"))
-    assert len(hparams) == 2
-
-    best_path = Path(out["best_config"])
-    assert best_path == s.folder / "best_config.toml"
-    saved = config.load(best_path)
-    assert saved.log.name == "" and saved.log.run_dir == str(tmp_path / "runs")
-    assert saved.optim.lr_f == 3e-3 and saved.objective.gamma == best["params"]["objective.gamma"]
-    trial_cfg = config.load(s.folder / best["trial"] / "config.toml")
-    assert saved.fingerprint() == trial_cfg.fingerprint()
-    # the file is what jobs/train.py reads; retraining it in-process reproduces the trial
-    # (with the trial worker's thread count: float sums in the backward pass depend on it)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(saved.scaling.cpus_per_worker)))
-    try:
-        final = runner.run_local(config.load(best_path, ["scaling.use_ray=false"]))
-    finally:
-        torch.set_num_threads(threads)
-    assert Path(final["run_dir"]).parent == tmp_path / "runs"
-    assert final["map_all_f"] == pytest.approx(best["test"], abs=1e-9)
-
-
 def _snapshot(folder: Path) -> dict:
     return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns
             for p in folder.rglob("*") if p.is_file() and "checkpoint" not in p.as_posix()}
 
 
+# the random search's seed that draws lr_f = 1e-7 for the trial after the base config's
+WEAK_SECOND_SEED = 0
+
+
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
-    # with the Optuna searcher (the shipped Fashion-MNIST sweep's): its state must come back too
-    pytest.importorskip("optuna")
-    text = (ROOT / "configs" / "sweep_debug.toml").read_text()
-    for line in ('search = "random"', 'base = "debug_cpu.toml"', "include_base = false"):
-        assert line in text
-    sweep_file = tmp_path / "sweep_debug.toml"
-    # ... and the base config's own values as its first trial (γ's range widened to hold them)
-    assert text.count("high = 1000\n") == 1
-    sweep_file.write_text(text.replace('search = "random"', 'search = "optuna"')
-                          .replace("include_base = false", "include_base = true")
-                          .replace("high = 1000\n", "high = 5000\n")
-                          .replace('base = "debug_cpu.toml"', f"base = {json.dumps(str(DEBUG))}"))
-    args = ([f"log.run_dir={json.dumps(str(tmp_path))}", "train.outer_iters=2"], 2)
-    s = sweep.load_sweep(sweep_file, *args)
-    assert s.search == "optuna"
+def test_interrupted_sweep_resumes_stops_the_weak_trial_and_its_best_config_trains(
+        tmp_path, ray_tune):
+    """One sweep of two trials, one at a time: the base config's own values first
+    (include_base), then lr_f = 1e-7, which leaves stream f untrained. Ctrl-C when the second
+    trial starts; the same sweep again resumes it without redoing the first, and ASHA, restored,
+    stops the weak trial at its rung (t = 2) against the first trial's score from before the
+    interruption. The best config then retrains in-process to the best trial's numbers."""
+    runs = tmp_path / "runs"
+    sweep_file = _write(tmp_path, f"""
+base = {json.dumps(str(DEBUG))}
+num_samples = 2
+metric = "val/map_all_f"
+include_base = true
+seed = {WEAK_SECOND_SEED}
+[overrides]
+"train.outer_iters" = 3
+"train.inner_epochs" = 4
+"log.run_dir" = {json.dumps(str(runs))}
+[asha]
+grace_period = 2
+[space."optim.lr_f"]
+kind = "choice"
+values = [1e-3, 1e-7]
+[space."objective.gamma"]
+kind = "loguniform"
+low = 150
+high = 400
+""", "stops.toml")
+    s = sweep.load_sweep(sweep_file)
+    assert s.base_point() == {"optim.lr_f": 1e-3, "objective.gamma": 200.0}
     seen: dict = {}
 
     def interrupt_when_second_trial_starts():
-        # one trial at a time: a second run folder means the first trial (the base config's
-        # values) has finished, and the second (Optuna's) has started: Ctrl-C then leaves a
-        # trial to finish on resume and the searcher's state to restore
-        # (trial names are random: order them by when their config was written)
+        # one trial at a time: a second run folder means the first trial has finished and the
+        # second has started. Trial names are random: ordered by when their config was written
         def started(p: Path) -> float:
             c = p / "config.toml"
             return c.stat().st_mtime if c.is_file() else float("inf")
@@ -805,39 +800,53 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, ray_tune):
     assert done == first["finished"] and len(saved) == 2
     assert [(r["trial"], r["params"]) for r in sweep.trial_rows(s, saved)] == [
         (r["trial"], r["params"]) for r in first["rows"]]
-    # the second trial, if it finished between Ctrl-C and Tune stopping it
-    finished = {p.name for p in s.folder.glob("trial_*/final_metrics.json")} - set(seen["done"])
-
-    resumed = sweep.run_sweep(sweep.load_sweep(sweep_file, *args))
-    assert not resumed["interrupted"] and len(resumed["rows"]) == 2
-    assert sorted(p.name for p in s.folder.glob("trial_*")) == [r["trial"]
-                                                                for r in resumed["rows"]]
-    for name, files in seen["done"].items():
-        # a rerun trial would rewrite its config.toml and open a new TensorBoard file
-        assert _snapshot(s.folder / name) == files, f"{name} was run again"
+    (base_trial,) = seen["done"]
     first_rows = {r["trial"]: r for r in first["rows"]}
-    assert [first_rows[name]["params"] for name in seen["done"]] == [s.base_point()]
-    for r in resumed["rows"]:
-        if r["trial"] in seen["done"]:
-            assert r["val"] == first_rows[r["trial"]]["val"]
-    assert Path(resumed["best_config"]).is_file()
-    assert [r["params"] for r in resumed["rows"]].count(s.base_point()) == 1
-    # ASHA's rung log (grace period 1): the first trial's score from before the interruption
-    # is still there beside the second's, which the restored scheduler added (a restore that
-    # forgot the first would have rewritten the log without it). The second trial is at rung 1
-    # too where it resumed before its last iteration, also when its checkpoint of iteration 1
-    # was written after Ctrl-C, too late for Tune (it reports it again on resume); where it
-    # even finished in that window, Tune saw only its last iteration.
+    assert first_rows[base_trial]["params"] == s.base_point()
+
+    out = sweep.run_sweep(sweep.load_sweep(sweep_file))
+    rows, best = out["rows"], out["best"]
+    assert not out["interrupted"] and len(rows) == 2
+    assert sorted(p.name for p in s.folder.glob("trial_*")) == [r["trial"] for r in rows]
+    # a rerun trial would rewrite its config.toml and open a new TensorBoard file
+    assert _snapshot(s.folder / base_trial) == seen["done"][base_trial], "trial 1 was run again"
+    assert [r["params"] for r in rows].count(s.base_point()) == 1  # not drawn again on resume
+    (weak,) = [r for r in rows if r["trial"] != base_trial]
+    assert weak["params"]["optim.lr_f"] == 1e-7, (
+        f"seed {WEAK_SECOND_SEED} no longer draws lr_f = 1e-7 for the second trial: pick another")
+    assert weak["iters"] == 2, "ASHA did not stop the untrained trial at its rung"
+    assert best["trial"] == base_trial and best["iters"] == 3
+    assert best["val"] == first_rows[base_trial]["val"]
+    # ASHA's rung log holds both scores at t = 2: the first trial's from before the
+    # interruption (a restore that forgot it would have rewritten the log without it)
     from dadh_dist.sweep import rungs
 
     (bracket,) = rungs.read(s.folder / rungs.FILE)
-    recorded = {m: {f"trial_{i}" for i in rec} for m, rec in bracket}
-    trials = {r["trial"] for r in resumed["rows"]}
-    assert set().union(*recorded.values()) == trials
-    assert recorded[1.0] >= trials - finished and recorded[1.0] >= set(seen["done"])
+    assert {m: {f"trial_{i}" for i in rec} for m, rec in bracket} == {
+        2.0: {base_trial, weak["trial"]}}
+    for r in rows:  # every trial is a run with its own folder and TensorBoard events
+        assert list((s.folder / r["trial"] / "tb").glob("events.out.tfevents.*")), r["trial"]
+    assert len(list((s.folder / "hparams").glob("trial_*/events.out.tfevents.*"))) == 2
+
+    best_path = Path(out["best_config"])
+    assert best_path == s.folder / "best_config.toml"
+    saved_cfg = config.load(best_path)
+    assert saved_cfg.log.name == "" and saved_cfg.log.run_dir == str(runs)
+    trial_cfg = config.load(s.folder / base_trial / "config.toml")
+    assert saved_cfg.fingerprint() == trial_cfg.fingerprint()
+    # the file is what jobs/train.py reads; retraining it in-process reproduces the trial
+    # (with the trial worker's thread count: float sums in the backward pass depend on it)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(saved_cfg.scaling.cpus_per_worker)))
+    try:
+        final = runner.run_local(config.load(best_path, ["scaling.use_ray=false"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert Path(final["run_dir"]).parent == runs
+    assert final["map_all_f"] == pytest.approx(best["test"], abs=1e-9)
     # a changed sweep under the same name is refused instead of mixing two sweeps
     with pytest.raises(ConfigError, match="already exists .* different sweep"):
-        sweep.run_sweep(sweep.load_sweep(sweep_file, args[0] + ["objective.bits=8"], 2))
+        sweep.run_sweep(sweep.load_sweep(sweep_file, ["objective.bits=8"]))
 
 
 def test_a_damaged_saved_sweep_is_one_line_naming_its_folder(tmp_path):
