@@ -593,7 +593,9 @@ def train_main(argv: list[str] | None = None) -> int:
         try:
             final = run.run(cfg, progress=not args.quiet)
         except Exception as e:
-            _name_check_data_command(e, args.config, args.overrides)
+            from dadh_dist.data.problems import name_check_command
+
+            name_check_command(e, args.config, args.overrides)
             raise
         print(f"run folder: {final['run_dir']}")
         print("final metrics: " + ", ".join(
@@ -602,31 +604,6 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_main(body, resume=TRAIN_RESUME)
-
-
-def check_data_command(config: str | None, overrides: list[str]) -> str:
-    """The check-data command line of the config a tool was given, quoted for a shell."""
-    import shlex
-
-    # check-data reads no log.* key, and a URI's user-info is no one's business in a log
-    kept = [uris.redact(item) for group in config_mod.override_groups(overrides)
-            if not group[0].removeprefix("--").startswith("log.") for item in group]
-    words = ["python", "-m", "dadh_dist", "check-data",
-             *(["--config", config] if config is not None else []), *kept]
-    return shlex.join(words)
-
-
-def _name_check_data_command(e: BaseException, config: str | None,
-                             overrides: list[str]) -> None:
-    """A data error's hint names check-data with a placeholder for the config (the loaders do
-    not know the command line): here it becomes the command to paste. The same exception goes
-    on, its message edited in place (a worker's DataError arrives as another class)."""
-    if not (len(e.args) == 1 and isinstance(e.args[0], str) and "check-data" in e.args[0]):
-        return
-    from dadh_dist.data.problems import CHECK_COMMAND
-
-    if CHECK_COMMAND in e.args[0]:
-        e.args = (e.args[0].replace(CHECK_COMMAND, check_data_command(config, overrides)),)
 
 
 # ---------------------------------------------------------------------------------------------

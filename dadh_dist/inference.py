@@ -40,7 +40,7 @@ from dadh_dist.data import DataError, Dataset, check_root, load_dataset
 from dadh_dist.data.images import DECODE_ERRORS, DEEP_MODES, run_chunked, to_8_bits
 from dadh_dist.data.lists import READ_ERRORS, list_lines
 from dadh_dist.data.parquet import int64_ids, read_columns
-from dadh_dist.data.problems import Problem
+from dadh_dist.data.problems import Problem, name_check_command
 from dadh_dist.data.sources import BUNDLED
 from dadh_dist.models import HashStream, build_streams
 from dadh_dist.monitor import progress_bar  # noqa: F401  (also used by tests)
@@ -290,7 +290,23 @@ def run_dataset(hf: HashFunction) -> Dataset:
     except DataError as e:
         raise DataError(f"{e}; if the data moved since training, name its folder with "
                         f"{DATA_ROOT}") from None
-    return load_dataset(hf.cfg.data)
+    try:
+        return load_dataset(hf.cfg.data)
+    except DataError as e:
+        saved = hf.run_folder / "config.toml"
+        if saved.is_file():  # else the placeholder stays: no file to name
+            name_check_command(e, str(saved), _moved_root(saved, hf.cfg))
+        raise
+
+
+def _moved_root(saved: Path, cfg: Config) -> list[str]:
+    """The data.root override that points the run's saved config at where `cfg` reads its data
+    now ([] where it has not moved)."""
+    try:
+        before = config_mod.load(saved).data.root
+    except (ConfigError, OSError, ValueError):
+        before = None  # an unreadable file: say the root, to be sure
+    return [] if before == cfg.data.root else [f"data.root={cfg.data.root}"]
 
 
 def model_sha256(f: torch.nn.Module, g: torch.nn.Module | None = None) -> str:

@@ -184,16 +184,15 @@ def test_a_run_stopped_by_its_data_names_the_check_data_command_to_paste(tmp_pat
 
 def test_the_hint_a_ray_run_gives_names_the_command_too_without_a_config_file():
     """Under Ray the worker's DataError reaches the driver as a ConfigError of another text."""
-    from dadh_dist import cli
     from dadh_dist.config import ConfigError
-    from dadh_dist.data.problems import CHECK_HINT
+    from dadh_dist.data.problems import CHECK_HINT, check_command, name_check_command
 
     e = ConfigError(f"worker 0: a.txt:3: bad (and 2 more problems; {CHECK_HINT}); not restarted")
-    cli._name_check_data_command(e, None, ["data.root=/my data"])
+    name_check_command(e, None, ["data.root=/my data"])
     assert str(e) == ("worker 0: a.txt:3: bad (and 2 more problems; `python -m dadh_dist "
                       "check-data 'data.root=/my data'` lists them all); not restarted")
     # a URI's user-info is masked
-    assert cli.check_data_command(None, ["data.root=s3://KEY:secret@bucket/lists",
+    assert check_command(None, ["data.root=s3://KEY:secret@bucket/lists",
                                          "--log.run_dir", "s3://KEY:secret@bucket/runs"]) == (
         "python -m dadh_dist check-data 'data.root=s3://***@bucket/lists'")
 
@@ -440,3 +439,35 @@ def test_in_memory_duplicates_hash_the_rows_and_digits_holds_none():
     assert duplicate_lines(report) == [
         "duplicates: no query or validation image is pixel-identical to a database image, nor a "
         "query image to a validation image"]
+
+
+def test_a_trained_run_whose_data_went_bad_names_check_data_of_the_runs_config(tmp_path, capsys):
+    """evaluate and encode read the run's own dataset: their hint names the run's config.toml
+    (with the data.root that --data-root moved it to), and pasted it lists every problem."""
+    import shlex
+    from types import SimpleNamespace
+
+    from dadh_dist import inference
+    from dadh_dist.config import Config
+
+    root, moved = tmp_path / "lists", tmp_path / "moved here"
+    fake_lists(root)
+    expected = break_lists(root)
+    saved = tmp_path / "run" / "config.toml"
+    saved.parent.mkdir()
+    saved.write_text(Config(data=list_cfg(root)).to_toml())
+    for where, tail in [(root, []), (moved, [f"data.root={moved}"])]:
+        if where == moved:
+            root.rename(moved)
+        hf = SimpleNamespace(cfg=Config(data=list_cfg(where)), run_folder=saved.parent)
+        with pytest.raises(DataError) as e:
+            inference.run_dataset(hf)
+        command = str(e.value).split("`")[1]
+        assert command == shlex.join(["python", "-m", "dadh_dist", "check-data", "--config",
+                                      str(saved), *tail]), str(e.value)
+        assert main(shlex.split(command)[3:]) == 2
+        assert len(problem_lines(capsys.readouterr().out)) == len(expected)
+    # no config.toml beside the checkpoint: the hint keeps its placeholder, naming no wrong file
+    saved.unlink()
+    with pytest.raises(DataError, match=r"`python -m dadh_dist check-data --config \.\.\.`"):
+        inference.run_dataset(hf)

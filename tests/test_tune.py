@@ -701,6 +701,23 @@ def test_optuna_search_restored_from_its_saved_state_goes_on_where_it_stopped(tm
     assert new_search().suggest("c") == s.base_point()  # what a search without its state does
 
 
+def test_a_trial_stopped_by_its_data_names_check_data_of_the_trials_config(tmp_path):
+    from dadh_dist.data.problems import CHECK_HINT
+    from dadh_dist.sweep import results
+
+    r = SimpleNamespace(path=str(tmp_path / "tune" / "trial_a"),
+                        error=ConfigError(f"worker 0: a.txt:3: bad (and 2 more problems; "
+                                          f"{CHECK_HINT}); not restarted"))
+    saved = tmp_path / "trial_a" / "config.toml"
+    assert "check-data --config ...`" in results._trial_error(r, saved)  # not started: no file
+    saved.parent.mkdir()
+    saved.write_text("")
+    assert results._trial_error(r, saved) == (
+        f"ConfigError: worker 0: a.txt:3: bad (and 2 more problems; `python -m dadh_dist "
+        f"check-data --config {saved}` lists them all); not restarted "
+        f"(trial folder: {r.path})")
+
+
 # ---------------------------------------------------------------------------------------------
 # Real sweeps
 

@@ -20,8 +20,33 @@ from dataclasses import dataclass
 import numpy as np
 
 CHECK_COMMAND = "python -m dadh_dist check-data --config ..."
-"""The command the hint names; a tool that knows its command line puts the real one in."""
+"""The command the hint names; a tool that knows its config puts the real one in
+(`name_check_command`)."""
 CHECK_HINT = f"`{CHECK_COMMAND}` lists them all"
+
+
+def check_command(config: str | None, overrides: Sequence[str] = ()) -> str:
+    """The check-data command line of a config file and its `KEY=VALUE` / `--KEY VALUE`
+    overrides, quoted for a shell. log.* keys are left out (check-data reads none), and a URI's
+    user-info is masked: the line goes to logs."""
+    import shlex
+
+    from dadh_dist.config import override_groups
+    from dadh_dist.uris import redact
+
+    kept = [redact(item) for group in override_groups(list(overrides))
+            if not group[0].removeprefix("--").startswith("log.") for item in group]
+    return shlex.join(["python", "-m", "dadh_dist", "check-data",
+                       *(["--config", config] if config is not None else []), *kept])
+
+
+def name_check_command(e: BaseException, config: str | None,
+                       overrides: Sequence[str] = ()) -> None:
+    """Put the check-data command of `config` and `overrides` in place of the placeholder in a
+    data error's hint. The same exception goes on, its message edited in place (a worker's
+    DataError reaches a Ray driver as another class)."""
+    if len(e.args) == 1 and isinstance(e.args[0], str) and CHECK_COMMAND in e.args[0]:
+        e.args = (e.args[0].replace(CHECK_COMMAND, check_command(config, overrides)),)
 
 
 @dataclass(frozen=True)

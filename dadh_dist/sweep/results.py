@@ -14,6 +14,7 @@ from pathlib import Path
 from dadh_dist import config as config_mod
 from dadh_dist.checkpoint import write_atomic
 from dadh_dist.config import PATH_KEYS
+from dadh_dist.data.problems import CHECK_COMMAND, check_command
 from dadh_dist.run.ray_train import error_line
 from dadh_dist.sweep.spec import Sweep
 
@@ -50,7 +51,7 @@ def _row(s: Sweep, r) -> dict:
         "val_best": (max(vals) if s.mode == "max" else min(vals)) if vals else None,
         "test": metrics.get("test/" + s.metric.removeprefix("val/")),
         "time_s": metrics.get("time_total_s"),
-        "error": _trial_error(r),
+        "error": _trial_error(r, s.folder / trial / "config.toml"),
     }
 
 
@@ -61,13 +62,17 @@ def _ran_with(s: Sweep, trial: str) -> dict:
     return config_mod.load(saved).flat() if saved.is_file() else {}
 
 
-def _trial_error(r) -> str | None:
-    """The trial's error in one line, and where Tune keeps its whole traceback."""
+def _trial_error(r, saved: Path) -> str | None:
+    """The trial's error in one line, and where Tune keeps its whole traceback. A data error's
+    check-data hint names the trial's own config (`saved`, its run folder's config.toml)."""
     if r.error is None:
         return None
     traceback = Path(r.path) / "error.txt"
     where = f"traceback: {traceback}" if traceback.is_file() else f"trial folder: {r.path}"
-    return f"{error_line(r.error)} ({where})"
+    line = error_line(r.error)
+    if CHECK_COMMAND in line and saved.is_file():
+        line = line.replace(CHECK_COMMAND, check_command(str(saved)))
+    return f"{line} ({where})"
 
 
 def best_row(s: Sweep, rows: list[dict]) -> dict | None:
