@@ -771,7 +771,7 @@ include_base = true
 seed = {WEAK_SECOND_SEED}
 [overrides]
 "train.outer_iters" = 3
-"train.inner_epochs" = 4
+"train.inner_epochs" = 3
 "log.run_dir" = {json.dumps(str(runs))}
 [asha]
 grace_period = 2
