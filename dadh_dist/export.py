@@ -141,19 +141,31 @@ replaced or removed by the next; any other file there is the user's and stays.""
 
 
 STAGING_PREFIX = ".export-"
-"""Staging folders inside an export's `out`: `.export-<pid>-<random>`."""
+"""Staging folders inside an export's `out`: `.export-<host>-<pid>-<random>`."""
+
+
+def _host_prefix() -> str:
+    """`.export-<host>-`, the host name with every character but letters, digits, `.` and `_`
+    made `_`: a `-` in it would let one host's prefix match another's folders (`a-` in
+    `.export-a-1-...`), and the pid after it must be this host's to be checked."""
+    import re
+    import socket
+
+    return f"{STAGING_PREFIX}{re.sub(r'[^A-Za-z0-9._]', '_', socket.gethostname())}-"
 
 
 @contextlib.contextmanager
 def staging_for(out: Path):
     """A staging folder inside `out` (the same file system, so its files rename in) for the
     block to write an export into; whatever is left of it afterwards goes. Its name holds this
-    process's id: the staging folders of exports into `out` whose process is gone (killed, which
-    no cleanup survives) are removed first."""
+    host's name and this process's id: the staging folders of exports from this host into `out`
+    whose process is gone (killed, which no cleanup survives) are removed first. Another host's
+    (an `out` on shared storage) are left alone: their process cannot be checked from here."""
     from dadh_dist.checkpoint import remove_stale_staging
 
-    remove_stale_staging(out, prefixes=(STAGING_PREFIX,), stale_after_s=0.0)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
+    prefix = _host_prefix()
+    remove_stale_staging(out, prefixes=(prefix,), stale_after_s=0.0)
+    staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=out))
     try:
         yield staging
     finally:

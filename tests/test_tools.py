@@ -1592,18 +1592,24 @@ def test_export_takes_program_weights_and_check_from_the_cpu_copy(loaded, tmp_pa
 
 
 def test_an_export_killed_mid_way_leaves_a_staging_folder_the_next_export_removes(tmp_path):
-    """A SIGKILLed export never reaches its cleanup: its `.export-<pid>-*` folder stayed in
-    --out for good. The next export into the folder removes those of processes that are gone,
-    and leaves a live process's and any name without a process id."""
+    """A SIGKILLed export never reaches its cleanup: its `.export-<host>-<pid>-*` folder stayed
+    in --out for good. The next export into the folder from the same host removes those of
+    processes that are gone, and leaves a live process's, any name without a process id, and
+    another host's (an --out on shared storage, where the same pid is another process)."""
+    import socket
+
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     out = tmp_path / "out"
-    left = {f".export-{gone}-abc": False, f".export-{os.getpid()}-live": True,
-            ".export-nopid": True}
+    here = export._host_prefix()
+    assert here.startswith(".export-") and here.count("-") == 2, here
+    left = {f"{here}{gone}-abc": False, f"{here}{os.getpid()}-live": True, f"{here}x": True,
+            f"{here[:-1]}_1-{gone}-abc": True,  # a host named <this host>-1, as it names it
+            f".export-{socket.gethostname()}x-{gone}-abc": True}
     for name in left:
         (out / name).mkdir(parents=True)
         (out / name / "hash_fg.pt2").write_bytes(b"half")
     with export.staging_for(out) as staging:
-        assert staging.name.startswith(f".export-{os.getpid()}-")
+        assert staging.name.startswith(f"{here}{os.getpid()}-")
     assert {name: (out / name).exists() for name in left} == left
     assert sorted(p.name for p in out.iterdir()) == sorted(n for n, kept in left.items() if kept)
