@@ -221,7 +221,7 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     assert "the run holds a newer one, checkpoint_2025-01-01_00-00-02" in capsys.readouterr().out
     flip_byte(newer / ckpt.STATE)
     assert runner.resume.restart_checkpoint(newer, run, None) == older
-    assert f"{newer / ckpt.STATE}: contents do not match" in capsys.readouterr().out
+    assert f"warning: {newer / ckpt.STATE}: contents do not match" in capsys.readouterr().err
     # the copy Ray hands out may sit outside the run folder
     outside = tmp_path / "ray_copy"
     _save(outside, 2)
@@ -229,7 +229,7 @@ def test_restart_resumes_from_newest_valid_checkpoint_when_rays_is_refused(tmp_p
     assert runner.resume.restart_checkpoint(outside, run, None) == older
     flip_byte(older / ckpt.STATE)
     assert runner.resume.restart_checkpoint(newer, run, None) is None  # nothing valid: start over
-    assert "resuming from the start" in capsys.readouterr().out
+    assert "warning: no valid checkpoint; resuming from the start" in capsys.readouterr().err
 
     # a remote run: a verified copy of the newest valid remote checkpoint, in the mirror
     from dadh_dist import storage, uris

@@ -63,7 +63,7 @@ def restart_checkpoint(restored: Path | None, run_dir: Path, uri: str | None) ->
         try:
             ray_t = ckpt.verify(restored)["t"]
         except ckpt.CheckpointError as e:
-            say(f"warning: {e}; looking for the run's newest valid checkpoint")
+            ckpt.warning(f"{e}; looking for the run's newest valid checkpoint")
     stored = newest_checkpoint(run_dir, uri)
     # just verified by newest_checkpoint: read its t without hashing the state a second time
     stored_t = (json.loads((stored / ckpt.MANIFEST).read_text())["t"] if stored is not None
@@ -72,7 +72,7 @@ def restart_checkpoint(restored: Path | None, run_dir: Path, uri: str | None) ->
         return restored
     if stored is None:
         if restored is not None or any(run_dir.glob("checkpoint_*")):  # a fresh run: silent
-            say("warning: no valid checkpoint; resuming from the start")
+            ckpt.warning("no valid checkpoint; resuming from the start")
     elif 0 <= ray_t < stored_t:
         say(f"note: Ray handed back checkpoint t={ray_t}; the run holds a newer one, "
             f"{stored.name} (t={stored_t}): resuming from that")
