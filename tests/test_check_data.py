@@ -193,7 +193,7 @@ def test_the_hint_a_ray_run_gives_names_the_command_too_without_a_config_file():
                       "check-data 'data.root=/my data'` lists them all); not restarted")
     # a URI's user-info is masked
     assert check_command(None, ["data.root=s3://KEY:secret@bucket/lists",
-                                         "--log.run_dir", "s3://KEY:secret@bucket/runs"]) == (
+                                "--log.run_dir", "s3://KEY:secret@bucket/runs"]) == (
         "python -m dadh_dist check-data 'data.root=s3://***@bucket/lists'")
 
 

@@ -40,13 +40,20 @@ def check_command(config: str | None, overrides: Sequence[str] = ()) -> str:
                        *(["--config", config] if config is not None else []), *kept])
 
 
+def with_check_command(text: str, config: str | None, overrides: Sequence[str] = ()) -> str:
+    """`text` with the check-data command of `config` and `overrides` in place of the hint's
+    placeholder (unchanged where it has none)."""
+    if CHECK_COMMAND not in text:
+        return text
+    return text.replace(CHECK_COMMAND, check_command(config, overrides))
+
+
 def name_check_command(e: BaseException, config: str | None,
                        overrides: Sequence[str] = ()) -> None:
-    """Put the check-data command of `config` and `overrides` in place of the placeholder in a
-    data error's hint. The same exception goes on, its message edited in place (a worker's
-    DataError reaches a Ray driver as another class)."""
-    if len(e.args) == 1 and isinstance(e.args[0], str) and CHECK_COMMAND in e.args[0]:
-        e.args = (e.args[0].replace(CHECK_COMMAND, check_command(config, overrides)),)
+    """`with_check_command` on a data error's message, in place: the same exception goes on (a
+    worker's DataError reaches a Ray driver as another class)."""
+    if len(e.args) == 1 and isinstance(e.args[0], str):
+        e.args = (with_check_command(e.args[0], config, overrides),)
 
 
 @dataclass(frozen=True)

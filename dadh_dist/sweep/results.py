@@ -14,7 +14,7 @@ from pathlib import Path
 from dadh_dist import config as config_mod
 from dadh_dist.checkpoint import write_atomic
 from dadh_dist.config import PATH_KEYS
-from dadh_dist.data.problems import CHECK_COMMAND, check_command
+from dadh_dist.data.problems import with_check_command
 from dadh_dist.run.ray_train import error_line
 from dadh_dist.sweep.spec import Sweep
 
@@ -70,8 +70,8 @@ def _trial_error(r, saved: Path) -> str | None:
     traceback = Path(r.path) / "error.txt"
     where = f"traceback: {traceback}" if traceback.is_file() else f"trial folder: {r.path}"
     line = error_line(r.error)
-    if CHECK_COMMAND in line and saved.is_file():
-        line = line.replace(CHECK_COMMAND, check_command(str(saved)))
+    if saved.is_file():  # else the placeholder stays: the trial never started
+        line = with_check_command(line, str(saved))
     return f"{line} ({where})"
 
 
