@@ -15,8 +15,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, timeout_s, fn, args):
+# Workers start from a fork server that has imported these once, instead of each spawned
+# interpreter importing torch and dadh_dist again (~3 s of CPU per process on these 2 cores):
+# the gloo test files ran in 73 s and 141 s alone this way, against 95 s and 181 s spawned.
+# The server only imports; it runs nothing, so no OpenMP or numba thread pool is forked
+PRELOAD = ["torch", "torch.distributed", "dadh_dist.loop", "dadh_dist.distributed", "_gloo"]
+START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+def _entry(rank, world, port, timeout_s, env, fn, args):
     import faulthandler
+
+    # the fork server's environment is the one it started with: each run sees the caller's
+    # environment of now, as a spawned process would
+    os.environ.clear()
+    os.environ.update(env)
 
     import torch
     import torch.distributed as dist
@@ -47,5 +60,8 @@ def _entry(rank, world, port, timeout_s, fn, args):
 def run_workers(fn, world: int, *args, timeout_s: int = 60) -> None:
     """fn(rank, world, *args) on every rank; raises if any rank fails. A fn that returns False
     leaves its process group as it is (a test that broke the group on purpose)."""
-    mp.start_processes(_entry, args=(world, free_port(), timeout_s, fn, args), nprocs=world,
-                       join=True, start_method="spawn")
+    context = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        context.set_forkserver_preload(PRELOAD)  # read when the server starts (the first run)
+    mp.start_processes(_entry, args=(world, free_port(), timeout_s, dict(os.environ), fn, args),
+                       nprocs=world, join=True, start_method=START_METHOD)

@@ -21,6 +21,11 @@ import pytest
 for _key in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION",
              "RAY_TRAIN_METRICS_ENABLED"):
     os.environ.setdefault(_key, "0")
+# Ray starts its worker processes at nice 15. On two cores shared with the other pytest worker
+# (nice 0), the Ray tests' training workers then wait whenever the other worker computes: the
+# killed-worker test took 122 s in the suite against 73 s alone. At the same priority, the two
+# workers share the cores
+os.environ.setdefault("RAY_worker_niceness", "0")
 # the controller's poll (default 2 s): a finished or failed worker group is seen sooner. The
 # restart tests of test_ray.py keep Ray's default, where the newest-checkpoint rule matters
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")

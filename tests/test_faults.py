@@ -123,23 +123,32 @@ def test_flipped_bit_caught_at_the_next_outer_iteration_names_it_from_1(monkeypa
 
 
 def _dies_early(rank, world, out_dir, how):
+    import torch.distributed as dist
+
     from dadh_dist.distributed import TorchCollectives
 
     c = TorchCollectives()
+    outcome = Path(out_dir, "dead_peer.json")
     if rank == 1:
+        # rank 0 has joined the group when this barrier returns: the loss comes in a collective,
+        # not while rank 0 still connects
+        dist.barrier()
         if how == "exit":
             os._exit(0)  # a peer that vanishes without a word
-        time.sleep(20)  # a peer that hangs: alive, never joins the collective
+        # a peer that hangs: alive, never joins the collective, until rank 0 has its outcome
+        deadline = time.time() + 20
+        while not outcome.exists() and time.time() < deadline:
+            time.sleep(0.1)
         os._exit(0)
     t0 = time.time()
     try:
+        dist.barrier()  # rank 1's, which it may have left already
         c.all_gather_rows(torch.zeros(4, 2))
         c.all_reduce_sum(torch.zeros(1))
         result = "no error"
     except Exception as e:
         result = type(e).__name__
-    Path(out_dir, "dead_peer.json").write_text(
-        json.dumps({"result": result, "seconds": time.time() - t0}))
+    outcome.write_text(json.dumps({"result": result, "seconds": time.time() - t0}))
     return False  # the group is broken; no teardown
 
 
