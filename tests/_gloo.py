@@ -19,7 +19,9 @@ def free_port() -> int:
 # interpreter importing torch and dadh_dist again (~3 s of CPU per process on these 2 cores):
 # the gloo test files ran in 73 s and 141 s alone this way, against 95 s and 181 s spawned.
 # The server only imports; it runs nothing, so no OpenMP or numba thread pool is forked
-PRELOAD = ["torch", "torch.distributed", "dadh_dist.loop", "dadh_dist.distributed", "_gloo"]
+# (torch._dynamo: the first optimizer a process builds imports it, ~1.5 s)
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "dadh_dist.loop",
+           "dadh_dist.distributed", "_gloo"]
 START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 

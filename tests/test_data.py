@@ -45,6 +45,30 @@ def assert_same(a: Dataset, b: Dataset) -> None:
 
 # ---------------------------------------------------------------- digits, splits, database_limit
 
+def test_digits_read_from_scikit_learns_table_equal_its_loader_without_importing_it(
+        monkeypatch):
+    import sys
+
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    from dadh_dist.data import digits as digits_mod
+
+    ref = sk_load_digits()
+    for where in (digits_mod.DIGITS_FILE, ("datasets", "data", "moved.csv.gz")):  # 2nd: fallback
+        monkeypatch.setattr(digits_mod, "DIGITS_FILE", where)
+        images, labels = digits_mod.digits_arrays()
+        assert images.dtype == ref.images.dtype and labels.dtype == np.int64
+        np.testing.assert_array_equal(images, ref.images)
+        np.testing.assert_array_equal(labels, ref.target)
+    # a fresh process loads the debug data without scikit-learn's import (~1.5 s of CPU)
+    probe = ("import sys; from dadh_dist.data.digits import digits_arrays; "
+             "images, _ = digits_arrays(); assert images.shape == (1797, 8, 8); "
+             "print(sorted(m for m in sys.modules if m.startswith('sklearn')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_digits_split_sizes_disjoint_and_reproducible():
     ds = digits()
     assert (len(ds.query), len(ds.validation), len(ds.database)) == (100, 100, 1597)
