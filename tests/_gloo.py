@@ -23,6 +23,8 @@ def free_port() -> int:
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "dadh_dist.loop",
            "dadh_dist.distributed", "_gloo"]
 START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+if START_METHOD == "forkserver":
+    mp.get_context(START_METHOD).set_forkserver_preload(PRELOAD)  # read when the server starts
 
 
 def _entry(rank, world, port, timeout_s, env, fn, args):
@@ -62,8 +64,5 @@ def _entry(rank, world, port, timeout_s, env, fn, args):
 def run_workers(fn, world: int, *args, timeout_s: int = 60) -> None:
     """fn(rank, world, *args) on every rank; raises if any rank fails. A fn that returns False
     leaves its process group as it is (a test that broke the group on purpose)."""
-    context = mp.get_context(START_METHOD)
-    if START_METHOD == "forkserver":
-        context.set_forkserver_preload(PRELOAD)  # read when the server starts (the first run)
     mp.start_processes(_entry, args=(world, free_port(), timeout_s, dict(os.environ), fn, args),
                        nprocs=world, join=True, start_method=START_METHOD)
